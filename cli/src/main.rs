@@ -1,0 +1,99 @@
+//! `llmctl`: the admin CLI of llm-proxy (a gRPC client of the control plane's `AdminService`),
+//! and `llmctl serve`, the all-in-one gateway.
+//!
+//! Errors end the process with exit code 1 and exactly one `error: ...` line on stderr; clap's
+//! usage errors keep clap's format and exit code 2.
+
+mod args;
+mod client;
+mod commands;
+#[cfg(test)]
+mod mock_admin;
+mod render;
+mod serve;
+mod table;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use crate::args::{Cli, Command};
+use crate::client::Admin;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(&err),
+    };
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", one_line(&format!("{err:#}")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let Cli {
+        endpoint,
+        token,
+        output,
+        command,
+    } = cli;
+    if let Command::Serve(args) = command {
+        return serve::run(args).await;
+    }
+    let mut admin = Admin::new(&endpoint, token.as_deref())?;
+    commands::run(&mut admin, output, command).await
+}
+
+/// Help and version print as clap renders them; usage errors print as one line, exit code 2.
+fn usage_error(err: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = err.print();
+            return ExitCode::from(2);
+        }
+        _ => {}
+    }
+    let rendered = err.render().to_string();
+    let kept: Vec<&str> = rendered
+        .lines()
+        .filter(|line| {
+            let line = line.trim_start();
+            !line.starts_with("Usage:") && !line.starts_with("For more information")
+        })
+        .collect();
+    eprintln!("{}", one_line(&kept.join("\n")));
+    ExitCode::from(2)
+}
+
+/// Folds a multi-line message into one line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn errors_fold_into_one_line() {
+        assert_eq!(
+            one_line("not found: no key\n  named `x`\r\n"),
+            "not found: no key named `x`"
+        );
+    }
+}

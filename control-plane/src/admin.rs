@@ -1,0 +1,413 @@
+//! `AdminService`: CRUD over connections, provider models, virtual keys and assignments, and the
+//! list of data planes. Converts between protobuf messages and [`crate::store`] types; errors
+//! become gRPC statuses through the one `From<StoreError> for Status`.
+
+use crate::error::StoreError;
+use crate::rows::{AssignmentRow, ConnectionRow, DataPlaneRow, ModelRow, VirtualKeyRow};
+use crate::store::{
+    AssignmentPatch, ConnectionPatch, ModelPatch, NewAssignment, NewConnection, NewModel,
+    NewVirtualKey, Store, VirtualKeyPatch, Written,
+};
+use llm_proxy_proto::Timestamp;
+use llm_proxy_proto::v1::admin_service_server::AdminService;
+use llm_proxy_proto::v1::*;
+use secrecy::{ExposeSecret as _, SecretString};
+use tonic::{Request, Response, Status};
+
+pub fn timestamp(micros: i64) -> Timestamp {
+    Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
+    }
+}
+
+fn micros(field: &'static str, ts: &Timestamp) -> Result<i64, StoreError> {
+    if !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(StoreError::invalid(field, "nanos out of range"));
+    }
+    ts.seconds
+        .checked_mul(1_000_000)
+        .and_then(|s| s.checked_add(i64::from(ts.nanos / 1000)))
+        .ok_or_else(|| StoreError::invalid(field, "timestamp out of range"))
+}
+
+fn connection(row: ConnectionRow) -> Result<Connection, StoreError> {
+    let options = Store::connection_options(&row)?.into_iter().collect();
+    Ok(Connection {
+        id: row.id,
+        name: row.name,
+        provider: row.provider,
+        endpoint: row.endpoint,
+        options,
+        created_at: Some(timestamp(row.created_at)),
+        updated_at: Some(timestamp(row.updated_at)),
+    })
+}
+
+fn model(row: ModelRow) -> ProviderModel {
+    ProviderModel {
+        id: row.id,
+        connection_id: row.connection_id,
+        name: row.name,
+        remote: row.remote,
+        deployment: row.deployment,
+        created_at: Some(timestamp(row.created_at)),
+        updated_at: Some(timestamp(row.updated_at)),
+    }
+}
+
+fn virtual_key(row: VirtualKeyRow) -> VirtualKey {
+    VirtualKey {
+        id: row.id,
+        name: row.name,
+        key_hint: row.key_hint,
+        enabled: row.enabled,
+        expires_at: row.expires_at.map(timestamp),
+        created_at: Some(timestamp(row.created_at)),
+        updated_at: Some(timestamp(row.updated_at)),
+    }
+}
+
+fn assignment(row: AssignmentRow) -> Assignment {
+    Assignment {
+        id: row.id,
+        vkey_id: row.vkey_id,
+        model_id: row.model_id,
+        alias: row.alias,
+        tps: row.tps,
+        burst: row.burst,
+        tpm: row.tpm,
+        weight: row.weight,
+        created_at: Some(timestamp(row.created_at)),
+        updated_at: Some(timestamp(row.updated_at)),
+    }
+}
+
+fn data_plane(row: DataPlaneRow) -> DataPlane {
+    DataPlane {
+        connected: Store::is_live(&row),
+        node_id: row.node_id,
+        applied_version: row.applied_version,
+        last_seen: Some(timestamp(row.last_seen)),
+        build: row.build,
+        error: row.error,
+    }
+}
+
+fn deleted(written: Written<String>) -> Response<DeleteResponse> {
+    Response::new(DeleteResponse {
+        id: written.value,
+        version: written.version,
+    })
+}
+
+fn non_empty(value: &str) -> Option<&str> {
+    let value = value.trim();
+    (!value.is_empty()).then_some(value)
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    store: Store,
+}
+
+impl AdminApi {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn create_connection(
+        &self,
+        request: Request<CreateConnectionRequest>,
+    ) -> Result<Response<Connection>, Status> {
+        let req = request.into_inner();
+        let written = self
+            .store
+            .create_connection(NewConnection {
+                name: req.name,
+                provider: req.provider,
+                endpoint: req.endpoint,
+                credential: SecretString::from(req.credential),
+                options: req.options.into_iter().collect(),
+            })
+            .await?;
+        tracing::info!(id = %written.value.id, version = written.version, "connection created");
+        Ok(Response::new(connection(written.value)?))
+    }
+
+    async fn get_connection(
+        &self,
+        request: Request<GetRequest>,
+    ) -> Result<Response<Connection>, Status> {
+        let row = self.store.get_connection(&request.into_inner().id).await?;
+        Ok(Response::new(connection(row)?))
+    }
+
+    async fn list_connections(
+        &self,
+        _request: Request<ListConnectionsRequest>,
+    ) -> Result<Response<ListConnectionsResponse>, Status> {
+        let rows = self.store.list_connections().await?;
+        let connections = rows.into_iter().map(connection).collect::<Result<_, _>>()?;
+        Ok(Response::new(ListConnectionsResponse { connections }))
+    }
+
+    async fn update_connection(
+        &self,
+        request: Request<UpdateConnectionRequest>,
+    ) -> Result<Response<Connection>, Status> {
+        let req = request.into_inner();
+        let patch = ConnectionPatch {
+            name: req.name,
+            endpoint: req.endpoint,
+            credential: req.credential.map(SecretString::from),
+            set_options: req.set_options.into_iter().collect(),
+            unset_options: req.unset_options,
+        };
+        let written = self.store.update_connection(&req.id, patch).await?;
+        Ok(Response::new(connection(written.value)?))
+    }
+
+    async fn delete_connection(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let req = request.into_inner();
+        Ok(deleted(
+            self.store.delete_connection(&req.id, req.force).await?,
+        ))
+    }
+
+    async fn create_provider_model(
+        &self,
+        request: Request<CreateProviderModelRequest>,
+    ) -> Result<Response<ProviderModel>, Status> {
+        let req = request.into_inner();
+        let written = self
+            .store
+            .create_model(NewModel {
+                connection: req.connection_id,
+                name: req.name,
+                remote: req.remote,
+                deployment: req.deployment,
+            })
+            .await?;
+        Ok(Response::new(model(written.value)))
+    }
+
+    async fn get_provider_model(
+        &self,
+        request: Request<GetRequest>,
+    ) -> Result<Response<ProviderModel>, Status> {
+        let row = self.store.get_model(&request.into_inner().id).await?;
+        Ok(Response::new(model(row)))
+    }
+
+    async fn list_provider_models(
+        &self,
+        request: Request<ListProviderModelsRequest>,
+    ) -> Result<Response<ListProviderModelsResponse>, Status> {
+        let req = request.into_inner();
+        let rows = self
+            .store
+            .list_models(non_empty(&req.connection_id))
+            .await?;
+        Ok(Response::new(ListProviderModelsResponse {
+            models: rows.into_iter().map(model).collect(),
+        }))
+    }
+
+    async fn update_provider_model(
+        &self,
+        request: Request<UpdateProviderModelRequest>,
+    ) -> Result<Response<ProviderModel>, Status> {
+        let req = request.into_inner();
+        let patch = ModelPatch {
+            name: req.name,
+            remote: req.remote,
+            deployment: req.deployment.map(|d| (!d.trim().is_empty()).then_some(d)),
+        };
+        let written = self.store.update_model(&req.id, patch).await?;
+        Ok(Response::new(model(written.value)))
+    }
+
+    async fn delete_provider_model(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let req = request.into_inner();
+        Ok(deleted(self.store.delete_model(&req.id, req.force).await?))
+    }
+
+    async fn create_virtual_key(
+        &self,
+        request: Request<CreateVirtualKeyRequest>,
+    ) -> Result<Response<CreateVirtualKeyResponse>, Status> {
+        let req = request.into_inner();
+        let expires_at = req
+            .expires_at
+            .as_ref()
+            .map(|ts| micros("expires_at", ts))
+            .transpose()?;
+        let written = self
+            .store
+            .create_vkey(NewVirtualKey {
+                name: req.name,
+                key: req.key.map(SecretString::from),
+                expires_at,
+            })
+            .await?;
+        let (row, generated) = written.value;
+        Ok(Response::new(CreateVirtualKeyResponse {
+            virtual_key: Some(virtual_key(row)),
+            generated_key: generated.map(|k| k.expose_secret().to_owned()),
+        }))
+    }
+
+    async fn get_virtual_key(
+        &self,
+        request: Request<GetRequest>,
+    ) -> Result<Response<VirtualKey>, Status> {
+        let row = self.store.get_vkey(&request.into_inner().id).await?;
+        Ok(Response::new(virtual_key(row)))
+    }
+
+    async fn list_virtual_keys(
+        &self,
+        _request: Request<ListVirtualKeysRequest>,
+    ) -> Result<Response<ListVirtualKeysResponse>, Status> {
+        let rows = self.store.list_vkeys().await?;
+        Ok(Response::new(ListVirtualKeysResponse {
+            virtual_keys: rows.into_iter().map(virtual_key).collect(),
+        }))
+    }
+
+    async fn update_virtual_key(
+        &self,
+        request: Request<UpdateVirtualKeyRequest>,
+    ) -> Result<Response<VirtualKey>, Status> {
+        let req = request.into_inner();
+        let expires_at = if req.clear_expires_at {
+            if req.expires_at.is_some() {
+                return Err(StoreError::invalid(
+                    "expires_at",
+                    "cannot both set and clear the expiry",
+                )
+                .into());
+            }
+            Some(None)
+        } else {
+            req.expires_at
+                .as_ref()
+                .map(|ts| micros("expires_at", ts).map(Some))
+                .transpose()?
+        };
+        let patch = VirtualKeyPatch {
+            name: req.name,
+            enabled: req.enabled,
+            expires_at,
+        };
+        let written = self.store.update_vkey(&req.id, patch).await?;
+        Ok(Response::new(virtual_key(written.value)))
+    }
+
+    async fn delete_virtual_key(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        Ok(deleted(
+            self.store.delete_vkey(&request.into_inner().id).await?,
+        ))
+    }
+
+    async fn create_assignment(
+        &self,
+        request: Request<CreateAssignmentRequest>,
+    ) -> Result<Response<Assignment>, Status> {
+        let req = request.into_inner();
+        let written = self
+            .store
+            .create_assignment(NewAssignment {
+                vkey: req.vkey_id,
+                model: req.model_id,
+                alias: req.alias,
+                tps: req.tps,
+                burst: req.burst,
+                tpm: req.tpm,
+                weight: req.weight,
+            })
+            .await?;
+        Ok(Response::new(assignment(written.value)))
+    }
+
+    async fn get_assignment(
+        &self,
+        request: Request<GetRequest>,
+    ) -> Result<Response<Assignment>, Status> {
+        let row = self.store.get_assignment(&request.into_inner().id).await?;
+        Ok(Response::new(assignment(row)))
+    }
+
+    async fn list_assignments(
+        &self,
+        request: Request<ListAssignmentsRequest>,
+    ) -> Result<Response<ListAssignmentsResponse>, Status> {
+        let req = request.into_inner();
+        let rows = self
+            .store
+            .list_assignments(non_empty(&req.vkey_id), non_empty(&req.model_id))
+            .await?;
+        Ok(Response::new(ListAssignmentsResponse {
+            assignments: rows.into_iter().map(assignment).collect(),
+        }))
+    }
+
+    async fn update_assignment(
+        &self,
+        request: Request<UpdateAssignmentRequest>,
+    ) -> Result<Response<Assignment>, Status> {
+        let req = request.into_inner();
+        let limit = |field: &'static str, value: Option<i64>, clear: bool| match (value, clear) {
+            (Some(_), true) => Err(StoreError::invalid(
+                field,
+                "cannot both set and clear the limit",
+            )),
+            (Some(v), false) => Ok(Some(Some(v))),
+            (None, true) => Ok(Some(None)),
+            (None, false) => Ok(None),
+        };
+        let patch = AssignmentPatch {
+            alias: req.alias,
+            tps: limit("tps", req.tps, req.clear_tps)?,
+            burst: limit("burst", req.burst, req.clear_burst)?,
+            tpm: limit("tpm", req.tpm, req.clear_tpm)?,
+            weight: req.weight,
+        };
+        let written = self.store.update_assignment(&req.id, patch).await?;
+        Ok(Response::new(assignment(written.value)))
+    }
+
+    async fn delete_assignment(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        Ok(deleted(
+            self.store
+                .delete_assignment(&request.into_inner().id)
+                .await?,
+        ))
+    }
+
+    async fn list_data_planes(
+        &self,
+        _request: Request<ListDataPlanesRequest>,
+    ) -> Result<Response<ListDataPlanesResponse>, Status> {
+        let rows = self.store.list_data_planes().await?;
+        Ok(Response::new(ListDataPlanesResponse {
+            data_planes: rows.into_iter().map(data_plane).collect(),
+        }))
+    }
+}

@@ -1,0 +1,189 @@
+//! `ConfigService`: the snapshot stream to data planes and their status reports.
+
+use crate::hub::SnapshotHub;
+use crate::store::{Store, now_micros};
+use llm_proxy_proto::v1::config_service_server::ConfigService;
+use llm_proxy_proto::v1::{
+    ConfigEvent, Heartbeat, ReportStatusRequest, ReportStatusResponse, Snapshot, SubscribeRequest,
+    config_event,
+};
+use prometheus_client::metrics::gauge::Gauge;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+#[derive(Debug, Clone)]
+pub struct ConfigApi {
+    store: Store,
+    hub: Arc<SnapshotHub>,
+    heartbeat_every: Duration,
+    subscribers: Gauge,
+    /// Ends every stream when the server shuts down (graceful shutdown waits for open streams).
+    shutdown: watch::Receiver<bool>,
+}
+
+impl ConfigApi {
+    pub fn new(
+        store: Store,
+        hub: Arc<SnapshotHub>,
+        heartbeat_every: Duration,
+        subscribers: Gauge,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            store,
+            hub,
+            heartbeat_every,
+            subscribers,
+            shutdown,
+        }
+    }
+}
+
+fn node_id(value: &str) -> Result<String, Status> {
+    let value = value.trim();
+    if value.is_empty() || value.len() > 200 {
+        return Err(Status::invalid_argument(
+            "invalid node_id: must be 1 to 200 characters",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+fn heartbeat(hub: &SnapshotHub, current: Option<&Snapshot>) -> ConfigEvent {
+    ConfigEvent {
+        event: Some(config_event::Event::Heartbeat(Heartbeat {
+            cluster_epoch: current.map(|s| s.cluster_epoch.clone()).unwrap_or_default(),
+            version: current.map_or(0, |s| s.version),
+            live_data_planes: hub.live_data_planes(),
+            server_time_unix_ms: now_micros() / 1000,
+        })),
+    }
+}
+
+fn snapshot_event(hub: &SnapshotHub, snapshot: &Snapshot) -> ConfigEvent {
+    let mut snapshot = snapshot.clone();
+    snapshot.live_data_planes = hub.live_data_planes();
+    ConfigEvent {
+        event: Some(config_event::Event::Snapshot(snapshot)),
+    }
+}
+
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+struct SubscriberGuard(Gauge);
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn stream_config(
+    api: ConfigApi,
+    request: SubscribeRequest,
+    node: String,
+    tx: mpsc::Sender<Result<ConfigEvent, Status>>,
+) {
+    api.subscribers.inc();
+    let _guard = SubscriberGuard(api.subscribers.clone());
+    let mut updates = api.hub.subscribe();
+    let mut shutdown = api.shutdown.clone();
+    let first = tokio::select! {
+        () = tx.closed() => None,
+        () = stopped(&mut shutdown) => None,
+        first = updates.wait_for(Option::is_some) => first.ok().and_then(|s| s.clone()),
+    };
+    let Some(first) = first else {
+        return;
+    };
+    let mut sent = (request.cluster_epoch, request.have_version);
+    let event = if sent == (first.cluster_epoch.clone(), first.version) {
+        heartbeat(&api.hub, Some(&first))
+    } else {
+        sent = (first.cluster_epoch.clone(), first.version);
+        snapshot_event(&api.hub, &first)
+    };
+    if tx.send(Ok(event)).await.is_err() {
+        return;
+    }
+    let mut heartbeats = tokio::time::interval(api.heartbeat_every);
+    heartbeats.tick().await;
+    loop {
+        tokio::select! {
+            () = tx.closed() => break,
+            () = stopped(&mut shutdown) => break,
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let latest = updates.borrow_and_update().clone();
+                if let Some(latest) = latest {
+                    let key = (latest.cluster_epoch.clone(), latest.version);
+                    if key != sent {
+                        sent = key;
+                        if tx.send(Ok(snapshot_event(&api.hub, &latest))).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            _ = heartbeats.tick() => {
+                let latest = api.hub.latest();
+                if tx.send(Ok(heartbeat(&api.hub, latest.as_deref()))).await.is_err() {
+                    break;
+                }
+                if let Err(err) = api.store.data_plane_seen(&node, true).await {
+                    tracing::warn!(node_id = %node, error = %err, "cannot record data plane heartbeat");
+                }
+            }
+        }
+    }
+    if let Err(err) = api.store.data_plane_seen(&node, false).await {
+        tracing::warn!(node_id = %node, error = %err, "cannot record data plane disconnect");
+    }
+    tracing::info!(node_id = %node, "data plane unsubscribed");
+}
+
+#[tonic::async_trait]
+impl ConfigService for ConfigApi {
+    type SubscribeStream = ReceiverStream<Result<ConfigEvent, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let request = request.into_inner();
+        let node = node_id(&request.node_id)?;
+        self.store
+            .data_plane_connected(&node, &request.build)
+            .await?;
+        tracing::info!(node_id = %node, have_version = request.have_version, "data plane subscribed");
+        // Small buffer: a slow data plane gets the newest snapshot, not a backlog of old ones.
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(stream_config(self.clone(), request, node, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn report_status(
+        &self,
+        request: Request<ReportStatusRequest>,
+    ) -> Result<Response<ReportStatusResponse>, Status> {
+        let request = request.into_inner();
+        let node = node_id(&request.node_id)?;
+        if request.applied_version < 0 {
+            return Err(Status::invalid_argument(
+                "invalid applied_version: must not be negative",
+            ));
+        }
+        let error: String = request.error.chars().take(1000).collect();
+        self.store
+            .report_status(&node, request.applied_version, &error)
+            .await?;
+        Ok(Response::new(ReportStatusResponse {}))
+    }
+}

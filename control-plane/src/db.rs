@@ -1,0 +1,223 @@
+//! Database access: a deadpool pool of `AsyncPgConnection` (production) or of SQLite behind
+//! diesel-async's `SyncConnectionWrapper` (embedded), embedded migrations for both, and the
+//! Postgres LISTEN connection used for config-change notifications.
+
+use diesel::SqliteConnection;
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{SimpleAsyncConnection as _, pooled_connection::deadpool::PoolError};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness as _, embed_migrations};
+use futures_util::FutureExt as _;
+use secrecy::{ExposeSecret, SecretString};
+
+pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
+
+const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+/// Arbitrary constant shared by all replicas: the advisory lock serialising migrations.
+const MIGRATION_LOCK_KEY: i64 = 0x6c6c_6d70_726f_7879; // "llmproxy"
+
+/// The Postgres channel every writing transaction notifies.
+pub const CONFIG_CHANNEL: &str = "llm_proxy_config";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(
+        "invalid database-url: must start with postgres://, postgresql:// or sqlite:// (sqlite://relative/path or sqlite:///absolute/path)"
+    )]
+    BadUrl,
+    #[error("cannot connect to the database: {0}")]
+    Connect(String),
+    #[error("database pool: {0}")]
+    Pool(String),
+    #[error("migrations failed: {0}")]
+    Migrate(String),
+    #[error("database error: {0}")]
+    Query(#[from] diesel::result::Error),
+}
+
+impl From<PoolError> for DbError {
+    fn from(err: PoolError) -> Self {
+        DbError::Pool(err.to_string())
+    }
+}
+
+/// Which backend a `--database-url` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// Parses the URL into a backend and the string diesel wants (a path for SQLite).
+pub fn parse_url(url: &SecretString) -> Result<(Backend, SecretString), DbError> {
+    let text = url.expose_secret().trim();
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        return Ok((Backend::Postgres, SecretString::from(text.to_owned())));
+    }
+    if let Some(path) = text.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(DbError::BadUrl);
+        }
+        return Ok((Backend::Sqlite, SecretString::from(path.to_owned())));
+    }
+    Err(DbError::BadUrl)
+}
+
+/// A connection pool on either backend.
+#[derive(Clone)]
+pub enum Database {
+    Postgres {
+        pool: Pool<AsyncPgConnection>,
+        url: SecretString,
+    },
+    Sqlite {
+        pool: Pool<SqliteConn>,
+    },
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Database::Postgres { .. } => "Database::Postgres",
+            Database::Sqlite { .. } => "Database::Sqlite",
+        })
+    }
+}
+
+/// A checked-out connection.
+// Lives on the stack for one call; boxing the Postgres arm would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum DbConn {
+    Postgres(Object<AsyncPgConnection>),
+    Sqlite(Object<SqliteConn>),
+}
+
+async fn establish_sqlite(path: &str) -> diesel::ConnectionResult<SqliteConn> {
+    let mut conn = <SqliteConn as AsyncConnection>::establish(path).await?;
+    // Same referential behaviour as Postgres; wait instead of failing on a busy file.
+    conn.batch_execute(
+        "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL;",
+    )
+    .await
+    .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+    Ok(conn)
+}
+
+impl Database {
+    /// Builds the pool and checks that one connection can be made.
+    pub async fn connect(url: &SecretString, max_connections: usize) -> Result<Self, DbError> {
+        let (backend, target) = parse_url(url)?;
+        let db = match backend {
+            Backend::Postgres => {
+                let manager =
+                    AsyncDieselConnectionManager::<AsyncPgConnection>::new(target.expose_secret());
+                let pool = Pool::builder(manager)
+                    .max_size(max_connections.max(2))
+                    .build()
+                    .map_err(|e| DbError::Pool(e.to_string()))?;
+                Database::Postgres { pool, url: target }
+            }
+            Backend::Sqlite => {
+                let mut config = ManagerConfig::<SqliteConn>::default();
+                config.custom_setup = Box::new(|path| establish_sqlite(path).boxed());
+                let manager = AsyncDieselConnectionManager::<SqliteConn>::new_with_config(
+                    target.expose_secret(),
+                    config,
+                );
+                // SQLite has one writer; one pooled connection serialises access cleanly.
+                let pool = Pool::builder(manager)
+                    .max_size(1)
+                    .build()
+                    .map_err(|e| DbError::Pool(e.to_string()))?;
+                Database::Sqlite { pool }
+            }
+        };
+        db.get()
+            .await
+            .map_err(|e| DbError::Connect(e.to_string()))?;
+        Ok(db)
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Database::Postgres { .. } => Backend::Postgres,
+            Database::Sqlite { .. } => Backend::Sqlite,
+        }
+    }
+
+    pub async fn get(&self) -> Result<DbConn, DbError> {
+        Ok(match self {
+            Database::Postgres { pool, .. } => DbConn::Postgres(pool.get().await?),
+            Database::Sqlite { pool } => DbConn::Sqlite(pool.get().await?),
+        })
+    }
+
+    /// Runs pending migrations. On Postgres this holds an advisory lock on a dedicated session so
+    /// that replicas starting together migrate one after the other.
+    pub async fn migrate(&self) -> Result<usize, DbError> {
+        match self {
+            Database::Postgres { url, .. } => {
+                let mut conn = AsyncPgConnection::establish(url.expose_secret())
+                    .await
+                    .map_err(|e| DbError::Connect(e.to_string()))?;
+                diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
+                    .execute(&mut conn)
+                    .await?;
+                let mut harness = AsyncMigrationHarness::new(conn);
+                let result = harness
+                    .run_pending_migrations(PG_MIGRATIONS)
+                    .map(|applied| applied.len())
+                    .map_err(|e| DbError::Migrate(e.to_string()));
+                let mut conn = harness.into_inner();
+                // The session ends when `conn` drops, which releases the lock anyway; unlock
+                // explicitly so the next replica need not wait for the close.
+                diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
+                    .execute(&mut conn)
+                    .await?;
+                result
+            }
+            Database::Sqlite { pool } => {
+                let conn = pool.get().await?;
+                let mut harness = AsyncMigrationHarness::new(conn);
+                let result = harness
+                    .run_pending_migrations(SQLITE_MIGRATIONS)
+                    .map(|applied| applied.len())
+                    .map_err(|e| DbError::Migrate(e.to_string()));
+                drop(harness.into_inner());
+                result
+            }
+        }
+    }
+
+    /// A dedicated Postgres session listening on [`CONFIG_CHANNEL`]; `None` on SQLite.
+    pub async fn listen_connection(&self) -> Result<Option<AsyncPgConnection>, DbError> {
+        match self {
+            Database::Postgres { url, .. } => {
+                let mut conn = AsyncPgConnection::establish(url.expose_secret())
+                    .await
+                    .map_err(|e| DbError::Connect(e.to_string()))?;
+                diesel::sql_query(format!("LISTEN {CONFIG_CHANNEL}"))
+                    .execute(&mut conn)
+                    .await?;
+                Ok(Some(conn))
+            }
+            Database::Sqlite { .. } => Ok(None),
+        }
+    }
+
+    /// Pool occupancy for metrics: (in use, idle).
+    pub fn pool_status(&self) -> (usize, usize) {
+        let status = match self {
+            Database::Postgres { pool, .. } => pool.status(),
+            Database::Sqlite { pool } => pool.status(),
+        };
+        (
+            status.size.saturating_sub(status.available),
+            status.available,
+        )
+    }
+}

@@ -1,0 +1,70 @@
+//! Row types of the tables in [`crate::schema`].
+
+use crate::schema::{assignments, connections, data_planes, provider_models, virtual_keys};
+use diesel::prelude::*;
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = connections, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct ConnectionRow {
+    pub id: String,
+    pub name: String,
+    pub provider: String,
+    pub endpoint: String,
+    /// AES-SIV ciphertext, see [`crate::crypto`].
+    pub credential: Vec<u8>,
+    /// JSON object of string values.
+    pub options: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = provider_models, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct ModelRow {
+    pub id: String,
+    pub connection_id: String,
+    pub name: String,
+    pub remote: String,
+    pub deployment: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = virtual_keys, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct VirtualKeyRow {
+    pub id: String,
+    pub name: String,
+    pub key_sha256: Vec<u8>,
+    pub key_hint: String,
+    pub enabled: bool,
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = assignments, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct AssignmentRow {
+    pub id: String,
+    pub vkey_id: String,
+    pub model_id: String,
+    pub alias: String,
+    pub tps: Option<i64>,
+    pub burst: Option<i64>,
+    pub tpm: Option<i64>,
+    pub weight: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = data_planes, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct DataPlaneRow {
+    pub node_id: String,
+    pub build: String,
+    pub applied_version: i64,
+    pub last_seen: i64,
+    pub connected: bool,
+    pub error: String,
+}

@@ -1,0 +1,419 @@
+//! Starting a control plane: migrations, master-key check, the gRPC server (admin + config +
+//! health) and the metrics/health HTTP server. Used by the binary, by `llmctl serve` and by tests.
+
+use crate::admin::AdminApi;
+use crate::auth::TokenCheck;
+use crate::config_service::ConfigApi;
+use crate::crypto::{CryptoError, MasterKeys};
+use crate::db::{Database, DbError};
+use crate::error::StoreError;
+use crate::hub::{self, HubTimings, SnapshotHub};
+use crate::store::Store;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use llm_proxy_proto::v1::admin_service_server::AdminServiceServer;
+use llm_proxy_proto::v1::config_service_server::ConfigServiceServer;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use secrecy::SecretString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+/// Snapshots of 100k+ virtual keys are tens of MB; tonic's 4 MiB default would refuse them.
+pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{flag} is required when the control plane listens on {listen} (not loopback-only)")]
+    TokenRequired {
+        flag: &'static str,
+        listen: SocketAddr,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("master key: {0}")]
+    MasterKey(#[from] CryptoError),
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error("master key check failed: {0}")]
+    CredentialCheck(StoreError),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    /// `None`: no metrics/health HTTP server (e.g. when the caller serves its own).
+    pub metrics_listen: Option<SocketAddr>,
+    pub database_url: SecretString,
+    /// Comma-separated base64 keys, first active.
+    pub master_keys: SecretString,
+    pub admin_token: Option<SecretString>,
+    pub dataplane_token: Option<SecretString>,
+    pub tls: TlsFiles,
+    pub heartbeat_every: Duration,
+    pub hub: HubTimings,
+    pub max_db_connections: usize,
+}
+
+impl ServerSettings {
+    pub fn new(listen: SocketAddr, database_url: SecretString, master_keys: SecretString) -> Self {
+        Self {
+            listen,
+            metrics_listen: None,
+            database_url,
+            master_keys,
+            admin_token: None,
+            dataplane_token: None,
+            tls: TlsFiles::default(),
+            heartbeat_every: Duration::from_secs(10),
+            hub: HubTimings::default(),
+            max_db_connections: 16,
+        }
+    }
+}
+
+/// Metrics of the control plane (more arrive with the observability work).
+#[derive(Debug, Clone, Default)]
+pub struct CpMetrics {
+    pub subscribers: Gauge,
+    pub config_version: Gauge,
+    pub db_pool_connections: Family<Vec<(&'static str, &'static str)>, Gauge>,
+}
+
+impl CpMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "llm_proxy_cp_subscribers",
+            "Data planes subscribed to this control plane",
+            self.subscribers.clone(),
+        );
+        registry.register(
+            "llm_proxy_cp_config_version",
+            "Config version of the latest snapshot",
+            self.config_version.clone(),
+        );
+        registry.register(
+            "llm_proxy_cp_db_pool_connections",
+            "Database pool connections by state",
+            self.db_pool_connections.clone(),
+        );
+    }
+}
+
+/// A running control plane. Dropping it does not stop it; call [`RunningControlPlane::shutdown`].
+#[derive(Debug)]
+pub struct RunningControlPlane {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub store: Store,
+    pub hub: Arc<SnapshotHub>,
+    pub metrics: CpMetrics,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningControlPlane {
+    /// Stops accepting calls, ends streams and waits for the servers to finish.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Resolves when the control plane's gRPC server has stopped.
+    pub async fn wait(mut self) {
+        if let Some(grpc) = self.tasks.first_mut() {
+            let _ = grpc.await;
+        }
+    }
+
+    /// `/readyz` of the control plane: the database answers.
+    pub async fn ready(&self) -> bool {
+        self.store.current_version().await.is_ok()
+    }
+
+    /// Prometheus text of the control plane's metrics.
+    pub fn render_metrics(&self) -> String {
+        render(&self.metrics, &self.store)
+    }
+}
+
+fn render(metrics: &CpMetrics, store: &Store) -> String {
+    let (busy, idle) = store.database().pool_status();
+    metrics
+        .db_pool_connections
+        .get_or_create(&vec![("state", "in_use")])
+        .set(i64::try_from(busy).unwrap_or(i64::MAX));
+    metrics
+        .db_pool_connections
+        .get_or_create(&vec![("state", "idle")])
+        .set(i64::try_from(idle).unwrap_or(i64::MAX));
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &registry);
+    out
+}
+
+async fn read_file(path: &PathBuf) -> Result<Vec<u8>, ServerError> {
+    tokio::fs::read(path)
+        .await
+        .map_err(|source| ServerError::ReadFile {
+            path: path.clone(),
+            source,
+        })
+}
+
+async fn tls_config(files: &TlsFiles) -> Result<Option<ServerTlsConfig>, ServerError> {
+    match (&files.cert, &files.key) {
+        (None, None) => {
+            if files.client_ca.is_some() {
+                return Err(ServerError::Tls(
+                    "--tls-client-ca needs --tls-cert and --tls-key".into(),
+                ));
+            }
+            Ok(None)
+        }
+        (Some(cert), Some(key)) => {
+            let identity = Identity::from_pem(read_file(cert).await?, read_file(key).await?);
+            let mut config = ServerTlsConfig::new().identity(identity);
+            if let Some(ca) = &files.client_ca {
+                config = config.client_ca_root(Certificate::from_pem(read_file(ca).await?));
+            }
+            Ok(Some(config))
+        }
+        _ => Err(ServerError::Tls(
+            "--tls-cert and --tls-key must be given together".into(),
+        )),
+    }
+}
+
+/// Connects to the database and runs pending migrations.
+pub async fn migrate(database_url: &SecretString) -> Result<(Database, usize), ServerError> {
+    let db = Database::connect(database_url, 2).await?;
+    let applied = db.migrate().await?;
+    Ok((db, applied))
+}
+
+/// Migrates, checks the master key against stored credentials, binds and starts serving.
+pub async fn start(settings: ServerSettings) -> Result<RunningControlPlane, ServerError> {
+    let loopback_only = settings.listen.ip().is_loopback();
+    if !loopback_only {
+        if settings.admin_token.is_none() {
+            return Err(ServerError::TokenRequired {
+                flag: "--admin-token (LLM_PROXY_ADMIN_TOKEN)",
+                listen: settings.listen,
+            });
+        }
+        if settings.dataplane_token.is_none() {
+            return Err(ServerError::TokenRequired {
+                flag: "--dataplane-token (LLM_PROXY_DATAPLANE_TOKEN)",
+                listen: settings.listen,
+            });
+        }
+    }
+    let keys = Arc::new(MasterKeys::parse(&settings.master_keys)?);
+    let tls = tls_config(&settings.tls).await?;
+    let db = Database::connect(&settings.database_url, settings.max_db_connections).await?;
+    let applied = db.migrate().await?;
+    if applied > 0 {
+        tracing::info!(applied, "database migrations applied");
+    }
+    let store = Store::new(db, keys.clone());
+    let checked = store
+        .verify_credentials()
+        .await
+        .map_err(ServerError::CredentialCheck)?;
+    tracing::info!(
+        connections = checked,
+        active_key_id = %keys.active_key_id(),
+        "master key opens every stored credential"
+    );
+
+    let grpc_listener =
+        TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: settings.listen,
+                source,
+            })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+    let metrics_listener = match settings.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let metrics = CpMetrics::default();
+    let hub = Arc::new(SnapshotHub::default());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let admin_check = TokenCheck::new("AdminService", settings.admin_token.as_ref());
+    let config_check = TokenCheck::new("ConfigService", settings.dataplane_token.as_ref());
+    let admin = AdminServiceServer::with_interceptor(AdminApi::new(store.clone()), move |req| {
+        admin_check.check(req)
+    });
+    let config = tonic::service::interceptor::InterceptedService::new(
+        ConfigServiceServer::new(ConfigApi::new(
+            store.clone(),
+            hub.clone(),
+            settings.heartbeat_every,
+            metrics.subscribers.clone(),
+            shutdown_rx.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        move |req| config_check.check(req),
+    );
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AdminServiceServer<AdminApi>>()
+        .await;
+    health_reporter
+        .set_serving::<ConfigServiceServer<ConfigApi>>()
+        .await;
+
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    }
+    let router = builder
+        .add_service(health_service)
+        .add_service(admin)
+        .add_service(config);
+    let mut grpc_shutdown = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let stop = async move {
+            let _ = grpc_shutdown.wait_for(|stop| *stop).await;
+        };
+        if let Err(err) = router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stop)
+            .await
+        {
+            tracing::error!(error = %err, "gRPC server failed");
+        }
+    }));
+
+    let refresher = tokio::spawn(hub::run_refresher(store.clone(), hub.clone(), settings.hub));
+    let mut refresher_shutdown = shutdown_rx.clone();
+    let version_gauge = metrics.config_version.clone();
+    let mut versions = hub.subscribe();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = refresher_shutdown.wait_for(|stop| *stop) => break,
+                changed = versions.changed() => {
+                    if changed.is_err() { break; }
+                    let version = versions.borrow_and_update().as_ref().map_or(0, |s| s.version);
+                    version_gauge.set(version);
+                }
+            }
+        }
+        refresher.abort();
+    }));
+
+    if let Some(listener) = metrics_listener {
+        let state = (metrics.clone(), store.clone());
+        let app = axum::Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                get(|State((_, store)): State<(CpMetrics, Store)>| async move {
+                    match store.current_version().await {
+                        Ok(_) => (StatusCode::OK, "ready".to_owned()),
+                        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
+                    }
+                }),
+            )
+            .route(
+                "/metrics",
+                get(
+                    |State((metrics, store)): State<(CpMetrics, Store)>| async move {
+                        render(&metrics, &store)
+                    },
+                ),
+            )
+            .with_state(state);
+        let mut http_shutdown = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = http_shutdown.wait_for(|stop| *stop).await;
+            };
+            if let Err(err) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                tracing::error!(error = %err, "metrics server failed");
+            }
+        }));
+    }
+
+    tracing::info!(%grpc_addr, metrics = ?metrics_addr, backend = ?store.database().backend(), "control plane listening");
+    Ok(RunningControlPlane {
+        grpc_addr,
+        metrics_addr,
+        store,
+        hub,
+        metrics,
+        shutdown: shutdown_tx,
+        tasks,
+    })
+}
+
+/// Re-encrypts every stored credential under the first (active) master key.
+pub async fn rotate_master_key(
+    database_url: &SecretString,
+    master_keys: &SecretString,
+) -> Result<(usize, String), ServerError> {
+    let keys = Arc::new(MasterKeys::parse(master_keys)?);
+    let (db, _) = migrate(database_url).await?;
+    let store = Store::new(db, keys.clone());
+    let count = store
+        .rotate_credentials()
+        .await
+        .map_err(ServerError::CredentialCheck)?;
+    Ok((count, keys.active_key_id()))
+}

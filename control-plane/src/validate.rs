@@ -1,0 +1,306 @@
+//! Input validation with messages that name the field and say what is wrong.
+
+use crate::error::StoreError;
+use std::collections::BTreeMap;
+
+pub const PROVIDERS: [&str; 4] = ["openai", "azure", "google", "bedrock"];
+
+const MAX_NAME_LEN: usize = 200;
+
+/// A display name: non-empty, printable, at most 200 characters.
+pub fn name(field: &'static str, value: &str) -> Result<String, StoreError> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(StoreError::invalid(field, "must not be empty"));
+    }
+    if trimmed.chars().count() > MAX_NAME_LEN {
+        return Err(StoreError::invalid(
+            field,
+            format!("must be at most {MAX_NAME_LEN} characters"),
+        ));
+    }
+    if trimmed.chars().any(char::is_control) {
+        return Err(StoreError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// Connection names may not contain `/`: it separates `CONNECTION/MODEL` references.
+pub fn connection_name(value: &str) -> Result<String, StoreError> {
+    let name = name("name", value)?;
+    if name.contains('/') {
+        return Err(StoreError::invalid(
+            "name",
+            format!("connection names must not contain '/', got {name:?}"),
+        ));
+    }
+    if looks_like_id(&name) {
+        return Err(StoreError::invalid(
+            "name",
+            format!("{name:?} looks like a resource ID; pick another name"),
+        ));
+    }
+    Ok(name)
+}
+
+/// Names that look like IDs would make name-or-ID lookups ambiguous.
+pub fn looks_like_id(value: &str) -> bool {
+    ["conn-", "model-", "vkey-", "asg-"]
+        .iter()
+        .any(|p| value.starts_with(p) && value.len() == p.len() + 20)
+}
+
+pub fn provider(value: &str) -> Result<String, StoreError> {
+    let value = value.trim();
+    if PROVIDERS.contains(&value) {
+        Ok(value.to_owned())
+    } else {
+        Err(StoreError::invalid(
+            "provider",
+            format!("must be one of openai|azure|google|bedrock, got {value:?}"),
+        ))
+    }
+}
+
+pub fn endpoint(value: &str) -> Result<String, StoreError> {
+    let value = value.trim();
+    let bad = || {
+        StoreError::invalid(
+            "endpoint",
+            format!(
+                "must be an absolute http(s) URL such as https://api.openai.com, got {value:?}"
+            ),
+        )
+    };
+    let parsed = url::Url::parse(value).map_err(|_| bad())?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad());
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(StoreError::invalid(
+            "endpoint",
+            "must not carry credentials; use --api-key",
+        ));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(StoreError::invalid(
+            "endpoint",
+            format!("must not have a query or fragment, got {value:?}; use --set for options"),
+        ));
+    }
+    Ok(value.trim_end_matches('/').to_owned())
+}
+
+/// Option keys each provider understands (DESIGN §16).
+fn known_options(provider: &str) -> &'static [&'static str] {
+    match provider {
+        "azure" => &["timeout_s", "api_version"],
+        "google" => &[
+            "timeout_s",
+            "api",
+            "auth",
+            "project",
+            "location",
+            "api_version",
+        ],
+        "bedrock" => &["timeout_s", "region", "auth"],
+        _ => &["timeout_s"],
+    }
+}
+
+fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<(), StoreError> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(StoreError::invalid(
+            "options",
+            format!("{key} must be one of {}, got {value:?}", allowed.join("|")),
+        ))
+    }
+}
+
+/// Checks the merged options of a connection of `provider`.
+pub fn options(provider: &str, options: &BTreeMap<String, String>) -> Result<(), StoreError> {
+    let known = known_options(provider);
+    for (key, value) in options {
+        if !known.contains(&key.as_str()) {
+            return Err(StoreError::invalid(
+                "options",
+                format!(
+                    "unknown option {key:?} for provider {provider}; known: {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+        let value = value.trim();
+        if value.is_empty() {
+            return Err(StoreError::invalid(
+                "options",
+                format!("{key} must not be empty"),
+            ));
+        }
+        match key.as_str() {
+            "timeout_s" => {
+                let ok = value
+                    .parse::<f64>()
+                    .is_ok_and(|t| t.is_finite() && t > 0.0 && t <= 3600.0);
+                if !ok {
+                    return Err(StoreError::invalid(
+                        "options",
+                        format!(
+                            "timeout_s must be a number of seconds in (0, 3600], got {value:?}"
+                        ),
+                    ));
+                }
+            }
+            "api" => one_of(key, value, &["gemini", "vertex"])?,
+            "auth" if provider == "google" => {
+                one_of(key, value, &["api_key", "bearer", "service_account"])?
+            }
+            "auth" => one_of(key, value, &["bearer", "sigv4"])?,
+            "api_version" if provider == "azure" => {
+                let is_date = value.len() >= 10
+                    && value.as_bytes()[..10].iter().enumerate().all(|(i, b)| {
+                        if i == 4 || i == 7 {
+                            *b == b'-'
+                        } else {
+                            b.is_ascii_digit()
+                        }
+                    });
+                if value != "v1" && !is_date {
+                    return Err(StoreError::invalid(
+                        "options",
+                        format!(
+                            "api_version must be v1 or a dated version such as 2024-10-21, got {value:?}"
+                        ),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+pub fn remote(value: &str) -> Result<String, StoreError> {
+    name("remote", value)
+}
+
+pub fn deployment(value: &str) -> Result<String, StoreError> {
+    name("deployment", value)
+}
+
+pub fn alias(value: &str) -> Result<String, StoreError> {
+    let alias = name("alias", value)?;
+    if alias.chars().any(char::is_whitespace) {
+        return Err(StoreError::invalid(
+            "alias",
+            format!("must not contain whitespace, got {alias:?}"),
+        ));
+    }
+    Ok(alias)
+}
+
+/// A limit or weight: a positive integer.
+pub fn positive(field: &'static str, value: i64) -> Result<i64, StoreError> {
+    if value > 0 {
+        Ok(value)
+    } else {
+        Err(StoreError::invalid(
+            field,
+            format!("must be a positive integer, got {value}"),
+        ))
+    }
+}
+
+/// A user-chosen virtual key. The message never echoes the key.
+pub fn user_key(value: &str) -> Result<(), StoreError> {
+    let len = value.chars().count();
+    if !(8..=512).contains(&len) {
+        return Err(StoreError::invalid(
+            "key",
+            format!("must be 8 to 512 characters long, got {len}"),
+        ));
+    }
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(StoreError::invalid(
+            "key",
+            "must not contain whitespace or control characters",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(err: StoreError) -> String {
+        err.to_string()
+    }
+
+    #[test]
+    fn provider_must_be_known() {
+        assert_eq!(provider("azure").unwrap(), "azure");
+        let msg = message(provider("anthropic").unwrap_err());
+        assert!(msg.starts_with("invalid provider:"), "{msg}");
+        assert!(msg.contains("openai|azure|google|bedrock"), "{msg}");
+    }
+
+    #[test]
+    fn endpoint_must_be_absolute_http() {
+        assert_eq!(
+            endpoint("https://api.openai.com/").unwrap(),
+            "https://api.openai.com"
+        );
+        assert!(endpoint("http://127.0.0.1:9000/v1").is_ok());
+        for bad in [
+            "api.openai.com",
+            "ftp://x.y",
+            "https://",
+            "/v1",
+            "https://u:p@h.com",
+        ] {
+            let msg = message(endpoint(bad).unwrap_err());
+            assert!(msg.starts_with("invalid endpoint:"), "{bad}: {msg}");
+        }
+    }
+
+    #[test]
+    fn options_are_checked_per_provider() {
+        let opts = |k: &str, v: &str| BTreeMap::from([(k.to_owned(), v.to_owned())]);
+        assert!(options("azure", &opts("api_version", "2024-10-21")).is_ok());
+        assert!(options("azure", &opts("api_version", "v1")).is_ok());
+        assert!(options("azure", &opts("api_version", "latest")).is_err());
+        assert!(options("google", &opts("api", "vertex")).is_ok());
+        let msg = message(options("google", &opts("api", "palm")).unwrap_err());
+        assert!(msg.contains("api must be one of gemini|vertex"), "{msg}");
+        let msg = message(options("openai", &opts("region", "x")).unwrap_err());
+        assert!(msg.contains("unknown option \"region\""), "{msg}");
+        assert!(options("bedrock", &opts("timeout_s", "0")).is_err());
+        assert!(options("bedrock", &opts("timeout_s", "2.5")).is_ok());
+    }
+
+    #[test]
+    fn names_and_limits() {
+        assert!(name("name", "  ").is_err());
+        assert_eq!(name("name", " a ").unwrap(), "a");
+        assert!(connection_name("a/b").is_err());
+        assert!(connection_name("conn-abcdefghijklmnopqrst").is_err());
+        assert!(positive("tps", 0).unwrap_err().to_string().contains("tps"));
+        assert!(positive("tpm", -5).is_err());
+        assert!(alias("gpt 4").is_err());
+    }
+
+    #[test]
+    fn user_key_errors_do_not_echo_the_key() {
+        let msg = message(user_key("short").unwrap_err());
+        assert!(!msg.contains("short"), "{msg}");
+        let msg = message(user_key("vk-has zzqq-123").unwrap_err());
+        assert!(!msg.contains("zzqq"), "{msg}");
+        assert!(user_key("vk-front-1234").is_ok());
+    }
+}

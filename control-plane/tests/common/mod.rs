@@ -1,0 +1,139 @@
+//! Shared helpers for the control plane's integration tests: a fresh database per test (a new
+//! schema in the machine's Postgres, or a SQLite file), a started control plane and clients.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
+use llm_proxy_control_plane::crypto::MasterKeys;
+use llm_proxy_control_plane::hub::HubTimings;
+use llm_proxy_control_plane::server::{self, RunningControlPlane, ServerSettings};
+use llm_proxy_proto::v1::admin_service_client::AdminServiceClient;
+use llm_proxy_proto::v1::config_service_client::ConfigServiceClient;
+use secrecy::{ExposeSecret as _, SecretString};
+use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// Base URL of the test Postgres (scripts/test.sh exports it; the machine's default otherwise).
+pub fn postgres_base_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A database for one test.
+pub struct TestDb {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub fn secret_url(&self) -> SecretString {
+        SecretString::from(self.url.clone())
+    }
+}
+
+/// A new, empty schema in the test Postgres database; the URL selects it via `search_path`.
+pub async fn fresh_postgres() -> TestDb {
+    let base = postgres_base_url();
+    let mut conn = AsyncPgConnection::establish(&base)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to test Postgres at {base}: {e}"));
+    let schema = format!(
+        "t_{}",
+        llm_proxy_control_plane::ids::new_id("x").trim_start_matches("x-")
+    );
+    diesel::sql_query(format!("CREATE SCHEMA {schema}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    TestDb {
+        url: format!("{base}{sep}options=-c%20search_path%3D{schema}"),
+        _dir: None,
+    }
+}
+
+pub fn fresh_sqlite() -> TestDb {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("test.db").display());
+    TestDb {
+        url,
+        _dir: Some(dir),
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+pub async fn fresh_db(backend: Backend) -> TestDb {
+    match backend {
+        Backend::Postgres => fresh_postgres().await,
+        Backend::Sqlite => fresh_sqlite(),
+    }
+}
+
+pub fn new_master_key() -> SecretString {
+    MasterKeys::generate_encoded()
+}
+
+/// Logs of the code under test, shown for failing tests (`RUST_LOG` to choose levels).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+pub fn settings(db: &TestDb, master_key: &SecretString) -> ServerSettings {
+    init_logs();
+    let mut settings = ServerSettings::new(
+        "127.0.0.1:0".parse().unwrap(),
+        db.secret_url(),
+        SecretString::from(master_key.expose_secret().to_owned()),
+    );
+    settings.hub = HubTimings {
+        coalesce: Duration::from_millis(20),
+        poll: Duration::from_millis(500),
+    };
+    settings
+}
+
+pub async fn start(db: &TestDb) -> RunningControlPlane {
+    server::start(settings(db, &new_master_key()))
+        .await
+        .unwrap()
+}
+
+pub type Interceptor =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>;
+pub type Admin = AdminServiceClient<InterceptedService<Channel, Interceptor>>;
+pub type Config = ConfigServiceClient<InterceptedService<Channel, Interceptor>>;
+
+fn bearer(token: Option<String>) -> Interceptor {
+    Box::new(move |mut req: tonic::Request<()>| {
+        if let Some(token) = &token {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        Ok(req)
+    })
+}
+
+pub async fn channel(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+pub async fn admin(cp: &RunningControlPlane, token: Option<&str>) -> Admin {
+    AdminServiceClient::with_interceptor(channel(cp.grpc_addr).await, bearer(token.map(Into::into)))
+}
+
+pub async fn config_client(addr: std::net::SocketAddr, token: Option<&str>) -> Config {
+    ConfigServiceClient::with_interceptor(channel(addr).await, bearer(token.map(Into::into)))
+        .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
+}

@@ -1,0 +1,456 @@
+//! The config stream: snapshots on subscribe and after writes, heartbeats, data-plane presence,
+//! propagation between control plane processes sharing one Postgres, and a 100k-key snapshot.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::Backend;
+use llm_proxy_proto::v1::*;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tonic::Streaming;
+
+/// Generous bound for "eventually": a failure means the event never came, not that it was slow.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+async fn next_event(stream: &mut Streaming<ConfigEvent>) -> config_event::Event {
+    tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("no config event within the patience window")
+        .unwrap()
+        .expect("stream ended")
+        .event
+        .unwrap()
+}
+
+/// Reads events until a snapshot with at least `version` arrives.
+async fn snapshot_at_least(stream: &mut Streaming<ConfigEvent>, version: i64) -> Snapshot {
+    loop {
+        if let config_event::Event::Snapshot(s) = next_event(stream).await
+            && s.version >= version
+        {
+            return s;
+        }
+    }
+}
+
+async fn subscribe_and_receive(backend: Backend) {
+    let db = common::fresh_db(backend).await;
+    let mut settings = common::settings(&db, &common::new_master_key());
+    settings.heartbeat_every = Duration::from_millis(200);
+    let cp = llm_proxy_control_plane::server::start(settings)
+        .await
+        .unwrap();
+    let mut admin = common::admin(&cp, None).await;
+    admin
+        .create_connection(CreateConnectionRequest {
+            name: "OpenAI".into(),
+            provider: "openai".into(),
+            endpoint: "https://api.openai.com".into(),
+            credential: "sk-live-credential".into(),
+            options: [("timeout_s".to_owned(), "20".to_owned())].into(),
+        })
+        .await
+        .unwrap();
+    let mut config = common::config_client(cp.grpc_addr, None).await;
+    let mut stream = config
+        .subscribe(SubscribeRequest {
+            node_id: "dp-a".into(),
+            build: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = snapshot_at_least(&mut stream, 2).await;
+    assert_eq!(first.connections.len(), 1);
+    let conn = &first.connections[0];
+    assert_eq!(
+        conn.credential, "sk-live-credential",
+        "snapshots carry the decrypted credential"
+    );
+    assert_eq!(
+        conn.options.get("timeout_s").map(String::as_str),
+        Some("20")
+    );
+    assert!(!first.cluster_epoch.is_empty());
+
+    admin
+        .create_provider_model(CreateProviderModelRequest {
+            connection_id: "OpenAI".into(),
+            name: "gpt-4".into(),
+            remote: "gpt-4-0613".into(),
+            deployment: None,
+        })
+        .await
+        .unwrap();
+    let created = admin
+        .create_virtual_key(CreateVirtualKeyRequest {
+            name: "App".into(),
+            key: Some("vk-app-123456".into()),
+            expires_at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    admin
+        .create_assignment(CreateAssignmentRequest {
+            vkey_id: "App".into(),
+            model_id: "gpt-4".into(),
+            tps: Some(5),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let current = cp.store.current_version().await.unwrap().1;
+    let latest = snapshot_at_least(&mut stream, current).await;
+    assert_eq!(latest.version, current);
+    assert_eq!(latest.models[0].remote, "gpt-4-0613");
+    let key = &latest.virtual_keys[0];
+    assert_eq!(key.id, created.virtual_key.unwrap().id);
+    assert_eq!(
+        key.key_sha256,
+        llm_proxy_control_plane::ids::key_sha256("vk-app-123456")
+    );
+    assert_eq!(latest.assignments[0].tps, Some(5));
+    assert_eq!(latest.assignments[0].alias, "gpt-4");
+
+    // Heartbeats flow while nothing changes.
+    loop {
+        if let config_event::Event::Heartbeat(hb) = next_event(&mut stream).await {
+            assert_eq!(hb.version, current);
+            break;
+        }
+    }
+
+    // The data plane's reported version shows up in ListDataPlanes.
+    config
+        .report_status(ReportStatusRequest {
+            node_id: "dp-a".into(),
+            applied_version: current,
+            error: String::new(),
+        })
+        .await
+        .unwrap();
+    let planes = admin
+        .list_data_planes(ListDataPlanesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .data_planes;
+    assert_eq!(planes.len(), 1);
+    assert_eq!(planes[0].node_id, "dp-a");
+    assert_eq!(planes[0].applied_version, current);
+    assert_eq!(planes[0].build, "test");
+    assert!(planes[0].connected);
+
+    // A data plane that already has the current epoch+version gets a heartbeat, not a snapshot.
+    let mut again = config
+        .subscribe(SubscribeRequest {
+            node_id: "dp-b".into(),
+            cluster_epoch: latest.cluster_epoch.clone(),
+            have_version: current,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match next_event(&mut again).await {
+        config_event::Event::Heartbeat(hb) => assert_eq!(hb.version, current),
+        config_event::Event::Snapshot(s) => panic!("unexpected snapshot at version {}", s.version),
+    }
+    // ...but a different epoch (e.g. a restored database) gets a snapshot.
+    let mut other_epoch = config
+        .subscribe(SubscribeRequest {
+            node_id: "dp-c".into(),
+            cluster_epoch: "another-cluster".into(),
+            have_version: current,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_event(&mut other_epoch).await,
+        config_event::Event::Snapshot(_)
+    ));
+
+    // Disconnecting marks the data plane as not connected.
+    drop(stream);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let planes = admin
+            .list_data_planes(ListDataPlanesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .data_planes;
+        let a = planes.iter().find(|p| p.node_id == "dp-a").unwrap();
+        if !a.connected {
+            break;
+        }
+        assert!(Instant::now() < deadline, "dp-a still listed as connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subscribe_and_receive_on_postgres() {
+    subscribe_and_receive(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subscribe_and_receive_on_sqlite() {
+    subscribe_and_receive(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subscribe_rejects_empty_node_id() {
+    let db = common::fresh_sqlite();
+    let cp = common::start(&db).await;
+    let mut config = common::config_client(cp.grpc_addr, None).await;
+    let status = config
+        .subscribe(SubscribeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("node_id"));
+    cp.shutdown().await;
+}
+
+struct CpProcess {
+    child: tokio::process::Child,
+    addr: std::net::SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// Starts the real `llm-proxy-control-plane` binary; returns once it printed its address.
+async fn spawn_cp(url: &str, master_key: &str) -> CpProcess {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-proxy-control-plane"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .env("DATABASE_URL", url)
+        .env("LLM_PROXY_MASTER_KEY", master_key)
+        .env("RUST_LOG", "info,llm_proxy_control_plane=debug")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let addr = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            log.lock().unwrap().push_str(&line);
+            log.lock().unwrap().push('\n');
+            if let Some(rest) = line.strip_prefix("llm-proxy control plane listening on ") {
+                return rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("control plane exited: {}", log.lock().unwrap());
+    })
+    .await
+    .expect("control plane did not start");
+    let sink = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            sink.lock().unwrap().push_str(&line);
+            sink.lock().unwrap().push('\n');
+        }
+    });
+    CpProcess { child, addr, log }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_control_plane_processes_share_every_change() {
+    let db = common::fresh_postgres().await;
+    let key = common::new_master_key();
+    let key_text = secrecy::ExposeSecret::expose_secret(&key).to_owned();
+    let mut a = spawn_cp(&db.url, &key_text).await;
+    let mut b = spawn_cp(&db.url, &key_text).await;
+
+    let mut config = common::config_client(a.addr, None).await;
+    let mut stream = config
+        .subscribe(SubscribeRequest {
+            node_id: "dp-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let initial = snapshot_at_least(&mut stream, 1).await;
+
+    let mut admin_b = llm_proxy_proto::v1::admin_service_client::AdminServiceClient::new(
+        common::channel(b.addr).await,
+    );
+    admin_b
+        .create_connection(CreateConnectionRequest {
+            name: "Via-B".into(),
+            provider: "openai".into(),
+            endpoint: "https://api.openai.com".into(),
+            credential: "sk-written-through-b".into(),
+            options: Default::default(),
+        })
+        .await
+        .unwrap();
+    let seen = snapshot_at_least(&mut stream, initial.version + 1).await;
+    assert_eq!(seen.connections.len(), 1);
+    assert_eq!(seen.connections[0].name, "Via-B");
+    assert_eq!(seen.connections[0].credential, "sk-written-through-b");
+
+    // A failing request must not leak the credential either.
+    let _ = admin_b
+        .update_connection(UpdateConnectionRequest {
+            id: "Via-B".into(),
+            credential: Some("sk-second-secret".into()),
+            endpoint: Some("bad endpoint".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+
+    a.child.start_kill().unwrap();
+    b.child.start_kill().unwrap();
+    let _ = a.child.wait().await;
+    let _ = b.child.wait().await;
+    for log in [a.log.lock().unwrap().clone(), b.log.lock().unwrap().clone()] {
+        assert!(log.contains("config snapshot built"), "log: {log}");
+        for secret in ["sk-written-through-b", "sk-second-secret", &key_text] {
+            assert!(!log.contains(secret), "a secret reached the log: {log}");
+        }
+    }
+}
+
+/// Builds, streams and decodes a snapshot of 100k virtual keys with one assignment each, and
+/// prints its size and timings (the figures quoted in the project docs).
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_of_100k_virtual_keys_passes_the_stream() {
+    use diesel_async::{AsyncConnection as _, RunQueryDsl as _};
+    use llm_proxy_control_plane::rows::{AssignmentRow, VirtualKeyRow};
+    use llm_proxy_control_plane::schema::{assignments, virtual_keys};
+    use prost::Message as _;
+
+    const KEYS: usize = 100_000;
+    let db = common::fresh_postgres().await;
+    let master_key = common::new_master_key();
+    let start = || async {
+        llm_proxy_control_plane::server::start(common::settings(&db, &master_key))
+            .await
+            .unwrap()
+    };
+    let cp = start().await;
+    let mut admin = common::admin(&cp, None).await;
+    admin
+        .create_connection(CreateConnectionRequest {
+            name: "OpenAI".into(),
+            provider: "openai".into(),
+            endpoint: "https://api.openai.com".into(),
+            credential: "sk-x".into(),
+            options: Default::default(),
+        })
+        .await
+        .unwrap();
+    let model = admin
+        .create_provider_model(CreateProviderModelRequest {
+            connection_id: "OpenAI".into(),
+            name: "gpt-4o-mini".into(),
+            remote: "gpt-4o-mini".into(),
+            deployment: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    cp.shutdown().await;
+
+    // Bulk-load the rows directly: 100k admin calls would only measure the admin API.
+    let mut conn = diesel_async::AsyncPgConnection::establish(&db.url)
+        .await
+        .unwrap();
+    let now = llm_proxy_control_plane::store::now_micros();
+    let keys: Vec<VirtualKeyRow> = (0..KEYS)
+        .map(|i| VirtualKeyRow {
+            id: llm_proxy_control_plane::ids::new_id("vkey"),
+            name: format!("team-{i:06}"),
+            key_sha256: llm_proxy_control_plane::ids::key_sha256(&format!("vk-team-{i:06}")),
+            key_hint: "vk-te…0000".into(),
+            enabled: true,
+            expires_at: None,
+            created_at: now,
+            updated_at: now,
+        })
+        .collect();
+    let rows: Vec<AssignmentRow> = keys
+        .iter()
+        .map(|k| AssignmentRow {
+            id: llm_proxy_control_plane::ids::new_id("asg"),
+            vkey_id: k.id.clone(),
+            model_id: model.id.clone(),
+            alias: "gpt-4o-mini".into(),
+            tps: Some(10),
+            burst: None,
+            tpm: Some(100_000),
+            weight: 1,
+            created_at: now,
+            updated_at: now,
+        })
+        .collect();
+    conn.transaction(async |c| {
+        for chunk in keys.chunks(2000) {
+            diesel::insert_into(virtual_keys::table)
+                .values(chunk)
+                .execute(c)
+                .await?;
+        }
+        for chunk in rows.chunks(2000) {
+            diesel::insert_into(assignments::table)
+                .values(chunk)
+                .execute(c)
+                .await?;
+        }
+        diesel::sql_query("UPDATE config_state SET version = version + 1")
+            .execute(c)
+            .await?;
+        Ok::<_, diesel::result::Error>(())
+    })
+    .await
+    .unwrap();
+    drop(conn);
+
+    let cp = start().await;
+    let mut config = common::config_client(cp.grpc_addr, None).await;
+    let started = Instant::now();
+    let mut stream = config
+        .subscribe(SubscribeRequest {
+            node_id: "dp-big".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot = snapshot_at_least(&mut stream, 1).await;
+    let received = started.elapsed();
+    assert_eq!(snapshot.virtual_keys.len(), KEYS);
+    assert_eq!(snapshot.assignments.len(), KEYS);
+    let encoded = snapshot.encoded_len();
+    let decode_started = Instant::now();
+    let decoded = Snapshot::decode(snapshot.encode_to_vec().as_slice()).unwrap();
+    let decode = decode_started.elapsed();
+    assert_eq!(decoded.virtual_keys.len(), KEYS);
+    let build_started = Instant::now();
+    let rebuilt = llm_proxy_control_plane::hub::build_snapshot(&cp.store, 0)
+        .await
+        .unwrap();
+    let build = build_started.elapsed();
+    assert_eq!(rebuilt.virtual_keys.len(), KEYS);
+    println!(
+        "100k-key snapshot: {:.1} MiB encoded; build from Postgres {build:?}; subscribe-to-received {received:?}; decode {decode:?}",
+        encoded as f64 / (1024.0 * 1024.0)
+    );
+    cp.shutdown().await;
+}

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The project's one test command (README, .ci/run). Uses the Postgres and Redis on their standard
+# local ports when they answer; otherwise starts throwaway instances from the local binaries and
+# stops them on exit. Then runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scratch=$(mktemp -d /tmp/llm-proxy-test.XXXXXX)
+cleanup() {
+  if [[ -n "${started_pg:-}" ]]; then
+    as_postgres "$pg_bin/pg_ctl" -D "$scratch/pg" -m immediate stop >/dev/null 2>&1 || true
+  fi
+  if [[ -n "${started_redis:-}" ]]; then
+    redis-cli -p 56379 shutdown nosave >/dev/null 2>&1 || true
+  fi
+  rm -rf "$scratch"
+}
+trap cleanup EXIT
+
+# Postgres refuses to run as root: run its tools as the postgres user when we are root.
+as_postgres() {
+  if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pg_answers() { psql "$1" -Atqc 'select 1' >/dev/null 2>&1; }
+
+export TEST_DATABASE_URL=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+if ! pg_answers "$TEST_DATABASE_URL"; then
+  pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  if [[ -z "$pg_bin" || ! -x "$pg_bin/initdb" ]]; then
+    echo "test.sh: no Postgres answers at $TEST_DATABASE_URL and no initdb was found to start one" >&2
+    echo "test.sh: install PostgreSQL (apt-get install postgresql) or set TEST_DATABASE_URL" >&2
+    exit 1
+  fi
+  echo "test.sh: starting a throwaway Postgres on 127.0.0.1:55432" >&2
+  mkdir -p "$scratch/pg"
+  [[ $(id -u) -eq 0 ]] && chown postgres "$scratch" "$scratch/pg"
+  as_postgres "$pg_bin/initdb" -D "$scratch/pg" -U postgres --auth=trust >/dev/null
+  as_postgres "$pg_bin/pg_ctl" -D "$scratch/pg" -l "$scratch/pg/log" -w \
+    -o "-p 55432 -k $scratch -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
+  started_pg=1
+  psql "postgres://postgres@127.0.0.1:55432/postgres" -qc 'CREATE DATABASE test'
+  export TEST_DATABASE_URL=postgres://postgres@127.0.0.1:55432/test
+fi
+# Each test works in its own schema t_...; drop those left by earlier runs.
+psql "$TEST_DATABASE_URL" -Atqc "select format('DROP SCHEMA %I CASCADE;', nspname) from pg_namespace where nspname like 't\_%'" \
+  | psql "$TEST_DATABASE_URL" -q >/dev/null 2>&1 || true
+
+export TEST_REDIS_URL=${TEST_REDIS_URL:-redis://127.0.0.1:6379}
+if ! redis-cli -u "$TEST_REDIS_URL" ping >/dev/null 2>&1; then
+  if ! command -v redis-server >/dev/null; then
+    echo "test.sh: no Redis answers at $TEST_REDIS_URL and redis-server is not installed" >&2
+    exit 1
+  fi
+  echo "test.sh: starting a throwaway Redis on 127.0.0.1:56379" >&2
+  redis-server --port 56379 --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
+    --dir "$scratch" --logfile "$scratch/redis.log"
+  started_redis=1
+  for _ in $(seq 50); do redis-cli -p 56379 ping >/dev/null 2>&1 && break; sleep 0.1; done
+  export TEST_REDIS_URL=redis://127.0.0.1:56379
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
