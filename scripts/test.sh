@@ -60,8 +60,19 @@ if ! redis-cli -u "$TEST_REDIS_URL" ping >/dev/null 2>&1; then
   export TEST_REDIS_URL=redis://127.0.0.1:56379
 fi
 
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast "$@" || status=$?
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@" || status=$?
 fi
+
+# End to end: the real binaries driven by the official OpenAI Python SDK.
+if [[ $# -eq 0 ]]; then
+  cargo build -p llmctl
+  if ! python3 -c 'import openai, pytest, httpx' >/dev/null 2>&1; then
+    python3 -m pip install -q -r e2e/requirements.txt
+  fi
+  LLMCTL_BIN="$PWD/target/debug/llmctl" python3 -m pytest -q e2e || status=$?
+fi
+exit "$status"

@@ -7,8 +7,13 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 use llm_proxy_control_plane::master_key;
-use llm_proxy_control_plane::server::{self, ServerSettings};
+use llm_proxy_control_plane::server::{self, RunningControlPlane, ServerSettings};
+use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
+use llm_proxy_data_plane::server::DEFAULT_MAX_BODY_BYTES;
+use llm_proxy_data_plane::sync::SyncSettings;
 use secrecy::SecretString;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Flags of `llmctl serve` (DESIGN §16).
 #[derive(Debug, Clone, Args)]
@@ -53,10 +58,9 @@ pub struct ServeArgs {
     pub redis_url: Option<String>,
 }
 
-/// Runs the all-in-one gateway until interrupted.
-///
-/// Today this starts the control plane on the embedded defaults (SQLite in `--data-dir`, a master
-/// key generated on first start); the data plane joins it with the data-plane work.
+/// Runs the all-in-one gateway until interrupted: the control plane on `--grpc-listen` (loopback:
+/// no tokens), the data plane on `--listen` subscribed to it, and one metrics/health listener for
+/// both.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
     tokio::fs::create_dir_all(&args.data_dir)
@@ -79,19 +83,39 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     if args.redis_url.is_some() {
         eprintln!(
-            "note: --redis-url is used by the data plane, which is not part of this build yet"
+            "note: --redis-url is not used by this build yet; rate-limit buckets are in process"
         );
     }
-    let mut settings = ServerSettings::new(args.grpc_listen, database_url, master_key);
-    settings.metrics_listen = Some(args.metrics_listen);
-    let cp = server::start(settings).await?;
+    let settings = ServerSettings::new(args.grpc_listen, database_url, master_key);
+    let cp = Arc::new(server::start(settings).await?);
+    let dp = gateway::start(GatewaySettings {
+        listen: args.listen,
+        metrics_listen: None,
+        sync: SyncSettings {
+            control_plane: format!("http://{}", loopback_of(cp.grpc_addr)),
+            token: None,
+            node_id: "llmctl-serve".to_owned(),
+            build: env!("CARGO_PKG_VERSION").to_owned(),
+            tls: None,
+        },
+        max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+    })
+    .await?;
+    let dp = Arc::new(dp);
+    let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
+    let metrics_addr = metrics.local_addr()?;
+    let app = health_router(cp.clone(), dp.clone());
+    let metrics_task = tokio::spawn(async move {
+        let _ = axum::serve(metrics, app).await;
+    });
+
     println!("llm-proxy is running");
-    println!("  admin API (gRPC): {}", cp.grpc_addr);
-    if let Some(metrics) = cp.metrics_addr {
-        println!("  metrics, /healthz, /readyz: http://{metrics}");
-    }
+    println!("  OpenAI-compatible API: http://{}", dp.addr);
+    println!("  admin API (gRPC, for llmctl): {}", cp.grpc_addr);
+    println!("  metrics, /healthz, /readyz: http://{metrics_addr}");
     println!("  data: {}", args.data_dir.display());
-    println!("  OpenAI-compatible API: not built yet (arrives with the data plane)");
     println!();
     println!("next, in another terminal:");
     println!(
@@ -104,10 +128,63 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     println!(
         "  llmctl assign --vkey-id Frontend-App --model-id gpt-4-turbo --alias gpt-4 --tps 50"
     );
+    println!(
+        "then point the OpenAI SDK at base_url=\"http://localhost:{}\" with api_key=\"vk-front-1234\"",
+        dp.addr.port()
+    );
     shutdown_signal().await;
     eprintln!("shutting down");
-    cp.shutdown().await;
+    metrics_task.abort();
+    // Dropping the task drops its clones of `cp` and `dp`.
+    let _ = metrics_task.await;
+    if let Ok(dp) = Arc::try_unwrap(dp) {
+        dp.shutdown(Duration::from_secs(10)).await;
+    }
+    if let Ok(cp) = Arc::try_unwrap(cp) {
+        cp.shutdown().await;
+    }
     Ok(())
+}
+
+/// The control plane may listen on 0.0.0.0; the in-process data plane dials loopback.
+fn loopback_of(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
+}
+
+/// `/healthz`, `/readyz` (database reachable and a snapshot applied) and `/metrics` of both planes.
+fn health_router(cp: Arc<RunningControlPlane>, dp: Arc<RunningGateway>) -> axum::Router {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let (cp_ready, dp_ready) = (cp.clone(), dp.clone());
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let (cp, dp) = (cp_ready.clone(), dp_ready.clone());
+                async move {
+                    match (cp.ready().await, dp.ready()) {
+                        (true, true) => (StatusCode::OK, "ready"),
+                        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable"),
+                        (true, false) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "no config snapshot applied yet",
+                        ),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let (cp, dp) = (cp.clone(), dp.clone());
+                async move { format!("{}{}", cp.render_metrics(), dp.render_metrics()) }
+            }),
+        )
 }
 
 fn init_logging() {

@@ -1,3 +1,15 @@
 //! llm-proxy data plane: serves OpenAI-compatible traffic from an in-memory config snapshot.
 //!
-//! Not built yet: this crate is a placeholder for the data-plane issue.
+//! The request path never touches a database: [`sync`] keeps an [`index::ConfigIndex`] current
+//! from the control plane's config stream; [`server`] authenticates, routes, rate-limits and hands
+//! the call to the provider adapter in [`providers`].
+
+pub mod body;
+pub mod errors;
+pub mod gateway;
+pub mod index;
+pub mod providers;
+pub mod ratelimit;
+pub mod server;
+pub mod sse;
+pub mod sync;

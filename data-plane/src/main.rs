@@ -1,5 +1,191 @@
-//! `llm-proxy-data-plane`: placeholder binary until the data-plane issue lands.
+//! `llm-proxy-data-plane`: the OpenAI-compatible gateway (DESIGN §3).
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("llm-proxy-data-plane is not implemented yet; see the project's open issues")
+use clap::Parser;
+use llm_proxy_data_plane::gateway::{self, GatewaySettings};
+use llm_proxy_data_plane::server::DEFAULT_MAX_BODY_BYTES;
+use llm_proxy_data_plane::sync::SyncSettings;
+use secrecy::SecretString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FailMode {
+    Local,
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "llm-proxy-data-plane",
+    version,
+    about = "llm-proxy data plane: the OpenAI-compatible gateway"
+)]
+struct Cli {
+    /// HTTP listen address of the OpenAI-compatible API.
+    #[arg(long, env = "LLM_PROXY_DP_LISTEN", default_value = "0.0.0.0:8132")]
+    listen: SocketAddr,
+    /// HTTP listen address for /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "LLM_PROXY_DP_METRICS_LISTEN",
+        default_value = "0.0.0.0:9132"
+    )]
+    metrics_listen: SocketAddr,
+    /// Control plane gRPC URL (https:// with the TLS flags).
+    #[arg(
+        long,
+        env = "LLM_PROXY_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:8131"
+    )]
+    control_plane: String,
+    /// Bearer token for the control plane's config stream.
+    #[arg(long, env = "LLM_PROXY_DATAPLANE_TOKEN", hide_env_values = true)]
+    dataplane_token: Option<SecretString>,
+    /// Redis for shared rate-limit buckets (not used by this build yet: buckets are in-process).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    redis_url: Option<SecretString>,
+    /// What to do when Redis is unavailable.
+    #[arg(
+        long,
+        env = "LLM_PROXY_RATELIMIT_FAIL_MODE",
+        value_enum,
+        default_value = "local"
+    )]
+    ratelimit_fail_mode: FailMode,
+    /// Largest accepted request body; larger ones get 413.
+    #[arg(long, env = "LLM_PROXY_DP_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// Seconds in-flight requests and streams get to finish after SIGTERM.
+    #[arg(long, env = "LLM_PROXY_DP_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    shutdown_grace_s: u64,
+    /// Node id reported to the control plane (default: hostname + pid).
+    #[arg(long, env = "LLM_PROXY_DP_NODE_ID")]
+    node_id: Option<String>,
+    /// CA bundle to verify the control plane's certificate.
+    #[arg(long, env = "LLM_PROXY_DP_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate for mTLS to the control plane.
+    #[arg(long, env = "LLM_PROXY_DP_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Client key for mTLS to the control plane.
+    #[arg(long, env = "LLM_PROXY_DP_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("LLM_PROXY_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "dp".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+async fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context as _;
+    tokio::fs::read(path)
+        .await
+        .with_context(|| format!("cannot read {}", path.display()))
+}
+
+async fn tls(cli: &Cli) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    if cli.tls_ca.is_none() && cli.tls_cert.is_none() && cli.tls_key.is_none() {
+        return Ok(None);
+    }
+    let mut config = ClientTlsConfig::new();
+    if let Some(ca) = &cli.tls_ca {
+        config = config.ca_certificate(Certificate::from_pem(read(ca).await?));
+    }
+    match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => {
+            config = config.identity(Identity::from_pem(read(cert).await?, read(key).await?));
+        }
+        (None, None) => {}
+        _ => anyhow::bail!("--tls-cert and --tls-key must be given together"),
+    }
+    Ok(Some(config))
+}
+
+async fn shutdown_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.redis_url.is_some() {
+        tracing::warn!(
+            "--redis-url is set but this build limits in process only; limits hold per data plane"
+        );
+    }
+    let _ = cli.ratelimit_fail_mode;
+    let settings = GatewaySettings {
+        listen: cli.listen,
+        metrics_listen: Some(cli.metrics_listen),
+        sync: SyncSettings {
+            control_plane: cli.control_plane.clone(),
+            token: cli.dataplane_token.clone(),
+            node_id: cli.node_id.clone().unwrap_or_else(default_node_id),
+            build: env!("CARGO_PKG_VERSION").to_owned(),
+            tls: tls(&cli).await?,
+        },
+        max_body_bytes: cli.max_body_bytes,
+    };
+    // Reject a malformed --control-plane URL or token now, not in the background task.
+    settings.sync.endpoint()?;
+    let running = gateway::start(settings).await?;
+    eprintln!(
+        "llm-proxy data plane listening on {} (metrics on {})",
+        running.addr,
+        running
+            .metrics_addr
+            .map_or_else(|| "-".to_owned(), |a| a.to_string())
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    running
+        .shutdown(Duration::from_secs(cli.shutdown_grace_s))
+        .await;
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(err) = runtime.block_on(run(cli)) {
+        eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
 }

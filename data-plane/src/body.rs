@@ -1,0 +1,251 @@
+//! The inbound JSON body, parsed once and only one level deep.
+//!
+//! Top-level values stay raw JSON slices of the original bytes (`RawValue`), so fields the gateway
+//! does not change go upstream byte for byte; only `model` (and for streams `stream_options`) are
+//! replaced when the body is written back.
+
+use crate::errors::ApiError;
+use serde::Deserialize;
+use serde::de::{self, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use std::fmt;
+
+/// A JSON object as an ordered list of (key, raw value).
+#[derive(Debug)]
+pub struct RawObject<'a> {
+    fields: Vec<(String, &'a RawValue)>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for ObjectVisitor<'a> {
+            type Value = RawObject<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
+                while let Some((key, value)) = map.next_entry::<String, &'de RawValue>()? {
+                    fields.push((key, value));
+                }
+                Ok(RawObject { fields })
+            }
+        }
+        deserializer.deserialize_map(ObjectVisitor(std::marker::PhantomData))
+    }
+}
+
+impl<'a> RawObject<'a> {
+    pub fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
+    /// Serialises the object with `overrides` (key, raw JSON) replacing or adding fields and
+    /// `removals` dropped; every other value is copied verbatim.
+    pub fn write(&self, overrides: &[(&str, &str)], removals: &[&str]) -> Vec<u8> {
+        let size: usize = self
+            .fields
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum::<usize>()
+            + overrides
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>()
+            + 2;
+        let mut out = Vec::with_capacity(size);
+        out.push(b'{');
+        let mut first = true;
+        let mut push = |out: &mut Vec<u8>, key: &str, raw: &str| {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            // Writing a string into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, key);
+            out.push(b':');
+            out.extend_from_slice(raw.as_bytes());
+        };
+        for (key, value) in &self.fields {
+            if removals.contains(&key.as_str()) {
+                continue;
+            }
+            match overrides.iter().find(|(k, _)| k == key) {
+                Some((_, raw)) => push(&mut out, key, raw),
+                None => push(&mut out, key, value.get()),
+            }
+        }
+        for (key, raw) in overrides {
+            if self.get(key).is_none() {
+                push(&mut out, key, raw);
+            }
+        }
+        out.push(b'}');
+        out
+    }
+}
+
+/// What the gateway needs to know about a chat or embeddings request.
+#[derive(Debug)]
+pub struct ParsedRequest<'a> {
+    pub object: RawObject<'a>,
+    pub model: Option<String>,
+    pub stream: bool,
+    /// The client asked for the usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub max_output_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+fn field<'a, T: Deserialize<'a>>(
+    object: &RawObject<'a>,
+    key: &str,
+    expected: &str,
+) -> Result<Option<T>, ApiError> {
+    match object.get(key) {
+        None => Ok(None),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) => serde_json::from_str::<T>(raw.get()).map(Some).map_err(|_| {
+            ApiError::invalid_request(format!("`{key}` must be {expected}")).with_param(key)
+        }),
+    }
+}
+
+/// Parses the body: a JSON object, with a string `model` when `model_required`.
+pub fn parse(body: &[u8], model_required: bool) -> Result<ParsedRequest<'_>, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::invalid_request("request body is not valid UTF-8"))?;
+    if text.trim().is_empty() {
+        return Err(ApiError::invalid_request(
+            "request body is empty; expected a JSON object",
+        ));
+    }
+    let object: RawObject<'_> = serde_json::from_str(text).map_err(|e| {
+        ApiError::invalid_request(format!("request body is not a valid JSON object: {e}"))
+    })?;
+    let model: Option<String> = field(&object, "model", "a string")?;
+    if model_required && model.as_deref().is_none_or(str::is_empty) {
+        return Err(
+            ApiError::invalid_request("you must provide a model parameter").with_param("model"),
+        );
+    }
+    let stream = field::<bool>(&object, "stream", "a boolean")?.unwrap_or(false);
+    let include_usage = field::<StreamOptions>(&object, "stream_options", "an object")?
+        .is_some_and(|o| o.include_usage);
+    let max_output_tokens =
+        match field::<u64>(&object, "max_completion_tokens", "a positive integer")? {
+            Some(n) => Some(n),
+            None => field::<u64>(&object, "max_tokens", "a positive integer")?,
+        };
+    Ok(ParsedRequest {
+        object,
+        model,
+        stream,
+        include_usage,
+        max_output_tokens,
+    })
+}
+
+/// Parses a raw JSON object (e.g. a nested value); `None` when it is not an object.
+pub fn parse_object(raw: &str) -> Option<RawObject<'_>> {
+    serde_json::from_str(raw).ok()
+}
+
+/// A JSON string literal for `value`.
+pub fn json_string(value: &str) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_is_replaced_and_everything_else_is_byte_identical() {
+        let body = br#"{"model":"gpt-4","messages":[{"role":"user","content":"h\u00e9 \"x\""}],"temperature":0.70,"n":1}"#;
+        let parsed = parse(body, true).unwrap();
+        assert_eq!(parsed.model.as_deref(), Some("gpt-4"));
+        let out = parsed
+            .object
+            .write(&[("model", &json_string("gpt-4-0613"))], &[]);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"gpt-4-0613","messages":[{"role":"user","content":"h\u00e9 \"x\""}],"temperature":0.70,"n":1}"#
+        );
+    }
+
+    #[test]
+    fn overrides_add_missing_fields_and_removals_drop() {
+        let parsed = parse(br#"{"model":"m","stream":true,"user":"u"}"#, true).unwrap();
+        assert!(parsed.stream && !parsed.include_usage);
+        let out = parsed.object.write(
+            &[("stream_options", r#"{"include_usage":true}"#)],
+            &["user"],
+        );
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#
+        );
+    }
+
+    #[test]
+    fn reads_stream_usage_and_token_caps() {
+        let p = parse(
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"max_tokens":50}"#,
+            true,
+        )
+        .unwrap();
+        assert!(p.stream && p.include_usage);
+        assert_eq!(p.max_output_tokens, Some(50));
+        let p = parse(
+            br#"{"model":"m","max_tokens":50,"max_completion_tokens":70}"#,
+            true,
+        )
+        .unwrap();
+        assert_eq!(p.max_output_tokens, Some(70));
+    }
+
+    #[test]
+    fn malformed_bodies_get_specific_errors() {
+        for (body, needle) in [
+            (&b""[..], "empty"),
+            (b"{", "not a valid JSON object"),
+            (b"[1,2]", "not a valid JSON object"),
+            (b"{\"messages\":[]}", "model"),
+            (b"{\"model\":5}", "`model` must be a string"),
+            (
+                b"{\"model\":\"m\",\"stream\":\"yes\"}",
+                "`stream` must be a boolean",
+            ),
+            (b"{\"model\":\"m\",\"max_tokens\":-1}", "max_tokens"),
+            (b"\xff\xfe", "UTF-8"),
+        ] {
+            let err = parse(body, true).unwrap_err();
+            assert_eq!(err.status, http::StatusCode::BAD_REQUEST);
+            assert!(err.message.contains(needle), "{:?}: {}", body, err.message);
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A cheap deterministic fuzz: every prefix and single-byte corruption of a valid body.
+        let body = br#"{"model":"gpt-4","stream":true,"stream_options":{"include_usage":false},"messages":[{"role":"user","content":"hi"}]}"#;
+        for end in 0..body.len() {
+            let _ = parse(&body[..end], true);
+        }
+        for i in 0..body.len() {
+            for b in [b'"', b'{', b'}', b'\\', 0u8, 0xff] {
+                let mut copy = body.to_vec();
+                copy[i] = b;
+                let _ = parse(&copy, true);
+            }
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! OpenAI-shaped errors (`{"error":{"message","type","param","code"}}`), the only error bodies the
+//! data plane sends (DESIGN §8).
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<String>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn with_code(mut self, code: impl Into<String>) -> Self {
+        self.code = Some(code.into());
+        self
+    }
+
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn with_headers(mut self, headers: Vec<(HeaderName, HeaderValue)>) -> Self {
+        self.headers.extend(headers);
+        self
+    }
+
+    pub fn invalid_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub fn missing_key() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "missing API key: send it as `Authorization: Bearer <key>`, `api-key` or `x-goog-api-key`",
+        )
+        .with_code("invalid_api_key")
+    }
+
+    pub fn invalid_key(reason: &str) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            format!("incorrect API key provided: {reason}"),
+        )
+        .with_code("invalid_api_key")
+    }
+
+    pub fn model_not_found(alias: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("the model `{alias}` does not exist or you do not have access to it"),
+        )
+        .with_param("model")
+        .with_code("model_not_found")
+    }
+
+    pub fn body_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+        .with_code("request_too_large")
+    }
+
+    pub fn rate_limited(message: String, headers: Vec<(HeaderName, HeaderValue)>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "requests", message)
+            .with_code("rate_limit_exceeded")
+            .with_headers(headers)
+    }
+
+    pub fn no_config() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the gateway has not received its configuration from the control plane yet",
+        )
+        .with_code("no_config")
+    }
+
+    pub fn upstream_unreachable(provider: &str, detail: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            format!("upstream {provider} unreachable: {detail}"),
+        )
+        .with_code("upstream_unreachable")
+    }
+
+    pub fn upstream_bad_answer(provider: &str, detail: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            format!("upstream {provider} sent an invalid answer: {detail}"),
+        )
+        .with_code("bad_upstream_response")
+    }
+
+    pub fn upstream_timeout(provider: &str, after: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            format!(
+                "upstream {provider} did not answer within {:.1}s",
+                after.as_secs_f64()
+            ),
+        )
+        .with_code("upstream_timeout")
+    }
+
+    /// The JSON body, also used as the final `data:` event of a failed stream.
+    pub fn body_json(&self) -> String {
+        let body = Body {
+            error: Inner {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code.as_deref(),
+            },
+        };
+        // Serialising plain strings cannot fail.
+        serde_json::to_string(&body).unwrap_or_default()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        for (name, value) in &self.headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        (self.status, headers, self.body_json()).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_the_four_openai_fields() {
+        let err = ApiError::model_not_found("gpt-5");
+        let value: serde_json::Value = serde_json::from_str(&err.body_json()).unwrap();
+        assert_eq!(value["error"]["type"], "invalid_request_error");
+        assert_eq!(value["error"]["param"], "model");
+        assert_eq!(value["error"]["code"], "model_not_found");
+        assert!(
+            value["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("gpt-5")
+        );
+        let err = ApiError::invalid_request("bad");
+        let value: serde_json::Value = serde_json::from_str(&err.body_json()).unwrap();
+        assert!(value["error"]["param"].is_null() && value["error"]["code"].is_null());
+    }
+}

@@ -1,0 +1,162 @@
+//! Starting a data plane: config sync, the API listener, the metrics/health listener, and a
+//! graceful shutdown that lets in-flight requests and streams finish within a grace period.
+
+use crate::ratelimit::local::LocalLimiter;
+use crate::server::{self, AppState};
+use crate::sync::{self, ConfigHandle, SyncSettings};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot build the upstream HTTP client: {0}")]
+    Client(String),
+}
+
+#[derive(Debug)]
+pub struct GatewaySettings {
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub sync: SyncSettings,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug)]
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub config: Arc<ConfigHandle>,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    others: Vec<JoinHandle<()>>,
+}
+
+impl RunningGateway {
+    /// Ready once a snapshot has been applied.
+    pub fn ready(&self) -> bool {
+        self.config.current().is_some()
+    }
+
+    pub fn render_metrics(&self) -> String {
+        render_metrics(&self.config)
+    }
+
+    /// Stops accepting, lets in-flight requests and streams finish for up to `grace`, then stops.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let mut server = self.server;
+        if tokio::time::timeout(grace, &mut server).await.is_err() {
+            tracing::warn!(
+                grace_s = grace.as_secs_f64(),
+                "grace period over; closing remaining connections"
+            );
+            server.abort();
+        }
+        for task in self.others {
+            task.abort();
+        }
+    }
+}
+
+fn render_metrics(config: &ConfigHandle) -> String {
+    let version = config.current().map_or(0, |c| c.version);
+    format!(
+        "# HELP llm_proxy_config_version Config version applied by this data plane.\n# TYPE llm_proxy_config_version gauge\nllm_proxy_config_version {version}\n# HELP llm_proxy_control_plane_connected Whether the config stream is up.\n# TYPE llm_proxy_control_plane_connected gauge\nllm_proxy_control_plane_connected {}\n",
+        u8::from(config.connected())
+    )
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { addr, source })
+}
+
+pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayError> {
+    let listener = bind(settings.listen).await?;
+    let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
+        addr: settings.listen,
+        source,
+    })?;
+    let config = ConfigHandle::new();
+    let client = server::upstream_client().map_err(|e| GatewayError::Client(e.to_string()))?;
+    let state = AppState {
+        config: config.clone(),
+        limiter: Arc::new(LocalLimiter::new()),
+        client,
+        max_body_bytes: settings.max_body_bytes,
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut others = vec![sync::spawn(settings.sync, config.clone())];
+
+    let app = server::router(state);
+    let mut stop = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        let signal = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(err) = axum::serve(listener, app)
+            .with_graceful_shutdown(signal)
+            .await
+        {
+            tracing::error!(error = %err, "data plane server failed");
+        }
+    });
+
+    let mut metrics_addr = None;
+    if let Some(metrics_listen) = settings.metrics_listen {
+        let listener = bind(metrics_listen).await?;
+        metrics_addr = listener.local_addr().ok();
+        let app =
+            axum::Router::new()
+                .route("/healthz", get(|| async { "ok" }))
+                .route(
+                    "/readyz",
+                    get(|State(config): State<Arc<ConfigHandle>>| async move {
+                        match config.current() {
+                            Some(c) => (
+                                StatusCode::OK,
+                                format!("ready (config version {})", c.version),
+                            ),
+                            None => (
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "no config snapshot applied yet".to_owned(),
+                            ),
+                        }
+                    }),
+                )
+                .route(
+                    "/metrics",
+                    get(|State(config): State<Arc<ConfigHandle>>| async move {
+                        render_metrics(&config)
+                    }),
+                )
+                .with_state(config.clone());
+        others.push(tokio::spawn(async move {
+            if let Err(err) = axum::serve(listener, app).await {
+                tracing::error!(error = %err, "data plane metrics server failed");
+            }
+        }));
+    }
+    tracing::info!(%addr, metrics = ?metrics_addr, "data plane listening");
+    Ok(RunningGateway {
+        addr,
+        metrics_addr,
+        config,
+        shutdown: shutdown_tx,
+        server,
+        others,
+    })
+}

@@ -1,0 +1,108 @@
+//! Azure OpenAI and Azure AI Foundry (DESIGN §10, wire formats §2).
+//!
+//! Three URL forms, all with the `api-key` header:
+//! - classic: `{endpoint}/openai/deployments/{deployment}/{op}?api-version=...` (deployment = the
+//!   model's `--deployment`, else its remote name);
+//! - `api_version=v1`: `{endpoint}/openai/v1/{op}`, deployment name in the body's `model`;
+//! - Foundry models endpoint (`*.services.ai.azure.com` or an endpoint ending in `/models`, model
+//!   without deployment): `{endpoint}/models/{op}?api-version=...`, model in the body.
+//!
+//! The `api-version` is the connection's `api_version` option, else the one the client sent on an
+//! Azure-style inbound route, else `2024-05-01-preview`. The connection wins because the admin
+//! knows which versions the resource serves.
+
+use super::{CallContext, Outbound, openai_format_body};
+use crate::errors::ApiError;
+use axum::http::{HeaderName, HeaderValue};
+use secrecy::ExposeSecret as _;
+
+pub const DEFAULT_API_VERSION: &str = "2024-05-01-preview";
+
+fn is_foundry_models_endpoint(endpoint: &str) -> bool {
+    let host = url::Url::parse(endpoint)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    host.ends_with(".services.ai.azure.com") || endpoint.ends_with("/models")
+}
+
+fn with_segments(
+    base: &str,
+    segments: &[&str],
+    api_version: Option<&str>,
+) -> Result<String, ApiError> {
+    let mut url = url::Url::parse(base).map_err(|_| {
+        ApiError::upstream_bad_answer("azure", "the connection's endpoint is not a valid URL")
+    })?;
+    {
+        let mut path = url.path_segments_mut().map_err(|_| {
+            ApiError::upstream_bad_answer("azure", "the connection's endpoint cannot take a path")
+        })?;
+        path.pop_if_empty();
+        for segment in segments {
+            for part in segment.split('/') {
+                path.push(part);
+            }
+        }
+    }
+    if let Some(version) = api_version {
+        url.query_pairs_mut().append_pair("api-version", version);
+    }
+    Ok(url.into())
+}
+
+pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
+    let connection = &ctx.target.connection;
+    let model = &ctx.target.model;
+    let endpoint = connection.endpoint.trim_end_matches('/');
+    let api_version = connection
+        .options
+        .get("api_version")
+        .map(String::as_str)
+        .or(ctx.client_api_version)
+        .unwrap_or(DEFAULT_API_VERSION);
+    let op = ctx.operation.path();
+    let (url, model_in_body) = if api_version == "v1" {
+        let base = endpoint
+            .trim_end_matches("/openai/v1")
+            .trim_end_matches("/openai");
+        (
+            with_segments(base, &["openai", "v1", op], None)?,
+            model.deployment.as_deref().unwrap_or(&model.remote),
+        )
+    } else if model.deployment.is_none() && is_foundry_models_endpoint(endpoint) {
+        let base = endpoint.trim_end_matches("/models");
+        (
+            with_segments(base, &["models", op], Some(api_version))?,
+            model.remote.as_str(),
+        )
+    } else {
+        let base = endpoint.trim_end_matches("/openai");
+        let deployment = model.deployment.as_deref().unwrap_or(&model.remote);
+        (
+            with_segments(
+                base,
+                &["openai", "deployments", deployment, op],
+                Some(api_version),
+            )?,
+            model.remote.as_str(),
+        )
+    };
+    let mut headers = Vec::with_capacity(1);
+    let credential = connection.credential.expose_secret();
+    if !credential.is_empty() {
+        let mut value = HeaderValue::from_str(credential).map_err(|_| {
+            ApiError::upstream_bad_answer(
+                "azure",
+                "the connection's credential is not a valid header value",
+            )
+        })?;
+        value.set_sensitive(true);
+        headers.push((HeaderName::from_static("api-key"), value));
+    }
+    Ok(Outbound {
+        url,
+        headers,
+        body: openai_format_body(ctx, model_in_body),
+    })
+}

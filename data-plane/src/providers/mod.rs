@@ -1,0 +1,302 @@
+//! Provider adapters: each builds the upstream request for its provider and says how its answers
+//! map back to OpenAI's format. One provider per file.
+
+pub mod azure;
+pub mod openai;
+
+use crate::body::ParsedRequest;
+use crate::errors::ApiError;
+use crate::index::{Provider, Target};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    ChatCompletions,
+    Embeddings,
+}
+
+impl Operation {
+    /// The OpenAI path suffix, shared by OpenAI and Azure.
+    pub fn path(self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "chat/completions",
+            Operation::Embeddings => "embeddings",
+        }
+    }
+}
+
+/// Everything an adapter needs to build one upstream call.
+#[derive(Debug)]
+pub struct CallContext<'a> {
+    pub operation: Operation,
+    pub target: &'a Target,
+    pub request: &'a ParsedRequest<'a>,
+    /// `api-version` the client sent on an Azure-style inbound route.
+    pub client_api_version: Option<&'a str>,
+}
+
+#[derive(Debug)]
+pub struct Outbound {
+    pub url: String,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Vec<u8>,
+}
+
+pub fn provider_name(provider: Provider) -> &'static str {
+    match provider {
+        Provider::OpenAi => "openai",
+        Provider::Azure => "azure",
+        Provider::Google => "google",
+        Provider::Bedrock => "bedrock",
+    }
+}
+
+/// Builds the upstream request for the target's provider.
+pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
+    match ctx.target.connection.provider {
+        Provider::OpenAi => openai::build(ctx),
+        Provider::Azure => azure::build(ctx),
+        other => Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "server_error",
+            format!(
+                "provider {} is not supported by this gateway build yet",
+                provider_name(other)
+            ),
+        )
+        .with_code("provider_not_supported")),
+    }
+}
+
+/// The body an OpenAI-format upstream gets: the client's, with `model` = the remote name and,
+/// for streams, usage requested so that tokens can be counted.
+pub fn openai_format_body(ctx: &CallContext<'_>, model_in_body: &str) -> Vec<u8> {
+    let model = crate::body::json_string(model_in_body);
+    let mut overrides: Vec<(&str, &str)> = vec![("model", &model)];
+    let stream_options;
+    if ctx.request.stream && ctx.operation == Operation::ChatCompletions {
+        stream_options = stream_options_with_usage(ctx.request);
+        overrides.push(("stream_options", &stream_options));
+    }
+    ctx.request.object.write(&overrides, &[])
+}
+
+/// The client's `stream_options` with `include_usage: true` (other members kept).
+fn stream_options_with_usage(request: &ParsedRequest<'_>) -> String {
+    let existing = request
+        .object
+        .get("stream_options")
+        .and_then(|raw| crate::body::parse_object(raw.get()));
+    match existing {
+        Some(object) => String::from_utf8(object.write(&[("include_usage", "true")], &[]))
+            .unwrap_or_else(|_| r#"{"include_usage":true}"#.to_owned()),
+        None => r#"{"include_usage":true}"#.to_owned(),
+    }
+}
+
+/// Token usage as OpenAI reports it.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        if self.total_tokens > 0 {
+            self.total_tokens
+        } else {
+            self.prompt_tokens + self.completion_tokens
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct UsageOnly {
+    usage: Option<Usage>,
+}
+
+/// Usage of a non-streamed answer, if it reports one.
+pub fn usage_of(body: &[u8]) -> Option<Usage> {
+    serde_json::from_slice::<UsageOnly>(body).ok()?.usage
+}
+
+#[derive(Deserialize)]
+struct UpstreamErrorBody {
+    error: Option<UpstreamError>,
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UpstreamError {
+    message: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<serde_json::Value>,
+    param: Option<serde_json::Value>,
+    code: Option<serde_json::Value>,
+}
+
+fn as_text(value: Option<serde_json::Value>) -> Option<String> {
+    match value? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Maps an upstream error answer to the OpenAI-shaped error the client gets (DESIGN §16).
+pub fn upstream_error(
+    provider: &str,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiError {
+    if matches!(status.as_u16(), 401 | 407) {
+        // The provider's message may quote part of our credential: never pass it on.
+        return ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            format!(
+                "the {provider} provider refused the gateway connection's credential (HTTP {}); your API key for this gateway was accepted",
+                status.as_u16()
+            ),
+        )
+        .with_code("upstream_credential_refused");
+    }
+    let parsed: Option<UpstreamErrorBody> = serde_json::from_slice(body).ok();
+    let (message, kind, param, code) = match parsed {
+        Some(UpstreamErrorBody { error: Some(e), .. }) => (
+            e.message,
+            as_text(e.kind),
+            as_text(e.param),
+            as_text(e.code),
+        ),
+        Some(UpstreamErrorBody {
+            message: Some(m), ..
+        }) => (Some(m), None, None, None),
+        _ => (None, None, None, None),
+    };
+    let message = message.unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(body);
+        let text = text.trim();
+        if text.is_empty() {
+            format!("upstream {provider} answered HTTP {}", status.as_u16())
+        } else {
+            format!(
+                "upstream {provider} answered HTTP {}: {}",
+                status.as_u16(),
+                text.chars().take(500).collect::<String>()
+            )
+        }
+    });
+    let kept = matches!(
+        status.as_u16(),
+        400 | 403 | 404 | 408 | 409 | 413 | 422 | 429 | 500 | 502 | 503 | 504
+    );
+    let out_status = if kept {
+        status
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    let default_kind = match out_status.as_u16() {
+        429 => "rate_limit_error",
+        s if s >= 500 => "server_error",
+        403 => "permission_error",
+        _ => "invalid_request_error",
+    };
+    let mut err = ApiError::new(out_status, default_kind, message);
+    err.kind = match kind.as_deref() {
+        Some("invalid_request_error") => "invalid_request_error",
+        Some("server_error") => "server_error",
+        Some("rate_limit_error") | Some("requests") | Some("tokens") => "rate_limit_error",
+        Some("insufficient_quota") => "insufficient_quota",
+        _ => default_kind,
+    };
+    err.param = param;
+    err.code = code;
+    if out_status == StatusCode::TOO_MANY_REQUESTS || out_status == StatusCode::SERVICE_UNAVAILABLE
+    {
+        for name in ["retry-after", "retry-after-ms"] {
+            if let Some(value) = headers.get(name) {
+                err.headers
+                    .push((HeaderName::from_static(name), value.clone()));
+            }
+        }
+    }
+    err
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn azure_content_filter_stays_a_400_with_its_code() {
+        let body = br#"{"error":{"message":"The response was filtered due to the prompt triggering Azure OpenAI's content management policy.","type":null,"param":"prompt","code":"content_filter","status":400}}"#;
+        let err = upstream_error("azure", StatusCode::BAD_REQUEST, &HeaderMap::new(), body);
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert_eq!(err.code.as_deref(), Some("content_filter"));
+        assert_eq!(err.param.as_deref(), Some("prompt"));
+        assert_eq!(err.kind, "invalid_request_error");
+    }
+
+    #[test]
+    fn azure_429_keeps_retry_headers_and_numeric_code() {
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", HeaderValue::from_static("7"));
+        headers.insert("retry-after-ms", HeaderValue::from_static("6500"));
+        let body = br#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation have exceeded the rate limit. Please retry after 7 seconds."}}"#;
+        let err = upstream_error("azure", StatusCode::TOO_MANY_REQUESTS, &headers, body);
+        assert_eq!(err.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(err.code.as_deref(), Some("429"));
+        assert!(
+            err.headers
+                .iter()
+                .any(|(n, v)| n == "retry-after" && v == "7")
+        );
+        assert!(
+            err.headers
+                .iter()
+                .any(|(n, v)| n == "retry-after-ms" && v == "6500")
+        );
+    }
+
+    #[test]
+    fn credential_refusal_becomes_502_without_the_provider_message() {
+        let body = br#"{"error":{"message":"Incorrect API key provided: sk-abc***xyz.","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+        let err = upstream_error("openai", StatusCode::UNAUTHORIZED, &HeaderMap::new(), body);
+        assert_eq!(err.status, StatusCode::BAD_GATEWAY);
+        assert!(!err.message.contains("sk-abc"));
+        assert!(err.message.contains("credential"));
+    }
+
+    #[test]
+    fn other_statuses_become_502_and_non_json_bodies_are_quoted() {
+        let err = upstream_error(
+            "openai",
+            StatusCode::IM_A_TEAPOT,
+            &HeaderMap::new(),
+            b"short and stout",
+        );
+        assert_eq!(err.status, StatusCode::BAD_GATEWAY);
+        assert!(err.message.contains("short and stout"));
+        let err = upstream_error("azure", StatusCode::NOT_FOUND, &HeaderMap::new(), br#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}"#);
+        assert_eq!(err.status, StatusCode::NOT_FOUND);
+        assert_eq!(err.code.as_deref(), Some("DeploymentNotFound"));
+    }
+
+    #[test]
+    fn usage_is_read_from_answers() {
+        let usage = usage_of(
+            br#"{"id":"x","usage":{"prompt_tokens":8,"completion_tokens":9,"total_tokens":17}}"#,
+        )
+        .unwrap();
+        assert_eq!(usage.total(), 17);
+        assert_eq!(usage_of(br#"{"id":"x"}"#), None);
+    }
+}

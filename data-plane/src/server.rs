@@ -1,0 +1,506 @@
+//! The OpenAI-compatible HTTP API (DESIGN §8): authenticate, route, rate-limit, call the upstream
+//! through its adapter, and relay the answer.
+
+use crate::body::{self, ParsedRequest};
+use crate::errors::ApiError;
+use crate::index::{ConfigIndex, KeyEntry, Target};
+use crate::providers::{self, CallContext, Operation, Usage};
+use crate::ratelimit::local::LocalLimiter;
+use crate::ratelimit::{Decision, LimitSpec, RateLimiter as _, Reservation};
+use crate::sse::{self, StreamEnd};
+use crate::sync::ConfigHandle;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Default `--max-body-bytes` (DESIGN §16).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// Tokens reserved for the answer when the request sets no `max_tokens` (TPM limits only).
+const DEFAULT_OUTPUT_TOKEN_ESTIMATE: u64 = 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<ConfigHandle>,
+    pub limiter: Arc<LocalLimiter>,
+    pub client: reqwest::Client,
+    pub max_body_bytes: usize,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish()
+    }
+}
+
+/// The shared upstream client: keep-alive pools, connect timeout; per-call timeouts come from the
+/// connection (`timeout_s`).
+pub fn upstream_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .build()
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/models", get(models))
+        .route(
+            "/openai/deployments/{alias}/chat/completions",
+            post(azure_chat),
+        )
+        .route(
+            "/openai/deployments/{alias}/embeddings",
+            post(azure_embeddings),
+        )
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "unknown path; the gateway serves /v1/chat/completions, /v1/embeddings and /v1/models",
+    )
+    .with_code("unknown_url")
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The caller's key: `Authorization: Bearer`, else `api-key`, else `x-goog-api-key`.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let value = value.trim();
+        if let Some(key) = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+        {
+            return Some(key.trim());
+        }
+    }
+    ["api-key", "x-goog-api-key"]
+        .iter()
+        .find_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+}
+
+fn authenticate<'a>(
+    index: &'a ConfigIndex,
+    headers: &HeaderMap,
+) -> Result<&'a Arc<KeyEntry>, ApiError> {
+    let key = presented_key(headers)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(ApiError::missing_key)?;
+    index
+        .authenticate(key, now_unix())
+        .map_err(|e| ApiError::invalid_key(&e.to_string()))
+}
+
+fn current_config(state: &AppState) -> Result<Arc<ConfigIndex>, ApiError> {
+    state.config.current().ok_or_else(ApiError::no_config)
+}
+
+fn body_error(rejection: BytesRejection, limit: usize) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::body_too_large(limit)
+    } else {
+        ApiError::invalid_request(format!("cannot read the request body: {rejection}"))
+    }
+}
+
+async fn chat(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle(state, headers, body, Operation::ChatCompletions, None, None).await
+}
+
+async fn embeddings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle(state, headers, body, Operation::Embeddings, None, None).await
+}
+
+#[derive(serde::Deserialize)]
+struct AzureQuery {
+    #[serde(rename = "api-version")]
+    api_version: Option<String>,
+}
+
+async fn azure_chat(
+    State(state): State<AppState>,
+    Path(alias): Path<String>,
+    Query(query): Query<AzureQuery>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle(
+        state,
+        headers,
+        body,
+        Operation::ChatCompletions,
+        Some(alias),
+        query.api_version,
+    )
+    .await
+}
+
+async fn azure_embeddings(
+    State(state): State<AppState>,
+    Path(alias): Path<String>,
+    Query(query): Query<AzureQuery>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle(
+        state,
+        headers,
+        body,
+        Operation::Embeddings,
+        Some(alias),
+        query.api_version,
+    )
+    .await
+}
+
+async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let result = (|| {
+        let index = current_config(&state)?;
+        let key = authenticate(&index, &headers)?;
+        let data: Vec<serde_json::Value> = key
+            .alias_names()
+            .into_iter()
+            .map(|alias| {
+                serde_json::json!({"id": alias, "object": "model", "created": 0, "owned_by": "llm-proxy"})
+            })
+            .collect();
+        Ok::<_, ApiError>(axum::Json(
+            serde_json::json!({"object": "list", "data": data}),
+        ))
+    })();
+    match result {
+        Ok(json) => json.into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+fn limit_spec(target: &Target) -> LimitSpec {
+    LimitSpec {
+        tps: target.limits.tps,
+        burst: target.limits.burst,
+        tpm: target.limits.tpm,
+    }
+}
+
+/// A rough token estimate for TPM reservations: ~4 bytes per token for the prompt plus the
+/// requested output cap. Settled against the real usage afterwards.
+fn estimate_tokens(body_len: usize, request: &ParsedRequest<'_>) -> u64 {
+    (body_len as u64).div_ceil(4)
+        + request
+            .max_output_tokens
+            .unwrap_or(DEFAULT_OUTPUT_TOKEN_ESTIMATE)
+}
+
+fn attach_headers(response: &mut Response, headers: Vec<(HeaderName, HeaderValue)>) {
+    for (name, value) in headers {
+        response.headers_mut().insert(name, value);
+    }
+}
+
+/// Settles a TPM reservation when a stream ends.
+struct SettleOnEnd {
+    limiter: Arc<LocalLimiter>,
+    reservation: Option<Reservation>,
+    estimate: u64,
+}
+
+impl StreamEnd for SettleOnEnd {
+    fn finished(self: Box<Self>, usage: Option<Usage>, _completed: bool) {
+        let SettleOnEnd {
+            limiter,
+            reservation,
+            estimate,
+        } = *self;
+        if let Some(reservation) = reservation {
+            // An aborted stream without a usage chunk keeps its estimate.
+            let actual = usage.map_or(estimate, |u| u.total());
+            tokio::spawn(async move { limiter.settle(reservation, actual).await });
+        }
+    }
+}
+
+enum Attempt {
+    Done(Response),
+    /// A connect error or 5xx: the pool may try its next target.
+    Retryable(ApiError),
+}
+
+async fn handle(
+    state: AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    operation: Operation,
+    path_alias: Option<String>,
+    client_api_version: Option<String>,
+) -> Response {
+    match handle_inner(
+        &state,
+        &headers,
+        body,
+        operation,
+        path_alias,
+        client_api_version,
+    )
+    .await
+    {
+        Ok(response) => response,
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn handle_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    operation: Operation,
+    path_alias: Option<String>,
+    client_api_version: Option<String>,
+) -> Result<Response, ApiError> {
+    let index = current_config(state)?;
+    let key = authenticate(&index, headers)?;
+    let body = body.map_err(|r| body_error(r, state.max_body_bytes))?;
+    let request = body::parse(&body, path_alias.is_none())?;
+    let alias = path_alias
+        .as_deref()
+        .or(request.model.as_deref())
+        .unwrap_or_default();
+    let pool = key
+        .aliases
+        .get(alias)
+        .ok_or_else(|| ApiError::model_not_found(alias))?;
+
+    let estimate = estimate_tokens(body.len(), &request);
+    let mut last_denial: Option<Decision> = None;
+    let mut last_error: Option<ApiError> = None;
+    for target in pool.attempt_order(rand::random()) {
+        let spec = limit_spec(target);
+        let (decision, reservation) = state
+            .limiter
+            .acquire(&target.assignment_id, &spec, estimate)
+            .await;
+        if !decision.allowed {
+            last_denial = Some(decision);
+            continue;
+        }
+        let ctx = CallContext {
+            operation,
+            target,
+            request: &request,
+            client_api_version: client_api_version.as_deref(),
+        };
+        let limit_headers = decision.headers();
+        match call_upstream(state, &ctx, reservation, estimate).await {
+            Attempt::Done(mut response) => {
+                attach_headers(&mut response, limit_headers);
+                return Ok(response);
+            }
+            Attempt::Retryable(err) => {
+                tracing::debug!(assignment = %target.assignment_id, status = %err.status, "upstream failed; trying the next target");
+                last_error = Some(err);
+            }
+        }
+    }
+    if let Some(err) = last_error {
+        return Err(err);
+    }
+    let Some(decision) = last_denial else {
+        return Err(ApiError::model_not_found(alias));
+    };
+    let wait = decision.retry_after.unwrap_or_default();
+    Err(ApiError::rate_limited(
+        format!(
+            "rate limit reached for `{alias}`; retry in {:.3}s",
+            wait.as_secs_f64()
+        ),
+        decision.headers(),
+    ))
+}
+
+async fn settle(state: &AppState, reservation: Option<Reservation>, actual: u64) {
+    if let Some(reservation) = reservation {
+        state.limiter.settle(reservation, actual).await;
+    }
+}
+
+async fn call_upstream(
+    state: &AppState,
+    ctx: &CallContext<'_>,
+    reservation: Option<Reservation>,
+    estimate: u64,
+) -> Attempt {
+    let connection = &ctx.target.connection;
+    let provider = providers::provider_name(connection.provider);
+    let outbound = match providers::build(ctx) {
+        Ok(outbound) => outbound,
+        Err(err) => {
+            settle(state, reservation, 0).await;
+            return Attempt::Done(err.into_response());
+        }
+    };
+    let mut request = state
+        .client
+        .post(&outbound.url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(outbound.body);
+    for (name, value) in outbound.headers {
+        request = request.header(name, value);
+    }
+    let timeout = connection.timeout;
+    let streaming = ctx.request.stream && ctx.operation == Operation::ChatCompletions;
+    if !streaming {
+        request = request.timeout(timeout);
+    }
+    // For streams the timeout covers the wait for the response head; then it applies per chunk.
+    let sent = tokio::time::timeout(timeout, request.send()).await;
+    let response = match sent {
+        Err(_) => {
+            settle(state, reservation, 0).await;
+            return Attempt::Done(ApiError::upstream_timeout(provider, timeout).into_response());
+        }
+        Ok(Err(err)) if err.is_timeout() => {
+            settle(state, reservation, 0).await;
+            return Attempt::Done(ApiError::upstream_timeout(provider, timeout).into_response());
+        }
+        Ok(Err(err)) => {
+            settle(state, reservation, 0).await;
+            return Attempt::Retryable(ApiError::upstream_unreachable(provider, without_url(&err)));
+        }
+        Ok(Ok(response)) => response,
+    };
+    let status = response.status();
+    let upstream_headers = response.headers().clone();
+    if !status.is_success() {
+        let body = match response.bytes().await {
+            Ok(body) => body,
+            Err(err) => Bytes::from(without_url(&err)),
+        };
+        settle(state, reservation, 0).await;
+        let err = providers::upstream_error(provider, status, &upstream_headers, &body);
+        return if status.is_server_error() {
+            Attempt::Retryable(err)
+        } else {
+            Attempt::Done(err.into_response())
+        };
+    }
+    if streaming {
+        let on_end = Box::new(SettleOnEnd {
+            limiter: state.limiter.clone(),
+            reservation,
+            estimate,
+        });
+        let stream = sse::relay(
+            response.bytes_stream(),
+            ctx.request.include_usage,
+            timeout,
+            provider,
+            on_end,
+        );
+        let mut out = Response::new(Body::from_stream(stream));
+        let headers = out.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        copy_request_id(&upstream_headers, headers);
+        return Attempt::Done(out);
+    }
+    let body = match response.bytes().await {
+        Ok(body) => body,
+        Err(err) if err.is_timeout() => {
+            settle(state, reservation, estimate).await;
+            return Attempt::Done(ApiError::upstream_timeout(provider, timeout).into_response());
+        }
+        Err(err) => {
+            settle(state, reservation, estimate).await;
+            return Attempt::Retryable(ApiError::upstream_unreachable(provider, without_url(&err)));
+        }
+    };
+    let usage = providers::usage_of(&body);
+    settle(state, reservation, usage.map_or(estimate, |u| u.total())).await;
+    let mut out = Response::new(Body::from(body));
+    *out.status_mut() = StatusCode::OK;
+    let headers = out.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    copy_request_id(&upstream_headers, headers);
+    Attempt::Done(out)
+}
+
+fn copy_request_id(from: &HeaderMap, to: &mut HeaderMap) {
+    for name in ["x-request-id", "apim-request-id"] {
+        if let Some(value) = from.get(name) {
+            to.insert(HeaderName::from_static(name), value.clone());
+        }
+    }
+}
+
+/// The error with its causes on one line (upstream URLs never carry credentials: keys go in
+/// headers).
+fn without_url(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_comes_from_bearer_then_api_key_then_goog() {
+        let mut h = HeaderMap::new();
+        h.insert("x-goog-api-key", HeaderValue::from_static("g"));
+        assert_eq!(presented_key(&h), Some("g"));
+        h.insert("api-key", HeaderValue::from_static("a"));
+        assert_eq!(presented_key(&h), Some("a"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        assert_eq!(presented_key(&h), Some("b"));
+    }
+}

@@ -1,0 +1,349 @@
+//! Server-sent events: splitting an upstream byte stream into events, and the relay that passes
+//! chat-completion chunks to the client as they arrive.
+//!
+//! Events are relayed byte for byte. The relay only reads each chunk's `choices`/`usage` to count
+//! tokens and to drop two kinds of chunks OpenAI clients do not expect: the usage chunk the gateway
+//! asked for when the client did not, and Azure's content-filter-only chunks (`choices: []`).
+
+use crate::errors::ApiError;
+use crate::providers::Usage;
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt as _};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Incremental splitter on blank lines (`\n\n` or `\r\n\r\n`).
+#[derive(Debug, Default)]
+pub struct EventSplitter {
+    buffer: BytesMut,
+}
+
+impl EventSplitter {
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buffer.extend_from_slice(chunk);
+    }
+
+    /// The next complete event (without its terminating blank line).
+    pub fn next_event(&mut self) -> Option<Bytes> {
+        let buf = &self.buffer[..];
+        let mut i = 0;
+        while i + 1 < buf.len() {
+            if buf[i] == b'\n' {
+                if buf[i + 1] == b'\n' {
+                    let event = self.buffer.split_to(i).freeze();
+                    let _ = self.buffer.split_to(2);
+                    return Some(event);
+                }
+                if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+                    let event = self.buffer.split_to(i).freeze();
+                    let _ = self.buffer.split_to(3);
+                    return Some(strip_cr(event));
+                }
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// What is left when the stream ends without a final blank line.
+    pub fn finish(&mut self) -> Option<Bytes> {
+        let rest = self.buffer.split().freeze();
+        let trimmed = trim_ascii_end(&rest);
+        (!trimmed.is_empty()).then(|| rest.slice(0..trimmed.len()))
+    }
+}
+
+fn trim_ascii_end(bytes: &[u8]) -> &[u8] {
+    let mut end = bytes.len();
+    while end > 0 && bytes[end - 1].is_ascii_whitespace() {
+        end -= 1;
+    }
+    &bytes[..end]
+}
+
+fn strip_cr(event: Bytes) -> Bytes {
+    if event.ends_with(b"\r") {
+        event.slice(0..event.len() - 1)
+    } else {
+        event
+    }
+}
+
+/// The `data:` payload of an event (lines joined with `\n`), if any.
+pub fn data_of(event: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(event).ok()?;
+    let mut data: Option<String> = None;
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if let Some(rest) = line.strip_prefix("data:") {
+            let rest = rest.strip_prefix(' ').unwrap_or(rest);
+            match &mut data {
+                Some(existing) => {
+                    existing.push('\n');
+                    existing.push_str(rest);
+                }
+                None => data = Some(rest.to_owned()),
+            }
+        }
+    }
+    data
+}
+
+#[derive(Deserialize)]
+struct ChunkProbe {
+    choices: Option<Vec<IgnoredAny>>,
+    usage: Option<Usage>,
+}
+
+/// Called once when a relayed stream ends, fails or is dropped by the client.
+pub trait StreamEnd: Send + 'static {
+    fn finished(self: Box<Self>, usage: Option<Usage>, completed: bool);
+}
+
+struct RelayState<S> {
+    upstream: S,
+    splitter: EventSplitter,
+    out: VecDeque<Bytes>,
+    client_wants_usage: bool,
+    idle_timeout: Duration,
+    provider: &'static str,
+    usage: Option<Usage>,
+    done: bool,
+    completed: bool,
+    on_end: Option<Box<dyn StreamEnd>>,
+}
+
+impl<S> Drop for RelayState<S> {
+    fn drop(&mut self) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end.finished(self.usage, self.completed);
+        }
+    }
+}
+
+impl<S> RelayState<S> {
+    /// Decides what of one event reaches the client.
+    fn relay_event(&mut self, event: &Bytes, batch: &mut BytesMut) {
+        let keep = match data_of(event) {
+            Some(data) if data.trim() == "[DONE]" => {
+                self.completed = true;
+                true
+            }
+            Some(data) => match serde_json::from_str::<ChunkProbe>(&data) {
+                Ok(probe) => {
+                    if probe.usage.is_some() {
+                        self.usage = probe.usage;
+                    }
+                    let no_choices = probe.choices.as_ref().is_some_and(Vec::is_empty);
+                    !(no_choices && (probe.usage.is_none() || !self.client_wants_usage))
+                }
+                // Not a chunk we understand (e.g. an error object): pass it on untouched.
+                Err(_) => true,
+            },
+            // Comments and keep-alives.
+            None => true,
+        };
+        if keep {
+            batch.extend_from_slice(event);
+            batch.extend_from_slice(b"\n\n");
+        }
+    }
+
+    fn fail(&mut self, error: ApiError) {
+        let mut event = BytesMut::from(&b"data: "[..]);
+        event.extend_from_slice(error.body_json().as_bytes());
+        event.extend_from_slice(b"\n\n");
+        self.out.push_back(event.freeze());
+        self.done = true;
+    }
+}
+
+/// Relays an upstream SSE body to the client, chunk by chunk.
+pub fn relay<S, E>(
+    upstream: S,
+    client_wants_usage: bool,
+    idle_timeout: Duration,
+    provider: &'static str,
+    on_end: Box<dyn StreamEnd>,
+) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+    E: std::fmt::Display + Send,
+{
+    let state = RelayState {
+        upstream,
+        splitter: EventSplitter::default(),
+        out: VecDeque::new(),
+        client_wants_usage,
+        idle_timeout,
+        provider,
+        usage: None,
+        done: false,
+        completed: false,
+        on_end: Some(on_end),
+    };
+    futures_util::stream::unfold(state, |mut state| async move {
+        loop {
+            if let Some(bytes) = state.out.pop_front() {
+                return Some((Ok(bytes), state));
+            }
+            if state.done {
+                return None;
+            }
+            match tokio::time::timeout(state.idle_timeout, state.upstream.next()).await {
+                Err(_) => {
+                    let err = ApiError::upstream_timeout(state.provider, state.idle_timeout);
+                    state.fail(err);
+                }
+                Ok(None) => {
+                    let mut batch = BytesMut::new();
+                    if let Some(rest) = state.splitter.finish() {
+                        state.relay_event(&rest, &mut batch);
+                    }
+                    if !batch.is_empty() {
+                        state.out.push_back(batch.freeze());
+                    }
+                    state.done = true;
+                }
+                Ok(Some(Err(e))) => {
+                    let err = ApiError::upstream_unreachable(
+                        state.provider,
+                        format!("stream broken: {e}"),
+                    );
+                    state.fail(err);
+                }
+                Ok(Some(Ok(chunk))) => {
+                    state.splitter.push(&chunk);
+                    let mut batch = BytesMut::new();
+                    while let Some(event) = state.splitter.next_event() {
+                        state.relay_event(&event, &mut batch);
+                    }
+                    if !batch.is_empty() {
+                        state.out.push_back(batch.freeze());
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn splits_on_lf_and_crlf_across_chunk_boundaries() {
+        let mut s = EventSplitter::default();
+        s.push(b"data: a\n");
+        assert!(s.next_event().is_none());
+        s.push(b"\ndata: b\r\n\r\ndata: c");
+        assert_eq!(s.next_event().unwrap(), Bytes::from_static(b"data: a"));
+        assert_eq!(s.next_event().unwrap(), Bytes::from_static(b"data: b"));
+        assert!(s.next_event().is_none());
+        assert_eq!(s.finish().unwrap(), Bytes::from_static(b"data: c"));
+    }
+
+    #[test]
+    fn data_lines_are_joined() {
+        assert_eq!(
+            data_of(b"event: x\ndata: {\"a\":\ndata:1}").unwrap(),
+            "{\"a\":\n1}"
+        );
+        assert_eq!(data_of(b": keep-alive"), None);
+    }
+
+    type StreamOutcome = Option<(Option<Usage>, bool)>;
+
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<StreamOutcome>>);
+    impl StreamEnd for Recorder {
+        fn finished(self: Box<Self>, usage: Option<Usage>, completed: bool) {
+            *self.0.lock().unwrap() = Some((usage, completed));
+        }
+    }
+
+    async fn run(
+        chunks: Vec<&'static str>,
+        wants_usage: bool,
+    ) -> (String, Option<(Option<Usage>, bool)>) {
+        let upstream = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, std::io::Error>(Bytes::from_static(c.as_bytes()))),
+        );
+        let recorder = Recorder::default();
+        let out: Vec<_> = relay(
+            upstream,
+            wants_usage,
+            Duration::from_secs(5),
+            "openai",
+            Box::new(recorder.clone()),
+        )
+        .collect()
+        .await;
+        let text: String = out
+            .into_iter()
+            .map(|b| String::from_utf8(b.unwrap().to_vec()).unwrap())
+            .collect();
+        let end = *recorder.0.lock().unwrap();
+        (text, end)
+    }
+
+    const USAGE_CHUNK: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n";
+
+    #[tokio::test]
+    async fn usage_chunk_is_kept_when_asked_and_dropped_otherwise() {
+        let chunks = vec![
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+            USAGE_CHUNK,
+            "data: [DONE]\n\n",
+        ];
+        let (text, end) = run(chunks.clone(), true).await;
+        assert!(text.contains("\"total_tokens\":7"));
+        assert_eq!(end.unwrap().0.unwrap().total(), 7);
+        assert!(end.unwrap().1, "completed");
+        let (text, end) = run(chunks, false).await;
+        assert!(!text.contains("total_tokens"), "{text}");
+        assert!(text.contains("\"content\":\"Hi\"") && text.ends_with("data: [DONE]\n\n"));
+        assert_eq!(end.unwrap().0.unwrap().total(), 7, "usage still counted");
+    }
+
+    #[tokio::test]
+    async fn azure_filter_only_chunks_are_dropped() {
+        let chunks = vec![
+            "data: {\"choices\":[],\"created\":0,\"id\":\"\",\"model\":\"\",\"object\":\"\",\"prompt_filter_results\":[{\"prompt_index\":0,\"content_filter_results\":{}}]}\n\n",
+            "data: {\"choices\":[{\"content_filter_results\":{},\"delta\":{\"content\":\"Hello\",\"role\":\"assistant\"},\"finish_reason\":null,\"index\":0}],\"id\":\"chatcmpl-1\"}\n\n",
+            "data: [DONE]\n\n",
+        ];
+        let (text, _) = run(chunks, false).await;
+        assert!(!text.contains("prompt_filter_results"), "{text}");
+        assert!(text.starts_with("data: {\"choices\":[{\"content_filter_results\""));
+    }
+
+    #[tokio::test]
+    async fn a_broken_upstream_ends_with_an_error_event() {
+        let upstream = futures_util::stream::iter(vec![
+            Ok(Bytes::from_static(
+                b"data: {\"choices\":[{\"index\":0}]}\n\n",
+            )),
+            Err(std::io::Error::other("connection reset")),
+        ]);
+        let recorder = Recorder::default();
+        let out: Vec<_> = relay(
+            upstream,
+            false,
+            Duration::from_secs(5),
+            "openai",
+            Box::new(recorder.clone()),
+        )
+        .collect()
+        .await;
+        let last = String::from_utf8(out.last().unwrap().as_ref().unwrap().to_vec()).unwrap();
+        assert!(last.starts_with("data: {\"error\":"), "{last}");
+        assert!(last.contains("connection reset"));
+        assert_eq!(*recorder.0.lock().unwrap(), Some((None, false)));
+    }
+}

@@ -1,0 +1,532 @@
+//! Keeps the data plane's [`ConfigIndex`] current from the control plane's config stream
+//! (DESIGN §7).
+//!
+//! [`spawn`] runs one task that subscribes to `ConfigService.Subscribe`, builds an index from
+//! every snapshot (on a blocking thread when it is large), swaps it into the shared
+//! [`ConfigHandle`] atomically and reports the applied version with `ReportStatus`. When the
+//! stream ends or fails, the task reconnects with jittered exponential backoff while requests keep
+//! being served from the last index.
+
+use crate::index::ConfigIndex;
+use arc_swap::ArcSwapOption;
+use llm_proxy_proto::v1::config_service_client::ConfigServiceClient;
+use llm_proxy_proto::v1::{ReportStatusRequest, Snapshot, SubscribeRequest, config_event};
+use secrecy::{ExposeSecret as _, SecretString};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// Largest config message accepted. A copy of
+/// `llm_proxy_control_plane::server::MAX_MESSAGE_BYTES` (snapshots of 100k+ keys are tens of MB;
+/// tonic's 4 MiB default would refuse them); copied so the data plane does not depend on the
+/// control-plane crate.
+pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
+
+/// Snapshots with more entries than this are indexed on a blocking thread.
+const INLINE_BUILD_MAX_ENTRIES: usize = 2_000;
+
+/// Reconnect backoff: full jitter over an exponentially growing window.
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// Bound on a single `ReportStatus` call (it is retried on the next event when it fails).
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// When and how the current index was applied.
+#[derive(Debug, Clone, Copy)]
+pub struct AppliedInfo {
+    pub version: i64,
+    pub at: Instant,
+    /// Time to build the index from the snapshot (`llm_proxy_snapshot_apply_seconds`).
+    pub build_time: Duration,
+}
+
+/// The data plane's current config, shared by the sync task and the request path.
+#[derive(Debug)]
+pub struct ConfigHandle {
+    current: ArcSwapOption<ConfigIndex>,
+    /// Version of the index currently held (`None` before the first one).
+    version: watch::Sender<Option<i64>>,
+    connected: watch::Sender<bool>,
+    live_data_planes: AtomicI64,
+    applied: Mutex<Option<AppliedInfo>>,
+}
+
+impl ConfigHandle {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            current: ArcSwapOption::const_empty(),
+            version: watch::Sender::new(None),
+            connected: watch::Sender::new(false),
+            live_data_planes: AtomicI64::new(0),
+            applied: Mutex::new(None),
+        })
+    }
+
+    /// The current index, `None` until the first snapshot is applied (`/readyz` fails, requests
+    /// get 503). An owned `Arc` (one atomic increment): handlers keep it across the upstream call,
+    /// and a later swap never changes the config a request started with.
+    pub fn current(&self) -> Option<Arc<ConfigIndex>> {
+        self.current.load_full()
+    }
+
+    /// Swaps in a new index atomically; in-flight requests keep the one they loaded.
+    pub fn apply(&self, index: ConfigIndex) {
+        self.apply_timed(index, Duration::ZERO);
+    }
+
+    fn apply_timed(&self, index: ConfigIndex, build_time: Duration) -> Option<Arc<ConfigIndex>> {
+        let version = index.version;
+        self.live_data_planes
+            .store(index.live_data_planes, Ordering::Relaxed);
+        let old = self.current.swap(Some(Arc::new(index)));
+        if let Ok(mut applied) = self.applied.lock() {
+            *applied = Some(AppliedInfo {
+                version,
+                at: Instant::now(),
+                build_time,
+            });
+        }
+        self.version.send_replace(Some(version));
+        old
+    }
+
+    /// Resolves once the index held has `version >= min_version` (immediately if it already
+    /// has). Versions come from the control plane and only grow within one cluster epoch.
+    pub async fn wait_for_version(&self, min_version: i64) {
+        let mut rx = self.version.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = rx.wait_for(|v| v.is_some_and(|v| v >= min_version)).await;
+    }
+
+    /// Version of the index held, if any.
+    pub fn version(&self) -> Option<i64> {
+        *self.version.borrow()
+    }
+
+    /// True while a config stream to the control plane is open.
+    pub fn connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// Resolves once [`Self::connected`] equals `connected`.
+    pub async fn wait_connected(&self, connected: bool) {
+        let mut rx = self.connected.subscribe();
+        let _ = rx.wait_for(|c| *c == connected).await;
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.connected.send_if_modified(|c| {
+            let changed = *c != connected;
+            *c = connected;
+            changed
+        });
+    }
+
+    /// Data planes live cluster-wide, from the latest snapshot or heartbeat (0 = unknown).
+    pub fn live_data_planes(&self) -> i64 {
+        self.live_data_planes.load(Ordering::Relaxed)
+    }
+
+    /// When the current index was applied, and how long it took to build.
+    pub fn last_applied(&self) -> Option<AppliedInfo> {
+        self.applied.lock().ok().and_then(|a| *a)
+    }
+}
+
+/// Where and how to reach the control plane. `Debug` shows neither the token nor the TLS
+/// material (tonic's `ClientTlsConfig` debug-prints a client identity's private key).
+#[derive(Clone)]
+pub struct SyncSettings {
+    /// gRPC URL of the control plane, e.g. `http://127.0.0.1:8131`.
+    pub control_plane: String,
+    /// Data-plane token, sent as `authorization: Bearer <token>`.
+    pub token: Option<SecretString>,
+    pub node_id: String,
+    pub build: String,
+    /// Required for `https://` URLs (CA, optional client identity for mTLS).
+    pub tls: Option<ClientTlsConfig>,
+}
+
+impl std::fmt::Debug for SyncSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncSettings")
+            .field("control_plane", &self.control_plane)
+            .field("token", &self.token.as_ref().map(|_| "[REDACTED]"))
+            .field("node_id", &self.node_id)
+            .field("build", &self.build)
+            .field("tls", &self.tls.as_ref().map(|_| "[configured]"))
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("invalid control plane URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("invalid data-plane token: it must be printable ASCII")]
+    InvalidToken,
+    #[error("cannot connect to the control plane: {0}")]
+    Connect(String),
+    #[error("control plane refused the config stream: {code:?}: {message}")]
+    Rpc { code: tonic::Code, message: String },
+}
+
+impl From<tonic::Status> for SyncError {
+    fn from(status: tonic::Status) -> Self {
+        Self::Rpc {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+/// An error and its sources on one line (transport errors hide the cause in `source()`).
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+impl SyncSettings {
+    /// The tonic endpoint for [`Self::control_plane`]; lets a binary fail fast on a bad URL or
+    /// TLS setting before spawning the sync task.
+    pub fn endpoint(&self) -> Result<Endpoint, SyncError> {
+        let invalid = |reason: String| SyncError::InvalidUrl {
+            url: self.control_plane.clone(),
+            reason,
+        };
+        let mut endpoint = Endpoint::from_shared(self.control_plane.clone())
+            .map_err(|e| invalid(chain(&e)))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| invalid(chain(&e)))?;
+        }
+        Ok(endpoint)
+    }
+
+    fn authorization(&self) -> Result<Option<MetadataValue<Ascii>>, SyncError> {
+        let Some(token) = &self.token else {
+            return Ok(None);
+        };
+        let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.expose_secret().trim())
+            .parse()
+            .map_err(|_| SyncError::InvalidToken)?;
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+}
+
+/// Full-jitter exponential backoff.
+#[derive(Debug)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next_delay(&mut self) -> Duration {
+        let window = BACKOFF_START
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(BACKOFF_CAP);
+        self.attempt = self.attempt.saturating_add(1);
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(rand::random_range(0..=window_ms))
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Starts the sync task. It runs until the returned handle is aborted (or the settings are
+/// invalid: that is logged at error and the task ends; check [`SyncSettings::endpoint`] first).
+pub fn spawn(settings: SyncSettings, handle: Arc<ConfigHandle>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(settings, handle))
+}
+
+async fn run(settings: SyncSettings, handle: Arc<ConfigHandle>) {
+    let (endpoint, auth) = match settings
+        .endpoint()
+        .and_then(|e| Ok((e, settings.authorization()?)))
+    {
+        Ok(v) => v,
+        Err(err) => {
+            tracing::error!(error = %err, "config sync cannot start");
+            return;
+        }
+    };
+    let mut backoff = Backoff { attempt: 0 };
+    loop {
+        let mut received = false;
+        let result = session(&settings, &endpoint, auth.as_ref(), &handle, &mut received).await;
+        handle.set_connected(false);
+        if received {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        match result {
+            Ok(()) => tracing::warn!(
+                control_plane = %settings.control_plane,
+                retry_in_ms = delay.as_millis() as u64,
+                "config stream ended; serving the last config until reconnected"
+            ),
+            Err(err) => tracing::warn!(
+                control_plane = %settings.control_plane,
+                error = %err,
+                retry_in_ms = delay.as_millis() as u64,
+                "config stream failed; serving the last config until reconnected"
+            ),
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// A `ReportStatus` still to send (retried on the next event if it fails).
+struct Report {
+    version: i64,
+    error: String,
+}
+
+/// One connection: subscribe, apply snapshots until the stream ends. `received` is set once an
+/// event arrived (the backoff restarts from the beginning after a working session).
+async fn session(
+    settings: &SyncSettings,
+    endpoint: &Endpoint,
+    auth: Option<&MetadataValue<Ascii>>,
+    handle: &ConfigHandle,
+    received: &mut bool,
+) -> Result<(), SyncError> {
+    let channel: Channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| SyncError::Connect(chain(&e)))?;
+    let auth = auth.cloned();
+    let mut client =
+        ConfigServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            if let Some(value) = &auth {
+                req.metadata_mut().insert("authorization", value.clone());
+            }
+            Ok(req)
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    let held = handle.current();
+    let (cluster_epoch, have_version) = held
+        .as_ref()
+        .map(|i| (i.cluster_epoch.clone(), i.version))
+        .unwrap_or_default();
+    drop(held);
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            node_id: settings.node_id.clone(),
+            build: settings.build.clone(),
+            cluster_epoch,
+            have_version,
+        })
+        .await?
+        .into_inner();
+    handle.set_connected(true);
+    tracing::info!(control_plane = %settings.control_plane, have_version, "config stream connected");
+
+    // After a reconnect the control plane may not resend an unchanged snapshot: report what we
+    // hold so its data-plane list is right either way.
+    let mut pending = handle.version().map(|version| Report {
+        version,
+        error: String::new(),
+    });
+    while let Some(event) = stream.message().await? {
+        *received = true;
+        match event.event {
+            Some(config_event::Event::Snapshot(snapshot)) => {
+                pending = Some(apply_snapshot(handle, snapshot).await);
+            }
+            Some(config_event::Event::Heartbeat(hb)) => {
+                handle
+                    .live_data_planes
+                    .store(hb.live_data_planes, Ordering::Relaxed);
+                tracing::debug!(
+                    version = hb.version,
+                    live_data_planes = hb.live_data_planes,
+                    "config heartbeat"
+                );
+            }
+            None => tracing::debug!("config event without payload ignored"),
+        }
+        if let Some(report) = pending.take() {
+            let request = ReportStatusRequest {
+                node_id: settings.node_id.clone(),
+                applied_version: report.version,
+                error: report.error.clone(),
+            };
+            match tokio::time::timeout(REPORT_TIMEOUT, client.report_status(request)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => {
+                    tracing::warn!(code = ?status.code(), message = %status.message(), "ReportStatus failed; retrying on the next event");
+                    pending = Some(report);
+                }
+                Err(_) => {
+                    tracing::warn!("ReportStatus timed out; retrying on the next event");
+                    pending = Some(report);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds and applies one snapshot; returns the status to report.
+async fn apply_snapshot(handle: &ConfigHandle, snapshot: Snapshot) -> Report {
+    let version = snapshot.version;
+    let epoch = snapshot.cluster_epoch.clone();
+    let entries = snapshot.connections.len()
+        + snapshot.models.len()
+        + snapshot.virtual_keys.len()
+        + snapshot.assignments.len();
+    let started = Instant::now();
+    let built = if entries > INLINE_BUILD_MAX_ENTRIES {
+        match tokio::task::spawn_blocking(move || ConfigIndex::build(snapshot)).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(join) => Err(format!("index build task failed: {join}")),
+        }
+    } else {
+        ConfigIndex::build(snapshot).map_err(|e| e.to_string())
+    };
+    let build_time = started.elapsed();
+    let held = handle.current();
+    let held_version = held.as_ref().map_or(0, |i| i.version);
+    match built {
+        Ok(index) => {
+            if let Some(held) = &held
+                && held.cluster_epoch == index.cluster_epoch
+                && held.version > index.version
+            {
+                tracing::warn!(
+                    held = held.version,
+                    received = index.version,
+                    "control plane sent an older config version; applying it anyway"
+                );
+            }
+            drop(held);
+            let counts = index.counts;
+            let swap_started = Instant::now();
+            let old = handle.apply_timed(index, build_time);
+            let swap_time = swap_started.elapsed();
+            // The previous index of a large config takes a while to free; do that off the
+            // async workers (it may also be freed later by a request still holding it).
+            if entries > INLINE_BUILD_MAX_ENTRIES {
+                tokio::task::spawn_blocking(move || drop(old));
+            } else {
+                drop(old);
+            }
+            tracing::info!(
+                version,
+                cluster_epoch = %epoch,
+                connections = counts.connections,
+                models = counts.models,
+                virtual_keys = counts.keys,
+                assignments = counts.assignments,
+                skipped = counts.skipped,
+                build_ms = build_time.as_secs_f64() * 1000.0,
+                swap_us = swap_time.as_micros() as u64,
+                "config snapshot applied"
+            );
+            Report {
+                version,
+                error: String::new(),
+            }
+        }
+        Err(error) => {
+            tracing::warn!(version, %error, held_version, "cannot apply config snapshot; keeping the previous config");
+            Report {
+                version: held_version,
+                error: format!("cannot apply snapshot version {version}: {error}"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(version: i64) -> ConfigIndex {
+        ConfigIndex::build(Snapshot {
+            cluster_epoch: "e".into(),
+            version,
+            live_data_planes: 4,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn apply_and_wait_for_version() {
+        let handle = ConfigHandle::new();
+        assert!(handle.current().is_none());
+        assert_eq!(handle.version(), None);
+        let waiter = {
+            let handle = handle.clone();
+            tokio::spawn(async move { handle.wait_for_version(3).await })
+        };
+        handle.apply(index(2));
+        assert_eq!(handle.current().unwrap().version, 2);
+        handle.apply(index(3));
+        tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(handle.live_data_planes(), 4);
+        assert_eq!(handle.last_applied().unwrap().version, 3);
+        // Already satisfied: resolves immediately.
+        handle.wait_for_version(1).await;
+    }
+
+    #[test]
+    fn backoff_grows_with_full_jitter_and_caps() {
+        let mut b = Backoff { attempt: 0 };
+        for attempt in 0..40u32 {
+            let window = BACKOFF_START
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(BACKOFF_CAP);
+            assert!(b.next_delay() <= window);
+        }
+        b.reset();
+        assert!(b.next_delay() <= BACKOFF_START);
+    }
+
+    #[test]
+    fn settings_validate_url_and_token() {
+        let mut s = SyncSettings {
+            control_plane: "http://127.0.0.1:8131".into(),
+            token: Some(SecretString::from("tok-123")),
+            node_id: "dp".into(),
+            build: "test".into(),
+            tls: None,
+        };
+        assert!(s.endpoint().is_ok());
+        let auth = s.authorization().unwrap().unwrap();
+        assert!(auth.is_sensitive());
+        assert_eq!(auth.to_str().unwrap(), "Bearer tok-123");
+        s.token = Some(SecretString::from("bad\ntoken-secret"));
+        let err = s.authorization().unwrap_err().to_string();
+        assert!(!err.contains("token-secret"), "{err}");
+        s.control_plane = "not a url".into();
+        assert!(matches!(s.endpoint(), Err(SyncError::InvalidUrl { .. })));
+    }
+}

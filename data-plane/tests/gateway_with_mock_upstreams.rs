@@ -1,0 +1,786 @@
+//! The data plane end to end against mock OpenAI and Azure upstreams that record exactly what
+//! they receive (path, query, headers, body) and answer with faithful bodies and SSE streams.
+//! Config comes from a real control plane (SQLite) through the real config stream.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane, ServerSettings};
+use llm_proxy_control_plane::store::{
+    NewAssignment, NewConnection, NewModel, NewVirtualKey, VirtualKeyPatch,
+};
+use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
+use llm_proxy_data_plane::sync::SyncSettings;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+const OPENAI_KEY: &str = "sk-upstream-openai-0123456789";
+const AZURE_KEY: &str = "azure-upstream-key-abcdef";
+const CLIENT_KEY: &str = "vk-front-1234";
+
+#[derive(Debug, Clone)]
+struct Recorded {
+    path: String,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+#[derive(Clone, Default)]
+struct Mock {
+    seen: Arc<Mutex<Vec<Recorded>>>,
+    /// Fired when a slow stream's body is dropped (the gateway closed the connection).
+    stream_dropped: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+}
+
+fn sse(events: &[Value], done: bool) -> String {
+    let mut out = String::new();
+    for e in events {
+        out.push_str("data: ");
+        out.push_str(&e.to_string());
+        out.push_str("\n\n");
+    }
+    if done {
+        out.push_str("data: [DONE]\n\n");
+    }
+    out
+}
+
+fn openai_error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
+    (
+        status,
+        [("content-type", "application/json")],
+        json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+            .to_string(),
+    )
+        .into_response()
+}
+
+fn chat_completion(model: &str) -> Value {
+    json!({
+        "id": "chatcmpl-B9x1", "object": "chat.completion", "created": 1755133833, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!", "refusal": null, "annotations": []},
+                     "logprobs": null, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 9, "total_tokens": 17},
+        "service_tier": "default", "system_fingerprint": null
+    })
+}
+
+fn stream_events(model: &str, include_usage: bool, azure: bool) -> Vec<Value> {
+    let usage = if include_usage {
+        json!(null)
+    } else {
+        Value::Null
+    };
+    let mut events = Vec::new();
+    if azure {
+        events.push(json!({"choices": [], "created": 0, "id": "", "model": "", "object": "",
+            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {"hate": {"filtered": false, "severity": "safe"}}}]}));
+    }
+    let chunk = |delta: Value, finish: Value| {
+        let mut c = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1755137933, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        if include_usage {
+            c["usage"] = usage.clone();
+        }
+        c
+    };
+    events.push(chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    ));
+    events.push(chunk(json!({"content": "Hi"}), Value::Null));
+    events.push(chunk(json!({"content": " there"}), Value::Null));
+    events.push(chunk(json!({}), json!("stop")));
+    if include_usage {
+        events.push(json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1755137933, "model": model,
+            "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}));
+    }
+    events
+}
+
+struct DropSignal(Option<oneshot::Sender<()>>);
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().map(str::to_owned);
+    mock.seen.lock().unwrap().push(Recorded {
+        path: path.clone(),
+        query: query.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let text = json.to_string();
+    let azure = path.starts_with("/openai/deployments/");
+    if azure {
+        if parts.headers.get("api-key").and_then(|v| v.to_str().ok()) != Some(AZURE_KEY) {
+            return (StatusCode::UNAUTHORIZED, [("content-type", "application/json")],
+                json!({"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong API endpoint."}}).to_string()).into_response();
+        }
+        if !query
+            .as_deref()
+            .unwrap_or_default()
+            .contains("api-version=")
+        {
+            return (
+                StatusCode::NOT_FOUND,
+                json!({"error": {"code": "404", "message": "Resource not found"}}).to_string(),
+            )
+                .into_response();
+        }
+        if path.contains("/deployments/missing/") {
+            return (StatusCode::NOT_FOUND, [("content-type", "application/json")],
+                json!({"error": {"code": "DeploymentNotFound", "message": "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again."}}).to_string()).into_response();
+        }
+        if text.contains("BLOCKME") {
+            return (StatusCode::BAD_REQUEST, [("content-type", "application/json")],
+                json!({"error": {"message": "The response was filtered due to the prompt triggering Azure OpenAI's content management policy.", "type": null, "param": "prompt", "code": "content_filter", "status": 400,
+                    "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {"jailbreak": {"filtered": true, "detected": true}}}}}).to_string()).into_response();
+        }
+        if text.contains("RATELIMITME") {
+            return (StatusCode::TOO_MANY_REQUESTS, [("content-type", "application/json"), ("retry-after", "7"), ("retry-after-ms", "6500")],
+                json!({"error": {"code": "429", "message": "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-05-01-preview have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 7 seconds."}}).to_string()).into_response();
+        }
+    } else if parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        != Some(&format!("Bearer {OPENAI_KEY}"))
+    {
+        return openai_error(
+            StatusCode::UNAUTHORIZED,
+            "Incorrect API key provided: sk-up***789.",
+            "invalid_request_error",
+            "invalid_api_key",
+        );
+    }
+    let model = json["model"].as_str().unwrap_or("unknown").to_owned();
+    if text.contains("SLOWHEAD") {
+        std::future::pending::<()>().await;
+    }
+    if path.ends_with("/embeddings") {
+        let base64 = json["encoding_format"] == "base64";
+        let vector = [0.25f32, -0.5, 1.0];
+        let embedding = if base64 {
+            use base64::Engine as _;
+            let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+            json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+        } else {
+            json!(vector)
+        };
+        return (StatusCode::OK, [("content-type", "application/json")],
+            json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": embedding}],
+                   "model": model, "usage": {"prompt_tokens": 7, "total_tokens": 7}}).to_string()).into_response();
+    }
+    if json["stream"] == true {
+        let include_usage = json["stream_options"]["include_usage"] == true;
+        let events = stream_events(&model, include_usage, azure);
+        if text.contains("SLOWSTREAM") {
+            let first = format!("data: {}\n\n", events[0]);
+            let guard = DropSignal(mock.stream_dropped.lock().unwrap().take());
+            let stream = futures_util::stream::unfold((0, guard), move |(i, guard)| {
+                let first = first.clone();
+                async move {
+                    if i == 0 {
+                        Some((Ok::<_, std::io::Error>(Bytes::from(first)), (1, guard)))
+                    } else {
+                        std::future::pending::<()>().await;
+                        None
+                    }
+                }
+            });
+            return Response::builder()
+                .header("content-type", "text/event-stream; charset=utf-8")
+                .body(Body::from_stream(stream))
+                .unwrap();
+        }
+        return Response::builder()
+            .header("content-type", "text/event-stream; charset=utf-8")
+            .header("x-request-id", "req_0b2a28d2d6414b5a94c1c7933cf7c1a6")
+            .body(Body::from(sse(&events, true)))
+            .unwrap();
+    }
+    let mut answer = chat_completion(&model);
+    if azure {
+        answer["prompt_filter_results"] =
+            json!([{"prompt_index": 0, "content_filter_results": {}}]);
+    }
+    (
+        StatusCode::OK,
+        [
+            ("content-type", "application/json"),
+            ("x-request-id", "req_abc"),
+        ],
+        answer.to_string(),
+    )
+        .into_response()
+}
+
+async fn start_mock() -> (Mock, std::net::SocketAddr) {
+    let mock = Mock::default();
+    let app = axum::Router::new()
+        .fallback(mock_handler)
+        .with_state(mock.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (mock, addr)
+}
+
+struct Fixture {
+    mock: Mock,
+    cp: RunningControlPlane,
+    dp: RunningGateway,
+    http: reqwest::Client,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    async fn wait_applied(&self) {
+        let version = self.cp.store.current_version().await.unwrap().1;
+        tokio::time::timeout(PATIENCE, self.dp.config.wait_for_version(version))
+            .await
+            .expect("data plane did not apply the config");
+    }
+
+    fn last(&self) -> Recorded {
+        self.mock
+            .seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the mock saw no request")
+    }
+
+    async fn post(&self, path: &str, key: &str, body: &str) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+async fn fixture() -> Fixture {
+    let (mock, mock_addr) = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = ServerSettings::new(
+        "127.0.0.1:0".parse().unwrap(),
+        SecretString::from(format!("sqlite://{}", dir.path().join("cp.db").display())),
+        llm_proxy_control_plane::crypto::MasterKeys::generate_encoded(),
+    );
+    settings.hub = llm_proxy_control_plane::hub::HubTimings {
+        coalesce: Duration::from_millis(10),
+        poll: Duration::from_millis(500),
+    };
+    let cp = cp_server::start(settings).await.unwrap();
+    let store = &cp.store;
+    let endpoint = format!("http://{mock_addr}");
+    store
+        .create_connection(NewConnection {
+            name: "OpenAI-Main".into(),
+            provider: "openai".into(),
+            endpoint: endpoint.clone(),
+            credential: SecretString::from(OPENAI_KEY),
+            options: BTreeMap::from([("timeout_s".to_owned(), "2".to_owned())]),
+        })
+        .await
+        .unwrap();
+    store
+        .create_connection(NewConnection {
+            name: "Azure-East".into(),
+            provider: "azure".into(),
+            endpoint: endpoint.clone(),
+            credential: SecretString::from(AZURE_KEY),
+            options: BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    for (conn, name, remote, deployment) in [
+        ("OpenAI-Main", "gpt-4-turbo", "gpt-4-turbo-preview", None),
+        (
+            "OpenAI-Main",
+            "text-embedding-3-small",
+            "text-embedding-3-small",
+            None,
+        ),
+        ("Azure-East", "gpt-4o", "gpt-4o", Some("gpt4o-prod")),
+        ("Azure-East", "gpt-missing", "gpt-4o", Some("missing")),
+    ] {
+        store
+            .create_model(NewModel {
+                connection: conn.into(),
+                name: name.into(),
+                remote: remote.into(),
+                deployment: deployment.map(Into::into),
+            })
+            .await
+            .unwrap();
+    }
+    store
+        .create_vkey(NewVirtualKey {
+            name: "Frontend-App".into(),
+            key: Some(SecretString::from(CLIENT_KEY)),
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    for (model, alias, tps) in [
+        ("gpt-4-turbo", "gpt-4", None),
+        ("text-embedding-3-small", "embed", None),
+        ("gpt-4o", "azure-4o", None),
+        ("gpt-missing", "azure-missing", None),
+        ("gpt-4-turbo", "limited", Some(1)),
+    ] {
+        store
+            .create_assignment(NewAssignment {
+                vkey: "Frontend-App".into(),
+                model: model.into(),
+                alias: Some(alias.into()),
+                tps,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let dp = gateway::start(GatewaySettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        sync: SyncSettings {
+            control_plane: format!("http://{}", cp.grpc_addr),
+            token: None,
+            node_id: "dp-test".into(),
+            build: "test".into(),
+            tls: None,
+        },
+        max_body_bytes: 64 * 1024,
+    })
+    .await
+    .unwrap();
+    let fixture = Fixture {
+        mock,
+        base: format!("http://{}", dp.addr),
+        cp,
+        dp,
+        http: reqwest::Client::new(),
+        _dir: dir,
+    };
+    fixture.wait_applied().await;
+    fixture
+}
+
+fn assert_no_client_key(recorded: &Recorded) {
+    for (name, value) in &recorded.headers {
+        assert!(
+            !value.to_str().unwrap_or_default().contains(CLIENT_KEY),
+            "virtual key forwarded in {name}"
+        );
+    }
+    assert!(!String::from_utf8_lossy(&recorded.body).contains(CLIENT_KEY));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_chat_is_forwarded_byte_for_byte_with_the_remote_model() {
+    let f = fixture().await;
+    let body = r#"{"model":"gpt-4","messages":[{"role":"user","content":"Say hi \u00e9"}],"temperature":0.70,"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]}"#;
+    let response = f.post("/v1/chat/completions", CLIENT_KEY, body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "req_abc");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "Hello!");
+    assert_eq!(answer["usage"]["total_tokens"], 17);
+
+    let seen = f.last();
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(seen.query, None);
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {OPENAI_KEY}").as_str()
+    );
+    assert_no_client_key(&seen);
+    assert_eq!(
+        std::str::from_utf8(&seen.body).unwrap(),
+        body.replace(r#""model":"gpt-4""#, r#""model":"gpt-4-turbo-preview""#)
+    );
+    // Without /v1 (the SDK with base_url lacking /v1) the same route serves.
+    let response = f
+        .post(
+            "/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-4","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_stream_asks_for_usage_and_strips_it_unless_the_client_asked() {
+    let f = fixture().await;
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-4","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = response.text().await.unwrap();
+    let seen: Value = serde_json::from_slice(&f.last().body).unwrap();
+    assert_eq!(
+        seen["stream_options"]["include_usage"], true,
+        "the gateway asks upstream for usage"
+    );
+    assert!(text.contains(r#""content":"Hi""#) && text.contains(r#""content":" there""#));
+    assert!(
+        !text.contains("total_tokens"),
+        "usage chunk stripped: {text}"
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"));
+
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-4","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+        )
+        .await;
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains(r#""total_tokens":15"#),
+        "usage chunk kept: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embeddings_pass_through_float_and_base64() {
+    let f = fixture().await;
+    for (format, expected) in [
+        ("float", json!([0.25, -0.5, 1.0])),
+        ("base64", json!("AACAPgAAAL8AAIA/")),
+    ] {
+        let body = format!(r#"{{"model":"embed","input":"hello","encoding_format":"{format}"}}"#);
+        let response = f.post("/v1/embeddings", CLIENT_KEY, &body).await;
+        assert_eq!(response.status(), 200);
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["data"][0]["embedding"], expected);
+        let seen = f.last();
+        assert_eq!(seen.path, "/v1/embeddings");
+        let sent: Value = serde_json::from_slice(&seen.body).unwrap();
+        assert_eq!(sent["model"], "text-embedding-3-small");
+        assert_eq!(sent["encoding_format"], format);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn azure_classic_deployment_url_header_and_stream_quirks() {
+    let f = fixture().await;
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"azure-4o","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let seen = f.last();
+    assert_eq!(seen.path, "/openai/deployments/gpt4o-prod/chat/completions");
+    assert_eq!(
+        seen.query.as_deref(),
+        Some("api-version=2024-05-01-preview")
+    );
+    assert_eq!(seen.headers["api-key"], AZURE_KEY);
+    assert!(seen.headers.get("authorization").is_none());
+    assert_no_client_key(&seen);
+
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"azure-4o","stream":true,"messages":[]}"#,
+        )
+        .await;
+    let text = response.text().await.unwrap();
+    assert!(
+        !text.contains("prompt_filter_results"),
+        "filter-only chunk dropped: {text}"
+    );
+    for line in text.lines().filter(|l| l.starts_with("data: {")) {
+        let chunk: Value = serde_json::from_str(&line[6..]).unwrap();
+        assert!(!chunk["choices"].as_array().unwrap().is_empty(), "{line}");
+    }
+
+    // Azure-style inbound route: alias from the path, key in `api-key`, client's api-version used.
+    let response = f
+        .http
+        .post(format!(
+            "{}/openai/deployments/azure-4o/chat/completions?api-version=2024-10-21",
+            f.base
+        ))
+        .header("api-key", CLIENT_KEY)
+        .body(r#"{"messages":[{"role":"user","content":"hi"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(f.last().query.as_deref(), Some("api-version=2024-10-21"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn azure_errors_reach_the_client_openai_shaped() {
+    let f = fixture().await;
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"azure-4o","messages":[{"role":"user","content":"BLOCKME"}]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "content_filter");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("content management policy")
+    );
+
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"azure-missing","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "DeploymentNotFound");
+
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"azure-4o","messages":[{"role":"user","content":"RATELIMITME"}]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "7");
+    assert_eq!(response.headers()["retry-after-ms"], "6500");
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("retry after 7 seconds")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_routing_and_bad_input_errors() {
+    let f = fixture().await;
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            "vk-wrong-key",
+            r#"{"model":"gpt-4","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 401);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-5","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "model_not_found");
+
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-4","messages":["#,
+        )
+        .await;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+
+    let big = format!(
+        r#"{{"model":"gpt-4","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(70 * 1024)
+    );
+    let response = f.post("/v1/chat/completions", CLIENT_KEY, &big).await;
+    assert_eq!(response.status(), 413);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("65536"));
+
+    let models: Value = f
+        .http
+        .get(format!("{}/v1/models", f.base))
+        .bearer_auth(CLIENT_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["azure-4o", "azure-missing", "embed", "gpt-4", "limited"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_tps_gets_429_with_retry_headers() {
+    let f = fixture().await;
+    let first = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"limited","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-ratelimit-limit-requests"], "1");
+    let second = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"limited","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(second.status(), 429);
+    assert!(second.headers().contains_key("retry-after"));
+    assert!(second.headers().contains_key("retry-after-ms"));
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disabling_a_key_or_deleting_an_assignment_applies_without_restart() {
+    let f = fixture().await;
+    let ok = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-4","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(ok.status(), 200);
+    let asg =
+        f.cp.store
+            .list_assignments(Some("Frontend-App"), None)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|a| a.alias == "embed")
+            .unwrap();
+    f.cp.store.delete_assignment(&asg.id).await.unwrap();
+    f.wait_applied().await;
+    let gone = f
+        .post(
+            "/v1/embeddings",
+            CLIENT_KEY,
+            r#"{"model":"embed","input":"x"}"#,
+        )
+        .await;
+    assert_eq!(gone.status(), 404);
+
+    f.cp.store
+        .update_vkey(
+            "Frontend-App",
+            VirtualKeyPatch {
+                enabled: Some(false),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    f.wait_applied().await;
+    let refused = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-4","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(refused.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_disconnect_mid_stream_closes_the_upstream_connection() {
+    let f = fixture().await;
+    let (tx, rx) = oneshot::channel();
+    *f.mock.stream_dropped.lock().unwrap() = Some(tx);
+    let mut response = f
+        .post("/v1/chat/completions", CLIENT_KEY, r#"{"model":"gpt-4","stream":true,"messages":[{"role":"user","content":"SLOWSTREAM"}]}"#)
+        .await;
+    assert_eq!(response.status(), 200);
+    let first = tokio::time::timeout(PATIENCE, response.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.starts_with(b"data: "));
+    drop(response);
+    tokio::time::timeout(PATIENCE, rx)
+        .await
+        .expect("the upstream stream was not closed after the client left")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_upstream_gives_504_after_the_connection_timeout() {
+    let f = fixture().await;
+    // The OpenAI connection has timeout_s=2; the mock never answers this one.
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-4","messages":[{"role":"user","content":"SLOWHEAD"}]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_timeout");
+}
