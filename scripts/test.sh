@@ -68,8 +68,9 @@ else
 fi
 
 # End to end: the real binaries driven by the official OpenAI Python SDK.
+# (The workspace test build above also built target/debug/llmctl for the CLI's tests.)
 if [[ $# -eq 0 ]]; then
-  cargo build -p llmctl
+  [[ -x target/debug/llmctl ]] || cargo build -p llmctl
   if ! python3 -c 'import openai, pytest, httpx' >/dev/null 2>&1; then
     python3 -m pip install -q -r e2e/requirements.txt
   fi

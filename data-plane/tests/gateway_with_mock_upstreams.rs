@@ -247,6 +247,8 @@ async fn start_mock() -> (Mock, std::net::SocketAddr) {
 struct Fixture {
     mock: Mock,
     cp: RunningControlPlane,
+    cp_settings: fn(&Fixture) -> ServerSettings,
+    master_key: SecretString,
     dp: RunningGateway,
     http: reqwest::Client,
     base: String,
@@ -283,19 +285,26 @@ impl Fixture {
     }
 }
 
-async fn fixture() -> Fixture {
-    let (mock, mock_addr) = start_mock().await;
-    let dir = tempfile::tempdir().unwrap();
+fn control_plane_settings(dir: &std::path::Path, addr: std::net::SocketAddr, key: &SecretString) -> ServerSettings {
     let mut settings = ServerSettings::new(
-        "127.0.0.1:0".parse().unwrap(),
-        SecretString::from(format!("sqlite://{}", dir.path().join("cp.db").display())),
-        llm_proxy_control_plane::crypto::MasterKeys::generate_encoded(),
+        addr,
+        SecretString::from(format!("sqlite://{}", dir.join("cp.db").display())),
+        SecretString::from(secrecy::ExposeSecret::expose_secret(key).to_owned()),
     );
     settings.hub = llm_proxy_control_plane::hub::HubTimings {
         coalesce: Duration::from_millis(10),
         poll: Duration::from_millis(500),
     };
-    let cp = cp_server::start(settings).await.unwrap();
+    settings
+}
+
+async fn fixture() -> Fixture {
+    let (mock, mock_addr) = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let master_key = llm_proxy_control_plane::crypto::MasterKeys::generate_encoded();
+    let cp = cp_server::start(control_plane_settings(dir.path(), "127.0.0.1:0".parse().unwrap(), &master_key))
+        .await
+        .unwrap();
     let store = &cp.store;
     let endpoint = format!("http://{mock_addr}");
     store
@@ -381,6 +390,8 @@ async fn fixture() -> Fixture {
     .unwrap();
     let fixture = Fixture {
         mock,
+        cp_settings: |f| control_plane_settings(f._dir.path(), f.cp.grpc_addr, &f.master_key),
+        master_key,
         base: format!("http://{}", dp.addr),
         cp,
         dp,
@@ -783,4 +794,37 @@ async fn a_slow_upstream_gives_504_after_the_connection_timeout() {
     assert_eq!(response.status(), 504);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "upstream_timeout");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_data_plane_serves_while_the_control_plane_is_down_and_reconnects() {
+    let mut f = fixture().await;
+    let settings = (f.cp_settings)(&f);
+    // Stop the control plane: the data plane keeps its last snapshot. (`placeholder` only fills
+    // the fixture's field; it listens elsewhere and the data plane never dials it.)
+    let placeholder = cp_server::start(control_plane_settings(f._dir.path(), "127.0.0.1:0".parse().unwrap(), &f.master_key))
+        .await
+        .unwrap();
+    let old = std::mem::replace(&mut f.cp, placeholder);
+    old.shutdown().await;
+    tokio::time::timeout(PATIENCE, f.dp.config.wait_connected(false))
+        .await
+        .expect("the data plane did not notice the control plane going away");
+    let served = f.post("/v1/chat/completions", CLIENT_KEY, r#"{"model":"gpt-4","messages":[]}"#).await;
+    assert_eq!(served.status(), 200, "serving from the last snapshot");
+
+    // Restart on the same address and database: the data plane reconnects and gets new writes.
+    let replaced = std::mem::replace(&mut f.cp, cp_server::start(settings).await.unwrap());
+    replaced.shutdown().await;
+    tokio::time::timeout(PATIENCE, f.dp.config.wait_connected(true))
+        .await
+        .expect("the data plane did not reconnect");
+    f.cp
+        .store
+        .update_vkey("Frontend-App", VirtualKeyPatch { enabled: Some(false), ..Default::default() })
+        .await
+        .unwrap();
+    f.wait_applied().await;
+    let refused = f.post("/v1/chat/completions", CLIENT_KEY, r#"{"model":"gpt-4","messages":[]}"#).await;
+    assert_eq!(refused.status(), 401);
 }

@@ -106,3 +106,87 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
         body: openai_format_body(ctx, model_in_body),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body;
+    use crate::index::{ConnectionEntry, Limits, ModelEntry, Provider, Target};
+    use crate::providers::Operation;
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn target(endpoint: &str, api_version: Option<&str>, deployment: Option<&str>) -> Target {
+        let mut options = BTreeMap::new();
+        if let Some(v) = api_version {
+            options.insert("api_version".to_owned(), v.to_owned());
+        }
+        Target {
+            assignment_id: "asg-1".into(),
+            alias: "a".into(),
+            weight: 1,
+            limits: Limits::default(),
+            model: Arc::new(ModelEntry {
+                id: "model-1".into(),
+                name: "gpt-4o".into(),
+                remote: "gpt-4o".into(),
+                deployment: deployment.map(Into::into),
+            }),
+            connection: Arc::new(ConnectionEntry {
+                id: "conn-1".into(),
+                name: "Azure".into(),
+                provider: Provider::Azure,
+                endpoint: endpoint.into(),
+                credential: "azure-key".to_owned().into(),
+                options,
+                timeout: Duration::from_secs(5),
+            }),
+        }
+    }
+
+    fn outbound(t: &Target, client_version: Option<&str>, op: Operation) -> (String, String) {
+        let request = body::parse(br#"{"model":"alias","input":"x"}"#, true).unwrap();
+        let ctx = CallContext {
+            operation: op,
+            target: t,
+            request: &request,
+            client_api_version: client_version,
+        };
+        let out = build(&ctx).unwrap();
+        assert!(out.headers.iter().any(|(n, v)| n == "api-key" && v == "azure-key"));
+        let sent: serde_json::Value = serde_json::from_slice(&out.body).unwrap();
+        (out.url, sent["model"].as_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn classic_deployment_url_with_default_connection_and_client_versions() {
+        let t = target("https://res.openai.azure.com", None, Some("prod-4o"));
+        let (url, _) = outbound(&t, None, Operation::ChatCompletions);
+        assert_eq!(url, "https://res.openai.azure.com/openai/deployments/prod-4o/chat/completions?api-version=2024-05-01-preview");
+        let (url, _) = outbound(&t, Some("2024-10-21"), Operation::Embeddings);
+        assert_eq!(url, "https://res.openai.azure.com/openai/deployments/prod-4o/embeddings?api-version=2024-10-21");
+        let pinned = target("https://res.cognitiveservices.azure.com/openai", Some("2025-01-01-preview"), None);
+        let (url, _) = outbound(&pinned, Some("2024-10-21"), Operation::ChatCompletions);
+        assert_eq!(url, "https://res.cognitiveservices.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2025-01-01-preview");
+    }
+
+    #[test]
+    fn v1_api_puts_the_deployment_in_the_body() {
+        let t = target("https://res.openai.azure.com", Some("v1"), Some("prod-4o"));
+        let (url, model) = outbound(&t, None, Operation::ChatCompletions);
+        assert_eq!(url, "https://res.openai.azure.com/openai/v1/chat/completions");
+        assert_eq!(model, "prod-4o");
+    }
+
+    #[test]
+    fn foundry_models_endpoint_without_deployment() {
+        let t = target("https://res.services.ai.azure.com", None, None);
+        let (url, model) = outbound(&t, None, Operation::ChatCompletions);
+        assert_eq!(url, "https://res.services.ai.azure.com/models/chat/completions?api-version=2024-05-01-preview");
+        assert_eq!(model, "gpt-4o");
+        let t = target("https://res.services.ai.azure.com/models", None, None);
+        let (url, _) = outbound(&t, None, Operation::Embeddings);
+        assert_eq!(url, "https://res.services.ai.azure.com/models/embeddings?api-version=2024-05-01-preview");
+    }
+}
