@@ -18,15 +18,18 @@ async fn answer(body: Bytes) -> Response {
         ("application/json", ANSWER)
     };
     let mut response = Response::new(Body::from(text));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     response
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9000".to_owned());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:9000".to_owned());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     let app = axum::Router::new().fallback(answer);
     axum::serve(listener, app).await

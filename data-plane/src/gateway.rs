@@ -53,9 +53,14 @@ impl RunningGateway {
         render_metrics(&self.config)
     }
 
+    /// Stops accepting new connections; in-flight requests go on (see [`Self::shutdown`]).
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
     /// Stops accepting, lets in-flight requests and streams finish for up to `grace`, then stops.
     pub async fn shutdown(self, grace: Duration) {
-        let _ = self.shutdown.send(true);
+        self.begin_shutdown();
         let mut server = self.server;
         if tokio::time::timeout(grace, &mut server).await.is_err() {
             tracing::warn!(

@@ -38,6 +38,9 @@ struct Mock {
     seen: Arc<Mutex<Vec<Recorded>>>,
     /// Fired when a slow stream's body is dropped (the gateway closed the connection).
     stream_dropped: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+    /// A `HOLDME` request signals `held` on arrival and answers only after `release`.
+    held: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
 }
 
 fn sse(events: &[Value], done: bool) -> String {
@@ -172,6 +175,10 @@ async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
         );
     }
     let model = json["model"].as_str().unwrap_or("unknown").to_owned();
+    if text.contains("HOLDME") {
+        mock.held.notify_one();
+        mock.release.notified().await;
+    }
     if text.contains("SLOWHEAD") {
         std::future::pending::<()>().await;
     }
@@ -285,7 +292,11 @@ impl Fixture {
     }
 }
 
-fn control_plane_settings(dir: &std::path::Path, addr: std::net::SocketAddr, key: &SecretString) -> ServerSettings {
+fn control_plane_settings(
+    dir: &std::path::Path,
+    addr: std::net::SocketAddr,
+    key: &SecretString,
+) -> ServerSettings {
     let mut settings = ServerSettings::new(
         addr,
         SecretString::from(format!("sqlite://{}", dir.join("cp.db").display())),
@@ -302,9 +313,13 @@ async fn fixture() -> Fixture {
     let (mock, mock_addr) = start_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let master_key = llm_proxy_control_plane::crypto::MasterKeys::generate_encoded();
-    let cp = cp_server::start(control_plane_settings(dir.path(), "127.0.0.1:0".parse().unwrap(), &master_key))
-        .await
-        .unwrap();
+    let cp = cp_server::start(control_plane_settings(
+        dir.path(),
+        "127.0.0.1:0".parse().unwrap(),
+        &master_key,
+    ))
+    .await
+    .unwrap();
     let store = &cp.store;
     let endpoint = format!("http://{mock_addr}");
     store
@@ -802,15 +817,25 @@ async fn the_data_plane_serves_while_the_control_plane_is_down_and_reconnects() 
     let settings = (f.cp_settings)(&f);
     // Stop the control plane: the data plane keeps its last snapshot. (`placeholder` only fills
     // the fixture's field; it listens elsewhere and the data plane never dials it.)
-    let placeholder = cp_server::start(control_plane_settings(f._dir.path(), "127.0.0.1:0".parse().unwrap(), &f.master_key))
-        .await
-        .unwrap();
+    let placeholder = cp_server::start(control_plane_settings(
+        f._dir.path(),
+        "127.0.0.1:0".parse().unwrap(),
+        &f.master_key,
+    ))
+    .await
+    .unwrap();
     let old = std::mem::replace(&mut f.cp, placeholder);
     old.shutdown().await;
     tokio::time::timeout(PATIENCE, f.dp.config.wait_connected(false))
         .await
         .expect("the data plane did not notice the control plane going away");
-    let served = f.post("/v1/chat/completions", CLIENT_KEY, r#"{"model":"gpt-4","messages":[]}"#).await;
+    let served = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-4","messages":[]}"#,
+        )
+        .await;
     assert_eq!(served.status(), 200, "serving from the last snapshot");
 
     // Restart on the same address and database: the data plane reconnects and gets new writes.
@@ -819,12 +844,70 @@ async fn the_data_plane_serves_while_the_control_plane_is_down_and_reconnects() 
     tokio::time::timeout(PATIENCE, f.dp.config.wait_connected(true))
         .await
         .expect("the data plane did not reconnect");
-    f.cp
-        .store
-        .update_vkey("Frontend-App", VirtualKeyPatch { enabled: Some(false), ..Default::default() })
+    f.cp.store
+        .update_vkey(
+            "Frontend-App",
+            VirtualKeyPatch {
+                enabled: Some(false),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     f.wait_applied().await;
-    let refused = f.post("/v1/chat/completions", CLIENT_KEY, r#"{"model":"gpt-4","messages":[]}"#).await;
+    let refused = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-4","messages":[]}"#,
+        )
+        .await;
     assert_eq!(refused.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_drains_in_flight_requests() {
+    let f = fixture().await;
+    let held = f.mock.held.clone();
+    let release = f.mock.release.clone();
+    let (http, url) = (f.http.clone(), format!("{}/v1/chat/completions", f.base));
+    let in_flight = tokio::spawn(async move {
+        http.post(url)
+            .bearer_auth(CLIENT_KEY)
+            .body(r#"{"model":"gpt-4","messages":[{"role":"user","content":"HOLDME"}]}"#)
+            .send()
+            .await
+    });
+    tokio::time::timeout(PATIENCE, held.notified())
+        .await
+        .expect("request never reached the mock");
+    let Fixture { dp, cp, .. } = f;
+    let addr = dp.addr;
+    dp.begin_shutdown();
+    let draining = tokio::spawn(dp.shutdown(PATIENCE));
+    // Wait until the listener is closed, so the request below completes during the drain.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the data plane kept accepting"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    release.notify_one();
+    let response = tokio::time::timeout(PATIENCE, in_flight)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "the in-flight request finished during the drain"
+    );
+    tokio::time::timeout(PATIENCE, draining)
+        .await
+        .unwrap()
+        .unwrap();
+    cp.shutdown().await;
 }

@@ -154,7 +154,11 @@ mod tests {
             client_api_version: client_version,
         };
         let out = build(&ctx).unwrap();
-        assert!(out.headers.iter().any(|(n, v)| n == "api-key" && v == "azure-key"));
+        assert!(
+            out.headers
+                .iter()
+                .any(|(n, v)| n == "api-key" && v == "azure-key")
+        );
         let sent: serde_json::Value = serde_json::from_slice(&out.body).unwrap();
         (out.url, sent["model"].as_str().unwrap().to_owned())
     }
@@ -163,19 +167,35 @@ mod tests {
     fn classic_deployment_url_with_default_connection_and_client_versions() {
         let t = target("https://res.openai.azure.com", None, Some("prod-4o"));
         let (url, _) = outbound(&t, None, Operation::ChatCompletions);
-        assert_eq!(url, "https://res.openai.azure.com/openai/deployments/prod-4o/chat/completions?api-version=2024-05-01-preview");
+        assert_eq!(
+            url,
+            "https://res.openai.azure.com/openai/deployments/prod-4o/chat/completions?api-version=2024-05-01-preview"
+        );
         let (url, _) = outbound(&t, Some("2024-10-21"), Operation::Embeddings);
-        assert_eq!(url, "https://res.openai.azure.com/openai/deployments/prod-4o/embeddings?api-version=2024-10-21");
-        let pinned = target("https://res.cognitiveservices.azure.com/openai", Some("2025-01-01-preview"), None);
+        assert_eq!(
+            url,
+            "https://res.openai.azure.com/openai/deployments/prod-4o/embeddings?api-version=2024-10-21"
+        );
+        let pinned = target(
+            "https://res.cognitiveservices.azure.com/openai",
+            Some("2025-01-01-preview"),
+            None,
+        );
         let (url, _) = outbound(&pinned, Some("2024-10-21"), Operation::ChatCompletions);
-        assert_eq!(url, "https://res.cognitiveservices.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2025-01-01-preview");
+        assert_eq!(
+            url,
+            "https://res.cognitiveservices.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2025-01-01-preview"
+        );
     }
 
     #[test]
     fn v1_api_puts_the_deployment_in_the_body() {
         let t = target("https://res.openai.azure.com", Some("v1"), Some("prod-4o"));
         let (url, model) = outbound(&t, None, Operation::ChatCompletions);
-        assert_eq!(url, "https://res.openai.azure.com/openai/v1/chat/completions");
+        assert_eq!(
+            url,
+            "https://res.openai.azure.com/openai/v1/chat/completions"
+        );
         assert_eq!(model, "prod-4o");
     }
 
@@ -183,10 +203,16 @@ mod tests {
     fn foundry_models_endpoint_without_deployment() {
         let t = target("https://res.services.ai.azure.com", None, None);
         let (url, model) = outbound(&t, None, Operation::ChatCompletions);
-        assert_eq!(url, "https://res.services.ai.azure.com/models/chat/completions?api-version=2024-05-01-preview");
+        assert_eq!(
+            url,
+            "https://res.services.ai.azure.com/models/chat/completions?api-version=2024-05-01-preview"
+        );
         assert_eq!(model, "gpt-4o");
         let t = target("https://res.services.ai.azure.com/models", None, None);
         let (url, _) = outbound(&t, None, Operation::Embeddings);
-        assert_eq!(url, "https://res.services.ai.azure.com/models/embeddings?api-version=2024-05-01-preview");
+        assert_eq!(
+            url,
+            "https://res.services.ai.azure.com/models/embeddings?api-version=2024-05-01-preview"
+        );
     }
 }
