@@ -10,7 +10,7 @@ rate=${1:-2000}
 seconds=${2:-20}
 command -v oha >/dev/null || { echo "bench.sh: needs oha (cargo install oha)" >&2; exit 1; }
 
-cargo build --release -q -p llm-proxy-control-plane -p llm-proxy-data-plane -p llmctl --example mock_upstream
+cargo build --release -q -p llm-proxy-control-plane -p llm-proxy-data-plane -p llmctl --bins --example mock_upstream
 bin=target/release
 work=$(mktemp -d /tmp/llm-proxy-bench.XXXXXX)
 pids=()

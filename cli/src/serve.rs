@@ -106,7 +106,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
     let metrics_addr = metrics.local_addr()?;
-    let app = health_router(cp.clone(), dp.clone());
+    let app = health_router(&cp, &dp);
     let metrics_task = tokio::spawn(async move {
         let _ = axum::serve(metrics, app).await;
     });
@@ -135,10 +135,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     eprintln!("shutting down");
     metrics_task.abort();
-    // Dropping the task drops its clones of `cp` and `dp`.
-    let _ = metrics_task.await;
-    if let Ok(dp) = Arc::try_unwrap(dp) {
-        dp.shutdown(Duration::from_secs(10)).await;
+    match Arc::try_unwrap(dp) {
+        Ok(dp) => dp.shutdown(Duration::from_secs(10)).await,
+        // A health check still holds it for a moment: at least stop accepting.
+        Err(dp) => dp.begin_shutdown(),
     }
     if let Ok(cp) = Arc::try_unwrap(cp) {
         cp.shutdown().await;
@@ -156,17 +156,22 @@ fn loopback_of(addr: SocketAddr) -> SocketAddr {
 }
 
 /// `/healthz`, `/readyz` (database reachable and a snapshot applied) and `/metrics` of both planes.
-fn health_router(cp: Arc<RunningControlPlane>, dp: Arc<RunningGateway>) -> axum::Router {
+/// Holds only weak references: open scrape connections must not keep the planes from shutting down.
+fn health_router(cp: &Arc<RunningControlPlane>, dp: &Arc<RunningGateway>) -> axum::Router {
     use axum::http::StatusCode;
     use axum::routing::get;
+    let (cp, dp) = (Arc::downgrade(cp), Arc::downgrade(dp));
     let (cp_ready, dp_ready) = (cp.clone(), dp.clone());
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
             get(move || {
-                let (cp, dp) = (cp_ready.clone(), dp_ready.clone());
+                let (cp, dp) = (cp_ready.upgrade(), dp_ready.upgrade());
                 async move {
+                    let (Some(cp), Some(dp)) = (cp, dp) else {
+                        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+                    };
                     match (cp.ready().await, dp.ready()) {
                         (true, true) => (StatusCode::OK, "ready"),
                         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable"),
@@ -181,8 +186,13 @@ fn health_router(cp: Arc<RunningControlPlane>, dp: Arc<RunningGateway>) -> axum:
         .route(
             "/metrics",
             get(move || {
-                let (cp, dp) = (cp.clone(), dp.clone());
-                async move { format!("{}{}", cp.render_metrics(), dp.render_metrics()) }
+                let text = match (cp.upgrade(), dp.upgrade()) {
+                    (Some(cp), Some(dp)) => {
+                        format!("{}{}", cp.render_metrics(), dp.render_metrics())
+                    }
+                    _ => String::new(),
+                };
+                async move { text }
             }),
         )
 }

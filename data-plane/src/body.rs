@@ -27,6 +27,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
                 while let Some((key, value)) = map.next_entry::<String, &'de RawValue>()? {
+                    // Upstreams disagree on which duplicate wins; refuse rather than guess.
+                    if fields.iter().any(|(k, _): &(String, &RawValue)| *k == key) {
+                        return Err(de::Error::custom(format_args!("duplicate key `{key}`")));
+                    }
                     fields.push((key, value));
                 }
                 Ok(RawObject { fields })
@@ -226,6 +230,10 @@ mod tests {
             ),
             (b"{\"model\":\"m\",\"max_tokens\":-1}", "max_tokens"),
             (b"\xff\xfe", "UTF-8"),
+            (
+                b"{\"model\":\"m\",\"stream\":false,\"stream\":true}",
+                "duplicate key `stream`",
+            ),
         ] {
             let err = parse(body, true).unwrap_err();
             assert_eq!(err.status, http::StatusCode::BAD_REQUEST);

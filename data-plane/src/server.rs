@@ -48,6 +48,9 @@ pub fn upstream_client() -> Result<reqwest::Client, reqwest::Error> {
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
+        // A redirect would carry provider credentials (e.g. Azure's `api-key`) to another host
+        // and turn POSTs into GETs; a 3xx answer becomes a 502 instead.
+        .redirect(reqwest::redirect::Policy::none())
         .tcp_nodelay(true)
         .build()
 }
@@ -70,6 +73,7 @@ pub fn router(state: AppState) -> Router {
             post(azure_embeddings),
         )
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -81,6 +85,14 @@ async fn not_found() -> ApiError {
         "unknown path; the gateway serves /v1/chat/completions, /v1/embeddings and /v1/models",
     )
     .with_code("unknown_url")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method not allowed: chat and embeddings take POST, models takes GET",
+    )
 }
 
 fn now_unix() -> i64 {
@@ -318,7 +330,13 @@ async fn handle_inner(
             .acquire(&target.assignment_id, &spec, estimate)
             .await;
         if !decision.allowed {
-            last_denial = Some(decision);
+            // Tell the caller the soonest time any target of the pool frees up.
+            let sooner = last_denial
+                .as_ref()
+                .is_none_or(|d| decision.retry_after < d.retry_after);
+            if sooner {
+                last_denial = Some(decision);
+            }
             continue;
         }
         let ctx = CallContext {
@@ -392,35 +410,46 @@ async fn call_upstream(
     // For streams the timeout covers the wait for the response head; then it applies per chunk.
     let sent = tokio::time::timeout(timeout, request.send()).await;
     let response = match sent {
-        Err(_) => {
+        Ok(Ok(response)) => response,
+        // Only a failure to connect is safe to retry on the next target: once the request is
+        // sent, the upstream may already be generating (and billing) the answer.
+        Ok(Err(err)) if err.is_connect() => {
             settle(state, reservation, 0).await;
+            return Attempt::Retryable(ApiError::upstream_unreachable(provider, error_text(err)));
+        }
+        Err(_) => {
+            settle(state, reservation, estimate).await;
             return Attempt::Done(ApiError::upstream_timeout(provider, timeout).into_response());
         }
         Ok(Err(err)) if err.is_timeout() => {
-            settle(state, reservation, 0).await;
+            settle(state, reservation, estimate).await;
             return Attempt::Done(ApiError::upstream_timeout(provider, timeout).into_response());
         }
         Ok(Err(err)) => {
-            settle(state, reservation, 0).await;
-            return Attempt::Retryable(ApiError::upstream_unreachable(provider, without_url(&err)));
+            settle(state, reservation, estimate).await;
+            return Attempt::Done(
+                ApiError::upstream_unreachable(provider, error_text(err)).into_response(),
+            );
         }
-        Ok(Ok(response)) => response,
     };
     let status = response.status();
-    let upstream_headers = response.headers().clone();
     if !status.is_success() {
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            Err(err) => Bytes::from(without_url(&err)),
+        let headers = response.headers().clone();
+        // Bounded like the answer itself: an upstream may send an error head and stall.
+        let body = match tokio::time::timeout(timeout, response.bytes()).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(err)) => Bytes::from(error_text(err)),
+            Err(_) => Bytes::new(),
         };
         settle(state, reservation, 0).await;
-        let err = providers::upstream_error(provider, status, &upstream_headers, &body);
+        let err = providers::upstream_error(provider, status, &headers, &body);
         return if status.is_server_error() {
             Attempt::Retryable(err)
         } else {
             Attempt::Done(err.into_response())
         };
     }
+    let request_ids = request_ids(response.headers());
     if streaming {
         let on_end = Box::new(SettleOnEnd {
             limiter: state.limiter.clone(),
@@ -441,7 +470,7 @@ async fn call_upstream(
             HeaderValue::from_static("text/event-stream; charset=utf-8"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        copy_request_id(&upstream_headers, headers);
+        headers.extend(request_ids);
         return Attempt::Done(out);
     }
     let body = match response.bytes().await {
@@ -452,7 +481,9 @@ async fn call_upstream(
         }
         Err(err) => {
             settle(state, reservation, estimate).await;
-            return Attempt::Retryable(ApiError::upstream_unreachable(provider, without_url(&err)));
+            return Attempt::Done(
+                ApiError::upstream_bad_answer(provider, error_text(err)).into_response(),
+            );
         }
     };
     let usage = providers::usage_of(&body);
@@ -464,23 +495,27 @@ async fn call_upstream(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    copy_request_id(&upstream_headers, headers);
+    headers.extend(request_ids);
     Attempt::Done(out)
 }
 
-fn copy_request_id(from: &HeaderMap, to: &mut HeaderMap) {
+/// The upstream's request ids, passed on for support requests.
+fn request_ids(from: &HeaderMap) -> HeaderMap {
+    let mut ids = HeaderMap::new();
     for name in ["x-request-id", "apim-request-id"] {
         if let Some(value) = from.get(name) {
-            to.insert(HeaderName::from_static(name), value.clone());
+            ids.insert(HeaderName::from_static(name), value.clone());
         }
     }
+    ids
 }
 
-/// The error with its causes on one line (upstream URLs never carry credentials: keys go in
-/// headers).
-fn without_url(err: &reqwest::Error) -> String {
+/// The error with its causes on one line, without the upstream URL (internal detail, and some
+/// providers take keys in the query).
+fn error_text(err: reqwest::Error) -> String {
+    let err = err.without_url();
     let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
+    let mut source = std::error::Error::source(&err);
     while let Some(inner) = source {
         text.push_str(": ");
         text.push_str(&inner.to_string());

@@ -14,10 +14,15 @@ use serde::de::IgnoredAny;
 use std::collections::VecDeque;
 use std::time::Duration;
 
+/// Largest event the relay buffers; a bigger one means the upstream is not sending SSE.
+pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+
 /// Incremental splitter on blank lines (`\n\n` or `\r\n\r\n`).
 #[derive(Debug, Default)]
 pub struct EventSplitter {
     buffer: BytesMut,
+    /// Bytes already scanned without finding a terminator (minus the two that may start one).
+    scanned: usize,
 }
 
 impl EventSplitter {
@@ -25,25 +30,34 @@ impl EventSplitter {
         self.buffer.extend_from_slice(chunk);
     }
 
+    /// True when the pending, unterminated event exceeds [`MAX_EVENT_BYTES`].
+    pub fn overflowed(&self) -> bool {
+        self.buffer.len() > MAX_EVENT_BYTES
+    }
+
     /// The next complete event (without its terminating blank line).
     pub fn next_event(&mut self) -> Option<Bytes> {
         let buf = &self.buffer[..];
-        let mut i = 0;
+        let mut i = self.scanned;
         while i + 1 < buf.len() {
             if buf[i] == b'\n' {
                 if buf[i + 1] == b'\n' {
                     let event = self.buffer.split_to(i).freeze();
                     let _ = self.buffer.split_to(2);
+                    self.scanned = 0;
                     return Some(event);
                 }
                 if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
                     let event = self.buffer.split_to(i).freeze();
                     let _ = self.buffer.split_to(3);
+                    self.scanned = 0;
                     return Some(strip_cr(event));
                 }
             }
             i += 1;
         }
+        // Resume next time just before the end: a terminator may straddle two chunks.
+        self.scanned = buf.len().saturating_sub(2);
         None
     }
 
@@ -128,7 +142,9 @@ impl<S> RelayState<S> {
     fn relay_event(&mut self, event: &Bytes, batch: &mut BytesMut) {
         let keep = match data_of(event) {
             Some(data) if data.trim() == "[DONE]" => {
+                // Nothing follows [DONE]; do not wait for the upstream to close.
                 self.completed = true;
+                self.done = true;
                 true
             }
             Some(data) => match serde_json::from_str::<ChunkProbe>(&data) {
@@ -217,11 +233,20 @@ where
                 Ok(Some(Ok(chunk))) => {
                     state.splitter.push(&chunk);
                     let mut batch = BytesMut::new();
-                    while let Some(event) = state.splitter.next_event() {
+                    while !state.done
+                        && let Some(event) = state.splitter.next_event()
+                    {
                         state.relay_event(&event, &mut batch);
                     }
                     if !batch.is_empty() {
                         state.out.push_back(batch.freeze());
+                    }
+                    if !state.done && state.splitter.overflowed() {
+                        let err = ApiError::upstream_bad_answer(
+                            state.provider,
+                            format!("a stream event exceeded {MAX_EVENT_BYTES} bytes"),
+                        );
+                        state.fail(err);
                     }
                 }
             }
@@ -244,6 +269,27 @@ mod tests {
         assert_eq!(s.next_event().unwrap(), Bytes::from_static(b"data: b"));
         assert!(s.next_event().is_none());
         assert_eq!(s.finish().unwrap(), Bytes::from_static(b"data: c"));
+    }
+
+    #[test]
+    fn terminators_split_across_many_small_chunks_are_found() {
+        let mut s = EventSplitter::default();
+        let text = b"data: {\"a\":1}\r\n\r\ndata: x\n\n";
+        let mut events = Vec::new();
+        for byte in text {
+            s.push(&[*byte]);
+            while let Some(e) = s.next_event() {
+                events.push(e);
+            }
+        }
+        assert_eq!(
+            events,
+            [
+                Bytes::from_static(b"data: {\"a\":1}"),
+                Bytes::from_static(b"data: x")
+            ]
+        );
+        assert!(s.finish().is_none());
     }
 
     #[test]
@@ -309,6 +355,28 @@ mod tests {
         assert!(!text.contains("total_tokens"), "{text}");
         assert!(text.contains("\"content\":\"Hi\"") && text.ends_with("data: [DONE]\n\n"));
         assert_eq!(end.unwrap().0.unwrap().total(), 7, "usage still counted");
+    }
+
+    #[tokio::test]
+    async fn the_relay_ends_at_done_even_if_the_upstream_stays_open() {
+        let upstream = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
+            Bytes::from_static(b"data: {\"choices\":[{\"index\":0}]}\n\ndata: [DONE]\n\n"),
+        )])
+        .chain(futures_util::stream::pending());
+        let recorder = Recorder::default();
+        let relayed = relay(
+            Box::pin(upstream),
+            false,
+            Duration::from_secs(3600),
+            "openai",
+            Box::new(recorder.clone()),
+        );
+        let out: Vec<_> =
+            tokio::time::timeout(Duration::from_secs(30), relayed.collect::<Vec<_>>())
+                .await
+                .expect("relay waited for the upstream after [DONE]");
+        assert_eq!(out.len(), 1);
+        assert_eq!(*recorder.0.lock().unwrap(), Some((None, true)));
     }
 
     #[tokio::test]

@@ -148,6 +148,13 @@ async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
             )
                 .into_response();
         }
+        let version = query.as_deref().unwrap_or_default();
+        if json.get("stream_options").is_some()
+            && version.contains("api-version=2024-05-01-preview")
+        {
+            return (StatusCode::BAD_REQUEST, [("content-type", "application/json")],
+                json!({"error": {"message": "Unrecognized request argument supplied: stream_options", "type": "invalid_request_error", "param": null, "code": null}}).to_string()).into_response();
+        }
         if path.contains("/deployments/missing/") {
             return (StatusCode::NOT_FOUND, [("content-type", "application/json")],
                 json!({"error": {"code": "DeploymentNotFound", "message": "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again."}}).to_string()).into_response();

@@ -7,9 +7,14 @@
 //! - Foundry models endpoint (`*.services.ai.azure.com` or an endpoint ending in `/models`, model
 //!   without deployment): `{endpoint}/models/{op}?api-version=...`, model in the body.
 //!
-//! The `api-version` is the connection's `api_version` option, else the one the client sent on an
-//! Azure-style inbound route, else `2024-05-01-preview`. The connection wins because the admin
-//! knows which versions the resource serves.
+//! The `api-version` is the connection's `api_version` option, else (classic form only) the one the
+//! client sent on an Azure-style inbound route, else `2024-05-01-preview`. The connection wins
+//! because the admin knows which versions the resource serves.
+//!
+//! Azure validates bodies against the api-version's schema: `stream_options` (which the gateway
+//! adds to count streamed tokens) exists from `2024-09-01-preview` and in `v1`; older versions and
+//! the Foundry models endpoint reject it, so it is only added there. Streams without a usage
+//! chunk settle their token reservation with the estimate.
 
 use super::{CallContext, Outbound, openai_format_body};
 use crate::errors::ApiError;
@@ -17,6 +22,16 @@ use axum::http::{HeaderName, HeaderValue};
 use secrecy::ExposeSecret as _;
 
 pub const DEFAULT_API_VERSION: &str = "2024-05-01-preview";
+
+/// First dated api-version whose schema has `stream_options`.
+const FIRST_VERSION_WITH_STREAM_OPTIONS: &str = "2024-09-01";
+
+fn accepts_stream_options(api_version: &str) -> bool {
+    api_version == "v1"
+        || api_version
+            .get(..10)
+            .is_some_and(|date| date >= FIRST_VERSION_WITH_STREAM_OPTIONS)
+}
 
 fn is_foundry_models_endpoint(endpoint: &str) -> bool {
     let host = url::Url::parse(endpoint)
@@ -55,29 +70,32 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
     let connection = &ctx.target.connection;
     let model = &ctx.target.model;
     let endpoint = connection.endpoint.trim_end_matches('/');
-    let api_version = connection
-        .options
-        .get("api_version")
-        .map(String::as_str)
-        .or(ctx.client_api_version)
-        .unwrap_or(DEFAULT_API_VERSION);
+    let configured = connection.options.get("api_version").map(String::as_str);
     let op = ctx.operation.path();
-    let (url, model_in_body) = if api_version == "v1" {
+    // An endpoint pasted with its `/openai/v1` path means the v1 API.
+    let v1 = configured == Some("v1") || (configured.is_none() && endpoint.ends_with("/openai/v1"));
+    let (url, model_in_body, stream_usage) = if v1 {
         let base = endpoint
             .trim_end_matches("/openai/v1")
             .trim_end_matches("/openai");
         (
             with_segments(base, &["openai", "v1", op], None)?,
             model.deployment.as_deref().unwrap_or(&model.remote),
+            true,
         )
     } else if model.deployment.is_none() && is_foundry_models_endpoint(endpoint) {
         let base = endpoint.trim_end_matches("/models");
+        let api_version = configured.unwrap_or(DEFAULT_API_VERSION);
         (
             with_segments(base, &["models", op], Some(api_version))?,
             model.remote.as_str(),
+            false,
         )
     } else {
         let base = endpoint.trim_end_matches("/openai");
+        let api_version = configured
+            .or(ctx.client_api_version)
+            .unwrap_or(DEFAULT_API_VERSION);
         let deployment = model.deployment.as_deref().unwrap_or(&model.remote);
         (
             with_segments(
@@ -86,6 +104,7 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
                 Some(api_version),
             )?,
             model.remote.as_str(),
+            accepts_stream_options(api_version),
         )
     };
     let mut headers = Vec::with_capacity(1);
@@ -103,7 +122,7 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
     Ok(Outbound {
         url,
         headers,
-        body: openai_format_body(ctx, model_in_body),
+        body: openai_format_body(ctx, model_in_body, stream_usage),
     })
 }
 
@@ -200,6 +219,44 @@ mod tests {
     }
 
     #[test]
+    fn stream_options_only_for_api_versions_that_accept_them() {
+        let stream = |t: &Target, client: Option<&str>| {
+            let request =
+                body::parse(br#"{"model":"a","stream":true,"messages":[]}"#, true).unwrap();
+            let ctx = CallContext {
+                operation: Operation::ChatCompletions,
+                target: t,
+                request: &request,
+                client_api_version: client,
+            };
+            let sent: serde_json::Value =
+                serde_json::from_slice(&build(&ctx).unwrap().body).unwrap();
+            sent.get("stream_options").is_some()
+        };
+        let classic = target("https://res.openai.azure.com", None, Some("d"));
+        assert!(
+            !stream(&classic, None),
+            "2024-05-01-preview rejects stream_options"
+        );
+        assert!(stream(&classic, Some("2024-10-21")));
+        assert!(stream(
+            &target("https://res.openai.azure.com", Some("v1"), Some("d")),
+            None
+        ));
+        assert!(!stream(
+            &target("https://res.services.ai.azure.com", None, None),
+            None
+        ));
+        let pasted_v1 = target("https://res.openai.azure.com/openai/v1", None, Some("d"));
+        assert!(stream(&pasted_v1, None));
+        let (url, _) = outbound(&pasted_v1, None, Operation::ChatCompletions);
+        assert_eq!(
+            url,
+            "https://res.openai.azure.com/openai/v1/chat/completions"
+        );
+    }
+
+    #[test]
     fn foundry_models_endpoint_without_deployment() {
         let t = target("https://res.services.ai.azure.com", None, None);
         let (url, model) = outbound(&t, None, Operation::ChatCompletions);
@@ -209,7 +266,7 @@ mod tests {
         );
         assert_eq!(model, "gpt-4o");
         let t = target("https://res.services.ai.azure.com/models", None, None);
-        let (url, _) = outbound(&t, None, Operation::Embeddings);
+        let (url, _) = outbound(&t, Some("2024-10-21"), Operation::Embeddings);
         assert_eq!(
             url,
             "https://res.services.ai.azure.com/models/embeddings?api-version=2024-05-01-preview"

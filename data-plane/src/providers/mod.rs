@@ -70,12 +70,17 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
 }
 
 /// The body an OpenAI-format upstream gets: the client's, with `model` = the remote name and,
-/// for streams, usage requested so that tokens can be counted.
-pub fn openai_format_body(ctx: &CallContext<'_>, model_in_body: &str) -> Vec<u8> {
+/// for streams when the upstream accepts `stream_options`, usage requested so that tokens can be
+/// counted.
+pub fn openai_format_body(
+    ctx: &CallContext<'_>,
+    model_in_body: &str,
+    ask_stream_usage: bool,
+) -> Vec<u8> {
     let model = crate::body::json_string(model_in_body);
     let mut overrides: Vec<(&str, &str)> = vec![("model", &model)];
     let stream_options;
-    if ctx.request.stream && ctx.operation == Operation::ChatCompletions {
+    if ask_stream_usage && ctx.request.stream && ctx.operation == Operation::ChatCompletions {
         stream_options = stream_options_with_usage(ctx.request);
         overrides.push(("stream_options", &stream_options));
     }

@@ -40,7 +40,7 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
     Ok(Outbound {
         url: url(&target.connection.endpoint, ctx.operation.path()),
         headers: bearer(credential)?.into_iter().collect(),
-        body: openai_format_body(ctx, &target.model.remote),
+        body: openai_format_body(ctx, &target.model.remote, true),
     })
 }
 
