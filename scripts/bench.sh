@@ -45,7 +45,7 @@ done
 run() { # url -> "p50_ms p99_ms"
   oha --no-tui -z "${seconds}s" -q "$rate" -c 32 -m POST -H 'authorization: Bearer vk-bench-0123456789' \
     -T application/json -d "$body" --output-format json "$1" \
-  | python3 -c 'import json,sys; d=json.load(sys.stdin); p=d["latencyPercentiles"]; s=d["summary"]; print(f"{p[\"p50\"]*1000:.3f} {p[\"p99\"]*1000:.3f} {s[\"successRate\"]:.4f} {s[\"requestsPerSec\"]:.0f}")'
+  | python3 -c 'import json,sys; d=json.load(sys.stdin); p=d["latencyPercentiles"]; s=d["summary"]; print("%.3f %.3f %.4f %.0f" % (p["p50"]*1000, p["p99"]*1000, s["successRate"], s["requestsPerSec"]))'
 }
 ticks=$(getconf CLK_TCK)
 cpu() { awk '{print $14+$15}' "/proc/$dp_pid/stat"; }
