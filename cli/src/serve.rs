@@ -112,7 +112,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
 
     println!("llm-proxy is running");
-    println!("  OpenAI-compatible API: http://{}", dp.addr);
+    println!("  OpenAI-compatible API: http://{}", shown(dp.addr));
     println!("  admin API (gRPC, for llmctl): {}", cp.grpc_addr);
     println!("  metrics, /healthz, /readyz: http://{metrics_addr}");
     println!("  data: {}", args.data_dir.display());
@@ -144,6 +144,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         cp.shutdown().await;
     }
     Ok(())
+}
+
+/// How to reach a listener from this machine (`0.0.0.0:8132` → `localhost:8132`).
+fn shown(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
 }
 
 /// The control plane may listen on 0.0.0.0; the in-process data plane dials loopback.
