@@ -1,12 +1,14 @@
 //! Starting a data plane: config sync, the API listener, the metrics/health listener, and a
 //! graceful shutdown that lets in-flight requests and streams finish within a grace period.
 
-use crate::ratelimit::local::LocalLimiter;
+use crate::ratelimit::redis::{FailMode, RedisLimiter, RedisLimiterConfig};
+use crate::ratelimit::{AnyLimiter, LocalLimiter};
 use crate::server::{self, AppState};
 use crate::sync::{self, ConfigHandle, SyncSettings};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use secrecy::{ExposeSecret as _, SecretString};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +25,8 @@ pub enum GatewayError {
     },
     #[error("cannot build the upstream HTTP client: {0}")]
     Client(String),
+    #[error("invalid --redis-url: {0}")]
+    Redis(String),
 }
 
 #[derive(Debug)]
@@ -31,6 +35,9 @@ pub struct GatewaySettings {
     pub metrics_listen: Option<SocketAddr>,
     pub sync: SyncSettings,
     pub max_body_bytes: usize,
+    /// Shared buckets in Redis; `None` = in-process buckets (one data plane only).
+    pub redis_url: Option<SecretString>,
+    pub ratelimit_fail_mode: FailMode,
 }
 
 #[derive(Debug)]
@@ -83,6 +90,26 @@ fn render_metrics(config: &ConfigHandle) -> String {
     )
 }
 
+fn limiter(
+    settings: &GatewaySettings,
+    config: &Arc<ConfigHandle>,
+) -> Result<AnyLimiter, GatewayError> {
+    let Some(url) = &settings.redis_url else {
+        return Ok(AnyLimiter::Local(LocalLimiter::new()));
+    };
+    let limiter_config = RedisLimiterConfig {
+        fail_mode: settings.ratelimit_fail_mode,
+        ..RedisLimiterConfig::default()
+    };
+    let handle = config.clone();
+    let redis = RedisLimiter::new(url.expose_secret(), limiter_config, move || {
+        handle.live_data_planes()
+    })
+    // The error text of a bad URL does not repeat the URL (it may hold a password).
+    .map_err(|e| GatewayError::Redis(format!("{:?}", e.kind())))?;
+    Ok(AnyLimiter::Redis(redis))
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
     TcpListener::bind(addr)
         .await
@@ -99,7 +126,7 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     let client = server::upstream_client().map_err(|e| GatewayError::Client(e.to_string()))?;
     let state = AppState {
         config: config.clone(),
-        limiter: Arc::new(LocalLimiter::new()),
+        limiter: Arc::new(limiter(&settings, &config)?),
         client,
         max_body_bytes: settings.max_body_bytes,
     };

@@ -2,19 +2,13 @@
 
 use clap::Parser;
 use llm_proxy_data_plane::gateway::{self, GatewaySettings};
+use llm_proxy_data_plane::ratelimit::redis::FailMode;
 use llm_proxy_data_plane::server::DEFAULT_MAX_BODY_BYTES;
 use llm_proxy_data_plane::sync::SyncSettings;
 use secrecy::SecretString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum FailMode {
-    Local,
-    Open,
-    Closed,
-}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -152,6 +146,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tls: tls(&cli).await?,
         },
         max_body_bytes: cli.max_body_bytes,
+        redis_url: cli.redis_url.clone(),
+        ratelimit_fail_mode: cli.ratelimit_fail_mode,
     };
     // Reject a malformed --control-plane URL or token now, not in the background task.
     settings.sync.endpoint()?;

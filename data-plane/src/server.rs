@@ -5,8 +5,7 @@ use crate::body::{self, ParsedRequest};
 use crate::errors::ApiError;
 use crate::index::{ConfigIndex, KeyEntry, Target};
 use crate::providers::{self, CallContext, Operation, Usage};
-use crate::ratelimit::local::LocalLimiter;
-use crate::ratelimit::{Decision, LimitSpec, RateLimiter as _, Reservation};
+use crate::ratelimit::{AnyLimiter, Decision, LimitSpec, RateLimiter as _, Reservation};
 use crate::sse::{self, StreamEnd};
 use crate::sync::ConfigHandle;
 use axum::Router;
@@ -28,7 +27,7 @@ const DEFAULT_OUTPUT_TOKEN_ESTIMATE: u64 = 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<ConfigHandle>,
-    pub limiter: Arc<LocalLimiter>,
+    pub limiter: Arc<AnyLimiter>,
     pub client: reqwest::Client,
     pub max_body_bytes: usize,
 }
@@ -250,7 +249,7 @@ fn attach_headers(response: &mut Response, headers: Vec<(HeaderName, HeaderValue
 
 /// Settles a TPM reservation when a stream ends.
 struct SettleOnEnd {
-    limiter: Arc<LocalLimiter>,
+    limiter: Arc<AnyLimiter>,
     reservation: Option<Reservation>,
     estimate: u64,
 }
@@ -329,6 +328,14 @@ async fn handle_inner(
             .limiter
             .acquire(&target.assignment_id, &spec, estimate)
             .await;
+        if decision.is_unavailable() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "rate limiting is unavailable (shared limiter down, fail mode closed); retry shortly",
+            )
+            .with_code("ratelimiter_unavailable"));
+        }
         if !decision.allowed {
             // Tell the caller the soonest time any target of the pool frees up.
             let sooner = last_denial

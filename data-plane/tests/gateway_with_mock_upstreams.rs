@@ -317,6 +317,10 @@ fn control_plane_settings(
 }
 
 async fn fixture() -> Fixture {
+    fixture_with(None).await
+}
+
+async fn fixture_with(redis_url: Option<SecretString>) -> Fixture {
     let (mock, mock_addr) = start_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let master_key = llm_proxy_control_plane::crypto::MasterKeys::generate_encoded();
@@ -407,6 +411,8 @@ async fn fixture() -> Fixture {
             tls: None,
         },
         max_body_bytes: 64 * 1024,
+        redis_url,
+        ratelimit_fail_mode: Default::default(),
     })
     .await
     .unwrap();
@@ -917,4 +923,46 @@ async fn shutdown_drains_in_flight_requests() {
         .unwrap()
         .unwrap();
     cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_the_limit_lives_in_shared_buckets() {
+    let redis_url =
+        std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let f = fixture_with(Some(SecretString::from(redis_url.clone()))).await;
+    let asg =
+        f.cp.store
+            .list_assignments(Some("Frontend-App"), None)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|a| a.alias == "limited")
+            .unwrap();
+    let first = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"limited","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(first.status(), 200);
+    let second = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"limited","messages":[]}"#,
+        )
+        .await;
+    assert_eq!(second.status(), 429);
+    assert!(second.headers().contains_key("retry-after-ms"));
+    // The bucket is in Redis, under the assignment's hash-tagged key.
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("llmproxy:{{{}}}:rps", asg.id);
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(exists, "{key} missing");
 }

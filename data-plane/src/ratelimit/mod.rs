@@ -14,8 +14,10 @@
 //! that implements the trait by matching — still without allocating. The same shape fits the Redis
 //! limiter (one `EVALSHA` in `acquire`, one in `settle`).
 
+pub mod any;
 pub mod clock;
 pub mod local;
+pub mod redis;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
+pub use any::AnyLimiter;
 pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use local::LocalLimiter;
 
