@@ -9,7 +9,7 @@ use clap::Args;
 use llm_proxy_control_plane::master_key;
 use llm_proxy_control_plane::server::{self, RunningControlPlane, ServerSettings};
 use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
-use llm_proxy_data_plane::ratelimit::redis::FailMode;
+use llm_proxy_data_plane::ratelimit::redis::{FailMode, RedisLimiterConfig};
 use llm_proxy_data_plane::server::DEFAULT_MAX_BODY_BYTES;
 use llm_proxy_data_plane::sync::SyncSettings;
 use secrecy::SecretString;
@@ -102,6 +102,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         redis_url: args.redis_url.clone().map(SecretString::from),
         ratelimit_fail_mode: FailMode::default(),
+        ratelimit_redis_budget: RedisLimiterConfig::default().budget,
     })
     .await?;
     let dp = Arc::new(dp);

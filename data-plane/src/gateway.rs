@@ -38,6 +38,8 @@ pub struct GatewaySettings {
     /// Shared buckets in Redis; `None` = in-process buckets (one data plane only).
     pub redis_url: Option<SecretString>,
     pub ratelimit_fail_mode: FailMode,
+    /// Time budget of one Redis limiter call before the fail mode answers.
+    pub ratelimit_redis_budget: Duration,
 }
 
 #[derive(Debug)]
@@ -99,6 +101,7 @@ fn limiter(
     };
     let limiter_config = RedisLimiterConfig {
         fail_mode: settings.ratelimit_fail_mode,
+        budget: settings.ratelimit_redis_budget,
         ..RedisLimiterConfig::default()
     };
     let handle = config.clone();

@@ -48,6 +48,9 @@ struct Cli {
         default_value = "local"
     )]
     ratelimit_fail_mode: FailMode,
+    /// Milliseconds one Redis limiter call may take before the fail mode answers.
+    #[arg(long, env = "LLM_PROXY_RATELIMIT_REDIS_BUDGET_MS", default_value_t = 5)]
+    ratelimit_redis_budget_ms: u64,
     /// Largest accepted request body; larger ones get 413.
     #[arg(long, env = "LLM_PROXY_DP_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
@@ -148,6 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_body_bytes: cli.max_body_bytes,
         redis_url: cli.redis_url.clone(),
         ratelimit_fail_mode: cli.ratelimit_fail_mode,
+        ratelimit_redis_budget: Duration::from_millis(cli.ratelimit_redis_budget_ms),
     };
     // Reject a malformed --control-plane URL or token now, not in the background task.
     settings.sync.endpoint()?;

@@ -413,6 +413,7 @@ async fn fixture_with(redis_url: Option<SecretString>) -> Fixture {
         max_body_bytes: 64 * 1024,
         redis_url,
         ratelimit_fail_mode: Default::default(),
+        ratelimit_redis_budget: Duration::from_millis(200),
     })
     .await
     .unwrap();

@@ -1,0 +1,441 @@
+//! Three real data plane processes share one Redis: together they admit what one assignment's
+//! limit allows, for requests (`tps`, `burst`) and for streamed tokens (`tpm`); and when Redis
+//! stops they keep answering (fail mode `local`), then share again once it is back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use axum::body::{Body, Bytes};
+use axum::response::Response;
+use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane, ServerSettings};
+use llm_proxy_control_plane::store::{NewAssignment, NewConnection, NewModel, NewVirtualKey};
+use secrecy::SecretString;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::time::Instant;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+const KEY: &str = "vk-shared-limits-1234";
+const TOKENS_PER_ANSWER: u64 = 50;
+
+fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// Answers chat completions (plain or streamed) that each report 50 tokens.
+async fn mock_upstream() -> SocketAddr {
+    async fn answer(body: Bytes) -> Response {
+        let stream = body.windows(13).any(|w| w == b"\"stream\":true");
+        let text = if stream {
+            format!(
+                "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"hi\"}},\"finish_reason\":\"stop\"}}]}}\n\ndata: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{{\"prompt_tokens\":40,\"completion_tokens\":10,\"total_tokens\":{TOKENS_PER_ANSWER}}}}}\n\ndata: [DONE]\n\n"
+            )
+        } else {
+            format!(
+                "{{\"id\":\"c\",\"object\":\"chat.completion\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"hi\"}},\"finish_reason\":\"stop\"}}],\"usage\":{{\"prompt_tokens\":40,\"completion_tokens\":10,\"total_tokens\":{TOKENS_PER_ANSWER}}}}}"
+            )
+        };
+        let mut response = Response::new(Body::from(text));
+        let content_type = if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        response
+            .headers_mut()
+            .insert("content-type", content_type.parse().unwrap());
+        response
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, axum::Router::new().fallback(answer))
+            .await
+            .unwrap()
+    });
+    addr
+}
+
+struct Setup {
+    cp: RunningControlPlane,
+    _dir: tempfile::TempDir,
+}
+
+/// A control plane with one key and one assignment (`alias`) with the given limits.
+async fn control_plane(
+    upstream: SocketAddr,
+    tps: Option<i64>,
+    tpm: Option<i64>,
+) -> (Setup, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = ServerSettings::new(
+        "127.0.0.1:0".parse().unwrap(),
+        SecretString::from(format!("sqlite://{}", dir.path().join("cp.db").display())),
+        llm_proxy_control_plane::crypto::MasterKeys::generate_encoded(),
+    );
+    let cp = cp_server::start(settings).await.unwrap();
+    cp.store
+        .create_connection(NewConnection {
+            name: "Mock".into(),
+            provider: "openai".into(),
+            endpoint: format!("http://{upstream}"),
+            credential: SecretString::from("sk-mock"),
+            options: Default::default(),
+        })
+        .await
+        .unwrap();
+    cp.store
+        .create_model(NewModel {
+            connection: "Mock".into(),
+            name: "m".into(),
+            remote: "m".into(),
+            deployment: None,
+        })
+        .await
+        .unwrap();
+    cp.store
+        .create_vkey(NewVirtualKey {
+            name: "Shared".into(),
+            key: Some(SecretString::from(KEY)),
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    let asg = cp
+        .store
+        .create_assignment(NewAssignment {
+            vkey: "Shared".into(),
+            model: "m".into(),
+            alias: Some("limited".into()),
+            tps,
+            tpm,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .value;
+    (Setup { cp, _dir: dir }, asg.id)
+}
+
+struct DataPlane {
+    _child: tokio::process::Child,
+    addr: SocketAddr,
+}
+
+async fn spawn_data_plane(cp: SocketAddr, redis: &str, node: &str) -> DataPlane {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-proxy-data-plane"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args([
+            "--control-plane",
+            &format!("http://{cp}"),
+            "--node-id",
+            node,
+        ])
+        .env("REDIS_URL", redis)
+        // This test measures shared limiting, not the fail mode: a test machine running other
+        // tests in parallel must not push Redis calls past the budget into local fallback.
+        .env("LLM_PROXY_RATELIMIT_REDIS_BUDGET_MS", "250")
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("llm-proxy data plane listening on ") {
+                return rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("data plane exited before listening");
+    })
+    .await
+    .expect("data plane did not start");
+    // Keep draining stderr so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    DataPlane {
+        _child: child,
+        addr,
+    }
+}
+
+/// Waits until every data plane serves the alias (its snapshot is applied).
+async fn wait_ready(http: &reqwest::Client, planes: &[DataPlane]) {
+    let deadline = Instant::now() + PATIENCE;
+    for plane in planes {
+        loop {
+            let models = http
+                .get(format!("http://{}/v1/models", plane.addr))
+                .bearer_auth(KEY)
+                .send()
+                .await;
+            if let Ok(r) = models
+                && r.status() == 200
+                && r.text().await.unwrap_or_default().contains("limited")
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "data plane {} never got its config",
+                plane.addr
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    admitted: AtomicU64,
+    limited: AtomicU64,
+    other: AtomicU64,
+}
+
+/// Offers `rate` requests per second in total, round-robin over the data planes, for `length`.
+/// Returns the counts and the measured window (first to last send).
+async fn offer_load(
+    http: &reqwest::Client,
+    planes: &[DataPlane],
+    rate: u32,
+    length: Duration,
+    body: &'static str,
+) -> (Arc<Counts>, Duration) {
+    let counts = Arc::new(Counts::default());
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let start = Instant::now();
+    let mut last = start;
+    let mut tasks = Vec::new();
+    let mut i = 0usize;
+    while start.elapsed() < length {
+        tick.tick().await;
+        last = Instant::now();
+        let url = format!(
+            "http://{}/v1/chat/completions",
+            planes[i % planes.len()].addr
+        );
+        i += 1;
+        let (http, counts) = (http.clone(), counts.clone());
+        tasks.push(tokio::spawn(async move {
+            let response =
+                tokio::time::timeout(PATIENCE, http.post(url).bearer_auth(KEY).body(body).send())
+                    .await
+                    .expect("a request got no answer")
+                    .unwrap();
+            let status = response.status().as_u16();
+            // Read streams to the end so their usage is settled.
+            let _ = response.bytes().await;
+            match status {
+                200 => counts.admitted.fetch_add(1, Ordering::Relaxed),
+                429 => counts.limited.fetch_add(1, Ordering::Relaxed),
+                _ => counts.other.fetch_add(1, Ordering::Relaxed),
+            };
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    (counts, last - start)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_data_planes_admit_tps_times_seconds_plus_burst() {
+    const TPS: i64 = 20;
+    let upstream = mock_upstream().await;
+    let (setup, _) = control_plane(upstream, Some(TPS), None).await;
+    let redis = redis_url();
+    let mut planes = Vec::new();
+    for n in 0..3 {
+        planes.push(spawn_data_plane(setup.cp.grpc_addr, &redis, &format!("dp-rps-{n}")).await);
+    }
+    let http = reqwest::Client::new();
+    wait_ready(&http, &planes).await;
+
+    // About 5× the limit, spread over the three pods, for 10 s.
+    let (counts, window) = offer_load(
+        &http,
+        &planes,
+        5 * TPS as u32,
+        Duration::from_secs(10),
+        r#"{"model":"limited","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    let admitted = counts.admitted.load(Ordering::Relaxed) as f64;
+    let expected = TPS as f64 * window.as_secs_f64() + TPS as f64;
+    println!(
+        "rps: admitted {admitted}, expected {expected:.1} over {window:?}, limited {}",
+        counts.limited.load(Ordering::Relaxed)
+    );
+    assert_eq!(counts.other.load(Ordering::Relaxed), 0);
+    assert!(
+        (admitted - expected).abs() <= expected * 0.02,
+        "admitted {admitted}, expected {expected:.1} ± 2%"
+    );
+    setup.cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_data_planes_hold_a_token_limit_with_streamed_answers() {
+    const TPM: i64 = 6000; // capacity 6000 tokens, refill 100 tokens/s
+    let upstream = mock_upstream().await;
+    let (setup, _) = control_plane(upstream, None, Some(TPM)).await;
+    let redis = redis_url();
+    let mut planes = Vec::new();
+    for n in 0..3 {
+        planes.push(spawn_data_plane(setup.cp.grpc_addr, &redis, &format!("dp-tpm-{n}")).await);
+    }
+    let http = reqwest::Client::new();
+    wait_ready(&http, &planes).await;
+
+    // Each admitted stream really uses 50 tokens; the gateway's estimate (~body/4 + max_tokens)
+    // is close to that, and the settle after the stream corrects it.
+    let (counts, window) = offer_load(
+        &http,
+        &planes,
+        60,
+        Duration::from_secs(10),
+        r#"{"model":"limited","stream":true,"max_tokens":10,"messages":[{"role":"user","content":"hi there"}]}"#,
+    )
+    .await;
+    let tokens = (counts.admitted.load(Ordering::Relaxed) * TOKENS_PER_ANSWER) as f64;
+    let expected = TPM as f64 + TPM as f64 / 60.0 * window.as_secs_f64();
+    println!(
+        "tpm: admitted {} streams = {tokens} tokens, expected {expected:.0} over {window:?}",
+        counts.admitted.load(Ordering::Relaxed)
+    );
+    assert_eq!(counts.other.load(Ordering::Relaxed), 0);
+    assert!(
+        (tokens - expected).abs() <= expected * 0.05,
+        "used {tokens} tokens, expected {expected:.0} ± 5%"
+    );
+    setup.cp.shutdown().await;
+}
+
+/// A Redis server of this test's own, so that it can be stopped and started again.
+struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<tokio::process::Child>,
+}
+
+impl OwnRedis {
+    async fn start(port: u16, dir: tempfile::TempDir) -> Self {
+        let child = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server must be installed for this test");
+        let deadline = Instant::now() + PATIENCE;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self {
+            port,
+            dir,
+            child: Some(child),
+        }
+    }
+
+    async fn stop(mut self) -> (u16, tempfile::TempDir) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+        (self.port, self.dir)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_down_follows_the_fail_mode_and_sharing_resumes_when_it_is_back() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let redis = OwnRedis::start(port, tempfile::tempdir().unwrap()).await;
+    let url = redis.url();
+    let upstream = mock_upstream().await;
+    let (setup, asg) = control_plane(upstream, Some(1000), None).await;
+    let mut planes = Vec::new();
+    for n in 0..3 {
+        planes.push(spawn_data_plane(setup.cp.grpc_addr, &url, &format!("dp-down-{n}")).await);
+    }
+    let http = reqwest::Client::new();
+    wait_ready(&http, &planes).await;
+    let body = r#"{"model":"limited","messages":[]}"#;
+    let key = format!("llmproxy:{{{asg}}}:rps");
+    let exists = |url: String, key: String| async move {
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async::<bool>(&mut conn)
+            .await
+            .unwrap()
+    };
+
+    let (counts, _) = offer_load(&http, &planes, 100, Duration::from_secs(1), body).await;
+    assert_eq!(
+        counts.admitted.load(Ordering::Relaxed) as usize,
+        counts_total(&counts)
+    );
+    assert!(
+        exists(url.clone(), key.clone()).await,
+        "limiting went through Redis"
+    );
+
+    // Redis stops: every request still gets an answer (offer_load fails on a missing answer), and
+    // with the default fail mode `local` the pods keep admitting under the (divided) limit.
+    let (port, dir) = redis.stop().await;
+    let (counts, _) = offer_load(&http, &planes, 100, Duration::from_secs(2), body).await;
+    assert_eq!(
+        counts.other.load(Ordering::Relaxed),
+        0,
+        "answers follow the fail mode"
+    );
+    assert!(counts.admitted.load(Ordering::Relaxed) > 0);
+
+    // Redis is back (empty): shared limiting resumes without a restart.
+    let redis = OwnRedis::start(port, dir).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (counts, _) = offer_load(&http, &planes, 50, Duration::from_millis(200), body).await;
+        assert_eq!(counts.other.load(Ordering::Relaxed), 0);
+        if exists(redis.url(), key.clone()).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the data planes never went back to Redis"
+        );
+    }
+    redis.stop().await;
+    setup.cp.shutdown().await;
+}
+
+fn counts_total(counts: &Counts) -> usize {
+    (counts.admitted.load(Ordering::Relaxed)
+        + counts.limited.load(Ordering::Relaxed)
+        + counts.other.load(Ordering::Relaxed)) as usize
+}
