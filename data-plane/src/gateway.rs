@@ -47,6 +47,7 @@ pub struct RunningGateway {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub config: Arc<ConfigHandle>,
+    pub limiter: Arc<AnyLimiter>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
     others: Vec<JoinHandle<()>>,
@@ -59,7 +60,7 @@ impl RunningGateway {
     }
 
     pub fn render_metrics(&self) -> String {
-        render_metrics(&self.config)
+        render_metrics(&self.config, &self.limiter)
     }
 
     /// Stops accepting new connections; in-flight requests go on (see [`Self::shutdown`]).
@@ -84,12 +85,22 @@ impl RunningGateway {
     }
 }
 
-fn render_metrics(config: &ConfigHandle) -> String {
+fn render_metrics(config: &ConfigHandle, limiter: &AnyLimiter) -> String {
     let version = config.current().map_or(0, |c| c.version);
-    format!(
+    let mut text = format!(
         "# HELP llm_proxy_config_version Config version applied by this data plane.\n# TYPE llm_proxy_config_version gauge\nllm_proxy_config_version {version}\n# HELP llm_proxy_control_plane_connected Whether the config stream is up.\n# TYPE llm_proxy_control_plane_connected gauge\nllm_proxy_control_plane_connected {}\n",
         u8::from(config.connected())
-    )
+    );
+    if let AnyLimiter::Redis(redis) = limiter {
+        let stats = redis.stats();
+        text.push_str(&format!(
+            "# HELP llm_proxy_redis_errors_total Redis limiter calls that failed or ran over budget.\n# TYPE llm_proxy_redis_errors_total counter\nllm_proxy_redis_errors_total {}\n# HELP llm_proxy_ratelimit_fallback_decisions_total Rate-limit decisions made by the fail mode instead of Redis.\n# TYPE llm_proxy_ratelimit_fallback_decisions_total counter\nllm_proxy_ratelimit_fallback_decisions_total {}\n# HELP llm_proxy_ratelimit_degraded 1 while the Redis limiter answers from its fail mode (flips on every mode switch).\n# TYPE llm_proxy_ratelimit_degraded gauge\nllm_proxy_ratelimit_degraded {}\n",
+            stats.redis_errors,
+            stats.fallback_decisions,
+            u8::from(redis.is_degraded())
+        ));
+    }
+    text
 }
 
 fn limiter(
@@ -127,9 +138,10 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     })?;
     let config = ConfigHandle::new();
     let client = server::upstream_client().map_err(|e| GatewayError::Client(e.to_string()))?;
+    let limiter = Arc::new(limiter(&settings, &config)?);
     let state = AppState {
         config: config.clone(),
-        limiter: Arc::new(limiter(&settings, &config)?),
+        limiter: limiter.clone(),
         client,
         max_body_bytes: settings.max_body_bytes,
     };
@@ -159,7 +171,7 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
                 .route("/healthz", get(|| async { "ok" }))
                 .route(
                     "/readyz",
-                    get(|State(config): State<Arc<ConfigHandle>>| async move {
+                    get(|State((config, _)): State<(Arc<ConfigHandle>, Arc<AnyLimiter>)>| async move {
                         match config.current() {
                             Some(c) => (
                                 StatusCode::OK,
@@ -174,11 +186,13 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
                 )
                 .route(
                     "/metrics",
-                    get(|State(config): State<Arc<ConfigHandle>>| async move {
-                        render_metrics(&config)
-                    }),
+                    get(
+                        |State((config, limiter)): State<(Arc<ConfigHandle>, Arc<AnyLimiter>)>| async move {
+                            render_metrics(&config, &limiter)
+                        },
+                    ),
                 )
-                .with_state(config.clone());
+                .with_state((config.clone(), limiter.clone()));
         others.push(tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, app).await {
                 tracing::error!(error = %err, "data plane metrics server failed");
@@ -190,6 +204,7 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
         addr,
         metrics_addr,
         config,
+        limiter,
         shutdown: shutdown_tx,
         server,
         others,

@@ -122,6 +122,7 @@ async fn control_plane(
 struct DataPlane {
     _child: tokio::process::Child,
     addr: SocketAddr,
+    metrics: SocketAddr,
 }
 
 async fn spawn_data_plane(cp: SocketAddr, redis: &str, node: &str) -> DataPlane {
@@ -143,10 +144,13 @@ async fn spawn_data_plane(cp: SocketAddr, redis: &str, node: &str) -> DataPlane 
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(PATIENCE, async {
+    let (addr, metrics) = tokio::time::timeout(PATIENCE, async {
         while let Some(line) = lines.next_line().await.unwrap() {
+            // "llm-proxy data plane listening on ADDR (metrics on ADDR)"
             if let Some(rest) = line.strip_prefix("llm-proxy data plane listening on ") {
-                return rest.split_whitespace().next().unwrap().parse().unwrap();
+                let words: Vec<&str> = rest.split_whitespace().collect();
+                let metrics = words[3].trim_end_matches(')');
+                return (words[0].parse().unwrap(), metrics.parse().unwrap());
             }
         }
         panic!("data plane exited before listening");
@@ -158,6 +162,7 @@ async fn spawn_data_plane(cp: SocketAddr, redis: &str, node: &str) -> DataPlane 
     DataPlane {
         _child: child,
         addr,
+        metrics,
     }
 }
 
@@ -415,6 +420,25 @@ async fn redis_down_follows_the_fail_mode_and_sharing_resumes_when_it_is_back() 
         "answers follow the fail mode"
     );
     assert!(counts.admitted.load(Ordering::Relaxed) > 0);
+    // The switch shows in the metrics.
+    let mut errors = 0u64;
+    for plane in &planes {
+        let text = http
+            .get(format!("http://{}/metrics", plane.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("llm_proxy_redis_errors_total "))
+            .unwrap();
+        errors += line.rsplit(' ').next().unwrap().parse::<u64>().unwrap();
+        assert!(text.contains("llm_proxy_ratelimit_degraded"), "{text}");
+    }
+    assert!(errors > 0, "Redis errors counted");
 
     // Redis is back (empty): shared limiting resumes without a restart.
     let redis = OwnRedis::start(port, dir).await;
