@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Gateway overhead benchmark (not a test): the same fixed request rate sent straight to a local mock
-# upstream and through the data plane, reporting latency p50/p99 of both, the difference, the data
-# plane's CPU time per request and its peak RSS. Needs `oha` (cargo install oha).
+# upstream, through the data plane with in-process buckets, and through it with the Redis limiter
+# (REDIS_URL, default redis://127.0.0.1:6379). Reports latency p50/p99 of each, the differences,
+# the data plane's CPU time per request and its peak RSS. Needs `oha` (cargo install oha).
 #
 #   scripts/bench.sh [RATE=2000] [SECONDS=20]
 set -euo pipefail
@@ -32,17 +33,23 @@ ctl model add --conn-id Mock --name gpt-4o-mini --remote gpt-4o-mini
 ctl vkey add --name Bench --key vk-bench-0123456789
 ctl assign --vkey-id Bench --model-id gpt-4o-mini --alias gpt-4o-mini --tps 1000000
 
-# One core for the data plane, as DESIGN §15 measures.
-RUST_LOG=warn taskset -c 0 "$bin/llm-proxy-data-plane" --listen "127.0.0.1:$dp_port" --metrics-listen "127.0.0.1:$dpm_port" \
-  --control-plane "http://127.0.0.1:$cp_port" 2>"$work/dp.log" & dp_pid=$!; pids+=($dp_pid)
+redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
 body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
-for _ in $(seq 100); do
-  curl -sf -o /dev/null -H 'authorization: Bearer vk-bench-0123456789' -H 'content-type: application/json' \
-    -d "$body" "http://127.0.0.1:$dp_port/v1/chat/completions" && break
-  sleep 0.1
-done
 
-run() { # url -> "p50_ms p99_ms"
+start_dp() { # extra data plane args...; sets dp_pid
+  # One core for the data plane, as DESIGN §15 measures.
+  RUST_LOG=warn taskset -c 0 "$bin/llm-proxy-data-plane" --listen "127.0.0.1:$dp_port" --metrics-listen "127.0.0.1:$dpm_port" \
+    --control-plane "http://127.0.0.1:$cp_port" "$@" 2>>"$work/dp.log" & dp_pid=$!; pids+=($dp_pid)
+  for _ in $(seq 100); do
+    curl -sf -o /dev/null -H 'authorization: Bearer vk-bench-0123456789' -H 'content-type: application/json' \
+      -d "$body" "http://127.0.0.1:$dp_port/v1/chat/completions" && return
+    sleep 0.1
+  done
+  echo "bench.sh: the data plane did not come up" >&2; exit 1
+}
+stop_dp() { kill "$dp_pid"; wait "$dp_pid" 2>/dev/null || true; }
+
+run() { # url -> "p50_ms p99_ms success rps"
   oha --no-tui -z "${seconds}s" -q "$rate" -c 32 -m POST -H 'authorization: Bearer vk-bench-0123456789' \
     -T application/json -d "$body" --output-format json "$1" \
   | python3 -c 'import json,sys; d=json.load(sys.stdin); p=d["latencyPercentiles"]; s=d["summary"]; print("%.3f %.3f %.4f %.0f" % (p["p50"]*1000, p["p99"]*1000, s["successRate"], s["requestsPerSec"]))'
@@ -51,19 +58,31 @@ ticks=$(getconf CLK_TCK)
 cpu() { awk '{print $14+$15}' "/proc/$dp_pid/stat"; }
 
 read -r d50 d99 dok drps < <(run "http://127.0.0.1:$mock_port/v1/chat/completions")
+
+start_dp
 c0=$(cpu)
 read -r g50 g99 gok grps < <(run "http://127.0.0.1:$dp_port/v1/chat/completions")
 c1=$(cpu)
 hwm=$(awk '/VmHWM/ {print $2}' "/proc/$dp_pid/status")
-python3 - "$d50" "$d99" "$g50" "$g99" "$dok" "$gok" "$grps" "$c0" "$c1" "$ticks" "$seconds" "$hwm" "$rate" <<'PY'
+stop_dp
+
+start_dp --redis-url "$redis_url"
+r0=$(cpu)
+read -r r50 r99 rok rrps < <(run "http://127.0.0.1:$dp_port/v1/chat/completions")
+r1=$(cpu)
+stop_dp
+
+python3 - "$d50" "$d99" "$g50" "$g99" "$dok" "$gok" "$grps" "$c0" "$c1" "$ticks" "$seconds" "$hwm" "$rate" "$r50" "$r99" "$rok" "$rrps" "$r0" "$r1" <<'PY'
 import sys
 d50, d99, g50, g99, dok, gok, grps = map(float, sys.argv[1:8])
 c0, c1, ticks, seconds, hwm, rate = map(float, sys.argv[8:14])
-requests = grps * seconds
-print(f"fixed rate {rate:.0f} req/s for {seconds:.0f} s, non-streamed chat completion")
-print(f"direct to mock : p50 {d50:.3f} ms  p99 {d99:.3f} ms  (success {dok:.4f})")
-print(f"through gateway: p50 {g50:.3f} ms  p99 {g99:.3f} ms  (success {gok:.4f})")
-print(f"added latency  : p50 {g50 - d50:+.3f} ms  p99 {g99 - d99:+.3f} ms")
-print(f"data plane CPU : {(c1 - c0) / ticks / requests * 1e6:.1f} us/request")
-print(f"data plane peak RSS: {hwm / 1024:.1f} MiB")
+r50, r99, rok, rrps, r0, r1 = map(float, sys.argv[14:20])
+print(f"fixed rate {rate:.0f} req/s for {seconds:.0f} s, non-streamed chat completion, limit on every request")
+print(f"direct to mock             : p50 {d50:.3f} ms  p99 {d99:.3f} ms  (success {dok:.4f})")
+print(f"gateway, in-process limiter: p50 {g50:.3f} ms  p99 {g99:.3f} ms  (success {gok:.4f})")
+print(f"gateway, Redis limiter     : p50 {r50:.3f} ms  p99 {r99:.3f} ms  (success {rok:.4f})")
+print(f"added by the gateway       : p50 {g50 - d50:+.3f} ms  p99 {g99 - d99:+.3f} ms")
+print(f"added by Redis vs in-process: p50 {r50 - g50:+.3f} ms  p99 {r99 - g99:+.3f} ms")
+print(f"data plane CPU             : {(c1 - c0) / ticks / (grps * seconds) * 1e6:.1f} us/request in-process, {(r1 - r0) / ticks / (rrps * seconds) * 1e6:.1f} us/request with Redis")
+print(f"data plane peak RSS (in-process run): {hwm / 1024:.1f} MiB")
 PY
