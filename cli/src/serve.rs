@@ -9,6 +9,7 @@ use clap::Args;
 use llm_proxy_control_plane::master_key;
 use llm_proxy_control_plane::server::{self, RunningControlPlane, ServerSettings};
 use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
+use llm_proxy_data_plane::process;
 use llm_proxy_data_plane::ratelimit::redis::{FailMode, RedisLimiterConfig};
 use llm_proxy_data_plane::server::DEFAULT_MAX_BODY_BYTES;
 use llm_proxy_data_plane::sync::SyncSettings;
@@ -63,7 +64,7 @@ pub struct ServeArgs {
 /// no tokens), the data plane on `--listen` subscribed to it, and one metrics/health listener for
 /// both.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging();
+    process::init_logging("warn");
     tokio::fs::create_dir_all(&args.data_dir)
         .await
         .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;
@@ -136,7 +137,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "then point the OpenAI SDK at base_url=\"http://localhost:{}\" with api_key=\"vk-front-1234\"",
         dp.addr.port()
     );
-    shutdown_signal().await;
+    process::shutdown_signal().await;
     eprintln!("shutting down");
     metrics_task.abort();
     match Arc::try_unwrap(dp) {
@@ -208,31 +209,4 @@ fn health_router(cp: &Arc<RunningControlPlane>, dp: &Arc<RunningGateway>) -> axu
                 async move { text }
             }),
         )
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("LLM_PROXY_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn shutdown_signal() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use llm_proxy_data_plane::gateway::{self, GatewaySettings};
+use llm_proxy_data_plane::process;
 use llm_proxy_data_plane::ratelimit::redis::FailMode;
 use llm_proxy_data_plane::server::DEFAULT_MAX_BODY_BYTES;
 use llm_proxy_data_plane::sync::SyncSettings;
@@ -71,19 +72,6 @@ struct Cli {
     tls_key: Option<PathBuf>,
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("LLM_PROXY_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 pub fn default_node_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
@@ -115,20 +103,6 @@ async fn tls(cli: &Cli) -> anyhow::Result<Option<tonic::transport::ClientTlsConf
         _ => anyhow::bail!("--tls-cert and --tls-key must be given together"),
     }
     Ok(Some(config))
-}
-
-async fn shutdown_signal() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -163,7 +137,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .metrics_addr
             .map_or_else(|| "-".to_owned(), |a| a.to_string())
     );
-    shutdown_signal().await;
+    process::shutdown_signal().await;
     tracing::info!("shutting down: draining in-flight requests");
     running
         .shutdown(Duration::from_secs(cli.shutdown_grace_s))
@@ -173,7 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging();
+    process::init_logging("info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
