@@ -41,6 +41,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
 }
 
 impl<'a> RawObject<'a> {
+    /// The member names, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.fields.iter().map(|(k, _)| k.as_str())
+    }
+
     pub fn get(&self, key: &str) -> Option<&'a RawValue> {
         self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
     }

@@ -142,7 +142,7 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     let state = AppState {
         config: config.clone(),
         limiter: limiter.clone(),
-        client,
+        upstreams: Arc::new(crate::providers::Upstreams::new(client)),
         max_body_bytes: settings.max_body_bytes,
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -4,9 +4,9 @@
 use crate::body::{self, ParsedRequest};
 use crate::errors::ApiError;
 use crate::index::{ConfigIndex, KeyEntry, Target};
-use crate::providers::{self, CallContext, Operation, Usage};
+use crate::providers::{self, CallContext, Operation, Upstreams, Usage};
 use crate::ratelimit::{AnyLimiter, Decision, LimitSpec, RateLimiter as _, Reservation};
-use crate::sse::{self, StreamEnd};
+use crate::sse::StreamEnd;
 use crate::sync::ConfigHandle;
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -28,7 +28,7 @@ const DEFAULT_OUTPUT_TOKEN_ESTIMATE: u64 = 1024;
 pub struct AppState {
     pub config: Arc<ConfigHandle>,
     pub limiter: Arc<AnyLimiter>,
-    pub client: reqwest::Client,
+    pub upstreams: Arc<Upstreams>,
     pub max_body_bytes: usize,
 }
 
@@ -394,14 +394,16 @@ async fn call_upstream(
 ) -> Attempt {
     let connection = &ctx.target.connection;
     let provider = providers::provider_name(connection.provider);
-    let outbound = match providers::build(ctx) {
+    let outbound = match providers::build(ctx, &state.upstreams).await {
         Ok(outbound) => outbound,
         Err(err) => {
             settle(state, reservation, 0).await;
             return Attempt::Done(err.into_response());
         }
     };
+    let dialect = outbound.dialect;
     let mut request = state
+        .upstreams
         .client
         .post(&outbound.url)
         .header(header::CONTENT_TYPE, "application/json")
@@ -449,7 +451,7 @@ async fn call_upstream(
             Err(_) => Bytes::new(),
         };
         settle(state, reservation, 0).await;
-        let err = providers::upstream_error(provider, status, &headers, &body);
+        let err = dialect.error(provider, status, &headers, &body);
         return if status.is_server_error() {
             Attempt::Retryable(err)
         } else {
@@ -463,14 +465,14 @@ async fn call_upstream(
             reservation,
             estimate,
         });
-        let stream = sse::relay(
+        let body = dialect.stream(
             response.bytes_stream(),
             ctx.request.include_usage,
             timeout,
             provider,
             on_end,
         );
-        let mut out = Response::new(Body::from_stream(stream));
+        let mut out = Response::new(body);
         let headers = out.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -493,7 +495,13 @@ async fn call_upstream(
             );
         }
     };
-    let usage = providers::usage_of(&body);
+    let (body, usage) = match dialect.translate(body) {
+        Ok(translated) => translated,
+        Err(err) => {
+            settle(state, reservation, estimate).await;
+            return Attempt::Done(err.into_response());
+        }
+    };
     settle(state, reservation, usage.map_or(estimate, |u| u.total())).await;
     let mut out = Response::new(Body::from(body));
     *out.status_mut() = StatusCode::OK;

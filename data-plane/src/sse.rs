@@ -1,9 +1,11 @@
 //! Server-sent events: splitting an upstream byte stream into events, and the relay that passes
 //! chat-completion chunks to the client as they arrive.
 //!
-//! Events are relayed byte for byte. The relay only reads each chunk's `choices`/`usage` to count
-//! tokens and to drop two kinds of chunks OpenAI clients do not expect: the usage chunk the gateway
-//! asked for when the client did not, and Azure's content-filter-only chunks (`choices: []`).
+//! The relay loop (idle timeout, broken upstreams, the end-of-stream hook) is shared; what becomes
+//! of the upstream's bytes is a [`StreamTranslator`]'s business. OpenAI-format events are relayed
+//! byte for byte: [`OpenAiPassthrough`] only reads each chunk's `choices`/`usage` to count tokens
+//! and to drop two kinds of chunks OpenAI clients do not expect: the usage chunk the gateway asked
+//! for when the client did not, and Azure's content-filter-only chunks (`choices: []`).
 
 use crate::errors::ApiError;
 use crate::providers::Usage;
@@ -116,35 +118,47 @@ pub trait StreamEnd: Send + 'static {
     fn finished(self: Box<Self>, usage: Option<Usage>, completed: bool);
 }
 
-struct RelayState<S> {
-    upstream: S,
-    splitter: EventSplitter,
-    out: VecDeque<Bytes>,
-    client_wants_usage: bool,
-    idle_timeout: Duration,
-    provider: &'static str,
-    usage: Option<Usage>,
-    done: bool,
-    completed: bool,
-    on_end: Option<Box<dyn StreamEnd>>,
+/// Turns an upstream's streamed answer into OpenAI chat-completion SSE, chunk by chunk.
+pub trait StreamTranslator: Send + 'static {
+    /// Consumes bytes from the upstream and appends what the client gets to `out`. An error ends
+    /// the stream with a final error event (after what `out` holds).
+    fn push(&mut self, chunk: &[u8], out: &mut BytesMut) -> Result<(), ApiError>;
+    /// The upstream closed its body; appends the tail of the answer.
+    fn finish(&mut self, out: &mut BytesMut) -> Result<(), ApiError>;
+    /// True once the answer is whole: nothing more is read from the upstream.
+    fn complete(&self) -> bool;
+    /// Token usage reported so far.
+    fn usage(&self) -> Option<Usage>;
 }
 
-impl<S> Drop for RelayState<S> {
-    fn drop(&mut self) {
-        if let Some(on_end) = self.on_end.take() {
-            on_end.finished(self.usage, self.completed);
+/// OpenAI-format upstreams (OpenAI, Azure): events pass through byte for byte, except the usage
+/// chunk the gateway asked for when the client did not, and Azure's content-filter-only chunks.
+#[derive(Debug)]
+pub struct OpenAiPassthrough {
+    provider: &'static str,
+    splitter: EventSplitter,
+    client_wants_usage: bool,
+    usage: Option<Usage>,
+    completed: bool,
+}
+
+impl OpenAiPassthrough {
+    pub fn new(provider: &'static str, client_wants_usage: bool) -> Self {
+        Self {
+            provider,
+            splitter: EventSplitter::default(),
+            client_wants_usage,
+            usage: None,
+            completed: false,
         }
     }
-}
 
-impl<S> RelayState<S> {
     /// Decides what of one event reaches the client.
-    fn relay_event(&mut self, event: &Bytes, batch: &mut BytesMut) {
+    fn relay_event(&mut self, event: &Bytes, out: &mut BytesMut) {
         let keep = match data_of(event) {
             Some(data) if data.trim() == "[DONE]" => {
                 // Nothing follows [DONE]; do not wait for the upstream to close.
                 self.completed = true;
-                self.done = true;
                 true
             }
             Some(data) => match serde_json::from_str::<ChunkProbe>(&data) {
@@ -162,24 +176,101 @@ impl<S> RelayState<S> {
             None => true,
         };
         if keep {
-            batch.extend_from_slice(event);
-            batch.extend_from_slice(b"\n\n");
+            out.extend_from_slice(event);
+            out.extend_from_slice(b"\n\n");
+        }
+    }
+}
+
+impl StreamTranslator for OpenAiPassthrough {
+    fn push(&mut self, chunk: &[u8], out: &mut BytesMut) -> Result<(), ApiError> {
+        self.splitter.push(chunk);
+        while !self.completed
+            && let Some(event) = self.splitter.next_event()
+        {
+            self.relay_event(&event, out);
+        }
+        if !self.completed && self.splitter.overflowed() {
+            return Err(event_too_large(self.provider));
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut BytesMut) -> Result<(), ApiError> {
+        if let Some(rest) = self.splitter.finish() {
+            self.relay_event(&rest, out);
+        }
+        Ok(())
+    }
+
+    fn complete(&self) -> bool {
+        self.completed
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+}
+
+/// The error for an upstream event beyond [`MAX_EVENT_BYTES`].
+pub fn event_too_large(provider: &str) -> ApiError {
+    ApiError::upstream_bad_answer(
+        provider,
+        format!("a stream event exceeded {MAX_EVENT_BYTES} bytes"),
+    )
+}
+
+/// Appends one SSE event `data: <json>` to `out`.
+pub fn write_data(out: &mut BytesMut, json: &[u8]) {
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
+}
+
+struct RelayState<S, T: StreamTranslator> {
+    upstream: S,
+    translator: T,
+    out: VecDeque<Bytes>,
+    idle_timeout: Duration,
+    provider: &'static str,
+    done: bool,
+    on_end: Option<Box<dyn StreamEnd>>,
+}
+
+impl<S, T: StreamTranslator> Drop for RelayState<S, T> {
+    fn drop(&mut self) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end.finished(self.translator.usage(), self.translator.complete());
+        }
+    }
+}
+
+impl<S, T: StreamTranslator> RelayState<S, T> {
+    /// Queues what the translator produced, then ends the stream on an error or a whole answer.
+    fn emit(&mut self, batch: BytesMut, result: Result<(), ApiError>) {
+        if !batch.is_empty() {
+            self.out.push_back(batch.freeze());
+        }
+        match result {
+            Err(error) => self.fail(error),
+            Ok(()) if self.translator.complete() => self.done = true,
+            Ok(()) => {}
         }
     }
 
     fn fail(&mut self, error: ApiError) {
-        let mut event = BytesMut::from(&b"data: "[..]);
-        event.extend_from_slice(error.body_json().as_bytes());
-        event.extend_from_slice(b"\n\n");
+        let mut event = BytesMut::new();
+        write_data(&mut event, error.body_json().as_bytes());
         self.out.push_back(event.freeze());
         self.done = true;
     }
 }
 
-/// Relays an upstream SSE body to the client, chunk by chunk.
-pub fn relay<S, E>(
+/// Relays an upstream streamed answer to the client through `translator`, chunk by chunk.
+/// `idle_timeout` bounds the wait for each upstream chunk.
+pub fn relay<S, E, T>(
     upstream: S,
-    client_wants_usage: bool,
+    translator: T,
     idle_timeout: Duration,
     provider: &'static str,
     on_end: Box<dyn StreamEnd>,
@@ -187,17 +278,15 @@ pub fn relay<S, E>(
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
     E: std::fmt::Display + Send,
+    T: StreamTranslator,
 {
     let state = RelayState {
         upstream,
-        splitter: EventSplitter::default(),
+        translator,
         out: VecDeque::new(),
-        client_wants_usage,
         idle_timeout,
         provider,
-        usage: None,
         done: false,
-        completed: false,
         on_end: Some(on_end),
     };
     futures_util::stream::unfold(state, |mut state| async move {
@@ -215,12 +304,8 @@ where
                 }
                 Ok(None) => {
                     let mut batch = BytesMut::new();
-                    if let Some(rest) = state.splitter.finish() {
-                        state.relay_event(&rest, &mut batch);
-                    }
-                    if !batch.is_empty() {
-                        state.out.push_back(batch.freeze());
-                    }
+                    let result = state.translator.finish(&mut batch);
+                    state.emit(batch, result);
                     state.done = true;
                 }
                 Ok(Some(Err(e))) => {
@@ -231,23 +316,9 @@ where
                     state.fail(err);
                 }
                 Ok(Some(Ok(chunk))) => {
-                    state.splitter.push(&chunk);
                     let mut batch = BytesMut::new();
-                    while !state.done
-                        && let Some(event) = state.splitter.next_event()
-                    {
-                        state.relay_event(&event, &mut batch);
-                    }
-                    if !batch.is_empty() {
-                        state.out.push_back(batch.freeze());
-                    }
-                    if !state.done && state.splitter.overflowed() {
-                        let err = ApiError::upstream_bad_answer(
-                            state.provider,
-                            format!("a stream event exceeded {MAX_EVENT_BYTES} bytes"),
-                        );
-                        state.fail(err);
-                    }
+                    let result = state.translator.push(&chunk, &mut batch);
+                    state.emit(batch, result);
                 }
             }
         }
@@ -323,7 +394,7 @@ mod tests {
         let recorder = Recorder::default();
         let out: Vec<_> = relay(
             upstream,
-            wants_usage,
+            OpenAiPassthrough::new("openai", wants_usage),
             Duration::from_secs(5),
             "openai",
             Box::new(recorder.clone()),
@@ -366,7 +437,7 @@ mod tests {
         let recorder = Recorder::default();
         let relayed = relay(
             Box::pin(upstream),
-            false,
+            OpenAiPassthrough::new("openai", false),
             Duration::from_secs(3600),
             "openai",
             Box::new(recorder.clone()),
@@ -402,7 +473,7 @@ mod tests {
         let recorder = Recorder::default();
         let out: Vec<_> = relay(
             upstream,
-            false,
+            OpenAiPassthrough::new("openai", false),
             Duration::from_secs(5),
             "openai",
             Box::new(recorder.clone()),

@@ -16,7 +16,7 @@
 //! the Foundry models endpoint reject it, so it is only added there. Streams without a usage
 //! chunk settle their token reservation with the estimate.
 
-use super::{CallContext, Outbound, openai_format_body};
+use super::{CallContext, Dialect, Outbound, openai_format_body};
 use crate::errors::ApiError;
 use axum::http::{HeaderName, HeaderValue};
 use secrecy::ExposeSecret as _;
@@ -123,6 +123,7 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
         url,
         headers,
         body: openai_format_body(ctx, model_in_body, stream_usage),
+        dialect: Dialect::OpenAi,
     })
 }
 

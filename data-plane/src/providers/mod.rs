@@ -2,13 +2,18 @@
 //! map back to OpenAI's format. One provider per file.
 
 pub mod azure;
+pub mod google;
 pub mod openai;
+pub mod openai_request;
 
 use crate::body::ParsedRequest;
 use crate::errors::ApiError;
 use crate::index::{Provider, Target};
+use crate::sse::{self, StreamEnd};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use bytes::Bytes;
 use serde::Deserialize;
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
@@ -41,6 +46,97 @@ pub struct Outbound {
     pub url: String,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub body: Vec<u8>,
+    pub dialect: Dialect,
+}
+
+/// The format the upstream answers in, and so what the gateway does with the answer.
+#[derive(Debug)]
+pub enum Dialect {
+    /// OpenAI's format (OpenAI, Azure): relayed as it is.
+    OpenAi,
+    Google(google::Answer),
+}
+
+/// What adapters share across calls: the upstream HTTP client and cached access tokens.
+#[derive(Debug)]
+pub struct Upstreams {
+    pub client: reqwest::Client,
+    pub google_tokens: google::service_account::TokenCache,
+}
+
+impl Upstreams {
+    pub fn new(client: reqwest::Client) -> Self {
+        Self {
+            client,
+            google_tokens: google::service_account::TokenCache::default(),
+        }
+    }
+}
+
+impl Dialect {
+    /// A non-streamed answer in OpenAI's format, and its token usage.
+    pub fn translate(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), ApiError> {
+        match self {
+            Dialect::OpenAi => {
+                let usage = usage_of(&body);
+                Ok((body, usage))
+            }
+            Dialect::Google(answer) => answer
+                .translate(&body)
+                .map(|(body, usage)| (Bytes::from(body), usage)),
+        }
+    }
+
+    /// The OpenAI-shaped error for a non-2xx answer.
+    pub fn error(
+        &self,
+        provider: &str,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> ApiError {
+        match self {
+            Dialect::OpenAi => upstream_error(provider, status, headers, body),
+            Dialect::Google(_) => google::upstream_error(status, body),
+        }
+    }
+
+    /// The client's SSE body for a streamed answer.
+    pub fn stream<S, E>(
+        &self,
+        upstream: S,
+        client_wants_usage: bool,
+        idle_timeout: Duration,
+        provider: &'static str,
+        on_end: Box<dyn StreamEnd>,
+    ) -> axum::body::Body
+    where
+        S: futures_util::Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        match self {
+            Dialect::OpenAi => axum::body::Body::from_stream(sse::relay(
+                upstream,
+                sse::OpenAiPassthrough::new(provider, client_wants_usage),
+                idle_timeout,
+                provider,
+                on_end,
+            )),
+            Dialect::Google(answer) => {
+                let model = match answer {
+                    google::Answer::Chat { model } => model.as_str(),
+                    google::Answer::Embeddings(_) => "",
+                };
+                axum::body::Body::from_stream(sse::relay(
+                    upstream,
+                    google::chat::GeminiStream::new(model, client_wants_usage),
+                    idle_timeout,
+                    provider,
+                    on_end,
+                ))
+            }
+        }
+    }
 }
 
 pub fn provider_name(provider: Provider) -> &'static str {
@@ -53,10 +149,11 @@ pub fn provider_name(provider: Provider) -> &'static str {
 }
 
 /// Builds the upstream request for the target's provider.
-pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
+pub async fn build(ctx: &CallContext<'_>, upstreams: &Upstreams) -> Result<Outbound, ApiError> {
     match ctx.target.connection.provider {
         Provider::OpenAi => openai::build(ctx),
         Provider::Azure => azure::build(ctx),
+        Provider::Google => google::build(ctx, upstreams).await,
         other => Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
             "server_error",
