@@ -120,7 +120,13 @@ pub fn google_error(status: Option<StatusCode>, value: &Value) -> ApiError {
             }
             err
         }
-        500 | 502 | 503 | 504 => ApiError::new(status, "server_error", message),
+        500 | 502 | 503 | 504 => {
+            let mut err = ApiError::new(status, "server_error", message);
+            if !rpc_status.is_empty() {
+                err.code = Some(rpc_status.to_ascii_lowercase());
+            }
+            err
+        }
         _ => ApiError::new(StatusCode::BAD_GATEWAY, "server_error", message),
     }
 }
