@@ -121,6 +121,19 @@ impl ApiError {
         .with_code("upstream_unreachable")
     }
 
+    /// A prompt the provider's safety filter refused before generating anything (DESIGN §16).
+    pub fn prompt_blocked(provider: &str, reason: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!(
+                "the prompt was blocked by the {provider} provider's safety filter before generation (reason: {reason})"
+            ),
+        )
+        .with_param("prompt")
+        .with_code("content_filter")
+    }
+
     pub fn upstream_bad_answer(provider: &str, detail: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::BAD_GATEWAY,

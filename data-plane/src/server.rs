@@ -465,13 +465,19 @@ async fn call_upstream(
             reservation,
             estimate,
         });
-        let body = dialect.stream(
-            response.bytes_stream(),
-            ctx.request.include_usage,
-            timeout,
-            provider,
-            on_end,
-        );
+        let body = match dialect
+            .stream(
+                response.bytes_stream(),
+                ctx.request.include_usage,
+                timeout,
+                provider,
+                on_end,
+            )
+            .await
+        {
+            Ok(body) => body,
+            Err(err) => return Attempt::Done(err.into_response()),
+        };
         let mut out = Response::new(body);
         let headers = out.headers_mut();
         headers.insert(

@@ -280,13 +280,92 @@ where
     E: std::fmt::Display + Send,
     T: StreamTranslator,
 {
+    relay_primed(
+        upstream,
+        translator,
+        Primed::default(),
+        idle_timeout,
+        provider,
+        on_end,
+    )
+}
+
+/// What [`prime`] read before the response head was sent.
+#[derive(Debug, Default)]
+pub struct Primed {
+    /// The client's first bytes.
+    pub first: BytesMut,
+    /// The upstream body already ended.
+    pub ended: bool,
+}
+
+/// Reads the upstream until `translator` produces its first bytes for the client. Until then no
+/// response head has been sent, so an answer refused before generation (a blocked prompt) or an
+/// error in the first event can still get its own HTTP status instead of a 200 stream.
+pub async fn prime<S, E, T>(
+    upstream: &mut S,
+    translator: &mut T,
+    idle_timeout: Duration,
+    provider: &'static str,
+) -> Result<Primed, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+    E: std::fmt::Display + Send,
+    T: StreamTranslator,
+{
+    let mut first = BytesMut::new();
+    loop {
+        match tokio::time::timeout(idle_timeout, upstream.next()).await {
+            Err(_) => return Err(ApiError::upstream_timeout(provider, idle_timeout)),
+            Ok(None) => {
+                translator.finish(&mut first)?;
+                return Ok(Primed { first, ended: true });
+            }
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::upstream_unreachable(
+                    provider,
+                    format!("stream broken: {e}"),
+                ));
+            }
+            Ok(Some(Ok(chunk))) => {
+                translator.push(&chunk, &mut first)?;
+                if !first.is_empty() {
+                    return Ok(Primed {
+                        first,
+                        ended: false,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// [`relay`] after [`prime`]: sends the primed bytes first.
+pub fn relay_primed<S, E, T>(
+    upstream: S,
+    translator: T,
+    primed: Primed,
+    idle_timeout: Duration,
+    provider: &'static str,
+    on_end: Box<dyn StreamEnd>,
+) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+    E: std::fmt::Display + Send,
+    T: StreamTranslator,
+{
+    let done = primed.ended || translator.complete();
+    let mut out = VecDeque::new();
+    if !primed.first.is_empty() {
+        out.push_back(primed.first.freeze());
+    }
     let state = RelayState {
         upstream,
         translator,
-        out: VecDeque::new(),
+        out,
         idle_timeout,
         provider,
-        done: false,
+        done,
         on_end: Some(on_end),
     };
     futures_util::stream::unfold(state, |mut state| async move {

@@ -101,40 +101,63 @@ impl Dialect {
         }
     }
 
-    /// The client's SSE body for a streamed answer.
-    pub fn stream<S, E>(
+    /// The client's SSE body for a streamed answer. Translated streams are primed first (see
+    /// [`sse::prime`]): a failure before the first chunk is returned as an error response, after
+    /// `on_end` has been told.
+    pub async fn stream<S, E>(
         &self,
         upstream: S,
         client_wants_usage: bool,
         idle_timeout: Duration,
         provider: &'static str,
         on_end: Box<dyn StreamEnd>,
-    ) -> axum::body::Body
+    ) -> Result<axum::body::Body, ApiError>
     where
         S: futures_util::Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
         E: std::fmt::Display + Send + 'static,
     {
         match self {
-            Dialect::OpenAi => axum::body::Body::from_stream(sse::relay(
+            // Relayed as it comes: nothing to decide before the first byte.
+            Dialect::OpenAi => Ok(axum::body::Body::from_stream(sse::relay(
                 upstream,
                 sse::OpenAiPassthrough::new(provider, client_wants_usage),
                 idle_timeout,
                 provider,
                 on_end,
-            )),
+            ))),
             Dialect::Google(answer) => {
-                let model = match answer {
-                    google::Answer::Chat { model } => model.as_str(),
-                    google::Answer::Embeddings(_) => "",
-                };
-                axum::body::Body::from_stream(sse::relay(
-                    upstream,
-                    google::chat::GeminiStream::new(model, client_wants_usage),
-                    idle_timeout,
-                    provider,
-                    on_end,
-                ))
+                let translator =
+                    google::chat::GeminiStream::new(answer.model(), client_wants_usage);
+                primed_body(upstream, translator, idle_timeout, provider, on_end).await
             }
+        }
+    }
+}
+
+async fn primed_body<S, E, T>(
+    mut upstream: S,
+    mut translator: T,
+    idle_timeout: Duration,
+    provider: &'static str,
+    on_end: Box<dyn StreamEnd>,
+) -> Result<axum::body::Body, ApiError>
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+    E: std::fmt::Display + Send + 'static,
+    T: sse::StreamTranslator,
+{
+    match sse::prime(&mut upstream, &mut translator, idle_timeout, provider).await {
+        Ok(primed) => Ok(axum::body::Body::from_stream(sse::relay_primed(
+            upstream,
+            translator,
+            primed,
+            idle_timeout,
+            provider,
+            on_end,
+        ))),
+        Err(err) => {
+            on_end.finished(translator.usage(), false);
+            Err(err)
         }
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! Answers: candidates become choices, non-thought text joins into `content`, function calls become
 //! `tool_calls` (`finish_reason: tool_calls`), finish reasons are limited to OpenAI's values, and a
-//! prompt blocked before any candidate is an empty answer with `finish_reason: content_filter`.
+//! prompt blocked before any candidate is a 400 with code `content_filter`, streamed or not
+//! (DESIGN §16); output stopped by a filter is `finish_reason: content_filter`.
 
 use super::error::google_error;
 use crate::body::ParsedRequest;
@@ -600,6 +601,10 @@ fn logprobs_json(result: &LogprobsResult) -> Value {
     json!({ "content": content, "refusal": null })
 }
 
+fn block_reason(feedback: Option<&PromptFeedback>) -> Option<&str> {
+    feedback.and_then(|f| f.block_reason.as_deref())
+}
+
 /// OpenAI's finish reason for a Gemini one (`None` while the candidate is still going).
 fn finish_reason(reason: Option<&str>, called_tools: bool) -> Option<&'static str> {
     Some(match reason? {
@@ -708,16 +713,14 @@ pub fn answer(body: &[u8], model: &str) -> Result<(Vec<u8>, Option<Usage>), ApiE
         }));
     }
     if choices.is_empty() {
-        let blocked = response
-            .prompt_feedback
-            .as_ref()
-            .and_then(|f| f.block_reason.as_ref())
-            .is_some();
+        if let Some(reason) = block_reason(response.prompt_feedback.as_ref()) {
+            return Err(ApiError::prompt_blocked(PROVIDER, reason));
+        }
         choices.push(json!({
             "index": 0,
             "message": { "role": "assistant", "content": null, "refusal": null },
             "logprobs": null,
-            "finish_reason": if blocked { "content_filter" } else { "stop" },
+            "finish_reason": "stop",
         }));
     }
     let usage = response.usage_metadata.unwrap_or_default();
@@ -840,14 +843,10 @@ impl GeminiStream {
             self.usage = response.usage_metadata;
         }
         if response.candidates.is_empty()
-            && response
-                .prompt_feedback
-                .as_ref()
-                .is_some_and(|f| f.block_reason.is_some())
+            && let Some(reason) = block_reason(response.prompt_feedback.as_ref())
         {
-            self.start_choice(0, out);
-            self.finish_choice(0, "content_filter", out);
-            return Ok(());
+            // Arrives as the first event: the gateway answers 400 before any stream starts.
+            return Err(ApiError::prompt_blocked(PROVIDER, reason));
         }
         for (position, candidate) in response.candidates.into_iter().enumerate() {
             let index = candidate.index.map_or(position, |i| i as usize);

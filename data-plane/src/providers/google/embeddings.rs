@@ -116,6 +116,10 @@ struct Statistics {
 }
 
 impl EmbeddingsAnswer {
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
     pub fn translate(&self, body: &[u8]) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
         let bad = |e: serde_json::Error| {
             ApiError::upstream_bad_answer(PROVIDER, format!("not an embeddings answer: {e}"))

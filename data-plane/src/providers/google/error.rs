@@ -21,8 +21,6 @@ const CREDENTIAL_REASONS: &[&str] = &[
     "ACCESS_TOKEN_TYPE_UNSUPPORTED",
     "CREDENTIALS_MISSING",
     "ACCESS_TOKEN_SCOPE_INSUFFICIENT",
-    "IAM_PERMISSION_DENIED",
-    "SERVICE_DISABLED",
 ];
 
 /// The error of a non-2xx answer.
@@ -72,9 +70,10 @@ pub fn google_error(status: Option<StatusCode>, value: &Value) -> ApiError {
         .iter()
         .find_map(|d| d.get("reason").and_then(Value::as_str))
         .unwrap_or("");
-    let credential_refused = matches!(status.as_u16(), 401 | 407)
-        || CREDENTIAL_REASONS.contains(&reason)
-        || (status == StatusCode::FORBIDDEN && rpc_status == "PERMISSION_DENIED");
+    // Other 403s (a model or region the account may not use, an API not enabled) stay 403:
+    // the credential itself was accepted (DESIGN §16).
+    let credential_refused =
+        matches!(status.as_u16(), 401 | 407) || CREDENTIAL_REASONS.contains(&reason);
     if credential_refused {
         let what = [rpc_status, reason]
             .into_iter()
@@ -113,8 +112,13 @@ pub fn google_error(status: Option<StatusCode>, value: &Value) -> ApiError {
         }
         404 => ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
             .with_code("model_not_found"),
-        400 | 408 | 409 | 413 | 422 => {
-            let mut err = ApiError::new(status, "invalid_request_error", message);
+        400 | 403 | 408 | 409 | 413 | 422 => {
+            let kind = if status == StatusCode::FORBIDDEN {
+                "permission_error"
+            } else {
+                "invalid_request_error"
+            };
+            let mut err = ApiError::new(status, kind, message);
             if !rpc_status.is_empty() {
                 err.code = Some(rpc_status.to_ascii_lowercase());
             }
@@ -184,9 +188,19 @@ mod tests {
         assert!(err.message.contains("upstream connect error"));
         let err = upstream_error(
             StatusCode::FORBIDDEN,
-            br#"{"error":{"code":403,"message":"Permission denied on resource project p.","status":"PERMISSION_DENIED"}}"#,
+            br#"{"error":{"code":403,"message":"Permission 'aiplatform.endpoints.predict' denied on resource '//aiplatform.googleapis.com/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro'.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"IAM_PERMISSION_DENIED"}]}}"#,
         );
-        assert_eq!(err.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(err.status, StatusCode::FORBIDDEN, "model access stays 403");
+        assert!(err.message.contains("aiplatform.endpoints.predict"));
+        let err = upstream_error(
+            StatusCode::FORBIDDEN,
+            br#"{"error":{"code":403,"message":"Requests to this API are blocked.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_SERVICE_BLOCKED"}]}}"#,
+        );
+        assert_eq!(
+            err.status,
+            StatusCode::BAD_GATEWAY,
+            "a blocked key is the connection's"
+        );
     }
 
     #[test]

@@ -1,17 +1,17 @@
 //! Google: Gemini API (AI Studio) and Vertex AI, with the native `generateContent`,
 //! `streamGenerateContent?alt=sse` and embedding methods (DESIGN §10, wire formats §3, §4).
 //!
-//! Flavour and auth come from the connection:
-//! - `api`: `--set api=gemini|vertex`, else the endpoint host (`generativelanguage.googleapis.com`
-//!   → Gemini, `*aiplatform*.googleapis.com` → Vertex), else the credential (a service account, an
-//!   `AQ.` express key or a `project` option mean Vertex).
-//! - `auth`: `--set auth=api_key|bearer|service_account`, else the credential's form: a JSON key
-//!   file → service account; `AIza…`/`AQ.…` → `x-goog-api-key`; `ya29.…` → Bearer; anything else
-//!   is an API key on Gemini and a Bearer token on Vertex.
+//! Flavour and auth come from the connection (DESIGN §16):
+//! - `api`: `--set api=gemini|vertex`, else Vertex when the endpoint host contains `aiplatform`,
+//!   the key is an `AQ.` express key or the credential a service-account JSON; the Gemini API
+//!   otherwise.
+//! - `auth`: `--set auth=api_key|bearer|service_account`, else a service account for a JSON
+//!   credential, `x-goog-api-key` for `AIza…` and `AQ.…` keys, `Authorization: Bearer` otherwise.
 //! - Vertex project mode when a project is known (`--set project=`, else the service account's
 //!   `project_id`): `{version}/projects/{project}/locations/{location}/publishers/google/models/…`
 //!   with the location from `--set location=`, else the `{location}-aiplatform` host, else
-//!   `global`. Without a project: express mode `{version}/publishers/google/models/…`.
+//!   `global`. Without a project, and always for an `AQ.` key: express mode
+//!   `{version}/publishers/google/models/…`.
 //! - `api_version`: `v1beta` (Gemini) / `v1` (Vertex) unless set; an endpoint whose path already
 //!   ends in a version is used as given.
 
@@ -49,14 +49,9 @@ fn host_of(endpoint: &str) -> String {
         .unwrap_or_default()
 }
 
-fn is_vertex_host(host: &str) -> bool {
-    host == "aiplatform.googleapis.com"
-        || host.ends_with("-aiplatform.googleapis.com")
-        || (host.starts_with("aiplatform.") && host.ends_with(".rep.googleapis.com"))
-}
-
-/// The auth mode of a connection (see the module doc).
-pub fn auth_of(connection: &ConnectionEntry, credential: &str, api: Option<Api>) -> Auth {
+/// The auth mode of a connection (DESIGN §16): the `auth` option, else a service account for a
+/// JSON credential, an API key for `AIza…` and `AQ.…` keys, a Bearer token otherwise.
+pub fn auth_of(connection: &ConnectionEntry, credential: &str) -> Auth {
     match connection.option("auth") {
         Some("api_key") => return Auth::ApiKey,
         Some("bearer") => return Auth::Bearer,
@@ -66,30 +61,34 @@ pub fn auth_of(connection: &ConnectionEntry, credential: &str, api: Option<Api>)
     let credential = credential.trim_start();
     if service_account::looks_like_json(credential) {
         Auth::ServiceAccount
-    } else if credential.starts_with("AIza") || credential.starts_with("AQ.") {
+    } else if is_api_key(credential) {
         Auth::ApiKey
-    } else if credential.starts_with("ya29.") || api == Some(Api::Vertex) {
-        Auth::Bearer
     } else {
-        Auth::ApiKey
+        Auth::Bearer
     }
 }
 
-/// The flavour of a connection: the `api` option, else the host (`None` when neither says).
-fn api_by_option_or_host(connection: &ConnectionEntry) -> Option<Api> {
+fn is_api_key(credential: &str) -> bool {
+    credential.starts_with("AIza") || is_express_key(credential)
+}
+
+fn is_express_key(credential: &str) -> bool {
+    credential.trim_start().starts_with("AQ.")
+}
+
+/// The flavour of a connection (DESIGN §16): the `api` option, else Vertex when the host contains
+/// `aiplatform`, the key is an `AQ.` express key or the credential a service account, else the
+/// Gemini API.
+pub fn api_of(connection: &ConnectionEntry, credential: &str) -> Api {
     match connection.option("api") {
-        Some("vertex") => return Some(Api::Vertex),
-        Some("gemini") => return Some(Api::Gemini),
+        Some("vertex") => return Api::Vertex,
+        Some("gemini") => return Api::Gemini,
         _ => {}
     }
-    let host = host_of(&connection.endpoint);
-    if host == "generativelanguage.googleapis.com" {
-        Some(Api::Gemini)
-    } else if is_vertex_host(&host) {
-        Some(Api::Vertex)
-    } else {
-        None
-    }
+    let vertex = host_of(&connection.endpoint).contains("aiplatform")
+        || is_express_key(credential)
+        || service_account::looks_like_json(credential);
+    if vertex { Api::Vertex } else { Api::Gemini }
 }
 
 /// Where one model method lives and how to authenticate there.
@@ -119,16 +118,8 @@ pub fn route(
     model: &str,
     service_account_project: Option<&str>,
 ) -> Route {
-    let by_option_or_host = api_by_option_or_host(connection);
-    let auth = auth_of(connection, credential, by_option_or_host);
-    let api = by_option_or_host.unwrap_or_else(|| {
-        let vertex_credential = auth == Auth::ServiceAccount || credential.starts_with("AQ.");
-        if vertex_credential || connection.option("project").is_some() {
-            Api::Vertex
-        } else {
-            Api::Gemini
-        }
-    });
+    let auth = auth_of(connection, credential);
+    let api = api_of(connection, credential);
     let endpoint = connection.endpoint.trim_end_matches('/');
     let has_version = url::Url::parse(endpoint)
         .ok()
@@ -153,9 +144,14 @@ pub fn route(
         }
         Api::Vertex => {
             let (publisher, model) = model.split_once('/').unwrap_or(("google", model));
-            let project = connection
-                .option("project")
-                .or(service_account_project.filter(|_| auth == Auth::ServiceAccount));
+            // An express key is bound to its project: always the express URL.
+            let project = if is_express_key(credential) && auth == Auth::ApiKey {
+                None
+            } else {
+                connection
+                    .option("project")
+                    .or(service_account_project.filter(|_| auth == Auth::ServiceAccount))
+            };
             match project {
                 Some(project) => {
                     let host = host_of(endpoint);
@@ -197,6 +193,14 @@ pub enum Answer {
 }
 
 impl Answer {
+    /// The remote model, named in answers when Google does not say which version answered.
+    pub fn model(&self) -> &str {
+        match self {
+            Answer::Chat { model } => model,
+            Answer::Embeddings(answer) => answer.model(),
+        }
+    }
+
     /// A non-streamed answer in OpenAI's format, with its usage.
     pub fn translate(&self, body: &[u8]) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
         match self {
@@ -215,7 +219,7 @@ pub async fn build(ctx: &CallContext<'_>, upstreams: &Upstreams) -> Result<Outbo
     let credential = connection.credential.expose_secret();
     let remote = ctx.target.model.remote.as_str();
     // Auth is decided first: the service account can name the project, which shapes the URL.
-    let auth = auth_of(connection, credential, api_by_option_or_host(connection));
+    let auth = auth_of(connection, credential);
     let account = match auth {
         Auth::ServiceAccount => Some(upstreams.google_tokens.account(credential)?),
         _ => None,
@@ -376,10 +380,19 @@ mod tests {
             "http://127.0.0.1:9000/v1beta1/projects/p/locations/europe-west4/publishers/google/models/gemini-2.5-flash"
         );
         let c = connection("http://127.0.0.1:9000", &[]);
-        let r = route(&c, "some-key", "gemini-2.5-flash", None);
+        let r = route(&c, "some-token", "gemini-2.5-flash", None);
+        assert_eq!((r.api, r.auth), (Api::Gemini, Auth::Bearer));
+        let r = route(&c, "AIzaSyB", "gemini-2.5-flash", None);
         assert_eq!((r.api, r.auth), (Api::Gemini, Auth::ApiKey));
         let r = route(&c, "AQ.express", "gemini-2.5-flash", None);
-        assert_eq!(r.api, Api::Vertex);
+        assert_eq!((r.api, r.auth), (Api::Vertex, Auth::ApiKey));
+        // An express key is bound to its project: the express URL even with a project option.
+        let c = connection("https://aiplatform.googleapis.com", &[("project", "p")]);
+        let r = route(&c, "AQ.express", "gemini-2.5-flash", None);
+        assert_eq!(
+            r.model_url,
+            "https://aiplatform.googleapis.com/v1/publishers/google/models/gemini-2.5-flash"
+        );
         let c = connection("http://127.0.0.1:9000", &[("project", "p")]);
         let r = route(&c, "{}", "gemini-2.5-flash", Some("other"));
         assert!(
