@@ -467,6 +467,7 @@ async fn call_upstream(
         });
         let body = match dialect
             .stream(
+                &request_ids,
                 response.bytes_stream(),
                 ctx.request.include_usage,
                 timeout,
@@ -501,7 +502,7 @@ async fn call_upstream(
             );
         }
     };
-    let (body, usage) = match dialect.translate(body) {
+    let (body, usage) = match dialect.translate(&request_ids, body) {
         Ok(translated) => translated,
         Err(err) => {
             settle(state, reservation, estimate).await;
@@ -523,7 +524,7 @@ async fn call_upstream(
 /// The upstream's request ids, passed on for support requests.
 fn request_ids(from: &HeaderMap) -> HeaderMap {
     let mut ids = HeaderMap::new();
-    for name in ["x-request-id", "apim-request-id"] {
+    for name in ["x-request-id", "apim-request-id", "x-amzn-requestid"] {
         if let Some(value) = from.get(name) {
             ids.insert(HeaderName::from_static(name), value.clone());
         }

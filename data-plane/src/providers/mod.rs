@@ -2,6 +2,7 @@
 //! map back to OpenAI's format. One provider per file.
 
 pub mod azure;
+pub mod bedrock;
 pub mod google;
 pub mod openai;
 pub mod openai_request;
@@ -55,6 +56,7 @@ pub enum Dialect {
     /// OpenAI's format (OpenAI, Azure): relayed as it is.
     OpenAi,
     Google(google::Answer),
+    Bedrock(bedrock::Answer),
 }
 
 /// What adapters share across calls: the upstream HTTP client and cached access tokens.
@@ -74,8 +76,13 @@ impl Upstreams {
 }
 
 impl Dialect {
-    /// A non-streamed answer in OpenAI's format, and its token usage.
-    pub fn translate(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), ApiError> {
+    /// A non-streamed answer in OpenAI's format, and its token usage. `ids` are the upstream's
+    /// request-id headers.
+    pub fn translate(
+        &self,
+        ids: &HeaderMap,
+        body: Bytes,
+    ) -> Result<(Bytes, Option<Usage>), ApiError> {
         match self {
             Dialect::OpenAi => {
                 let usage = usage_of(&body);
@@ -83,6 +90,9 @@ impl Dialect {
             }
             Dialect::Google(answer) => answer
                 .translate(&body)
+                .map(|(body, usage)| (Bytes::from(body), usage)),
+            Dialect::Bedrock(answer) => answer
+                .translate(ids, &body)
                 .map(|(body, usage)| (Bytes::from(body), usage)),
         }
     }
@@ -98,6 +108,7 @@ impl Dialect {
         match self {
             Dialect::OpenAi => upstream_error(provider, status, headers, body),
             Dialect::Google(_) => google::upstream_error(status, body),
+            Dialect::Bedrock(_) => bedrock::error::upstream_error(status, headers, body),
         }
     }
 
@@ -106,6 +117,7 @@ impl Dialect {
     /// `on_end` has been told.
     pub async fn stream<S, E>(
         &self,
+        ids: &HeaderMap,
         upstream: S,
         client_wants_usage: bool,
         idle_timeout: Duration,
@@ -128,6 +140,14 @@ impl Dialect {
             Dialect::Google(answer) => {
                 let translator =
                     google::chat::GeminiStream::new(answer.model(), client_wants_usage);
+                primed_body(upstream, translator, idle_timeout, provider, on_end).await
+            }
+            Dialect::Bedrock(answer) => {
+                let translator = bedrock::stream::ConverseStream::new(
+                    &answer.model,
+                    bedrock::request_id(ids),
+                    client_wants_usage,
+                );
                 primed_body(upstream, translator, idle_timeout, provider, on_end).await
             }
         }
@@ -177,15 +197,7 @@ pub async fn build(ctx: &CallContext<'_>, upstreams: &Upstreams) -> Result<Outbo
         Provider::OpenAi => openai::build(ctx),
         Provider::Azure => azure::build(ctx),
         Provider::Google => google::build(ctx, upstreams).await,
-        other => Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "server_error",
-            format!(
-                "provider {} is not supported by this gateway build yet",
-                provider_name(other)
-            ),
-        )
-        .with_code("provider_not_supported")),
+        Provider::Bedrock => bedrock::build(ctx),
     }
 }
 
