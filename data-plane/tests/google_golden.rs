@@ -10,66 +10,18 @@
 use axum::http::StatusCode;
 use bytes::BytesMut;
 use llm_proxy_data_plane::body;
-use llm_proxy_data_plane::errors::ApiError;
 use llm_proxy_data_plane::providers::google::{self, Api, chat, embeddings};
 use llm_proxy_data_plane::sse::StreamTranslator as _;
 use serde_json::{Map, Value, json};
-use std::path::PathBuf;
+
+mod golden_support;
+
+use golden_support::{error_json, sse_events};
 
 /// Fixture members that are inputs; every other member is a snapshot.
 const INPUTS: &[&str] = &[
     "kind", "model", "api", "request", "answer", "stream", "status", "body",
 ];
-
-fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden/google")
-        .join(format!("{name}.json"))
-}
-
-/// Replaces what is random or time-dependent: `created`, synthesised call and completion ids.
-fn normalise(value: &mut Value) {
-    match value {
-        Value::Object(map) => {
-            for (key, v) in map.iter_mut() {
-                if key == "created" && v.is_number() {
-                    *v = json!(0);
-                } else {
-                    normalise(v);
-                }
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(normalise),
-        Value::String(s) => {
-            for prefix in ["call_", "chatcmpl-"] {
-                if let Some(rest) = s.strip_prefix(prefix) {
-                    let random: String = rest.chars().take(24).collect();
-                    let after = &rest[random.len()..];
-                    let generated = random.len() == 24
-                        && random.chars().all(|c| c.is_ascii_alphanumeric())
-                        && (after.is_empty() || after.starts_with("__thought__"));
-                    if generated {
-                        *s = format!("{prefix}<generated>{after}");
-                    }
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-fn error_json(err: &ApiError) -> Value {
-    let headers: Map<String, Value> = err
-        .headers
-        .iter()
-        .map(|(n, v)| (n.to_string(), json!(v.to_str().unwrap())))
-        .collect();
-    json!({
-        "status": err.status.as_u16(),
-        "body": serde_json::from_str::<Value>(&err.body_json()).unwrap(),
-        "headers": headers,
-    })
-}
 
 /// The snapshots a fixture's inputs produce.
 fn produce(case: &Value) -> Map<String, Value> {
@@ -131,15 +83,7 @@ fn produce(case: &Value) -> Map<String, Value> {
                 {
                     error = Some(err);
                 }
-                let events: Vec<Value> = std::str::from_utf8(&client)
-                    .unwrap()
-                    .split("\n\n")
-                    .filter(|e| !e.is_empty())
-                    .map(|e| {
-                        let data = e.strip_prefix("data: ").expect("data event");
-                        serde_json::from_str(data).unwrap_or_else(|_| json!(data))
-                    })
-                    .collect();
+                let events = sse_events(&client);
                 out.insert("openai_stream".into(), Value::Array(events));
                 if let Some(err) = error {
                     out.insert("stream_error".into(), error_json(&err));
@@ -184,69 +128,10 @@ fn produce(case: &Value) -> Map<String, Value> {
         }
         other => panic!("unknown fixture kind {other}"),
     }
-    for value in out.values_mut() {
-        normalise(value);
-    }
     out
 }
 
-fn check(name: &str) {
-    let path = fixture_path(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut case: Value = serde_json::from_str(&text).unwrap();
-    let produced = produce(&case);
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        let object = case.as_object_mut().unwrap();
-        object.retain(|key, _| INPUTS.contains(&key.as_str()));
-        for (key, value) in produced {
-            object.insert(key, value);
-        }
-        let mut pretty = serde_json::to_string_pretty(&case).unwrap();
-        pretty.push('\n');
-        std::fs::write(&path, pretty).unwrap();
-        return;
-    }
-    for (key, value) in &produced {
-        let expected = case.get(key).unwrap_or(&Value::Null);
-        assert_eq!(
-            value,
-            expected,
-            "{name}: `{key}` differs from the snapshot\nproduced:\n{}\nsnapshot:\n{}",
-            serde_json::to_string_pretty(value).unwrap(),
-            serde_json::to_string_pretty(expected).unwrap()
-        );
-    }
-    for key in case.as_object().unwrap().keys() {
-        assert!(
-            INPUTS.contains(&key.as_str()) || produced.contains_key(key),
-            "{name}: snapshot `{key}` is no longer produced"
-        );
-    }
-}
-
-macro_rules! golden {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                check(stringify!($name));
-            }
-        )*
-
-        #[test]
-        fn every_fixture_has_a_test() {
-            let names = [$(stringify!($name)),*];
-            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/google");
-            for entry in std::fs::read_dir(dir).unwrap() {
-                let path = entry.unwrap().path();
-                let stem = path.file_stem().unwrap().to_str().unwrap().to_owned();
-                assert!(names.contains(&stem.as_str()), "fixture {stem} has no golden! entry");
-            }
-        }
-    };
-}
-
-golden!(
+golden_tests!("google", INPUTS, produce;
     plain,
     system_and_developer,
     multi_turn,

@@ -327,15 +327,27 @@ pub async fn exchange(
                 .chars()
                 .take(300)
                 .collect();
+            // The account and Google's explanation go to the operator's log, not to callers.
+            tracing::warn!(
+                account = %account.client_email,
+                status = status.as_u16(),
+                detail = %detail,
+                "google token exchange refused"
+            );
+            let code = detail
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
             Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "server_error",
                 format!(
-                    "the google token endpoint refused the connection's service account {} (HTTP {}{}{})",
-                    account.client_email,
+                    "the google token endpoint refused the gateway connection's service account (HTTP {}{}{}); see the gateway log",
                     status.as_u16(),
-                    if detail.is_empty() { "" } else { " " },
-                    detail
+                    if code.is_empty() { "" } else { " " },
+                    code
                 ),
             )
             .with_code("upstream_credential_refused"))
