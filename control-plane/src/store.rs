@@ -407,7 +407,7 @@ macro_rules! backend_queries {
                         options.remove(key);
                     }
                     options.extend(patch.set_options.clone());
-                    validate::options(&row.provider, &options)?;
+                    validate::connection_options(&row.provider, &row.endpoint, &options)?;
                     row.options = options_json(&options)?;
                     row.updated_at = now_micros();
                     diesel::update(connections::table.filter(connections::id.eq(&row.id)))
@@ -1014,7 +1014,7 @@ impl Store {
         input.name = validate::connection_name(&input.name)?;
         input.provider = validate::provider(&input.provider)?;
         input.endpoint = validate::endpoint(&input.endpoint)?;
-        validate::options(&input.provider, &input.options)?;
+        validate::connection_options(&input.provider, &input.endpoint, &input.options)?;
         let keys = self.keys.clone();
         let result = on_backend!(self, create_connection(&keys, &input));
         self.written(result)

@@ -122,6 +122,43 @@ fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<(), StoreError> {
     }
 }
 
+/// The region in a `bedrock-runtime[-fips].{region}.amazonaws.com` endpoint.
+fn bedrock_region_of_endpoint(endpoint: &str) -> Option<String> {
+    let host = url::Url::parse(endpoint)
+        .ok()?
+        .host_str()?
+        .to_ascii_lowercase();
+    let rest = host
+        .strip_prefix("bedrock-runtime-fips.")
+        .or_else(|| host.strip_prefix("bedrock-runtime."))?;
+    rest.split('.')
+        .next()
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+}
+
+/// Checks a connection's merged options against its provider and endpoint: on top of
+/// [`options`], a Bedrock endpoint that does not name its region needs `region` (DESIGN §16).
+pub fn connection_options(
+    provider: &str,
+    endpoint: &str,
+    options: &BTreeMap<String, String>,
+) -> Result<(), StoreError> {
+    self::options(provider, options)?;
+    if provider == "bedrock"
+        && !options.contains_key("region")
+        && bedrock_region_of_endpoint(endpoint).is_none()
+    {
+        return Err(StoreError::invalid(
+            "options",
+            format!(
+                "region is required for a bedrock endpoint other than bedrock-runtime.{{region}}.amazonaws.com (got {endpoint:?}); add --set region=us-east-1"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks the merged options of a connection of `provider`.
 pub fn options(provider: &str, options: &BTreeMap<String, String>) -> Result<(), StoreError> {
     let known = known_options(provider);
@@ -267,6 +304,38 @@ mod tests {
             let msg = message(endpoint(bad).unwrap_err());
             assert!(msg.starts_with("invalid endpoint:"), "{bad}: {msg}");
         }
+    }
+
+    #[test]
+    fn bedrock_needs_a_region_unless_the_host_names_it() {
+        let none = BTreeMap::new();
+        let opts = |k: &str, v: &str| BTreeMap::from([(k.to_owned(), v.to_owned())]);
+        assert!(
+            connection_options(
+                "bedrock",
+                "https://bedrock-runtime.us-east-1.amazonaws.com",
+                &none
+            )
+            .is_ok()
+        );
+        let msg = message(
+            connection_options(
+                "bedrock",
+                "https://vpce-0a1b.bedrock-runtime.vpce.amazonaws.com",
+                &none,
+            )
+            .unwrap_err(),
+        );
+        assert!(msg.contains("region is required"), "{msg}");
+        assert!(
+            connection_options(
+                "bedrock",
+                "http://127.0.0.1:9000",
+                &opts("region", "eu-west-1")
+            )
+            .is_ok()
+        );
+        assert!(connection_options("openai", "http://127.0.0.1:9000", &none).is_ok());
     }
 
     #[test]
