@@ -220,6 +220,50 @@ pub fn event_too_large(provider: &str) -> ApiError {
     )
 }
 
+/// Writes OpenAI chat-completion chunks for translated streams: the same `id`, `created` and
+/// `model` on every chunk, `usage: null` on each when the client asked for usage (as OpenAI
+/// does), the usage chunk and `[DONE]` at the end.
+#[derive(Debug)]
+pub struct ChunkWriter {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub client_wants_usage: bool,
+}
+
+impl ChunkWriter {
+    /// One chunk with `choices`.
+    pub fn choices(&self, choices: serde_json::Value, out: &mut BytesMut) {
+        let mut chunk = serde_json::json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if self.client_wants_usage {
+            chunk["usage"] = serde_json::Value::Null;
+        }
+        write_data(out, &serde_json::to_vec(&chunk).unwrap_or_default());
+    }
+
+    /// The end of the stream: the usage chunk (only when the client asked), then `[DONE]`.
+    pub fn end(&self, usage: serde_json::Value, out: &mut BytesMut) {
+        if self.client_wants_usage {
+            let chunk = serde_json::json!({
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage,
+            });
+            write_data(out, &serde_json::to_vec(&chunk).unwrap_or_default());
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+    }
+}
+
 /// Appends one SSE event `data: <json>` to `out`.
 pub fn write_data(out: &mut BytesMut, json: &[u8]) {
     out.extend_from_slice(b"data: ");
@@ -315,19 +359,12 @@ where
 {
     let mut first = BytesMut::new();
     loop {
-        match tokio::time::timeout(idle_timeout, upstream.next()).await {
-            Err(_) => return Err(ApiError::upstream_timeout(provider, idle_timeout)),
-            Ok(None) => {
+        match next_chunk(upstream, idle_timeout, provider).await? {
+            None => {
                 translator.finish(&mut first)?;
                 return Ok(Primed { first, ended: true });
             }
-            Ok(Some(Err(e))) => {
-                return Err(ApiError::upstream_unreachable(
-                    provider,
-                    format!("stream broken: {e}"),
-                ));
-            }
-            Ok(Some(Ok(chunk))) => {
+            Some(chunk) => {
                 translator.push(&chunk, &mut first)?;
                 if !first.is_empty() {
                     return Ok(Primed {
@@ -337,6 +374,27 @@ where
                 }
             }
         }
+    }
+}
+
+/// The upstream's next chunk (`None` at its end), waiting at most `idle_timeout`.
+async fn next_chunk<S, E>(
+    upstream: &mut S,
+    idle_timeout: Duration,
+    provider: &'static str,
+) -> Result<Option<Bytes>, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    match tokio::time::timeout(idle_timeout, upstream.next()).await {
+        Err(_) => Err(ApiError::upstream_timeout(provider, idle_timeout)),
+        Ok(None) => Ok(None),
+        Ok(Some(Err(e))) => Err(ApiError::upstream_unreachable(
+            provider,
+            format!("stream broken: {e}"),
+        )),
+        Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
     }
 }
 
@@ -376,30 +434,18 @@ where
             if state.done {
                 return None;
             }
-            match tokio::time::timeout(state.idle_timeout, state.upstream.next()).await {
-                Err(_) => {
-                    let err = ApiError::upstream_timeout(state.provider, state.idle_timeout);
-                    state.fail(err);
-                }
-                Ok(None) => {
-                    let mut batch = BytesMut::new();
-                    let result = state.translator.finish(&mut batch);
-                    state.emit(batch, result);
-                    state.done = true;
-                }
-                Ok(Some(Err(e))) => {
-                    let err = ApiError::upstream_unreachable(
-                        state.provider,
-                        format!("stream broken: {e}"),
-                    );
-                    state.fail(err);
-                }
-                Ok(Some(Ok(chunk))) => {
-                    let mut batch = BytesMut::new();
-                    let result = state.translator.push(&chunk, &mut batch);
-                    state.emit(batch, result);
-                }
-            }
+            let mut batch = BytesMut::new();
+            let result =
+                match next_chunk(&mut state.upstream, state.idle_timeout, state.provider).await {
+                    Err(err) => Err(err),
+                    Ok(None) => {
+                        let result = state.translator.finish(&mut batch);
+                        state.done = true;
+                        result
+                    }
+                    Ok(Some(chunk)) => state.translator.push(&chunk, &mut batch),
+                };
+            state.emit(batch, result);
         }
     })
 }

@@ -162,6 +162,63 @@ impl Message {
     }
 }
 
+impl Message {
+    /// An assistant message's text: a string, or its text and refusal parts joined.
+    pub fn assistant_text(&self, field: &str) -> Result<String, ApiError> {
+        match self.content(field)? {
+            None => Ok(String::new()),
+            Some(Content::Text(text)) => Ok(text),
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, part) in parts.into_iter().enumerate() {
+                    match part {
+                        ContentPart::Text { text: t } => text.push_str(&t),
+                        ContentPart::Refusal { refusal } => text.push_str(&refusal),
+                        _ => {
+                            return Err(invalid(
+                                &format!("{field}.content[{j}]"),
+                                "assistant messages take only text and refusal parts",
+                            ));
+                        }
+                    }
+                }
+                Ok(text)
+            }
+        }
+    }
+}
+
+impl ToolCall {
+    /// `arguments` as a JSON object (`{}` when empty); `field` names the call
+    /// (`messages[i].tool_calls[j]`).
+    pub fn arguments_object(&self, field: &str) -> Result<Value, ApiError> {
+        let field = format!("{field}.function.arguments");
+        if self.function.arguments.trim().is_empty() {
+            return Ok(Value::Object(serde_json::Map::new()));
+        }
+        let value: Value = serde_json::from_str(&self.function.arguments)
+            .map_err(|e| invalid(&field, format!("is not valid JSON: {e}")))?;
+        if value.is_object() {
+            Ok(value)
+        } else {
+            Err(invalid(&field, "must be a JSON object"))
+        }
+    }
+}
+
+/// `reasoning_effort`, checked against OpenAI's values.
+pub fn reasoning_effort(request: &ParsedRequest<'_>) -> Result<Option<String>, ApiError> {
+    const KNOWN: [&str; 6] = ["none", "minimal", "low", "medium", "high", "xhigh"];
+    let effort: Option<String> = get(&request.object, "reasoning_effort")?;
+    match effort {
+        Some(effort) if !KNOWN.contains(&effort.as_str()) => Err(invalid(
+            "reasoning_effort",
+            format!("must be one of {}, got `{effort}`", KNOWN.join(", ")),
+        )),
+        effort => Ok(effort),
+    }
+}
+
 /// `messages`, each parsed on its own so that errors name the index.
 pub fn messages(request: &ParsedRequest<'_>) -> Result<Vec<Message>, ApiError> {
     let raw: Vec<Box<RawValue>> = get(&request.object, "messages")?.ok_or_else(|| {

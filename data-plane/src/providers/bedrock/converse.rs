@@ -227,42 +227,13 @@ fn messages(list: &[openai::Message]) -> Result<(Vec<Value>, Turns), ApiError> {
             }
             "assistant" => {
                 let mut blocks = Vec::new();
-                let text = match message.content(&field)? {
-                    None => String::new(),
-                    Some(Content::Text(text)) => text,
-                    Some(Content::Parts(parts)) => {
-                        let mut text = String::new();
-                        for (j, part) in parts.into_iter().enumerate() {
-                            match part {
-                                ContentPart::Text { text: t } => text.push_str(&t),
-                                ContentPart::Refusal { refusal } => text.push_str(&refusal),
-                                _ => {
-                                    return Err(invalid(
-                                        format!("{field}.content[{j}]"),
-                                        "assistant messages take only text and refusal parts",
-                                    ));
-                                }
-                            }
-                        }
-                        text
-                    }
-                };
+                let text = message.assistant_text(&field)?;
                 // Converse refuses blank text blocks.
                 if !text.trim().is_empty() {
                     blocks.push(json!({ "text": text }));
                 }
                 for (j, call) in message.tool_calls.iter().flatten().enumerate() {
-                    let args_field = format!("{field}.tool_calls[{j}].function.arguments");
-                    let input: Value = if call.function.arguments.trim().is_empty() {
-                        json!({})
-                    } else {
-                        serde_json::from_str(&call.function.arguments).map_err(|e| {
-                            invalid(args_field.clone(), format!("is not valid JSON: {e}"))
-                        })?
-                    };
-                    if !input.is_object() {
-                        return Err(invalid(args_field, "must be a JSON object"));
-                    }
+                    let input = call.arguments_object(&format!("{field}.tool_calls[{j}]"))?;
                     if !turns.used_tools.contains(&call.function.name) {
                         turns.used_tools.push(call.function.name.clone());
                     }
@@ -309,40 +280,30 @@ fn messages(list: &[openai::Message]) -> Result<(Vec<Value>, Turns), ApiError> {
 }
 
 /// `additionalModelRequestFields` for `reasoning_effort`, by model family.
-fn reasoning_fields(effort: &str, model: &str) -> Result<Option<Value>, ApiError> {
-    let known = ["none", "minimal", "low", "medium", "high", "xhigh"];
-    if !known.contains(&effort) {
-        return Err(ApiError::invalid_request(format!(
-            "`reasoning_effort` must be one of {}, got `{effort}`",
-            known.join(", ")
-        ))
-        .with_param("reasoning_effort"));
-    }
+fn reasoning_fields(effort: &str, model: &str) -> Option<Value> {
     if model.contains("anthropic.claude") {
         // Claude's extended thinking takes a token budget (minimum 1024).
         let budget = match effort {
-            "none" | "minimal" => return Ok(None),
+            "none" | "minimal" => return None,
             "low" => 1024,
             "medium" => 4096,
             "high" => 16384,
             _ => 32768,
         };
-        return Ok(Some(
-            json!({ "thinking": { "type": "enabled", "budget_tokens": budget } }),
-        ));
+        return Some(json!({ "thinking": { "type": "enabled", "budget_tokens": budget } }));
     }
     if model.contains("amazon.nova") {
         let level = match effort {
-            "none" | "minimal" => return Ok(None),
+            "none" | "minimal" => return None,
             "low" => "low",
             "medium" => "medium",
             _ => "high",
         };
-        return Ok(Some(
+        return Some(
             json!({ "reasoningConfig": { "type": "enabled", "maxReasoningEffort": level } }),
-        ));
+        );
     }
-    Ok(Some(json!({ "reasoning_effort": effort })))
+    Some(json!({ "reasoning_effort": effort }))
 }
 
 /// The Converse body for an OpenAI chat request to `model`.
@@ -463,8 +424,8 @@ pub fn request(request: &ParsedRequest<'_>, model: &str) -> Result<Vec<u8>, ApiE
     if let Some(config) = output_config {
         body.insert("outputConfig".into(), config);
     }
-    if let Some(effort) = get::<String>(object, "reasoning_effort")?
-        && let Some(fields) = reasoning_fields(&effort, model)?
+    if let Some(effort) = openai::reasoning_effort(request)?
+        && let Some(fields) = reasoning_fields(&effort, model)
     {
         body.insert("additionalModelRequestFields".into(), fields);
     }

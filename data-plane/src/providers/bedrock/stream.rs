@@ -12,7 +12,7 @@ use super::converse::{TokenUsage, completion_id, finish_reason, now_unix};
 use super::error::exception_error;
 use crate::errors::ApiError;
 use crate::providers::Usage;
-use crate::sse::{self, StreamTranslator};
+use crate::sse::{ChunkWriter, StreamTranslator};
 use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
 use aws_smithy_types::event_stream::{HeaderValue, Message};
 use bytes::{Buf as _, BytesMut};
@@ -82,10 +82,7 @@ pub struct ConverseStream {
     decoder: MessageFrameDecoder,
     /// The current frame's length was checked against [`MAX_FRAME_BYTES`].
     frame_checked: bool,
-    id: String,
-    created: u64,
-    model: String,
-    client_wants_usage: bool,
+    writer: ChunkWriter,
     started: bool,
     finished: bool,
     /// `contentBlockIndex` → OpenAI tool call index, for tool-use blocks.
@@ -100,10 +97,12 @@ impl ConverseStream {
             buffer: BytesMut::new(),
             decoder: MessageFrameDecoder::new(),
             frame_checked: false,
-            id: completion_id(request_id),
-            created: now_unix(),
-            model: model.to_owned(),
-            client_wants_usage,
+            writer: ChunkWriter {
+                id: completion_id(request_id),
+                created: now_unix(),
+                model: model.to_owned(),
+                client_wants_usage,
+            },
             started: false,
             finished: false,
             tool_blocks: Vec::new(),
@@ -113,17 +112,10 @@ impl ConverseStream {
     }
 
     fn chunk(&self, delta: Value, finish: Option<&str>, out: &mut BytesMut) {
-        let mut chunk = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }],
-        });
-        if self.client_wants_usage {
-            chunk["usage"] = Value::Null;
-        }
-        sse::write_data(out, &serde_json::to_vec(&chunk).unwrap_or_default());
+        self.writer.choices(
+            json!([{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }]),
+            out,
+        );
     }
 
     fn start(&mut self, out: &mut BytesMut) {
@@ -294,18 +286,8 @@ impl StreamTranslator for ConverseStream {
                 "the stream ended before the answer finished",
             ));
         }
-        if self.client_wants_usage {
-            let chunk = json!({
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [],
-                "usage": self.usage.unwrap_or_default().to_json(),
-            });
-            sse::write_data(out, &serde_json::to_vec(&chunk).unwrap_or_default());
-        }
-        out.extend_from_slice(b"data: [DONE]\n\n");
+        self.writer
+            .end(self.usage.unwrap_or_default().to_json(), out);
         self.complete = true;
         Ok(())
     }

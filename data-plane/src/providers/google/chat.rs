@@ -18,7 +18,7 @@ use crate::providers::Usage;
 use crate::providers::openai_request::{
     self as openai, Content, ContentPart, ResponseFormat, ToolChoice, get, unsupported,
 };
-use crate::sse::{self, EventSplitter, StreamTranslator};
+use crate::sse::{self, ChunkWriter, EventSplitter, StreamTranslator};
 use bytes::BytesMut;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -187,22 +187,14 @@ fn generation_config(
             }
         }
     }
-    if let Some(effort) = get::<String>(object, "reasoning_effort")? {
-        config.insert("thinkingConfig".into(), thinking_config(&effort, model)?);
+    if let Some(effort) = openai::reasoning_effort(request)? {
+        config.insert("thinkingConfig".into(), thinking_config(&effort, model));
     }
     Ok(config)
 }
 
 /// `reasoning_effort` → `thinkingLevel` (Gemini 3) or `thinkingBudget` (2.5), as Envoy maps it.
-fn thinking_config(effort: &str, model: &str) -> Result<Value, ApiError> {
-    let known = ["none", "minimal", "low", "medium", "high", "xhigh"];
-    if !known.contains(&effort) {
-        return Err(ApiError::invalid_request(format!(
-            "`reasoning_effort` must be one of {}, got `{effort}`",
-            known.join(", ")
-        ))
-        .with_param("reasoning_effort"));
-    }
+fn thinking_config(effort: &str, model: &str) -> Value {
     if is_gemini_3(model) {
         let level = match effort {
             "none" | "minimal" => "MINIMAL",
@@ -210,7 +202,7 @@ fn thinking_config(effort: &str, model: &str) -> Result<Value, ApiError> {
             "medium" => "MEDIUM",
             _ => "HIGH",
         };
-        return Ok(json!({ "thinkingLevel": level }));
+        return json!({ "thinkingLevel": level });
     }
     // 2.5 Pro cannot switch thinking off (minimum 128) and allows up to 32768; Flash caps at 24576.
     let pro = model.contains("pro");
@@ -222,7 +214,7 @@ fn thinking_config(effort: &str, model: &str) -> Result<Value, ApiError> {
         "xhigh" if pro => 32768,
         _ => 24576,
     };
-    Ok(json!({ "thinkingBudget": budget }))
+    json!({ "thinkingBudget": budget })
 }
 
 /// Turns with the same role merged (Gemini requires user/model alternation).
@@ -290,47 +282,12 @@ fn contents(
             }
             "assistant" => {
                 let mut parts = Vec::new();
-                let text = match message.content(&field)? {
-                    None => String::new(),
-                    Some(Content::Text(text)) => text,
-                    Some(Content::Parts(parts)) => {
-                        let mut text = String::new();
-                        for (j, part) in parts.into_iter().enumerate() {
-                            match part {
-                                ContentPart::Text { text: t } => text.push_str(&t),
-                                ContentPart::Refusal { refusal } => text.push_str(&refusal),
-                                _ => {
-                                    return Err(ApiError::invalid_request(format!(
-                                        "`{field}.content[{j}]`: assistant messages take only text and refusal parts"
-                                    ))
-                                    .with_param(format!("{field}.content[{j}]")));
-                                }
-                            }
-                        }
-                        text
-                    }
-                };
+                let text = message.assistant_text(&field)?;
                 if !text.is_empty() {
                     parts.push(json!({ "text": text }));
                 }
                 for (j, call) in message.tool_calls.iter().flatten().enumerate() {
-                    let call_field = format!("{field}.tool_calls[{j}].function.arguments");
-                    let args: Value = if call.function.arguments.trim().is_empty() {
-                        json!({})
-                    } else {
-                        serde_json::from_str(&call.function.arguments).map_err(|e| {
-                            ApiError::invalid_request(format!(
-                                "`{call_field}` is not valid JSON: {e}"
-                            ))
-                            .with_param(call_field.clone())
-                        })?
-                    };
-                    if !args.is_object() {
-                        return Err(ApiError::invalid_request(format!(
-                            "`{call_field}` must be a JSON object"
-                        ))
-                        .with_param(call_field));
-                    }
+                    let args = call.arguments_object(&format!("{field}.tool_calls[{j}]"))?;
                     let (id, signature) = split_call_id(&call.id);
                     call_names.push((call.id.clone(), call.function.name.clone()));
                     let mut part = json!({
@@ -752,11 +709,10 @@ struct ChoiceState {
 #[derive(Debug)]
 pub struct GeminiStream {
     splitter: EventSplitter,
-    id: Option<String>,
-    created: u64,
-    model: String,
+    /// Its id comes from the first event's `responseId`, its model from `modelVersion`.
+    writer: ChunkWriter,
+    id_known: bool,
     model_from_upstream: bool,
-    client_wants_usage: bool,
     choices: Vec<ChoiceState>,
     usage: Option<UsageMetadata>,
     complete: bool,
@@ -766,11 +722,14 @@ impl GeminiStream {
     pub fn new(model: &str, client_wants_usage: bool) -> Self {
         Self {
             splitter: EventSplitter::default(),
-            id: None,
-            created: now_unix(),
-            model: model.to_owned(),
+            writer: ChunkWriter {
+                id: String::new(),
+                created: now_unix(),
+                model: model.to_owned(),
+                client_wants_usage,
+            },
+            id_known: false,
             model_from_upstream: false,
-            client_wants_usage,
             choices: Vec::new(),
             usage: None,
             complete: false,
@@ -778,17 +737,7 @@ impl GeminiStream {
     }
 
     fn chunk(&self, choices: Value, out: &mut BytesMut) {
-        let mut chunk = json!({
-            "id": self.id.as_deref().unwrap_or_default(),
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        });
-        if self.client_wants_usage {
-            chunk["usage"] = Value::Null;
-        }
-        sse::write_data(out, &serde_json::to_vec(&chunk).unwrap_or_default());
+        self.writer.choices(choices, out);
     }
 
     fn choice_state(&mut self, index: usize) -> &mut ChoiceState {
@@ -830,13 +779,14 @@ impl GeminiStream {
                 format!("a stream event is not a GenerateContentResponse: {e}"),
             )
         })?;
-        if self.id.is_none() {
-            self.id = Some(completion_id(response.response_id.as_deref()));
+        if !self.id_known {
+            self.writer.id = completion_id(response.response_id.as_deref());
+            self.id_known = true;
         }
         if !self.model_from_upstream
             && let Some(version) = response.model_version
         {
-            self.model = version;
+            self.writer.model = version;
             self.model_from_upstream = true;
         }
         if response.usage_metadata.is_some() {
@@ -916,19 +866,8 @@ impl StreamTranslator for GeminiStream {
                 "the stream ended before the answer finished",
             ));
         }
-        if self.client_wants_usage {
-            let usage = self.usage.unwrap_or_default().to_json();
-            let chunk = json!({
-                "id": self.id.as_deref().unwrap_or_default(),
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [],
-                "usage": usage,
-            });
-            sse::write_data(out, &serde_json::to_vec(&chunk).unwrap_or_default());
-        }
-        out.extend_from_slice(b"data: [DONE]\n\n");
+        self.writer
+            .end(self.usage.unwrap_or_default().to_json(), out);
         self.complete = true;
         Ok(())
     }
