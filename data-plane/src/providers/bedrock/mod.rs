@@ -44,7 +44,9 @@ pub fn access_keys(credential: &str) -> Option<AccessKeys<'_>> {
     let access_key_id = parts.next()?;
     let secret_access_key = parts.next()?;
     let session_token = parts.next();
-    let id_like = (16..=128).contains(&access_key_id.len())
+    // Real key ids are 16-128 characters (AKIA…, ASIA…), AWS's own examples shorter (AKIDEXAMPLE);
+    // Bedrock API keys are base64 and have no `:`, so the form alone tells them apart.
+    let id_like = !access_key_id.is_empty()
         && access_key_id
             .bytes()
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
