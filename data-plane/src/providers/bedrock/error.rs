@@ -123,11 +123,13 @@ fn mapped(status: StatusCode, kind: &str, message: String) -> ApiError {
         .with_code("upstream_credential_refused");
     }
     match kind {
-        "ThrottlingException" | "ModelNotReadyException" => with_code(ApiError::new(
+        // OpenAI's code, as for every provider's 429: clients match on it.
+        "ThrottlingException" | "ModelNotReadyException" => ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
             message,
-        )),
+        )
+        .with_code("rate_limit_exceeded"),
         "ServiceQuotaExceededException" => ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "insufficient_quota",
