@@ -1,4 +1,4 @@
-//! `llm-proxy-control-plane [serve|migrate|rotate-master-key]`: see DESIGN §3.
+//! `llm-proxy-control-plane [serve|migrate|rotate-master-key|check-config]`: see DESIGN §3.
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -28,6 +28,9 @@ enum Command {
     Serve(ServeArgs),
     /// Run pending migrations and exit.
     Migrate(DatabaseArgs),
+    /// Check the serve flags and environment (tokens, master key, database URL form, TLS files)
+    /// without connecting or binding; prints a summary and exits 0, or the error and exits 1.
+    CheckConfig(ServeArgs),
     /// Re-encrypt every stored credential under the first key of --master-key (a comma-separated
     /// list: new key first, old keys after it).
     RotateMasterKey(RotateArgs),
@@ -113,7 +116,7 @@ fn init_logging() {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn settings(args: ServeArgs) -> anyhow::Result<ServerSettings> {
     let mut settings = ServerSettings::new(
         args.listen,
         database_url(args.database)?,
@@ -127,7 +130,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         key: args.tls_key,
         client_ca: args.tls_client_ca,
     };
-    let running = server::start(settings).await?;
+    Ok(settings)
+}
+
+async fn check_config(args: ServeArgs) -> anyhow::Result<()> {
+    let summary = server::check(&settings(args).await?).await?;
+    println!("configuration ok: {summary}");
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let running = server::start(settings(args).await?).await?;
     eprintln!(
         "llm-proxy control plane listening on {} (gRPC), metrics on {}",
         running.grpc_addr,
@@ -167,6 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         None => serve(cli.serve).await,
         Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::CheckConfig(args)) => check_config(args).await,
         Some(Command::Migrate(args)) => {
             let (_, applied) = server::migrate(&database_url(args)?).await?;
             eprintln!("migrations applied: {applied}");

@@ -224,23 +224,71 @@ pub async fn migrate(database_url: &SecretString) -> Result<(Database, usize), S
     Ok((db, applied))
 }
 
+fn check_tokens(settings: &ServerSettings) -> Result<(), ServerError> {
+    if settings.listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if settings.admin_token.is_none() {
+        return Err(ServerError::TokenRequired {
+            flag: "--admin-token (LLM_PROXY_ADMIN_TOKEN)",
+            listen: settings.listen,
+        });
+    }
+    if settings.dataplane_token.is_none() {
+        return Err(ServerError::TokenRequired {
+            flag: "--dataplane-token (LLM_PROXY_DATAPLANE_TOKEN)",
+            listen: settings.listen,
+        });
+    }
+    Ok(())
+}
+
+/// Checks the settings without touching the database or binding (`check-config`): tokens,
+/// master key, database URL form and TLS files. Returns a one-line summary (no secrets).
+pub async fn check(settings: &ServerSettings) -> Result<String, ServerError> {
+    check_tokens(settings)?;
+    let keys = MasterKeys::parse(&settings.master_keys)?;
+    let (backend, _) = crate::db::parse_url(&settings.database_url)?;
+    let tls = tls_config(&settings.tls).await?;
+    let tls_mode = match &tls {
+        None => "off",
+        Some(_) if settings.tls.client_ca.is_some() => "mtls",
+        Some(_) => "on",
+    };
+    if let Some(tls) = tls {
+        // Loads the certificate and key now rather than at bind time.
+        Server::builder()
+            .tls_config(tls)
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    }
+    Ok(format!(
+        "listen={} metrics_listen={} database={} master_keys={} active_key_id={} admin_token={} dataplane_token={} tls={tls_mode}",
+        settings.listen,
+        settings
+            .metrics_listen
+            .map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        match backend {
+            crate::db::Backend::Postgres => "postgres",
+            crate::db::Backend::Sqlite => "sqlite",
+        },
+        keys.key_ids().len(),
+        keys.active_key_id(),
+        if settings.admin_token.is_some() {
+            "set"
+        } else {
+            "unset"
+        },
+        if settings.dataplane_token.is_some() {
+            "set"
+        } else {
+            "unset"
+        },
+    ))
+}
+
 /// Migrates, checks the master key against stored credentials, binds and starts serving.
 pub async fn start(settings: ServerSettings) -> Result<RunningControlPlane, ServerError> {
-    let loopback_only = settings.listen.ip().is_loopback();
-    if !loopback_only {
-        if settings.admin_token.is_none() {
-            return Err(ServerError::TokenRequired {
-                flag: "--admin-token (LLM_PROXY_ADMIN_TOKEN)",
-                listen: settings.listen,
-            });
-        }
-        if settings.dataplane_token.is_none() {
-            return Err(ServerError::TokenRequired {
-                flag: "--dataplane-token (LLM_PROXY_DATAPLANE_TOKEN)",
-                listen: settings.listen,
-            });
-        }
-    }
+    check_tokens(&settings)?;
     let keys = Arc::new(MasterKeys::parse(&settings.master_keys)?);
     let tls = tls_config(&settings.tls).await?;
     let db = Database::connect(&settings.database_url, settings.max_db_connections).await?;

@@ -124,6 +124,41 @@ fn limiter(
     Ok(AnyLimiter::Redis(redis))
 }
 
+/// Checks the settings without binding or connecting (`--check-config`): the Redis URL's form
+/// (the control plane URL and TLS files are checked by [`SyncSettings::endpoint`]). Returns a
+/// one-line summary without secrets.
+pub fn check(settings: &GatewaySettings) -> Result<String, GatewayError> {
+    if let Some(url) = &settings.redis_url {
+        redis::Client::open(url.expose_secret())
+            .map_err(|e| GatewayError::Redis(format!("{:?}", e.kind())))?;
+    }
+    Ok(format!(
+        "listen={} metrics_listen={} control_plane={} dataplane_token={} tls={} ratelimit={} fail_mode={:?} max_body_bytes={}",
+        settings.listen,
+        settings
+            .metrics_listen
+            .map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        settings.sync.control_plane,
+        if settings.sync.token.is_some() {
+            "set"
+        } else {
+            "unset"
+        },
+        if settings.sync.tls.is_some() {
+            "on"
+        } else {
+            "off"
+        },
+        if settings.redis_url.is_some() {
+            "redis"
+        } else {
+            "in-process"
+        },
+        settings.ratelimit_fail_mode,
+        settings.max_body_bytes,
+    ))
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
     TcpListener::bind(addr)
         .await

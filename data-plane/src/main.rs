@@ -38,7 +38,7 @@ struct Cli {
     /// Bearer token for the control plane's config stream.
     #[arg(long, env = "LLM_PROXY_DATAPLANE_TOKEN", hide_env_values = true)]
     dataplane_token: Option<SecretString>,
-    /// Redis for shared rate-limit buckets (not used by this build yet: buckets are in-process).
+    /// Redis for rate-limit buckets shared by every data plane (unset: in-process buckets).
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis_url: Option<SecretString>,
     /// What to do when Redis is unavailable.
@@ -70,6 +70,10 @@ struct Cli {
     /// Client key for mTLS to the control plane.
     #[arg(long, env = "LLM_PROXY_DP_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// Check the flags and environment (URLs, TLS files) without connecting or binding; print a
+    /// summary and exit 0, or the error and exit 1.
+    #[arg(long)]
+    check_config: bool,
 }
 
 pub fn default_node_id() -> String {
@@ -106,12 +110,6 @@ async fn tls(cli: &Cli) -> anyhow::Result<Option<tonic::transport::ClientTlsConf
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if cli.redis_url.is_some() {
-        tracing::warn!(
-            "--redis-url is set but this build limits in process only; limits hold per data plane"
-        );
-    }
-    let _ = cli.ratelimit_fail_mode;
     let settings = GatewaySettings {
         listen: cli.listen,
         metrics_listen: Some(cli.metrics_listen),
@@ -129,6 +127,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     // Reject a malformed --control-plane URL or token now, not in the background task.
     settings.sync.endpoint()?;
+    if cli.check_config {
+        println!("configuration ok: {}", gateway::check(&settings)?);
+        return Ok(());
+    }
     let running = gateway::start(settings).await?;
     eprintln!(
         "llm-proxy data plane listening on {} (metrics on {})",
