@@ -51,6 +51,19 @@ pub struct Cli {
     )]
     pub token: Option<String>,
 
+    /// CA bundle (PEM) that signed the control plane's certificate, for an https:// endpoint
+    /// whose certificate is not from a public CA.
+    #[arg(long, env = "LLMCTL_TLS_CA", global = true, help_heading = GLOBAL, value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for a control plane that requires mTLS.
+    #[arg(long, env = "LLMCTL_TLS_CERT", global = true, help_heading = GLOBAL, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Key (PEM) of the client certificate.
+    #[arg(long, env = "LLMCTL_TLS_KEY", global = true, help_heading = GLOBAL, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+
     /// Output format.
     #[arg(
         short = 'o',

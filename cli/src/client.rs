@@ -9,7 +9,7 @@ use llm_proxy_proto::v1::admin_service_client::AdminServiceClient;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Status};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,19 +64,71 @@ pub struct Admin {
     has_token: bool,
 }
 
+/// PEM material for TLS to the control plane (`--tls-ca`, `--tls-cert`, `--tls-key`).
+#[derive(Debug, Default)]
+pub struct ClientTls {
+    pub ca: Option<Vec<u8>>,
+    /// Certificate and key, for mTLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ClientTls {
+    /// Reads the files given on the command line.
+    pub async fn read(
+        ca: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        async fn read(flag: &str, path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+            tokio::fs::read(path)
+                .await
+                .with_context(|| format!("cannot read {flag} {}", path.display()))
+        }
+        let ca = match ca {
+            Some(path) => Some(read("--tls-ca", path).await?),
+            None => None,
+        };
+        let identity = match (cert, key) {
+            (Some(cert), Some(key)) => Some((
+                read("--tls-cert", cert).await?,
+                read("--tls-key", key).await?,
+            )),
+            (None, None) => None,
+            _ => anyhow::bail!("--tls-cert and --tls-key must be given together"),
+        };
+        Ok(Self { ca, identity })
+    }
+
+    fn is_set(&self) -> bool {
+        self.ca.is_some() || self.identity.is_some()
+    }
+}
+
 impl Admin {
     /// A client of the control plane at `endpoint` (`http://host:port`; a bare `host:port` means
     /// plain `http`). The connection is made by the first call.
-    pub fn new(endpoint: &str, token: Option<&str>) -> anyhow::Result<Self> {
+    pub fn new(endpoint: &str, token: Option<&str>, tls: ClientTls) -> anyhow::Result<Self> {
         let auth = BearerAuth::new(token)?;
         let endpoint = normalize_endpoint(endpoint);
         let mut builder = Endpoint::from_shared(endpoint.clone())
             .with_context(|| format!("invalid control-plane endpoint `{endpoint}`"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT);
+        if tls.is_set() && !endpoint.starts_with("https://") {
+            anyhow::bail!(
+                "--tls-ca/--tls-cert need an https:// control-plane endpoint, got `{endpoint}`"
+            );
+        }
         if endpoint.starts_with("https://") {
+            let mut config = match tls.ca {
+                Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+                None => ClientTlsConfig::new().with_enabled_roots(),
+            };
+            if let Some((cert, key)) = tls.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
             builder = builder
-                .tls_config(ClientTlsConfig::new().with_enabled_roots())
+                .tls_config(config)
                 .with_context(|| format!("cannot set up TLS for `{endpoint}`"))?;
         }
         // Connect on the first call, so that local mistakes (a missing --api-key-file...) are

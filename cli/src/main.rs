@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 use crate::args::{Cli, Command};
-use crate::client::Admin;
+use crate::client::{Admin, ClientTls};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -39,13 +39,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let Cli {
         endpoint,
         token,
+        tls_ca,
+        tls_cert,
+        tls_key,
         output,
         command,
     } = cli;
     if let Command::Serve(args) = command {
         return serve::run(args).await;
     }
-    let mut admin = Admin::new(&endpoint, token.as_deref())?;
+    let tls = ClientTls::read(tls_ca.as_deref(), tls_cert.as_deref(), tls_key.as_deref()).await?;
+    let mut admin = Admin::new(&endpoint, token.as_deref(), tls)?;
     commands::run(&mut admin, output, command).await
 }
 

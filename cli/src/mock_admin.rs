@@ -245,7 +245,7 @@ async fn llmctl(endpoint: &str, args: &[&str]) -> Result<String, String> {
         .chain(args.iter().copied());
     let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
     let result = async {
-        let mut admin = Admin::new(&cli.endpoint, cli.token.as_deref())?;
+        let mut admin = Admin::new(&cli.endpoint, cli.token.as_deref(), Default::default())?;
         commands::execute(&mut admin, cli.output, cli.command).await
     }
     .await;

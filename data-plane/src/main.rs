@@ -5,7 +5,7 @@ use llm_proxy_data_plane::gateway::{self, GatewaySettings};
 use llm_proxy_data_plane::process;
 use llm_proxy_data_plane::ratelimit::redis::FailMode;
 use llm_proxy_data_plane::server::DEFAULT_MAX_BODY_BYTES;
-use llm_proxy_data_plane::sync::SyncSettings;
+use llm_proxy_data_plane::sync::{ClientTlsFiles, SyncSettings};
 use secrecy::SecretString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -83,32 +83,6 @@ pub fn default_node_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-async fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
-    use anyhow::Context as _;
-    tokio::fs::read(path)
-        .await
-        .with_context(|| format!("cannot read {}", path.display()))
-}
-
-async fn tls(cli: &Cli) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    if cli.tls_ca.is_none() && cli.tls_cert.is_none() && cli.tls_key.is_none() {
-        return Ok(None);
-    }
-    let mut config = ClientTlsConfig::new();
-    if let Some(ca) = &cli.tls_ca {
-        config = config.ca_certificate(Certificate::from_pem(read(ca).await?));
-    }
-    match (&cli.tls_cert, &cli.tls_key) {
-        (Some(cert), Some(key)) => {
-            config = config.identity(Identity::from_pem(read(cert).await?, read(key).await?));
-        }
-        (None, None) => {}
-        _ => anyhow::bail!("--tls-cert and --tls-key must be given together"),
-    }
-    Ok(Some(config))
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = GatewaySettings {
         listen: cli.listen,
@@ -118,7 +92,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             token: cli.dataplane_token.clone(),
             node_id: cli.node_id.clone().unwrap_or_else(default_node_id),
             build: env!("CARGO_PKG_VERSION").to_owned(),
-            tls: tls(&cli).await?,
+            tls: ClientTlsFiles {
+                ca: cli.tls_ca.clone(),
+                cert: cli.tls_cert.clone(),
+                key: cli.tls_key.clone(),
+            }
+            .load()
+            .await?,
         },
         max_body_bytes: cli.max_body_bytes,
         redis_url: cli.redis_url.clone(),

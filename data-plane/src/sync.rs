@@ -174,6 +174,58 @@ pub enum SyncError {
     Connect(String),
     #[error("control plane refused the config stream: {code:?}: {message}")]
     Rpc { code: tonic::Code, message: String },
+    #[error("cannot read {flag} {path}: {source}")]
+    TlsFile {
+        flag: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--tls-cert and --tls-key must be given together")]
+    TlsIdentity,
+}
+
+/// The PEM files of `--tls-ca`, `--tls-cert` and `--tls-key` (TLS to the control plane).
+#[derive(Debug, Clone, Default)]
+pub struct ClientTlsFiles {
+    /// CA bundle that signed the control plane's certificate.
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate and key, for a control plane that requires mTLS.
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl ClientTlsFiles {
+    /// The client TLS config, or `None` when no file is given (plain or system-root TLS).
+    pub async fn load(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, SyncError> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        async fn read(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, SyncError> {
+            tokio::fs::read(path)
+                .await
+                .map_err(|source| SyncError::TlsFile {
+                    flag,
+                    path: path.to_owned(),
+                    source,
+                })
+        }
+        if self.ca.is_none() && self.cert.is_none() && self.key.is_none() {
+            return Ok(None);
+        }
+        let mut config = ClientTlsConfig::new();
+        if let Some(ca) = &self.ca {
+            config = config.ca_certificate(Certificate::from_pem(read("--tls-ca", ca).await?));
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(Identity::from_pem(
+                    read("--tls-cert", cert).await?,
+                    read("--tls-key", key).await?,
+                ));
+            }
+            (None, None) => {}
+            _ => return Err(SyncError::TlsIdentity),
+        }
+        Ok(Some(config))
+    }
 }
 
 impl From<tonic::Status> for SyncError {
