@@ -74,6 +74,11 @@ if [[ $# -eq 0 ]]; then
   if ! python3 -c 'import openai, pytest, httpx' >/dev/null 2>&1; then
     python3 -m pip install -q -r e2e/requirements.txt
   fi
+  # The local-cluster test (scripts/local-cluster.sh) uses the same Postgres server and Redis.
+  export CLUSTER_PG_ADMIN_URL=${CLUSTER_PG_ADMIN_URL:-${TEST_DATABASE_URL%/*}/postgres}
+  if [[ $TEST_REDIS_URL != redis://127.0.0.1:6379 ]]; then
+    export CLUSTER_REDIS_URL=${CLUSTER_REDIS_URL:-$TEST_REDIS_URL/5}
+  fi
   LLMCTL_BIN="$PWD/target/debug/llmctl" python3 -m pytest -q e2e || status=$?
 fi
 exit "$status"
