@@ -11,6 +11,7 @@ use axum::routing::get;
 use secrecy::{ExposeSecret as _, SecretString};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -48,6 +49,8 @@ pub struct RunningGateway {
     pub metrics_addr: Option<SocketAddr>,
     pub config: Arc<ConfigHandle>,
     pub limiter: Arc<AnyLimiter>,
+    /// Set when shutdown starts: `/readyz` answers 503 and responses carry `Connection: close`.
+    draining: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
     others: Vec<JoinHandle<()>>,
@@ -68,8 +71,26 @@ impl RunningGateway {
         let _ = self.shutdown.send(true);
     }
 
+    /// SIGTERM handling: first `delay` of draining while still serving (`/readyz` says 503 so
+    /// that load balancers stop sending, every response carries `Connection: close` so that kept-
+    /// alive client connections end cleanly instead of being cut under a request), then
+    /// [`Self::shutdown`].
+    pub async fn drain_then_shutdown(self, delay: Duration, grace: Duration) {
+        self.draining.store(true, Ordering::Release);
+        if !delay.is_zero() {
+            tracing::info!(
+                delay_s = delay.as_secs_f64(),
+                "draining: not ready, closing kept-alive connections"
+            );
+            // A deliberate pause: load balancers need this long to notice /readyz.
+            tokio::time::sleep(delay).await;
+        }
+        self.shutdown(grace).await;
+    }
+
     /// Stops accepting, lets in-flight requests and streams finish for up to `grace`, then stops.
     pub async fn shutdown(self, grace: Duration) {
+        self.draining.store(true, Ordering::Release);
         self.begin_shutdown();
         let mut server = self.server;
         if tokio::time::timeout(grace, &mut server).await.is_err() {
@@ -183,7 +204,22 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut others = vec![sync::spawn(settings.sync, config.clone())];
 
-    let app = server::router(state);
+    let draining = Arc::new(AtomicBool::new(false));
+    let closing = draining.clone();
+    let app = server::router(state).layer(axum::middleware::map_response(
+        move |mut response: axum::response::Response| {
+            let closing = closing.clone();
+            async move {
+                if closing.load(Ordering::Acquire) {
+                    response.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
+                response
+            }
+        },
+    ));
     let mut stop = shutdown_rx.clone();
     let server = tokio::spawn(async move {
         let signal = async move {
@@ -201,12 +237,15 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     if let Some(metrics_listen) = settings.metrics_listen {
         let listener = bind(metrics_listen).await?;
         metrics_addr = listener.local_addr().ok();
-        let app =
-            axum::Router::new()
-                .route("/healthz", get(|| async { "ok" }))
-                .route(
-                    "/readyz",
-                    get(|State((config, _)): State<(Arc<ConfigHandle>, Arc<AnyLimiter>)>| async move {
+        let app = axum::Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                get(
+                    |State((config, _, draining)): State<MetricsState>| async move {
+                        if draining.load(Ordering::Acquire) {
+                            return (StatusCode::SERVICE_UNAVAILABLE, "draining".to_owned());
+                        }
                         match config.current() {
                             Some(c) => (
                                 StatusCode::OK,
@@ -217,17 +256,18 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
                                 "no config snapshot applied yet".to_owned(),
                             ),
                         }
-                    }),
-                )
-                .route(
-                    "/metrics",
-                    get(
-                        |State((config, limiter)): State<(Arc<ConfigHandle>, Arc<AnyLimiter>)>| async move {
-                            render_metrics(&config, &limiter)
-                        },
-                    ),
-                )
-                .with_state((config.clone(), limiter.clone()));
+                    },
+                ),
+            )
+            .route(
+                "/metrics",
+                get(
+                    |State((config, limiter, _)): State<MetricsState>| async move {
+                        render_metrics(&config, &limiter)
+                    },
+                ),
+            )
+            .with_state((config.clone(), limiter.clone(), draining.clone()));
         others.push(tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, app).await {
                 tracing::error!(error = %err, "data plane metrics server failed");
@@ -240,8 +280,12 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
         metrics_addr,
         config,
         limiter,
+        draining,
         shutdown: shutdown_tx,
         server,
         others,
     })
 }
+
+/// State of the metrics/health router.
+type MetricsState = (Arc<ConfigHandle>, Arc<AnyLimiter>, Arc<AtomicBool>);

@@ -55,6 +55,10 @@ struct Cli {
     /// Largest accepted request body; larger ones get 413.
     #[arg(long, env = "LLM_PROXY_DP_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
+    /// Seconds to keep serving after SIGTERM with /readyz answering 503 and `Connection: close` on
+    /// every response, before new connections are refused (lets load balancers move away).
+    #[arg(long, env = "LLM_PROXY_DP_SHUTDOWN_DELAY_S", default_value_t = 0)]
+    shutdown_delay_s: u64,
     /// Seconds in-flight requests and streams get to finish after SIGTERM.
     #[arg(long, env = "LLM_PROXY_DP_SHUTDOWN_GRACE_S", default_value_t = 30)]
     shutdown_grace_s: u64,
@@ -122,7 +126,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     process::shutdown_signal().await;
     tracing::info!("shutting down: draining in-flight requests");
     running
-        .shutdown(Duration::from_secs(cli.shutdown_grace_s))
+        .drain_then_shutdown(
+            Duration::from_secs(cli.shutdown_delay_s),
+            Duration::from_secs(cli.shutdown_grace_s),
+        )
         .await;
     Ok(())
 }
