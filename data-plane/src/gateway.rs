@@ -195,7 +195,9 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     let config = ConfigHandle::new();
     let client = server::upstream_client().map_err(|e| GatewayError::Client(e.to_string()))?;
     let limiter = Arc::new(limiter(&settings, &config)?);
+    let draining = Arc::new(AtomicBool::new(false));
     let state = AppState {
+        draining: draining.clone(),
         config: config.clone(),
         limiter: limiter.clone(),
         upstreams: Arc::new(crate::providers::Upstreams::new(client)),
@@ -204,22 +206,7 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut others = vec![sync::spawn(settings.sync, config.clone())];
 
-    let draining = Arc::new(AtomicBool::new(false));
-    let closing = draining.clone();
-    let app = server::router(state).layer(axum::middleware::map_response(
-        move |mut response: axum::response::Response| {
-            let closing = closing.clone();
-            async move {
-                if closing.load(Ordering::Acquire) {
-                    response.headers_mut().insert(
-                        axum::http::header::CONNECTION,
-                        axum::http::HeaderValue::from_static("close"),
-                    );
-                }
-                response
-            }
-        },
-    ));
+    let app = server::router(state);
     let mut stop = shutdown_rx.clone();
     let server = tokio::spawn(async move {
         let signal = async move {

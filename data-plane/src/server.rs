@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Default `--max-body-bytes` (DESIGN §16).
@@ -26,6 +27,8 @@ const DEFAULT_OUTPUT_TOKEN_ESTIMATE: u64 = 1024;
 
 #[derive(Clone)]
 pub struct AppState {
+    /// Set while the data plane drains before shutdown: answers carry `Connection: close`.
+    pub draining: Arc<AtomicBool>,
     pub config: Arc<ConfigHandle>,
     pub limiter: Arc<AnyLimiter>,
     pub upstreams: Arc<Upstreams>,
@@ -218,10 +221,11 @@ async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
             serde_json::json!({"object": "list", "data": data}),
         ))
     })();
-    match result {
+    let response = match result {
         Ok(json) => json.into_response(),
         Err(err) => err.into_response(),
-    }
+    };
+    closing_if_draining(&state, response)
 }
 
 fn limit_spec(target: &Target) -> LimitSpec {
@@ -293,9 +297,20 @@ async fn handle(
     )
     .await
     {
-        Ok(response) => response,
-        Err(err) => err.into_response(),
+        Ok(response) => closing_if_draining(&state, response),
+        Err(err) => closing_if_draining(&state, err.into_response()),
     }
+}
+
+/// While draining, asks the client to close its kept-alive connection after this answer (checked
+/// here rather than in a middleware layer, which would cost every request a boxed future).
+fn closing_if_draining(state: &AppState, mut response: Response) -> Response {
+    if state.draining.load(Ordering::Acquire) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 async fn handle_inner(
