@@ -14,3 +14,4 @@ pub mod ratelimit;
 pub mod server;
 pub mod sse;
 pub mod sync;
+pub mod trace;

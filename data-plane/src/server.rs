@@ -8,6 +8,7 @@ use crate::providers::{self, CallContext, Operation, Upstreams, Usage};
 use crate::ratelimit::{AnyLimiter, Decision, LimitSpec, RateLimiter as _, Reservation};
 use crate::sse::StreamEnd;
 use crate::sync::ConfigHandle;
+use crate::trace::TraceContext;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -335,6 +336,7 @@ async fn handle_inner(
         .ok_or_else(|| ApiError::model_not_found(alias))?;
 
     let estimate = estimate_tokens(body.len(), &request);
+    let trace = TraceContext::of_request(headers);
     let mut last_denial: Option<Decision> = None;
     let mut last_error: Option<ApiError> = None;
     for target in pool.attempt_order(rand::random()) {
@@ -366,6 +368,7 @@ async fn handle_inner(
             target,
             request: &request,
             client_api_version: client_api_version.as_deref(),
+            trace,
         };
         let limit_headers = decision.headers();
         match call_upstream(state, &ctx, reservation, estimate).await {
@@ -426,6 +429,8 @@ async fn call_upstream(
     for (name, value) in outbound.headers {
         request = request.header(name, value);
     }
+    // Set after the adapter's headers: SigV4 does not sign it, and every provider accepts it.
+    request = request.header("traceparent", ctx.trace.upstream_header());
     let timeout = connection.timeout;
     let streaming = ctx.request.stream && ctx.operation == Operation::ChatCompletions;
     if !streaming {

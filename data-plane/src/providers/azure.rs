@@ -172,6 +172,7 @@ mod tests {
             target: t,
             request: &request,
             client_api_version: client_version,
+            trace: crate::trace::TraceContext::of_request(&Default::default()),
         };
         let out = build(&ctx).unwrap();
         assert!(
@@ -229,6 +230,7 @@ mod tests {
                 target: t,
                 request: &request,
                 client_api_version: client,
+                trace: crate::trace::TraceContext::of_request(&Default::default()),
             };
             let sent: serde_json::Value =
                 serde_json::from_slice(&build(&ctx).unwrap().body).unwrap();

@@ -40,6 +40,8 @@ pub struct CallContext<'a> {
     pub request: &'a ParsedRequest<'a>,
     /// `api-version` the client sent on an Azure-style inbound route.
     pub client_api_version: Option<&'a str>,
+    /// The request's trace (W3C), continued upstream.
+    pub trace: crate::trace::TraceContext,
 }
 
 #[derive(Debug)]

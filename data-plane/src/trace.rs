@@ -1,0 +1,126 @@
+//! W3C trace context (DESIGN §16): a `traceparent` always goes upstream — the client's trace with a
+//! new parent id for the gateway's call, or a new trace when the client sent none (or a malformed
+//! one). Spans and export come with the observability work; this keeps traces connected already.
+
+use axum::http::{HeaderMap, HeaderValue};
+
+/// The trace a request belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: u128,
+    pub flags: u8,
+}
+
+fn hex_u128(text: &str) -> Option<u128> {
+    (text.len() == 32
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then(|| u128::from_str_radix(text, 16).ok())
+    .flatten()
+}
+
+fn hex_u64(text: &str) -> Option<u64> {
+    (text.len() == 16
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then(|| u64::from_str_radix(text, 16).ok())
+    .flatten()
+}
+
+impl TraceContext {
+    /// Parses a `traceparent` value; `None` when it is not valid per W3C Trace Context.
+    pub fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.trim().split('-');
+        let version = parts.next()?;
+        let trace_id = hex_u128(parts.next()?)?;
+        let parent_id = hex_u64(parts.next()?)?;
+        let flags = parts.next()?;
+        let valid_version =
+            version.len() == 2 && version != "ff" && version.bytes().all(|b| b.is_ascii_hexdigit());
+        // Version 00 has exactly four fields; later versions may append more.
+        if !valid_version || (version == "00" && parts.next().is_some()) {
+            return None;
+        }
+        if trace_id == 0 || parent_id == 0 || flags.len() != 2 {
+            return None;
+        }
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        Some(Self { trace_id, flags })
+    }
+
+    /// The client's trace, or a new sampled one.
+    pub fn of_request(headers: &HeaderMap) -> Self {
+        headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(Self::parse)
+            .unwrap_or_else(|| Self {
+                trace_id: rand::random::<u128>().max(1),
+                flags: 0x01,
+            })
+    }
+
+    /// The `traceparent` for one upstream call: this trace, a new parent id.
+    pub fn upstream_header(&self) -> HeaderValue {
+        let span_id = rand::random::<u64>().max(1);
+        let text = format!(
+            "00-{:032x}-{span_id:016x}-{:02x}",
+            self.trace_id, self.flags
+        );
+        // Hex digits and dashes are always a valid header value.
+        HeaderValue::from_str(&text).unwrap_or_else(|_| {
+            HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-00")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_valid_and_refuses_malformed_traceparents() {
+        let t =
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert_eq!(t.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(t.flags, 1);
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceContext::parse(bad), None, "{bad}");
+        }
+        assert!(
+            TraceContext::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn upstream_header_keeps_the_trace_and_makes_a_new_parent() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let trace = TraceContext::of_request(&headers);
+        let sent = trace.upstream_header();
+        let sent = sent.to_str().unwrap();
+        assert!(
+            sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{sent}"
+        );
+        assert!(!sent.contains("00f067aa0ba902b7"), "{sent}");
+        assert!(sent.ends_with("-01"));
+        assert!(TraceContext::parse(sent).is_some());
+        let fresh = TraceContext::of_request(&HeaderMap::new()).upstream_header();
+        assert!(TraceContext::parse(fresh.to_str().unwrap()).is_some());
+    }
+}
