@@ -16,29 +16,22 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import random
 import re
-import socket
 import string
 import struct
-import subprocess
 import threading
 import time
-import urllib.request
 import uuid
 import zlib
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import openai
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-LLMCTL = os.environ.get("LLMCTL_BIN", str(ROOT / "target" / "debug" / "llmctl"))
-PATIENCE_S = 60
+from serve import llmctl_serve
 
 REGION = "us-east-1"
 SERVICE = "bedrock"
@@ -87,12 +80,6 @@ WEATHER_TOOL = {"type": "function", "function": {
 TOOL_USE_ID = "tooluse_kZJMlvQmRJ6eAyJE5GIl7Q"
 TOOL_INPUT_FRAGMENTS = ['{"city":', ' "Paris", "un', 'it": "celsius"}']
 TOOL_INPUT = {"city": "Paris", "unit": "celsius"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- SigV4 (wire formats §5.6), as the service checks it ------------------------------------------
@@ -488,71 +475,43 @@ class BedrockMock(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-def llmctl(grpc_port, *args):
-    out = subprocess.run([LLMCTL, "--endpoint", f"http://127.0.0.1:{grpc_port}", *args],
-                         capture_output=True, text=True, timeout=PATIENCE_S)
-    assert out.returncode == 0, f"llmctl {args}: {out.stderr}"
-    return out.stdout
-
-
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), BedrockMock)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     upstream_url = f"http://127.0.0.1:{upstream.server_address[1]}"
     scratch = tmp_path_factory.mktemp("bedrock-e2e")
-    api_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    log_path = scratch / "serve.log"
-    log = open(log_path, "w")  # a file, not a pipe nobody reads: the gateway can never block on it
-    serve = subprocess.Popen(
-        [LLMCTL, "serve", "--data-dir", str(scratch / "data"), "--listen", f"127.0.0.1:{api_port}",
-         "--grpc-listen", f"127.0.0.1:{grpc_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}"],
-        stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + PATIENCE_S
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=2)
-                break
-            except OSError:
-                assert serve.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, "llmctl serve did not become ready"
-                time.sleep(0.1)
-        llmctl(grpc_port, "connection", "add", "--name", "Bedrock-SigV4", "--provider", "bedrock", "--endpoint", upstream_url,
-               "--api-key", f"{ACCESS_KEY_ID}:{SECRET_ACCESS_KEY}", "--set", f"region={REGION}")
-        llmctl(grpc_port, "connection", "add", "--name", "Bedrock-Key", "--provider", "bedrock", "--endpoint", upstream_url,
-               # The control plane needs the region of an endpoint that does not name it.
-               "--api-key", BEDROCK_API_KEY, "--set", f"region={REGION}")
-        llmctl(grpc_port, "connection", "add", "--name", "Bedrock-Session", "--provider", "bedrock", "--endpoint", upstream_url,
-               "--api-key", f"{SESSION_KEY_ID}:{SESSION_SECRET}:{SESSION_TOKEN}", "--set", f"region={REGION}")
-        llmctl(grpc_port, "connection", "add", "--name", "Bedrock-Wrong-Secret", "--provider", "bedrock", "--endpoint", upstream_url,
-               "--api-key", f"{SESSION_KEY_ID}:{WRONG_SECRET}:{SESSION_TOKEN}", "--set", f"region={REGION}")
-        llmctl(grpc_port, "vkey", "add", "--name", "Bedrock-App", "--key", CLIENT_KEY)
-        models = [
-            ("Bedrock-SigV4", "sigv4-claude-model", MODEL_ID, "sigv4-claude"),
-            ("Bedrock-SigV4", "sigv4-busy-model", BUSY_MODEL_ID, "sigv4-busy"),
-            ("Bedrock-SigV4", "sigv4-flaky-model", FLAKY_MODEL_ID, "sigv4-flaky"),
-            ("Bedrock-Key", "key-claude-model", MODEL_ID, "key-claude"),
-            ("Bedrock-Key", "key-busy-model", BUSY_MODEL_ID, "key-busy"),
-            ("Bedrock-Key", "key-flaky-model", FLAKY_MODEL_ID, "key-flaky"),
-            ("Bedrock-Session", "session-claude-model", MODEL_ID, "session-claude"),
-            ("Bedrock-Session", "session-busy-model", BUSY_MODEL_ID, "session-busy"),
-            ("Bedrock-Session", "session-flaky-model", FLAKY_MODEL_ID, "session-flaky"),
-            ("Bedrock-Wrong-Secret", "wrong-secret-claude", MODEL_ID, "wrong-secret-claude"),
-        ]
-        for conn, name, remote, alias in models:
-            llmctl(grpc_port, "model", "add", "--conn-id", conn, "--name", name, "--remote", remote)
-            llmctl(grpc_port, "assign", "--vkey-id", "Bedrock-App", "--model-id", name, "--alias", alias)
-        client = openai.OpenAI(api_key=CLIENT_KEY, base_url=f"http://localhost:{api_port}", max_retries=0)
-        aliases = {alias for *_, alias in models}
-        while aliases - {m.id for m in client.models.list()}:
-            assert time.monotonic() < deadline, "the data plane never got the assignments"
-            time.sleep(0.05)
-        yield {"client": client, "api_port": api_port, "log": log_path}
+        with llmctl_serve(scratch) as gw:
+            gw.llmctl("connection", "add", "--name", "Bedrock-SigV4", "--provider", "bedrock", "--endpoint", upstream_url,
+                      "--api-key", f"{ACCESS_KEY_ID}:{SECRET_ACCESS_KEY}", "--set", f"region={REGION}")
+            gw.llmctl("connection", "add", "--name", "Bedrock-Key", "--provider", "bedrock", "--endpoint", upstream_url,
+                      # The control plane needs the region of an endpoint that does not name it.
+                      "--api-key", BEDROCK_API_KEY, "--set", f"region={REGION}")
+            gw.llmctl("connection", "add", "--name", "Bedrock-Session", "--provider", "bedrock", "--endpoint", upstream_url,
+                      "--api-key", f"{SESSION_KEY_ID}:{SESSION_SECRET}:{SESSION_TOKEN}", "--set", f"region={REGION}")
+            gw.llmctl("connection", "add", "--name", "Bedrock-Wrong-Secret", "--provider", "bedrock", "--endpoint", upstream_url,
+                      "--api-key", f"{SESSION_KEY_ID}:{WRONG_SECRET}:{SESSION_TOKEN}", "--set", f"region={REGION}")
+            gw.llmctl("vkey", "add", "--name", "Bedrock-App", "--key", CLIENT_KEY)
+            models = [
+                ("Bedrock-SigV4", "sigv4-claude-model", MODEL_ID, "sigv4-claude"),
+                ("Bedrock-SigV4", "sigv4-busy-model", BUSY_MODEL_ID, "sigv4-busy"),
+                ("Bedrock-SigV4", "sigv4-flaky-model", FLAKY_MODEL_ID, "sigv4-flaky"),
+                ("Bedrock-Key", "key-claude-model", MODEL_ID, "key-claude"),
+                ("Bedrock-Key", "key-busy-model", BUSY_MODEL_ID, "key-busy"),
+                ("Bedrock-Key", "key-flaky-model", FLAKY_MODEL_ID, "key-flaky"),
+                ("Bedrock-Session", "session-claude-model", MODEL_ID, "session-claude"),
+                ("Bedrock-Session", "session-busy-model", BUSY_MODEL_ID, "session-busy"),
+                ("Bedrock-Session", "session-flaky-model", FLAKY_MODEL_ID, "session-flaky"),
+                ("Bedrock-Wrong-Secret", "wrong-secret-claude", MODEL_ID, "wrong-secret-claude"),
+            ]
+            for conn, name, remote, alias in models:
+                gw.llmctl("model", "add", "--conn-id", conn, "--name", name, "--remote", remote)
+                gw.llmctl("assign", "--vkey-id", "Bedrock-App", "--model-id", name, "--alias", alias)
+            client = openai.OpenAI(api_key=CLIENT_KEY, base_url=f"http://localhost:{gw.api_port}", max_retries=0)
+            gw.wait_for_aliases(client, {alias for *_, alias in models})
+            yield {"client": client, "api_port": gw.api_port, "log": gw.log_path}
     finally:
-        serve.terminate()
-        serve.wait(timeout=30)
-        log.close()
         upstream.shutdown()
 
 

@@ -11,22 +11,17 @@ can assert on what went upstream."""
 
 import base64
 import json
-import os
 import re
-import socket
-import subprocess
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import openai
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-LLMCTL = os.environ.get("LLMCTL_BIN", str(ROOT / "target" / "debug" / "llmctl"))
+from serve import ROOT, llmctl_serve
+
 SERVICE_ACCOUNT = ROOT / "data-plane" / "tests" / "fixtures" / "google" / "test-service-account.json"
 STUDIO_KEY = "AIzaSyE2e-0123456789abcdefghijklmnopqr"  # 39 characters, like a real AI Studio key
 BAD_STUDIO_KEY = "AIzaSyE2e-revoked-456789abcdefghijklmn"
@@ -38,7 +33,6 @@ CHAT_MODEL = "gemini-2.5-flash"
 EMBED_MODEL = "gemini-embedding-001"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
-PATIENCE_S = 60
 
 # The gateway's aliases for each connection (see the `gateway` fixture).
 TARGETS = {
@@ -64,12 +58,6 @@ GENERATION_FIELDS = {"temperature", "topP", "topK", "candidateCount", "maxOutput
                      "presencePenalty", "frequencyPenalty", "seed", "responseMimeType", "responseSchema",
                      "responseJsonSchema", "responseLogprobs", "logprobs", "thinkingConfig", "responseModalities",
                      "mediaResolution", "speechConfig"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def b64url_json(segment):
@@ -365,13 +353,6 @@ class VertexMock(GoogleMock):
     flavour = "vertex"
 
 
-def llmctl(grpc_port, *args):
-    out = subprocess.run([LLMCTL, "--endpoint", f"http://127.0.0.1:{grpc_port}", *args],
-                         capture_output=True, text=True, timeout=PATIENCE_S)
-    assert out.returncode == 0, f"llmctl {args}: {out.stderr}"
-    return out.stdout
-
-
 def start(handler):
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -387,53 +368,32 @@ def gateway(tmp_path_factory):
     account = json.loads(SERVICE_ACCOUNT.read_text())
     account["token_uri"] = f"{vertex_url}/token"
     key_file.write_text(json.dumps(account, indent=2) + "\n")
-    api_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    log_path = scratch / "serve.log"
-    log = open(log_path, "w")  # a file, not a pipe nobody reads: the gateway can never block on it
-    serve = subprocess.Popen(
-        [LLMCTL, "serve", "--data-dir", str(scratch / "data"), "--listen", f"127.0.0.1:{api_port}",
-         "--grpc-listen", f"127.0.0.1:{grpc_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}"],
-        stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + PATIENCE_S
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=2)
-                break
-            except OSError:
-                assert serve.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, "llmctl serve did not become ready"
-                time.sleep(0.1)
-        llmctl(grpc_port, "connection", "add", "--name", "Gemini-Studio", "--provider", "google",
-               "--endpoint", studio_url, "--api-key", STUDIO_KEY, "--set", "api=gemini")
-        llmctl(grpc_port, "connection", "add", "--name", "Vertex-SA", "--provider", "google",
-               "--endpoint", vertex_url, "--api-key-file", str(key_file), "--set", "api=vertex",
-               "--set", f"location={LOCATION}")
-        llmctl(grpc_port, "connection", "add", "--name", "Gemini-Revoked", "--provider", "google",
-               "--endpoint", studio_url, "--api-key", BAD_STUDIO_KEY, "--set", "api=gemini")
-        llmctl(grpc_port, "vkey", "add", "--name", "Google-App", "--key", CLIENT_KEY)
-        models = [
-            ("Gemini-Studio", "gemini-flash", CHAT_MODEL, "studio-flash"),
-            ("Gemini-Studio", "gemini-embed", EMBED_MODEL, "studio-embed"),
-            ("Gemini-Studio", "gemini-missing", "gemini-0.9-nope", "studio-missing"),
-            ("Vertex-SA", "vertex-flash", CHAT_MODEL, "vertex-flash"),
-            ("Vertex-SA", "vertex-embed", EMBED_MODEL, "vertex-embed"),
-            ("Vertex-SA", "vertex-missing", "gemini-0.9-nope", "vertex-missing"),
-            ("Gemini-Revoked", "revoked-flash", CHAT_MODEL, "revoked-flash"),
-        ]
-        for conn, name, remote, alias in models:
-            llmctl(grpc_port, "model", "add", "--conn-id", conn, "--name", name, "--remote", remote)
-            llmctl(grpc_port, "assign", "--vkey-id", "Google-App", "--model-id", name, "--alias", alias)
-        client = openai.OpenAI(api_key=CLIENT_KEY, base_url=f"http://localhost:{api_port}", max_retries=0)
-        aliases = {alias for *_, alias in models}
-        while aliases - {m.id for m in client.models.list()}:
-            assert time.monotonic() < deadline, "the data plane never got the assignments"
-            time.sleep(0.05)
-        yield {"client": client, "api_port": api_port, "studio_url": studio_url, "vertex_url": vertex_url}
+        with llmctl_serve(scratch) as gw:
+            gw.llmctl("connection", "add", "--name", "Gemini-Studio", "--provider", "google",
+                      "--endpoint", studio_url, "--api-key", STUDIO_KEY, "--set", "api=gemini")
+            gw.llmctl("connection", "add", "--name", "Vertex-SA", "--provider", "google",
+                      "--endpoint", vertex_url, "--api-key-file", str(key_file), "--set", "api=vertex",
+                      "--set", f"location={LOCATION}")
+            gw.llmctl("connection", "add", "--name", "Gemini-Revoked", "--provider", "google",
+                      "--endpoint", studio_url, "--api-key", BAD_STUDIO_KEY, "--set", "api=gemini")
+            gw.llmctl("vkey", "add", "--name", "Google-App", "--key", CLIENT_KEY)
+            models = [
+                ("Gemini-Studio", "gemini-flash", CHAT_MODEL, "studio-flash"),
+                ("Gemini-Studio", "gemini-embed", EMBED_MODEL, "studio-embed"),
+                ("Gemini-Studio", "gemini-missing", "gemini-0.9-nope", "studio-missing"),
+                ("Vertex-SA", "vertex-flash", CHAT_MODEL, "vertex-flash"),
+                ("Vertex-SA", "vertex-embed", EMBED_MODEL, "vertex-embed"),
+                ("Vertex-SA", "vertex-missing", "gemini-0.9-nope", "vertex-missing"),
+                ("Gemini-Revoked", "revoked-flash", CHAT_MODEL, "revoked-flash"),
+            ]
+            for conn, name, remote, alias in models:
+                gw.llmctl("model", "add", "--conn-id", conn, "--name", name, "--remote", remote)
+                gw.llmctl("assign", "--vkey-id", "Google-App", "--model-id", name, "--alias", alias)
+            client = openai.OpenAI(api_key=CLIENT_KEY, base_url=f"http://localhost:{gw.api_port}", max_retries=0)
+            gw.wait_for_aliases(client, {alias for *_, alias in models})
+            yield {"client": client, "api_port": gw.api_port, "studio_url": studio_url, "vertex_url": vertex_url}
     finally:
-        serve.terminate()
-        serve.wait(timeout=30)
-        log.close()
         studio.shutdown()
         vertex.shutdown()
 

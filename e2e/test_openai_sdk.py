@@ -3,32 +3,18 @@ OpenAI Python SDK against the gateway, with a local mock standing in for api.ope
 
 import base64
 import json
-import os
-import socket
 import struct
-import subprocess
-import tempfile
 import threading
-import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-LLMCTL = os.environ.get("LLMCTL_BIN", str(ROOT / "target" / "debug" / "llmctl"))
+from serve import llmctl_serve
+
 UPSTREAM_KEY = "sk-upstream-e2e-0123456789"
 CLIENT_KEY = "vk-front-1234"
-PATIENCE_S = 60
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MockOpenAI(BaseHTTPRequestHandler):
@@ -105,51 +91,26 @@ class MockOpenAI(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
-def llmctl(grpc_port, *args):
-    out = subprocess.run([LLMCTL, "--endpoint", f"http://127.0.0.1:{grpc_port}", *args],
-                         capture_output=True, text=True, timeout=PATIENCE_S)
-    assert out.returncode == 0, f"llmctl {args}: {out.stderr}"
-    return out.stdout
-
-
 @pytest.fixture(scope="module")
-def gateway():
+def gateway(tmp_path_factory):
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), MockOpenAI)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     upstream_url = f"http://127.0.0.1:{upstream.server_address[1]}"
-    api_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    data_dir = tempfile.mkdtemp(prefix="llm-proxy-e2e-")
-    serve = subprocess.Popen(
-        [LLMCTL, "serve", "--data-dir", data_dir, "--listen", f"127.0.0.1:{api_port}",
-         "--grpc-listen", f"127.0.0.1:{grpc_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + PATIENCE_S
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=2)
-                break
-            except OSError:
-                assert serve.poll() is None, serve.stdout.read()
-                assert time.monotonic() < deadline, "llmctl serve did not become ready"
-                time.sleep(0.1)
-        # The seed's four setup commands, names for IDs.
-        llmctl(grpc_port, "connection", "add", "--name", "OpenAI-Main", "--provider", "openai",
-               "--endpoint", upstream_url, "--api-key", UPSTREAM_KEY)
-        llmctl(grpc_port, "model", "add", "--conn-id", "OpenAI-Main", "--name", "gpt-4-turbo", "--remote", "gpt-4-turbo-preview")
-        llmctl(grpc_port, "vkey", "add", "--name", "Frontend-App", "--key", CLIENT_KEY)
-        llmctl(grpc_port, "assign", "--vkey-id", "Frontend-App", "--model-id", "gpt-4-turbo", "--alias", "gpt-4", "--tps", "50")
-        llmctl(grpc_port, "model", "add", "--conn-id", "OpenAI-Main", "--name", "text-embedding-3-small", "--remote", "text-embedding-3-small")
-        llmctl(grpc_port, "assign", "--vkey-id", "Frontend-App", "--model-id", "text-embedding-3-small", "--alias", "embed")
-        llmctl(grpc_port, "assign", "--vkey-id", "Frontend-App", "--model-id", "gpt-4-turbo", "--alias", "slow-lane", "--tps", "1")
-        client = openai.OpenAI(api_key=CLIENT_KEY, base_url=f"http://localhost:{api_port}", max_retries=0)
-        while {"gpt-4", "embed", "slow-lane"} - {m.id for m in client.models.list()}:
-            assert time.monotonic() < deadline, "the data plane never got the assignments"
-            time.sleep(0.05)
-        yield {"client": client, "api_port": api_port}
+        with llmctl_serve(tmp_path_factory.mktemp("openai-e2e")) as gw:
+            # The seed's four setup commands, names for IDs.
+            gw.llmctl("connection", "add", "--name", "OpenAI-Main", "--provider", "openai",
+                      "--endpoint", upstream_url, "--api-key", UPSTREAM_KEY)
+            gw.llmctl("model", "add", "--conn-id", "OpenAI-Main", "--name", "gpt-4-turbo", "--remote", "gpt-4-turbo-preview")
+            gw.llmctl("vkey", "add", "--name", "Frontend-App", "--key", CLIENT_KEY)
+            gw.llmctl("assign", "--vkey-id", "Frontend-App", "--model-id", "gpt-4-turbo", "--alias", "gpt-4", "--tps", "50")
+            gw.llmctl("model", "add", "--conn-id", "OpenAI-Main", "--name", "text-embedding-3-small", "--remote", "text-embedding-3-small")
+            gw.llmctl("assign", "--vkey-id", "Frontend-App", "--model-id", "text-embedding-3-small", "--alias", "embed")
+            gw.llmctl("assign", "--vkey-id", "Frontend-App", "--model-id", "gpt-4-turbo", "--alias", "slow-lane", "--tps", "1")
+            client = openai.OpenAI(api_key=CLIENT_KEY, base_url=f"http://localhost:{gw.api_port}", max_retries=0)
+            gw.wait_for_aliases(client, {"gpt-4", "embed", "slow-lane"})
+            yield {"client": client, "api_port": gw.api_port}
     finally:
-        serve.terminate()
-        serve.wait(timeout=30)
         upstream.shutdown()
 
 
