@@ -9,27 +9,25 @@
 //! real control plane (SQLite) through the real config stream.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use aws_smithy_eventstream::frame::write_message_to;
 use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
+use common::{Recorded, options, sse_data};
 use hmac::{Hmac, Mac};
-use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane, ServerSettings};
-use llm_proxy_control_plane::store::{NewAssignment, NewConnection, NewModel, NewVirtualKey};
-use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
-use llm_proxy_data_plane::sync::SyncSettings;
-use secrecy::SecretString;
+use llm_proxy_control_plane::server::RunningControlPlane;
+use llm_proxy_data_plane::gateway::RunningGateway;
 use serde_json::{Map, Value, json};
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-const PATIENCE: Duration = Duration::from_secs(30);
 const CLIENT_KEY: &str = "vk-bedrock-front-9012";
 /// The access key pair of AWS's own Signature V4 test suite.
 const ACCESS_KEY_ID: &str = "AKIDEXAMPLE";
@@ -313,25 +311,19 @@ fn authenticate(recorded: &Recorded) -> Result<(), AuthFailure> {
 // ---------------------------------------------------------------------------------------------
 // The mock Bedrock Runtime
 
+/// A call the mock received (its fields are reached through `Deref`), with the
+/// `x-amzn-RequestId` the mock answered it with.
 #[derive(Debug, Clone)]
-struct Recorded {
-    method: Method,
-    /// Raw, still percent-encoded.
-    path: String,
-    query: Option<String>,
-    headers: HeaderMap,
-    body: Bytes,
-    /// The `x-amzn-RequestId` the mock answered with.
+struct Call {
+    recorded: Recorded,
     request_id: String,
 }
 
-impl Recorded {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap()
-    }
+impl std::ops::Deref for Call {
+    type Target = Recorded;
 
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(|v| v.to_str().unwrap())
+    fn deref(&self) -> &Recorded {
+        &self.recorded
     }
 }
 
@@ -339,17 +331,12 @@ impl Recorded {
 struct Mock {
     /// `http://127.0.0.1:<port>`.
     base: String,
-    seen: Arc<Mutex<Vec<Recorded>>>,
+    seen: Arc<Mutex<Vec<Call>>>,
     next_id: Arc<AtomicU64>,
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response {
-    (
-        status,
-        [("content-type", "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    common::json_response(status, "application/json", body)
 }
 
 /// A Bedrock error: `x-amzn-ErrorType` names the exception, the body carries the message.
@@ -385,19 +372,13 @@ fn percent_decode(segment: &str) -> Option<String> {
 }
 
 async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let recorded = Recorded::read(request).await;
     let n = mock.next_id.fetch_add(1, Ordering::SeqCst);
     let request_id = format!("6f2d1c1e-3b7a-4c2e-9d41-{n:012x}");
-    let recorded = Recorded {
-        method: parts.method,
-        path: parts.uri.path().to_owned(),
-        query: parts.uri.query().map(str::to_owned),
-        headers: parts.headers,
-        body,
+    mock.seen.lock().unwrap().push(Call {
+        recorded: recorded.clone(),
         request_id: request_id.clone(),
-    };
-    mock.seen.lock().unwrap().push(recorded.clone());
+    });
     let mut response = answer(&recorded);
     response
         .headers_mut()
@@ -792,17 +773,12 @@ fn converse_stream(request: &Value) -> Response {
 }
 
 async fn start_mock() -> Mock {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mock = Mock {
-        base: format!("http://{}", listener.local_addr().unwrap()),
+    common::start_mock(mock_handler, |base| Mock {
+        base,
         seen: Arc::default(),
         next_id: Arc::default(),
-    };
-    let app = axum::Router::new()
-        .fallback(mock_handler)
-        .with_state(mock.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    mock
+    })
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -819,29 +795,20 @@ struct Fixture {
 
 impl Fixture {
     async fn wait_applied(&self) {
-        let version = self.cp.store.current_version().await.unwrap().1;
-        tokio::time::timeout(PATIENCE, self.dp.config.wait_for_version(version))
-            .await
-            .expect("data plane did not apply the config");
+        common::wait_applied(&self.cp, &self.dp).await;
     }
 
-    fn calls(&self) -> Vec<Recorded> {
+    fn calls(&self) -> Vec<Call> {
         self.mock.seen.lock().unwrap().clone()
     }
 
-    fn last(&self) -> Recorded {
+    fn last(&self) -> Call {
         self.calls().pop().expect("the mock saw no request")
     }
 
     async fn post(&self, body: &str) -> reqwest::Response {
-        self.http
-            .post(format!("{}/v1/chat/completions", self.base))
-            .bearer_auth(CLIENT_KEY)
-            .header("content-type", "application/json")
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap()
+        let url = format!("{}/v1/chat/completions", self.base);
+        common::post_json(&self.http, url, CLIENT_KEY, body).await
     }
 
     /// Sends `recorded` to the mock again, with its headers (reqwest sets the same host and
@@ -859,41 +826,10 @@ impl Fixture {
     }
 }
 
-fn control_plane_settings(
-    dir: &std::path::Path,
-    addr: std::net::SocketAddr,
-    key: &SecretString,
-) -> ServerSettings {
-    let mut settings = ServerSettings::new(
-        addr,
-        SecretString::from(format!("sqlite://{}", dir.join("cp.db").display())),
-        SecretString::from(secrecy::ExposeSecret::expose_secret(key).to_owned()),
-    );
-    settings.hub = llm_proxy_control_plane::hub::HubTimings {
-        coalesce: Duration::from_millis(10),
-        poll: Duration::from_millis(500),
-    };
-    settings
-}
-
-fn options(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
-
 async fn fixture() -> Fixture {
     let mock = start_mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let master_key = llm_proxy_control_plane::crypto::MasterKeys::generate_encoded();
-    let cp = cp_server::start(control_plane_settings(
-        dir.path(),
-        "127.0.0.1:0".parse().unwrap(),
-        &master_key,
-    ))
-    .await
-    .unwrap();
+    let (cp, _) = common::start_control_plane(dir.path()).await;
     let store = &cp.store;
     let keys = format!("{ACCESS_KEY_ID}:{SECRET_ACCESS_KEY}");
     let session = format!("{keys}:{SESSION_TOKEN}");
@@ -917,18 +853,7 @@ async fn fixture() -> Fixture {
             options(&[("region", REGION)]),
         ),
     ];
-    for (name, credential, options) in connections {
-        store
-            .create_connection(NewConnection {
-                name: name.into(),
-                provider: "bedrock".into(),
-                endpoint: mock.base.clone(),
-                credential: SecretString::from(credential),
-                options,
-            })
-            .await
-            .unwrap();
-    }
+    common::add_connections(store, "bedrock", &mock.base, connections).await;
     // (connection, model name = alias, remote)
     let models = [
         ("Bedrock-Keys", "sonnet-sigv4", SONNET),
@@ -938,53 +863,8 @@ async fn fixture() -> Fixture {
         ("Bedrock-ApiKey", "opus", OPUS),
         ("Bedrock-Revoked", "sonnet-revoked", SONNET),
     ];
-    for (connection, name, remote) in models {
-        store
-            .create_model(NewModel {
-                connection: connection.into(),
-                name: name.into(),
-                remote: remote.into(),
-                deployment: None,
-            })
-            .await
-            .unwrap();
-    }
-    store
-        .create_vkey(NewVirtualKey {
-            name: "Bedrock-App".into(),
-            key: Some(SecretString::from(CLIENT_KEY)),
-            expires_at: None,
-        })
-        .await
-        .unwrap();
-    for (_, name, _) in models {
-        store
-            .create_assignment(NewAssignment {
-                vkey: "Bedrock-App".into(),
-                model: name.into(),
-                alias: Some(name.into()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    let dp = gateway::start(GatewaySettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        sync: SyncSettings {
-            control_plane: format!("http://{}", cp.grpc_addr),
-            token: None,
-            node_id: "dp-bedrock-test".into(),
-            build: "test".into(),
-            tls: None,
-        },
-        max_body_bytes: 64 * 1024,
-        redis_url: None,
-        ratelimit_fail_mode: Default::default(),
-        ratelimit_redis_budget: Duration::from_millis(200),
-    })
-    .await
-    .unwrap();
+    common::add_models_for_key(store, "Bedrock-App", CLIENT_KEY, &models).await;
+    let dp = common::start_data_plane(&cp, "dp-bedrock-test", None).await;
     let fixture = Fixture {
         mock,
         base: format!("http://{}", dp.addr),
@@ -1001,13 +881,7 @@ async fn fixture() -> Fixture {
 // Assertions
 
 fn assert_no_client_key(recorded: &Recorded) {
-    for (name, value) in &recorded.headers {
-        assert!(
-            !value.to_str().unwrap_or_default().contains(CLIENT_KEY),
-            "virtual key forwarded in {name}"
-        );
-    }
-    assert!(!String::from_utf8_lossy(&recorded.body).contains(CLIENT_KEY));
+    common::assert_key_not_forwarded(recorded, CLIENT_KEY);
 }
 
 /// Asserts a call signed with `access_key_id` (and the session token if `with_session_token`)
@@ -1069,20 +943,6 @@ fn assert_bearer(recorded: &Recorded, key: &str) {
     assert_no_client_key(recorded);
 }
 
-/// The `data:` payloads of a client SSE body (which must use `\n\n` terminators throughout).
-fn sse_data(text: &str) -> Vec<String> {
-    assert!(text.ends_with("\n\n"), "unterminated stream: {text:?}");
-    text.split("\n\n")
-        .filter(|event| !event.is_empty())
-        .map(|event| {
-            event
-                .strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("not a data event: {event:?}"))
-                .to_owned()
-        })
-        .collect()
-}
-
 fn assert_event_stream(response: &reqwest::Response) {
     assert!(
         response.headers()["content-type"]
@@ -1139,7 +999,7 @@ fn stream_chat(alias: &str, content: &str) -> String {
 }
 
 /// The joke answer of the mock's Converse, as the client must see it.
-fn assert_joke_answer(answer: &Value, recorded: &Recorded) {
+fn assert_joke_answer(answer: &Value, recorded: &Call) {
     assert_eq!(answer["object"], "chat.completion");
     assert_eq!(answer["id"], format!("chatcmpl-{}", recorded.request_id));
     assert_eq!(answer["model"], SONNET);
@@ -1308,13 +1168,13 @@ async fn the_mock_refuses_a_signed_request_whose_body_or_signed_headers_were_alt
     body[at] = b'p';
     let tampered_body = Recorded {
         body: Bytes::from(body),
-        ..original.clone()
+        ..original.recorded.clone()
     };
     let failure = verify_sigv4(&tampered_body).unwrap_err();
     assert_eq!(failure.kind, "InvalidSignatureException");
     assert_eq!(failure.message, SIGNATURE_MISMATCH);
 
-    let mut tampered_date = original.clone();
+    let mut tampered_date = original.recorded.clone();
     let date = original.header("x-amz-date").unwrap();
     let other_second = if date.ends_with("0Z") { "1Z" } else { "0Z" };
     tampered_date.headers.insert(

@@ -3,16 +3,18 @@
 //! Config comes from a real control plane (SQLite) through the real config stream.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use common::{PATIENCE, Recorded, control_plane_settings};
 use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane, ServerSettings};
 use llm_proxy_control_plane::store::{
     NewAssignment, NewConnection, NewModel, NewVirtualKey, VirtualKeyPatch,
 };
-use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
-use llm_proxy_data_plane::sync::SyncSettings;
+use llm_proxy_data_plane::gateway::RunningGateway;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -20,21 +22,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-const PATIENCE: Duration = Duration::from_secs(30);
 const OPENAI_KEY: &str = "sk-upstream-openai-0123456789";
 const AZURE_KEY: &str = "azure-upstream-key-abcdef";
 const CLIENT_KEY: &str = "vk-front-1234";
 
-#[derive(Debug, Clone)]
-struct Recorded {
-    path: String,
-    query: Option<String>,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
 #[derive(Clone, Default)]
 struct Mock {
+    /// `http://127.0.0.1:<port>`.
+    base: String,
     seen: Arc<Mutex<Vec<Recorded>>>,
     /// Fired when a slow stream's body is dropped (the gateway closed the connection).
     stream_dropped: Arc<Mutex<Option<oneshot::Sender<()>>>>,
@@ -119,21 +114,20 @@ impl Drop for DropSignal {
 }
 
 async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-    let path = parts.uri.path().to_owned();
-    let query = parts.uri.query().map(str::to_owned);
-    mock.seen.lock().unwrap().push(Recorded {
-        path: path.clone(),
-        query: query.clone(),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    });
+    let recorded = Recorded::read(request).await;
+    mock.seen.lock().unwrap().push(recorded.clone());
+    let Recorded {
+        path,
+        query,
+        headers,
+        body,
+        ..
+    } = recorded;
     let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let text = json.to_string();
     let azure = path.starts_with("/openai/deployments/");
     if azure {
-        if parts.headers.get("api-key").and_then(|v| v.to_str().ok()) != Some(AZURE_KEY) {
+        if headers.get("api-key").and_then(|v| v.to_str().ok()) != Some(AZURE_KEY) {
             return (StatusCode::UNAUTHORIZED, [("content-type", "application/json")],
                 json!({"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong API endpoint."}}).to_string()).into_response();
         }
@@ -168,10 +162,7 @@ async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
             return (StatusCode::TOO_MANY_REQUESTS, [("content-type", "application/json"), ("retry-after", "7"), ("retry-after-ms", "6500")],
                 json!({"error": {"code": "429", "message": "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-05-01-preview have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 7 seconds."}}).to_string()).into_response();
         }
-    } else if parts
-        .headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
+    } else if headers.get("authorization").and_then(|v| v.to_str().ok())
         != Some(&format!("Bearer {OPENAI_KEY}"))
     {
         return openai_error(
@@ -247,17 +238,6 @@ async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
         .into_response()
 }
 
-async fn start_mock() -> (Mock, std::net::SocketAddr) {
-    let mock = Mock::default();
-    let app = axum::Router::new()
-        .fallback(mock_handler)
-        .with_state(mock.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (mock, addr)
-}
-
 struct Fixture {
     mock: Mock,
     cp: RunningControlPlane,
@@ -271,10 +251,7 @@ struct Fixture {
 
 impl Fixture {
     async fn wait_applied(&self) {
-        let version = self.cp.store.current_version().await.unwrap().1;
-        tokio::time::timeout(PATIENCE, self.dp.config.wait_for_version(version))
-            .await
-            .expect("data plane did not apply the config");
+        common::wait_applied(&self.cp, &self.dp).await;
     }
 
     fn last(&self) -> Recorded {
@@ -288,32 +265,8 @@ impl Fixture {
     }
 
     async fn post(&self, path: &str, key: &str, body: &str) -> reqwest::Response {
-        self.http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(key)
-            .header("content-type", "application/json")
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap()
+        common::post_json(&self.http, format!("{}{path}", self.base), key, body).await
     }
-}
-
-fn control_plane_settings(
-    dir: &std::path::Path,
-    addr: std::net::SocketAddr,
-    key: &SecretString,
-) -> ServerSettings {
-    let mut settings = ServerSettings::new(
-        addr,
-        SecretString::from(format!("sqlite://{}", dir.join("cp.db").display())),
-        SecretString::from(secrecy::ExposeSecret::expose_secret(key).to_owned()),
-    );
-    settings.hub = llm_proxy_control_plane::hub::HubTimings {
-        coalesce: Duration::from_millis(10),
-        poll: Duration::from_millis(500),
-    };
-    settings
 }
 
 async fn fixture() -> Fixture {
@@ -321,18 +274,15 @@ async fn fixture() -> Fixture {
 }
 
 async fn fixture_with(redis_url: Option<SecretString>) -> Fixture {
-    let (mock, mock_addr) = start_mock().await;
+    let mock = common::start_mock(mock_handler, |base| Mock {
+        base,
+        ..Mock::default()
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
-    let master_key = llm_proxy_control_plane::crypto::MasterKeys::generate_encoded();
-    let cp = cp_server::start(control_plane_settings(
-        dir.path(),
-        "127.0.0.1:0".parse().unwrap(),
-        &master_key,
-    ))
-    .await
-    .unwrap();
+    let (cp, master_key) = common::start_control_plane(dir.path()).await;
     let store = &cp.store;
-    let endpoint = format!("http://{mock_addr}");
+    let endpoint = mock.base.clone();
     store
         .create_connection(NewConnection {
             name: "OpenAI-Main".into(),
@@ -400,23 +350,7 @@ async fn fixture_with(redis_url: Option<SecretString>) -> Fixture {
             .await
             .unwrap();
     }
-    let dp = gateway::start(GatewaySettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        sync: SyncSettings {
-            control_plane: format!("http://{}", cp.grpc_addr),
-            token: None,
-            node_id: "dp-test".into(),
-            build: "test".into(),
-            tls: None,
-        },
-        max_body_bytes: 64 * 1024,
-        redis_url,
-        ratelimit_fail_mode: Default::default(),
-        ratelimit_redis_budget: Duration::from_millis(200),
-    })
-    .await
-    .unwrap();
+    let dp = common::start_data_plane(&cp, "dp-test", redis_url).await;
     let fixture = Fixture {
         mock,
         cp_settings: |f| control_plane_settings(f._dir.path(), f.cp.grpc_addr, &f.master_key),
@@ -432,13 +366,7 @@ async fn fixture_with(redis_url: Option<SecretString>) -> Fixture {
 }
 
 fn assert_no_client_key(recorded: &Recorded) {
-    for (name, value) in &recorded.headers {
-        assert!(
-            !value.to_str().unwrap_or_default().contains(CLIENT_KEY),
-            "virtual key forwarded in {name}"
-        );
-    }
-    assert!(!String::from_utf8_lossy(&recorded.body).contains(CLIENT_KEY));
+    common::assert_key_not_forwarded(recorded, CLIENT_KEY);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -966,4 +894,55 @@ async fn with_redis_the_limit_lives_in_shared_buckets() {
         .await
         .unwrap();
     assert!(exists, "{key} missing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_traceparent_goes_upstream_continuing_the_clients_trace_or_a_new_one() {
+    let f = fixture().await;
+    let body = r#"{"model":"gpt-4","messages":[{"role":"user","content":"hi"}]}"#;
+    let client_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let response = f
+        .http
+        .post(format!("{}/v1/chat/completions", f.base))
+        .bearer_auth(CLIENT_KEY)
+        .header("content-type", "application/json")
+        .header("traceparent", client_parent)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let sent = f.last().headers["traceparent"].to_str().unwrap().to_owned();
+    let fields: Vec<&str> = sent.split('-').collect();
+    assert_eq!(fields.len(), 4, "{sent}");
+    assert_eq!(fields[0], "00");
+    assert_eq!(fields[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace");
+    assert_ne!(
+        fields[2], "00f067aa0ba902b7",
+        "the gateway's call has its own parent id"
+    );
+    assert_eq!(fields[3], "01");
+
+    // No (or a malformed) traceparent from the client: a new, valid one.
+    for extra in [None, Some("garbage")] {
+        let mut request = f
+            .http
+            .post(format!("{}/v1/chat/completions", f.base))
+            .bearer_auth(CLIENT_KEY)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(value) = extra {
+            request = request.header("traceparent", value);
+        }
+        assert_eq!(request.send().await.unwrap().status(), 200);
+        let sent = f.last().headers["traceparent"].to_str().unwrap().to_owned();
+        let fields: Vec<&str> = sent.split('-').collect();
+        assert_eq!(fields.len(), 4, "{sent}");
+        assert_eq!(
+            (fields[0], fields[1].len(), fields[2].len()),
+            ("00", 32, 16),
+            "{sent}"
+        );
+        assert_ne!(fields[1], "0".repeat(32));
+    }
 }

@@ -6,25 +6,22 @@
 //! Config comes from a real control plane (SQLite) through the real config stream.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{Method, StatusCode};
+use axum::response::Response;
 use base64::Engine as _;
+use common::{PATIENCE, Recorded, options, sse_data};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane, ServerSettings};
-use llm_proxy_control_plane::store::{NewAssignment, NewConnection, NewModel, NewVirtualKey};
-use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
-use llm_proxy_data_plane::sync::SyncSettings;
-use secrecy::SecretString;
+use llm_proxy_control_plane::server::RunningControlPlane;
+use llm_proxy_data_plane::gateway::RunningGateway;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::Notify;
 
-const PATIENCE: Duration = Duration::from_secs(30);
 const CLIENT_KEY: &str = "vk-google-front-5678";
 /// AI Studio keys are `AIzaSy` + 33 characters.
 const GEMINI_KEY: &str = "AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUvW";
@@ -44,25 +41,6 @@ const SERVICE_ACCOUNT_PUBLIC_KEY: &str =
 
 // ---------------------------------------------------------------------------------------------
 // The mock Google server
-
-#[derive(Debug, Clone)]
-struct Recorded {
-    method: Method,
-    path: String,
-    query: Option<String>,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Recorded {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap()
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(|v| v.to_str().unwrap())
-    }
-}
 
 /// The fake `oauth2.googleapis.com/token`.
 #[derive(Default)]
@@ -108,12 +86,7 @@ impl Mock {
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response {
-    (
-        status,
-        [("content-type", "application/json; charset=UTF-8")],
-        body.to_string(),
-    )
-        .into_response()
+    common::json_response(status, "application/json; charset=UTF-8", body)
 }
 
 /// A google.rpc error body as the Gemini API and Vertex AI send it.
@@ -158,15 +131,7 @@ fn unauthenticated() -> Response {
 }
 
 async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-    let recorded = Recorded {
-        method: parts.method.clone(),
-        path: parts.uri.path().to_owned(),
-        query: parts.uri.query().map(str::to_owned),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    };
+    let recorded = Recorded::read(request).await;
     mock.seen.lock().unwrap().push(recorded.clone());
     if recorded.path == "/token" {
         return token_endpoint(&mock, &recorded).await;
@@ -219,7 +184,7 @@ async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
         return google_error(StatusCode::NOT_FOUND, "NOT_FOUND", "no method", Value::Null);
     };
     let model = resource.rsplit('/').next().unwrap_or_default().to_owned();
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+    let Ok(request) = serde_json::from_slice::<Value>(&recorded.body) else {
         return invalid_argument("Invalid JSON payload received.");
     };
     let vertex = api != "gemini";
@@ -560,17 +525,12 @@ async fn token_endpoint(mock: &Mock, recorded: &Recorded) -> Response {
 }
 
 async fn start_mock() -> Mock {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mock = Mock {
-        base: format!("http://{}", listener.local_addr().unwrap()),
+    common::start_mock(mock_handler, |base| Mock {
+        base,
         seen: Arc::default(),
         token: Arc::default(),
-    };
-    let app = axum::Router::new()
-        .fallback(mock_handler)
-        .with_state(mock.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    mock
+    })
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -587,10 +547,7 @@ struct Fixture {
 
 impl Fixture {
     async fn wait_applied(&self) {
-        let version = self.cp.store.current_version().await.unwrap().1;
-        tokio::time::timeout(PATIENCE, self.dp.config.wait_for_version(version))
-            .await
-            .expect("data plane did not apply the config");
+        common::wait_applied(&self.cp, &self.dp).await;
     }
 
     /// Every request the mock saw except token exchanges.
@@ -623,32 +580,8 @@ impl Fixture {
     }
 
     async fn post(&self, path: &str, body: &str) -> reqwest::Response {
-        self.http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(CLIENT_KEY)
-            .header("content-type", "application/json")
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap()
+        common::post_json(&self.http, format!("{}{path}", self.base), CLIENT_KEY, body).await
     }
-}
-
-fn control_plane_settings(
-    dir: &std::path::Path,
-    addr: std::net::SocketAddr,
-    key: &SecretString,
-) -> ServerSettings {
-    let mut settings = ServerSettings::new(
-        addr,
-        SecretString::from(format!("sqlite://{}", dir.join("cp.db").display())),
-        SecretString::from(secrecy::ExposeSecret::expose_secret(key).to_owned()),
-    );
-    settings.hub = llm_proxy_control_plane::hub::HubTimings {
-        coalesce: Duration::from_millis(10),
-        poll: Duration::from_millis(500),
-    };
-    settings
 }
 
 /// The fixture's service-account key file, with its token endpoint on the mock and the given
@@ -662,24 +595,10 @@ fn service_account_json(token_url: &str, client_email: &str) -> String {
     serde_json::to_string_pretty(&file).unwrap()
 }
 
-fn options(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
-
 async fn fixture() -> Fixture {
     let mock = start_mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let master_key = llm_proxy_control_plane::crypto::MasterKeys::generate_encoded();
-    let cp = cp_server::start(control_plane_settings(
-        dir.path(),
-        "127.0.0.1:0".parse().unwrap(),
-        &master_key,
-    ))
-    .await
-    .unwrap();
+    let (cp, _) = common::start_control_plane(dir.path()).await;
     let store = &cp.store;
     let vertex_location = [("api", "vertex"), ("location", "us-central1")];
     let connections = [
@@ -718,18 +637,7 @@ async fn fixture() -> Fixture {
             options(&vertex_location),
         ),
     ];
-    for (name, credential, options) in connections {
-        store
-            .create_connection(NewConnection {
-                name: name.into(),
-                provider: "google".into(),
-                endpoint: mock.base.clone(),
-                credential: SecretString::from(credential),
-                options,
-            })
-            .await
-            .unwrap();
-    }
+    common::add_connections(store, "google", &mock.base, connections).await;
     // (connection, model name = alias, remote)
     let models = [
         ("Gemini-Studio", "gemini-flash", "gemini-2.5-flash"),
@@ -741,53 +649,8 @@ async fn fixture() -> Fixture {
         ("Vertex-SA", "sa-flash", "gemini-2.5-flash"),
         ("Vertex-SA-Cold", "sa-cold-flash", "gemini-2.5-flash"),
     ];
-    for (connection, name, remote) in models {
-        store
-            .create_model(NewModel {
-                connection: connection.into(),
-                name: name.into(),
-                remote: remote.into(),
-                deployment: None,
-            })
-            .await
-            .unwrap();
-    }
-    store
-        .create_vkey(NewVirtualKey {
-            name: "Google-App".into(),
-            key: Some(SecretString::from(CLIENT_KEY)),
-            expires_at: None,
-        })
-        .await
-        .unwrap();
-    for (_, name, _) in models {
-        store
-            .create_assignment(NewAssignment {
-                vkey: "Google-App".into(),
-                model: name.into(),
-                alias: Some(name.into()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    let dp = gateway::start(GatewaySettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        sync: SyncSettings {
-            control_plane: format!("http://{}", cp.grpc_addr),
-            token: None,
-            node_id: "dp-google-test".into(),
-            build: "test".into(),
-            tls: None,
-        },
-        max_body_bytes: 64 * 1024,
-        redis_url: None,
-        ratelimit_fail_mode: Default::default(),
-        ratelimit_redis_budget: Duration::from_millis(200),
-    })
-    .await
-    .unwrap();
+    common::add_models_for_key(store, "Google-App", CLIENT_KEY, &models).await;
+    let dp = common::start_data_plane(&cp, "dp-google-test", None).await;
     let fixture = Fixture {
         mock,
         base: format!("http://{}", dp.addr),
@@ -801,13 +664,7 @@ async fn fixture() -> Fixture {
 }
 
 fn assert_no_client_key(recorded: &Recorded) {
-    for (name, value) in &recorded.headers {
-        assert!(
-            !value.to_str().unwrap_or_default().contains(CLIENT_KEY),
-            "virtual key forwarded in {name}"
-        );
-    }
-    assert!(!String::from_utf8_lossy(&recorded.body).contains(CLIENT_KEY));
+    common::assert_key_not_forwarded(recorded, CLIENT_KEY);
     assert!(
         !recorded
             .query
@@ -832,20 +689,6 @@ fn assert_bearer_auth(recorded: &Recorded, token: &str) {
     );
     assert_eq!(recorded.header("x-goog-api-key"), None);
     assert_no_client_key(recorded);
-}
-
-/// The `data:` payloads of a client SSE body (which must use `\n\n` terminators throughout).
-fn sse_data(text: &str) -> Vec<String> {
-    assert!(text.ends_with("\n\n"), "unterminated stream: {text:?}");
-    text.split("\n\n")
-        .filter(|event| !event.is_empty())
-        .map(|event| {
-            event
-                .strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("not a data event: {event:?}"))
-                .to_owned()
-        })
-        .collect()
 }
 
 /// The OpenAI base64 form of float32 embeddings.

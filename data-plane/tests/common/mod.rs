@@ -1,0 +1,261 @@
+//! The harness shared by the `*_with_mock_upstreams` tests: a control plane on SQLite in a
+//! temporary directory, a data plane that takes its config from it through the real config
+//! stream, and the plumbing of a mock upstream that records every request it receives.
+// Each test crate uses a part of it.
+#![allow(dead_code)]
+
+use axum::body::Bytes;
+use axum::extract::Request;
+use axum::handler::Handler;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane, ServerSettings};
+use llm_proxy_control_plane::store::{
+    NewAssignment, NewConnection, NewModel, NewVirtualKey, Store,
+};
+use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
+use llm_proxy_data_plane::sync::SyncSettings;
+use secrecy::SecretString;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Control plane + data plane
+
+/// A control plane on `dir/cp.db`, listening on `addr`, that pushes changes quickly.
+pub fn control_plane_settings(dir: &Path, addr: SocketAddr, key: &SecretString) -> ServerSettings {
+    let mut settings = ServerSettings::new(
+        addr,
+        SecretString::from(format!("sqlite://{}", dir.join("cp.db").display())),
+        SecretString::from(secrecy::ExposeSecret::expose_secret(key).to_owned()),
+    );
+    settings.hub = llm_proxy_control_plane::hub::HubTimings {
+        coalesce: Duration::from_millis(10),
+        poll: Duration::from_millis(500),
+    };
+    settings
+}
+
+/// Starts a control plane on a new database in `dir`, with a new master key (returned too).
+pub async fn start_control_plane(dir: &Path) -> (RunningControlPlane, SecretString) {
+    let master_key = llm_proxy_control_plane::crypto::MasterKeys::generate_encoded();
+    let cp = cp_server::start(control_plane_settings(
+        dir,
+        "127.0.0.1:0".parse().unwrap(),
+        &master_key,
+    ))
+    .await
+    .unwrap();
+    (cp, master_key)
+}
+
+/// Starts a data plane on a local port that syncs from `cp` as `node_id` (64 KiB body limit).
+pub async fn start_data_plane(
+    cp: &RunningControlPlane,
+    node_id: &str,
+    redis_url: Option<SecretString>,
+) -> RunningGateway {
+    gateway::start(GatewaySettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        sync: SyncSettings {
+            control_plane: format!("http://{}", cp.grpc_addr),
+            token: None,
+            node_id: node_id.into(),
+            build: "test".into(),
+            tls: None,
+        },
+        max_body_bytes: 64 * 1024,
+        redis_url,
+        ratelimit_fail_mode: Default::default(),
+        ratelimit_redis_budget: Duration::from_millis(200),
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until `dp` has applied the control plane's current config version.
+pub async fn wait_applied(cp: &RunningControlPlane, dp: &RunningGateway) {
+    let version = cp.store.current_version().await.unwrap().1;
+    tokio::time::timeout(PATIENCE, dp.config.wait_for_version(version))
+        .await
+        .expect("data plane did not apply the config");
+}
+
+/// A connection's options from `(name, value)` pairs.
+pub fn options(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Adds `connections` (name, credential, options) of `provider`, all at `endpoint`.
+pub async fn add_connections<'a>(
+    store: &Store,
+    provider: &str,
+    endpoint: &str,
+    connections: impl IntoIterator<Item = (&'a str, String, BTreeMap<String, String>)>,
+) {
+    for (name, credential, options) in connections {
+        store
+            .create_connection(NewConnection {
+                name: name.into(),
+                provider: provider.into(),
+                endpoint: endpoint.to_owned(),
+                credential: SecretString::from(credential),
+                options,
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// Adds `models` (connection, model name, remote), then the virtual key `vkey` with the secret
+/// `key`, assigned every one of them with its name as the alias.
+pub async fn add_models_for_key(
+    store: &Store,
+    vkey: &str,
+    key: &str,
+    models: &[(&str, &str, &str)],
+) {
+    for (connection, name, remote) in models {
+        store
+            .create_model(NewModel {
+                connection: (*connection).into(),
+                name: (*name).into(),
+                remote: (*remote).into(),
+                deployment: None,
+            })
+            .await
+            .unwrap();
+    }
+    store
+        .create_vkey(NewVirtualKey {
+            name: vkey.into(),
+            key: Some(SecretString::from(key)),
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    for (_, name, _) in models {
+        store
+            .create_assignment(NewAssignment {
+                vkey: vkey.into(),
+                model: (*name).into(),
+                alias: Some((*name).into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// POSTs a JSON `body` to `url` with the client key `key` as a bearer token.
+pub async fn post_json(
+    http: &reqwest::Client,
+    url: String,
+    key: &str,
+    body: &str,
+) -> reqwest::Response {
+    http.post(url)
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The recording mock upstream
+
+/// A request exactly as the mock received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    /// Raw, still percent-encoded.
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    /// Takes `request` apart, reading its whole body.
+    pub async fn read(request: Request) -> Self {
+        let (parts, body) = request.into_parts();
+        let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        Self {
+            method: parts.method,
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+/// Serves `handler` for every route on a new local port; its state is what `state` makes of the
+/// port's base URL (`http://127.0.0.1:<port>`), and is returned.
+pub async fn start_mock<S, H, T>(handler: H, state: impl FnOnce(String) -> S) -> S
+where
+    S: Clone + Send + Sync + 'static,
+    H: Handler<T, S>,
+    T: 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let state = state(format!("http://{}", listener.local_addr().unwrap()));
+    let app = axum::Router::new()
+        .fallback(handler)
+        .with_state(state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    state
+}
+
+/// `body` as JSON with the given content type.
+pub fn json_response(status: StatusCode, content_type: &'static str, body: &Value) -> Response {
+    (status, [("content-type", content_type)], body.to_string()).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Assertions
+
+/// Asserts that the client's key `key` is in none of the headers and not in the body of a request
+/// the gateway sent upstream.
+pub fn assert_key_not_forwarded(recorded: &Recorded, key: &str) {
+    for (name, value) in &recorded.headers {
+        assert!(
+            !value.to_str().unwrap_or_default().contains(key),
+            "virtual key forwarded in {name}"
+        );
+    }
+    assert!(!String::from_utf8_lossy(&recorded.body).contains(key));
+}
+
+/// The `data:` payloads of a client SSE body (which must use `\n\n` terminators throughout).
+pub fn sse_data(text: &str) -> Vec<String> {
+    assert!(text.ends_with("\n\n"), "unterminated stream: {text:?}");
+    text.split("\n\n")
+        .filter(|event| !event.is_empty())
+        .map(|event| {
+            event
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data event: {event:?}"))
+                .to_owned()
+        })
+        .collect()
+}
