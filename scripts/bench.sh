@@ -1,88 +1,329 @@
 #!/usr/bin/env bash
-# Gateway overhead benchmark (not a test): the same fixed request rate sent straight to a local mock
-# upstream, through the data plane with in-process buckets, and through it with the Redis limiter
-# (REDIS_URL, default redis://127.0.0.1:6379). Reports latency p50/p99 of each, the differences,
-# the data plane's CPU time per request and its peak RSS. Needs `oha` (cargo install oha).
+# Gateway overhead benchmark (not a test; DESIGN §15). A fast local mock upstream
+# (data-plane/examples/mock_upstream.rs) is driven with oha directly, through nginx `proxy_pass`
+# (the floor: keep-alive upstream, one worker) and through llm-proxy as deployed (control plane +
+# data plane processes, virtual-key auth, one assignment, Redis limiter with a limit that never
+# rejects): fixed rates (500 and 2000 req/s) and maximum throughput, non-streamed and streamed.
+# Streaming time to first byte is measured with data-plane/examples/ttfb.rs. Then a config-scale
+# run: 100k virtual keys and 300k assignments written straight into the control plane's SQLite
+# database, snapshot build/apply times, data plane memory and latency with it loaded.
 #
-#   scripts/bench.sh [RATE=2000] [SECONDS=20]
+# The proxy under test (nginx's worker or the data plane) runs on core 0; oha, the mock and the
+# TTFB client on core 1. Writes bench/RESULTS.md (see bench/README.md) and prints it.
+#
+#   scripts/bench.sh [SECONDS]        seconds per oha run (default 10; env BENCH_SECONDS)
+#
+# Other knobs (env): BENCH_RATES ("500 2000"), BENCH_CONNS (32), BENCH_MAX_CONNS (64),
+# BENCH_SSE_MAX_CONNS (256), BENCH_WARMUP_SECONDS (1), BENCH_TTFB_REQUESTS (500),
+# BENCH_CHUNK_DELAY_MS (2), BENCH_DELAY_MS (0), BENCH_SCALE_KEYS (100000; 0 skips the config-scale
+# run), BENCH_NO_BUILD=1 (use the binaries already built), BENCH_OUT (bench/RESULTS.md),
+# BENCH_KEEP=1 (keep the work dir), REDIS_URL (redis://127.0.0.1:6379), NGINX, CARGO_TARGET_DIR.
+# Needs oha (cargo install oha --locked), nginx, taskset, python3, curl and a running Redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rate=${1:-2000}
-seconds=${2:-20}
-command -v oha >/dev/null || { echo "bench.sh: needs oha (cargo install oha)" >&2; exit 1; }
+root=$PWD
 
-cargo build --release -q -p llm-proxy-control-plane -p llm-proxy-data-plane -p llmctl --bins --example mock_upstream
-bin=target/release
+seconds=${1:-${BENCH_SECONDS:-10}}
+read -r -a rates <<<"${BENCH_RATES:-500 2000}"
+conns=${BENCH_CONNS:-32}
+max_conns=${BENCH_MAX_CONNS:-64}
+sse_max_conns=${BENCH_SSE_MAX_CONNS:-256}
+warmup_seconds=${BENCH_WARMUP_SECONDS:-1}
+ttfb_requests=${BENCH_TTFB_REQUESTS:-500}
+chunk_delay_ms=${BENCH_CHUNK_DELAY_MS:-2}
+delay_ms=${BENCH_DELAY_MS:-0}
+scale_keys=${BENCH_SCALE_KEYS:-100000}
+out=${BENCH_OUT:-bench/RESULTS.md}
+redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
+proxy_core=0
+load_core=1
+
+die() { echo "bench.sh: $*" >&2; exit 1; }
+say() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+# ---- tools ----
+export PATH="$PATH:$HOME/.cargo/bin"
+for tool in oha taskset python3 curl git; do
+  command -v "$tool" >/dev/null || die "needs $tool on PATH (oha: cargo install oha --locked)"
+done
+nginx_bin=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
+[[ -x $nginx_bin ]] || die "needs nginx (apt-get install nginx, or set NGINX=/path/to/nginx)"
+[[ $(nproc) -ge 2 ]] || die "needs at least 2 cores (the proxy and the load generator are pinned apart)"
+[[ $seconds =~ ^[0-9]+$ && $seconds -gt 0 ]] || die "SECONDS must be a positive integer, not '$seconds'"
+python3 - "$redis_url" <<'PY' || die "Redis is not reachable at $redis_url (set REDIS_URL)"
+import socket, sys, urllib.parse
+u = urllib.parse.urlparse(sys.argv[1])
+try:
+    s = socket.create_connection((u.hostname or "127.0.0.1", u.port or 6379), timeout=2)
+    s.sendall(b"PING\r\n")
+    reply = s.recv(64)
+except OSError as e:
+    sys.exit(f"bench.sh: {e}")
+sys.exit(0 if reply.startswith((b"+PONG", b"-NOAUTH")) else 1)
+PY
+
+if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
+  command -v cargo >/dev/null || die "needs cargo (or BENCH_NO_BUILD=1 with the binaries built)"
+  say "building (release)"
+  cargo build --release -q -p llm-proxy-control-plane -p llm-proxy-data-plane -p llmctl --bins --examples
+fi
+bin=${CARGO_TARGET_DIR:-$root/target}/release
+for b in llm-proxy-control-plane llm-proxy-data-plane llmctl examples/mock_upstream examples/ttfb; do
+  [[ -x $bin/$b ]] || die "missing $bin/$b (build it, or unset BENCH_NO_BUILD)"
+done
+
+# ---- processes ----
 work=$(mktemp -d /tmp/llm-proxy-bench.XXXXXX)
+mkdir -p "$work/runs"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() {
+  local rc=$?
+  trap - EXIT
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [[ $rc -eq 0 && ${BENCH_KEEP:-0} != 1 ]]; then rm -rf "$work"; else echo "bench.sh: logs and raw results in $work" >&2; fi
+  exit "$rc"
+}
 trap cleanup EXIT
+trap 'exit 130' INT TERM
+stop() { # pid: stop one process we started
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+  local keep=() p
+  for p in "${pids[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+  pids=("${keep[@]}")
+}
+alive() { kill -0 "$1" 2>/dev/null || die "$2 exited; see $work"; }
 
 pick() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-mock_port=$(pick); cp_port=$(pick); cpm_port=$(pick); dp_port=$(pick); dpm_port=$(pick)
+mock_port=$(pick); nginx_port=$(pick); cp_port=$(pick); cpm_port=$(pick); dp_port=$(pick); dpm_port=$(pick)
 
-taskset -c 1 "$bin/examples/mock_upstream" "127.0.0.1:$mock_port" & pids+=($!)
-head -c 64 /dev/urandom | base64 -w0 > "$work/master.key"
-"$bin/llm-proxy-control-plane" serve --listen "127.0.0.1:$cp_port" --metrics-listen "127.0.0.1:$cpm_port" \
-  --database-url "sqlite://$work/cp.db" --master-key-file "$work/master.key" 2>"$work/cp.log" & pids+=($!)
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$cpm_port/readyz" >/dev/null && break; sleep 0.1; done
+key=vk-bench-0123456789
+body_json='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
+body_sse='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"stream":true,"stream_options":{"include_usage":true}}'
 
-ctl() { "$bin/llmctl" --endpoint "http://127.0.0.1:$cp_port" "$@" >/dev/null; }
-ctl connection add --name Mock --provider openai --endpoint "http://127.0.0.1:$mock_port" --api-key sk-bench
-ctl model add --conn-id Mock --name gpt-4o-mini --remote gpt-4o-mini
-ctl vkey add --name Bench --key vk-bench-0123456789
-ctl assign --vkey-id Bench --model-id gpt-4o-mini --alias gpt-4o-mini --tps 1000000
-
-redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
-body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
-
-start_dp() { # extra data plane args...; sets dp_pid
-  # One core for the data plane, as DESIGN §15 measures.
-  RUST_LOG=warn taskset -c 0 "$bin/llm-proxy-data-plane" --listen "127.0.0.1:$dp_port" --metrics-listen "127.0.0.1:$dpm_port" \
-    --control-plane "http://127.0.0.1:$cp_port" "$@" 2>>"$work/dp.log" & dp_pid=$!; pids+=($dp_pid)
-  for _ in $(seq 100); do
-    curl -sf -o /dev/null -H 'authorization: Bearer vk-bench-0123456789' -H 'content-type: application/json' \
-      -d "$body" "http://127.0.0.1:$dp_port/v1/chat/completions" && return
+wait_ok() { # name url [key]: until a non-streamed chat completion succeeds
+  local i
+  for i in $(seq 150); do
+    curl -sf -o /dev/null -H "authorization: Bearer ${3:-$key}" -H 'content-type: application/json' \
+      -d "$body_json" "$2" && return
     sleep 0.1
   done
-  echo "bench.sh: the data plane did not come up" >&2; exit 1
+  die "$1 did not answer at $2; see $work"
 }
-stop_dp() { kill "$dp_pid"; wait "$dp_pid" 2>/dev/null || true; }
-
-run() { # url -> "p50_ms p99_ms success rps"
-  oha --no-tui -z "${seconds}s" -q "$rate" -c 32 -m POST -H 'authorization: Bearer vk-bench-0123456789' \
-    -T application/json -d "$body" --output-format json "$1" \
-  | python3 -c 'import json,sys; d=json.load(sys.stdin); p=d["latencyPercentiles"]; s=d["summary"]; print("%.3f %.3f %.4f %.0f" % (p["p50"]*1000, p["p99"]*1000, s["successRate"], s["requestsPerSec"]))'
+wait_log() { # file message min_keys timeout_s: until a JSON log line with that message appears
+  local deadline=$((SECONDS + $4))
+  while ((SECONDS < deadline)); do
+    python3 "$root/scripts/bench_report.py" log-line "$1" "$2" "$3" >/dev/null 2>&1 && return
+    sleep 0.2
+  done
+  die "no '$2' log line with >= $3 keys in $1 after $4 s"
 }
-ticks=$(getconf CLK_TCK)
-cpu() { awk '{print $14+$15}' "/proc/$dp_pid/stat"; }
+cpu_ticks() { # pids...: utime+stime summed (clock ticks; fields 14 and 15 of /proc/PID/stat)
+  local total=0 p t
+  for p in "$@"; do
+    t=$(sed 's/^.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')
+    total=$((total + t))
+  done
+  echo "$total"
+}
+status_kib() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"; } # pid field
 
-read -r d50 d99 dok drps < <(run "http://127.0.0.1:$mock_port/v1/chat/completions")
+start_mock() {
+  taskset -c "$load_core" "$bin/examples/mock_upstream" "127.0.0.1:$mock_port" \
+    --chunk-delay-ms "$chunk_delay_ms" --delay-ms "$delay_ms" 2>"$work/mock.log" &
+  mock_pid=$!; pids+=("$mock_pid")
+  wait_ok mock "http://127.0.0.1:$mock_port/v1/chat/completions"
+}
 
-start_dp
-c0=$(cpu)
-read -r g50 g99 gok grps < <(run "http://127.0.0.1:$dp_port/v1/chat/completions")
-c1=$(cpu)
-hwm=$(awk '/VmHWM/ {print $2}' "/proc/$dp_pid/status")
-stop_dp
+start_nginx() {
+  local dir=$work/nginx keepalive=$((sse_max_conns > max_conns ? sse_max_conns : max_conns)) user=""
+  mkdir -p "$dir"
+  [[ $(id -u) -eq 0 ]] && user="user root;"
+  cat >"$dir/nginx.conf" <<EOF
+$user
+worker_processes 1;
+worker_rlimit_nofile 16384;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $dir/client_body;
+  proxy_temp_path $dir/proxy;
+  fastcgi_temp_path $dir/fastcgi;
+  uwsgi_temp_path $dir/uwsgi;
+  scgi_temp_path $dir/scgi;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  upstream mock {
+    server 127.0.0.1:$mock_port;
+    keepalive $keepalive;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+  }
+  server {
+    listen 127.0.0.1:$nginx_port;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+}
+EOF
+  "$nginx_bin" -t -q -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf" || die "nginx rejected $dir/nginx.conf"
+  taskset -c "$proxy_core" "$nginx_bin" -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf" &
+  nginx_pid=$!; pids+=("$nginx_pid")
+  wait_ok nginx "http://127.0.0.1:$nginx_port/v1/chat/completions"
+  nginx_worker=$(pgrep -P "$nginx_pid" | head -n1)
+  [[ -n $nginx_worker ]] || die "cannot find nginx's worker process"
+}
 
-start_dp --redis-url "$redis_url"
-r0=$(cpu)
-read -r r50 r99 rok rrps < <(run "http://127.0.0.1:$dp_port/v1/chat/completions")
-r1=$(cpu)
-stop_dp
+start_cp() { # log file
+  LLM_PROXY_LOG_FORMAT=json RUST_LOG=info "$bin/llm-proxy-control-plane" serve \
+    --listen "127.0.0.1:$cp_port" --metrics-listen "127.0.0.1:$cpm_port" \
+    --database-url "sqlite://$work/cp.db" --master-key-file "$work/master.key" 2>"$1" &
+  cp_pid=$!; pids+=("$cp_pid")
+  local i
+  for i in $(seq 150); do
+    curl -sf -o /dev/null "http://127.0.0.1:$cpm_port/readyz" && return
+    alive "$cp_pid" "the control plane"
+    sleep 0.1
+  done
+  die "the control plane did not become ready; see $1"
+}
+ctl() { "$bin/llmctl" --endpoint "http://127.0.0.1:$cp_port" "$@" >/dev/null; }
 
-python3 - "$d50" "$d99" "$g50" "$g99" "$dok" "$gok" "$grps" "$c0" "$c1" "$ticks" "$seconds" "$hwm" "$rate" "$r50" "$r99" "$rok" "$rrps" "$r0" "$r1" <<'PY'
-import sys
-d50, d99, g50, g99, dok, gok, grps = map(float, sys.argv[1:8])
-c0, c1, ticks, seconds, hwm, rate = map(float, sys.argv[8:14])
-r50, r99, rok, rrps, r0, r1 = map(float, sys.argv[14:20])
-print(f"fixed rate {rate:.0f} req/s for {seconds:.0f} s, non-streamed chat completion, limit on every request")
-print(f"direct to mock             : p50 {d50:.3f} ms  p99 {d99:.3f} ms  (success {dok:.4f})")
-print(f"gateway, in-process limiter: p50 {g50:.3f} ms  p99 {g99:.3f} ms  (success {gok:.4f})")
-print(f"gateway, Redis limiter     : p50 {r50:.3f} ms  p99 {r99:.3f} ms  (success {rok:.4f})")
-print(f"added by the gateway       : p50 {g50 - d50:+.3f} ms  p99 {g99 - d99:+.3f} ms")
-print(f"added by Redis vs in-process: p50 {r50 - g50:+.3f} ms  p99 {r99 - g99:+.3f} ms")
-print(f"data plane CPU             : {(c1 - c0) / ticks / (grps * seconds) * 1e6:.1f} us/request in-process, {(r1 - r0) / ticks / (rrps * seconds) * 1e6:.1f} us/request with Redis")
-print(f"data plane peak RSS (in-process run): {hwm / 1024:.1f} MiB")
-PY
+start_dp() { # log file: the data plane on the proxy core, Redis limiter, no per-request logs
+  LLM_PROXY_DP_SHUTDOWN_GRACE_S=2 LLM_PROXY_LOG_FORMAT=json RUST_LOG=warn,llm_proxy_data_plane::sync=info taskset -c "$proxy_core" \
+    "$bin/llm-proxy-data-plane" --listen "127.0.0.1:$dp_port" --metrics-listen "127.0.0.1:$dpm_port" \
+    --control-plane "http://127.0.0.1:$cp_port" --redis-url "$redis_url" 2>"$1" &
+  dp_pid=$!; pids+=("$dp_pid")
+}
+
+# ---- one measurement ----
+runs=$work/runs.tsv
+: >"$runs"
+oha_run() { # out url conns rate|max mode key [seconds]
+  local args=(--no-tui --output-format json -z "${7:-$seconds}s" -w -c "$3" -m POST
+    -H "authorization: Bearer $6" -T application/json)
+  [[ $5 == sse ]] && args+=(-d "$body_sse") || args+=(-d "$body_json")
+  [[ $4 == max ]] || args+=(-q "$4")
+  taskset -c "$load_core" oha "${args[@]}" "$2" >"$1" 2>"$1.err" || die "oha failed: $(cat "$1.err")"
+  python3 "$root/scripts/bench_report.py" check "$1" || die "requests failed in $1 (see above)"
+}
+conns_for() { # mode rate: enough connections to sustain the rate when answers take a while
+  local ms=$((delay_ms + 1)) need
+  [[ $1 == sse ]] && ms=$((ms + 3 * (chunk_delay_ms + 1)))
+  need=$(($2 * ms * 2 / 1000))
+  echo $((need > conns ? need : conns))
+}
+# Redis's CPU is read too (not changed: it is the machine's server, unpinned) when it is local.
+redis_pid=$(pgrep -x redis-server | head -n1 || true)
+timed_run() { # target mode load conns url key proxy-pids...: one oha run, with the proxy's CPU and peak RSS
+  local target=$1 mode=$2 load=$3 c=$4 url=$5 k=$6 f t0 t1 c0=0 c1=0 r0=0 r1=0 hwm=0 ticks=- rticks=-
+  shift 6
+  say "$target: $mode at $load req/s, $c connections, $seconds s"
+  f=$work/runs/$target-$mode-$load.json
+  if (($# > 0)); then c0=$(cpu_ticks "$@"); fi
+  if [[ -n $redis_pid ]]; then r0=$(cpu_ticks "$redis_pid"); fi
+  t0=$(date +%s.%N)
+  oha_run "$f" "$url" "$c" "$load" "$mode" "$k"
+  t1=$(date +%s.%N)
+  if (($# > 0)); then
+    c1=$(cpu_ticks "$@")
+    ticks=$((c1 - c0))
+    hwm=$(status_kib "$1" VmHWM)
+  fi
+  if [[ -n $redis_pid ]]; then r1=$(cpu_ticks "$redis_pid"); rticks=$((r1 - r0)); fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$mode" "$load" "$c" "$f" "$ticks" \
+    "$(python3 -c "print($t1 - $t0)")" "$hwm" "$rticks" >>"$runs"
+}
+measure() { # target base-url proxy-pids...: TTFB, then every load in both modes
+  local target=$1 url=$2 mode load c
+  shift 2
+  say "$target: warm-up, then time to first byte ($ttfb_requests sequential streams)"
+  oha_run "$work/runs/$target-warmup.json" "$url/v1/chat/completions" "$conns" 500 json "$key" "$warmup_seconds"
+  taskset -c "$load_core" "$bin/examples/ttfb" --addr "${url#http://}" --path /v1/chat/completions \
+    -H "authorization: Bearer $key" --body "$body_sse" --requests "$ttfb_requests" --warmup 50 \
+    >"$work/ttfb-$target.json" 2>"$work/ttfb-$target.err" || die "ttfb ($target): $(cat "$work/ttfb-$target.err")"
+  for mode in json sse; do
+    for load in "${rates[@]}" max; do
+      if [[ $load != max ]]; then
+        c=$(conns_for "$mode" "$load")
+      elif [[ $mode == sse ]]; then
+        c=$sse_max_conns # streams last ~10 ms: it takes many to keep the proxy busy
+      else
+        c=$max_conns
+      fi
+      timed_run "$target" "$mode" "$load" "$c" "$url/v1/chat/completions" "$key" "$@"
+    done
+  done
+}
+url_of() { echo "http://127.0.0.1:$1"; }
+
+# ---- run ----
+say "work dir $work; $seconds s per run; rates ${rates[*]} req/s and max; proxy on core $proxy_core, load on core $load_core"
+start_mock
+measure direct "$(url_of "$mock_port")"
+
+start_nginx
+measure nginx "$(url_of "$nginx_port")" "$nginx_worker"
+nginx_hwm=$(status_kib "$nginx_worker" VmHWM)
+stop "$nginx_pid"
+
+head -c 64 /dev/urandom | base64 -w0 >"$work/master.key"
+start_cp "$work/cp.log"
+ctl connection add --name Mock --provider openai --endpoint "http://127.0.0.1:$mock_port" --api-key sk-bench
+ctl model add --conn-id Mock --name gpt-4o-mini --remote gpt-4o-mini
+ctl vkey add --name Bench --key "$key"
+ctl assign --vkey-id Bench --model-id gpt-4o-mini --alias gpt-4o-mini --tps 1000000
+start_dp "$work/dp.log"
+wait_ok "the data plane" "$(url_of "$dp_port")/v1/chat/completions"
+measure llm-proxy "$(url_of "$dp_port")" "$dp_pid"
+dp_hwm=$(status_kib "$dp_pid" VmHWM)
+stop "$dp_pid"
+
+scale=$work/scale.env
+: >"$scale"
+if ((scale_keys > 0)); then
+  say "config scale: $scale_keys keys x 3 assignments"
+  ctl model add --conn-id Mock --name scale-a --remote gpt-4o-mini
+  ctl model add --conn-id Mock --name scale-b --remote gpt-4o-mini
+  stop "$cp_pid"
+  python3 scripts/bench_scale_fill.py "$work/cp.db" "$scale_keys" gpt-4o-mini scale-a scale-b
+  start_cp "$work/cp-scale.log"
+  wait_log "$work/cp-scale.log" "config snapshot built" "$scale_keys" 300
+  start_dp "$work/dp-scale.log"
+  wait_log "$work/dp-scale.log" "config snapshot applied" "$scale_keys" 300
+  echo "applied_rss_kib=$(status_kib "$dp_pid" VmRSS)" >>"$scale"
+  echo "applied_hwm_kib=$(status_kib "$dp_pid" VmHWM)" >>"$scale"
+  scale_key=vk-scale-$(printf '%06d' $((scale_keys / 2)))
+  wait_ok "the data plane (scale)" "$(url_of "$dp_port")/v1/chat/completions" "$scale_key"
+  timed_run scale json "${rates[-1]}" "$conns" "$(url_of "$dp_port")/v1/chat/completions" "$scale_key" "$dp_pid"
+  echo "loaded_rss_kib=$(status_kib "$dp_pid" VmRSS)" >>"$scale"
+  echo "loaded_hwm_kib=$(status_kib "$dp_pid" VmHWM)" >>"$scale"
+  # One admin write while both run: the control plane rebuilds, the data plane applies a second
+  # 100k-key snapshot next to the first (peak memory of an update).
+  ctl vkey add --name scale-extra --key vk-scale-extra-0123456789
+  wait_log "$work/dp-scale.log" "config snapshot applied" "$((scale_keys + 2))" 300
+  sleep 1 # the previous index is freed off the request path
+  echo "update_rss_kib=$(status_kib "$dp_pid" VmRSS)" >>"$scale"
+  echo "update_hwm_kib=$(status_kib "$dp_pid" VmHWM)" >>"$scale"
+  stop "$dp_pid"
+fi
+
+mkdir -p "$(dirname "$out")"
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+[[ -z $(git status --porcelain -- . ":!$out" 2>/dev/null) ]] || commit="$commit (with uncommitted changes)"
+BENCH_SECONDS=$seconds BENCH_RATES="${rates[*]}" BENCH_CONNS=$conns BENCH_MAX_CONNS=$max_conns BENCH_SSE_MAX_CONNS=$sse_max_conns \
+  BENCH_TTFB_REQUESTS=$ttfb_requests BENCH_CHUNK_DELAY_MS=$chunk_delay_ms BENCH_DELAY_MS=$delay_ms \
+  BENCH_SCALE_KEYS=$scale_keys BENCH_COMMIT=$commit BENCH_NGINX_HWM_KIB=$nginx_hwm BENCH_DP_HWM_KIB=$dp_hwm \
+  BENCH_NGINX_VERSION=$("$nginx_bin" -v 2>&1 | sed 's/^nginx version: //') BENCH_OHA_VERSION=$(oha --version) \
+  BENCH_REDIS_URL=$redis_url \
+  python3 scripts/bench_report.py report "$work" >"$out"
+cat "$out"
+say "wrote $out"

@@ -9,10 +9,12 @@ use clap::Args;
 use llm_proxy_control_plane::master_key;
 use llm_proxy_control_plane::server::{self, RunningControlPlane, ServerSettings};
 use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
+use llm_proxy_data_plane::metrics;
 use llm_proxy_data_plane::process;
 use llm_proxy_data_plane::ratelimit::redis::{FailMode, RedisLimiterConfig};
 use llm_proxy_data_plane::server::DEFAULT_MAX_BODY_BYTES;
 use llm_proxy_data_plane::sync::SyncSettings;
+use llm_proxy_telemetry::TelemetrySettings;
 use secrecy::SecretString;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,7 +66,7 @@ pub struct ServeArgs {
 /// no tokens), the data plane on `--listen` subscribed to it, and one metrics/health listener for
 /// both.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    process::init_logging("warn");
+    let telemetry = llm_proxy_telemetry::init(&TelemetrySettings::from_env("llm-proxy", "warn")?)?;
     tokio::fs::create_dir_all(&args.data_dir)
         .await
         .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;
@@ -83,11 +85,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             args.data_dir.join("llm-proxy.db").display()
         )),
     };
-    if args.redis_url.is_some() {
-        eprintln!(
-            "note: --redis-url is not used by this build yet; rate-limit buckets are in process"
-        );
-    }
     let settings = ServerSettings::new(args.grpc_listen, database_url, master_key);
     let cp = Arc::new(server::start(settings).await?);
     let dp = gateway::start(GatewaySettings {
@@ -148,6 +145,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Ok(cp) = Arc::try_unwrap(cp) {
         cp.shutdown().await;
     }
+    // Flushing spans blocks until the collector answers (bounded by the exporter's timeout).
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     Ok(())
 }
 
@@ -172,7 +171,7 @@ fn loopback_of(addr: SocketAddr) -> SocketAddr {
 /// `/healthz`, `/readyz` (database reachable and a snapshot applied) and `/metrics` of both planes.
 /// Holds only weak references: open scrape connections must not keep the planes from shutting down.
 fn health_router(cp: &Arc<RunningControlPlane>, dp: &Arc<RunningGateway>) -> axum::Router {
-    use axum::http::StatusCode;
+    use axum::http::{StatusCode, header};
     use axum::routing::get;
     let (cp, dp) = (Arc::downgrade(cp), Arc::downgrade(dp));
     let (cp_ready, dp_ready) = (cp.clone(), dp.clone());
@@ -202,11 +201,14 @@ fn health_router(cp: &Arc<RunningControlPlane>, dp: &Arc<RunningGateway>) -> axu
             get(move || {
                 let text = match (cp.upgrade(), dp.upgrade()) {
                     (Some(cp), Some(dp)) => {
-                        format!("{}{}", cp.render_metrics(), dp.render_metrics())
+                        // One exposition: only the last `# EOF` may stay.
+                        let cp_text = cp.render_metrics();
+                        let cp_text = cp_text.strip_suffix("# EOF\n").unwrap_or(&cp_text);
+                        format!("{cp_text}{}", dp.render_metrics())
                     }
                     _ => String::new(),
                 };
-                async move { text }
+                async move { ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text) }
             }),
         )
 }

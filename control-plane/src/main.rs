@@ -4,6 +4,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use llm_proxy_control_plane::master_key;
 use llm_proxy_control_plane::server::{self, ServerSettings, TlsFiles};
+use llm_proxy_telemetry::TelemetrySettings;
 use secrecy::SecretString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -103,19 +104,6 @@ async fn master_keys(args: MasterKeyArgs) -> anyhow::Result<SecretString> {
     Ok(master_key::load(args.master_key, args.master_key_file.as_deref()).await?)
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("LLM_PROXY_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn settings(args: ServeArgs) -> anyhow::Result<ServerSettings> {
     let mut settings = ServerSettings::new(
         args.listen,
@@ -200,7 +188,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging();
+    let telemetry = match TelemetrySettings::from_env("llm-proxy-control-plane", "info")
+        .and_then(|settings| llm_proxy_telemetry::init(&settings))
+    {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::exit(1);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -211,7 +207,9 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(err) = runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    telemetry.shutdown();
+    if let Err(err) = result {
         eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
         std::process::exit(1);
     }

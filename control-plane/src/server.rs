@@ -8,6 +8,7 @@ use crate::crypto::{CryptoError, MasterKeys};
 use crate::db::{Database, DbError};
 use crate::error::StoreError;
 use crate::hub::{self, HubTimings, SnapshotHub};
+use crate::rpc_observer::{RpcMetrics, RpcObserverLayer};
 use crate::store::Store;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -105,6 +106,7 @@ pub struct CpMetrics {
     pub subscribers: Gauge,
     pub config_version: Gauge,
     pub db_pool_connections: Family<Vec<(&'static str, &'static str)>, Gauge>,
+    pub rpc: RpcMetrics,
 }
 
 impl CpMetrics {
@@ -124,6 +126,7 @@ impl CpMetrics {
             "Database pool connections by state",
             self.db_pool_connections.clone(),
         );
+        self.rpc.register(registry);
     }
 }
 
@@ -361,6 +364,9 @@ pub async fn start(settings: ServerSettings) -> Result<RunningControlPlane, Serv
         .await;
 
     let mut builder = Server::builder()
+        .layer(RpcObserverLayer {
+            metrics: metrics.rpc.clone(),
+        })
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     if let Some(tls) = tls {
@@ -420,7 +426,13 @@ pub async fn start(settings: ServerSettings) -> Result<RunningControlPlane, Serv
                 "/metrics",
                 get(
                     |State((metrics, store)): State<(CpMetrics, Store)>| async move {
-                        render(&metrics, &store)
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            render(&metrics, &store),
+                        )
                     },
                 ),
             )

@@ -1,13 +1,15 @@
 //! Starting a data plane: config sync, the API listener, the metrics/health listener, and a
 //! graceful shutdown that lets in-flight requests and streams finish within a grace period.
 
+use crate::metrics::Metrics;
 use crate::ratelimit::redis::{FailMode, RedisLimiter, RedisLimiterConfig};
 use crate::ratelimit::{AnyLimiter, LocalLimiter};
 use crate::server::{self, AppState};
 use crate::sync::{self, ConfigHandle, SyncSettings};
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::routing::get;
+use axum::serve::ListenerExt as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,6 +51,7 @@ pub struct RunningGateway {
     pub metrics_addr: Option<SocketAddr>,
     pub config: Arc<ConfigHandle>,
     pub limiter: Arc<AnyLimiter>,
+    pub metrics: Arc<Metrics>,
     /// Set when shutdown starts: `/readyz` answers 503 and responses carry `Connection: close`.
     draining: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
@@ -63,7 +66,7 @@ impl RunningGateway {
     }
 
     pub fn render_metrics(&self) -> String {
-        render_metrics(&self.config, &self.limiter)
+        self.metrics.render(&self.config, &self.limiter)
     }
 
     /// Stops accepting new connections; in-flight requests go on (see [`Self::shutdown`]).
@@ -104,24 +107,6 @@ impl RunningGateway {
             task.abort();
         }
     }
-}
-
-fn render_metrics(config: &ConfigHandle, limiter: &AnyLimiter) -> String {
-    let version = config.current().map_or(0, |c| c.version);
-    let mut text = format!(
-        "# HELP llm_proxy_config_version Config version applied by this data plane.\n# TYPE llm_proxy_config_version gauge\nllm_proxy_config_version {version}\n# HELP llm_proxy_control_plane_connected Whether the config stream is up.\n# TYPE llm_proxy_control_plane_connected gauge\nllm_proxy_control_plane_connected {}\n",
-        u8::from(config.connected())
-    );
-    if let AnyLimiter::Redis(redis) = limiter {
-        let stats = redis.stats();
-        text.push_str(&format!(
-            "# HELP llm_proxy_redis_errors_total Redis limiter calls that failed or ran over budget.\n# TYPE llm_proxy_redis_errors_total counter\nllm_proxy_redis_errors_total {}\n# HELP llm_proxy_ratelimit_fallback_decisions_total Rate-limit decisions made by the fail mode instead of Redis.\n# TYPE llm_proxy_ratelimit_fallback_decisions_total counter\nllm_proxy_ratelimit_fallback_decisions_total {}\n# HELP llm_proxy_ratelimit_degraded 1 while the Redis limiter answers from its fail mode (flips on every mode switch).\n# TYPE llm_proxy_ratelimit_degraded gauge\nllm_proxy_ratelimit_degraded {}\n",
-            stats.redis_errors,
-            stats.fallback_decisions,
-            u8::from(redis.is_degraded())
-        ));
-    }
-    text
 }
 
 fn limiter(
@@ -196,7 +181,9 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     let client = server::upstream_client().map_err(|e| GatewayError::Client(e.to_string()))?;
     let limiter = Arc::new(limiter(&settings, &config)?);
     let draining = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(Metrics::new());
     let state = AppState {
+        metrics: metrics.clone(),
         draining: draining.clone(),
         config: config.clone(),
         limiter: limiter.clone(),
@@ -212,6 +199,13 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
         let signal = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
+        // Small SSE events must leave at once: without TCP_NODELAY each one after the first
+        // waits for the client's delayed ACK (~40 ms).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %err, "cannot set TCP_NODELAY on an accepted connection");
+            }
+        });
         if let Err(err) = axum::serve(listener, app)
             .with_graceful_shutdown(signal)
             .await
@@ -229,7 +223,7 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
             .route(
                 "/readyz",
                 get(
-                    |State((config, _, draining)): State<MetricsState>| async move {
+                    |State((config, _, draining, _)): State<MetricsState>| async move {
                         if draining.load(Ordering::Acquire) {
                             return (StatusCode::SERVICE_UNAVAILABLE, "draining".to_owned());
                         }
@@ -249,12 +243,20 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
             .route(
                 "/metrics",
                 get(
-                    |State((config, limiter, _)): State<MetricsState>| async move {
-                        render_metrics(&config, &limiter)
+                    |State((config, limiter, _, metrics)): State<MetricsState>| async move {
+                        (
+                            [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+                            metrics.render(&config, &limiter),
+                        )
                     },
                 ),
             )
-            .with_state((config.clone(), limiter.clone(), draining.clone()));
+            .with_state((
+                config.clone(),
+                limiter.clone(),
+                draining.clone(),
+                metrics.clone(),
+            ));
         others.push(tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, app).await {
                 tracing::error!(error = %err, "data plane metrics server failed");
@@ -267,6 +269,7 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
         metrics_addr,
         config,
         limiter,
+        metrics,
         draining,
         shutdown: shutdown_tx,
         server,
@@ -275,4 +278,9 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
 }
 
 /// State of the metrics/health router.
-type MetricsState = (Arc<ConfigHandle>, Arc<AnyLimiter>, Arc<AtomicBool>);
+type MetricsState = (
+    Arc<ConfigHandle>,
+    Arc<AnyLimiter>,
+    Arc<AtomicBool>,
+    Arc<Metrics>,
+);

@@ -124,7 +124,8 @@ impl Limits {
 #[derive(Debug)]
 pub struct Target {
     pub assignment_id: String,
-    pub alias: String,
+    /// Shared by every target with this alias in the index (also the metrics label).
+    pub alias: Arc<str>,
     pub weight: u32,
     pub limits: Limits,
     pub model: Arc<ModelEntry>,
@@ -134,7 +135,7 @@ pub struct Target {
 /// The targets of one key sharing an alias (declaration order = snapshot order).
 #[derive(Debug)]
 pub struct Pool {
-    pub alias: String,
+    pub alias: Arc<str>,
     pub targets: Vec<Target>,
     /// `cumulative[i]` = sum of the weights of `targets[..=i]`.
     cumulative: Vec<u64>,
@@ -155,7 +156,7 @@ fn mix(mut z: u64) -> u64 {
 }
 
 impl Pool {
-    fn new(alias: String, targets: Vec<Target>) -> Self {
+    fn new(alias: Arc<str>, targets: Vec<Target>) -> Self {
         let mut total = 0u64;
         let cumulative = targets
             .iter()
@@ -308,7 +309,7 @@ pub struct KeyEntry {
     pub enabled: bool,
     /// Unix seconds; the key is expired from this instant on.
     pub expires_at_unix: Option<i64>,
-    pub aliases: HashMap<String, Arc<Pool>>,
+    pub aliases: HashMap<Arc<str>, Arc<Pool>>,
 }
 
 impl KeyEntry {
@@ -319,7 +320,7 @@ impl KeyEntry {
 
     /// This key's aliases, sorted (for `GET /v1/models`).
     pub fn alias_names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.aliases.keys().map(String::as_str).collect();
+        let mut names: Vec<&str> = self.aliases.keys().map(|a| &**a).collect();
         names.sort_unstable();
         names
     }
@@ -538,8 +539,10 @@ impl ConfigIndex {
         struct PendingKey {
             entry: KeyEntry,
             digest: KeyDigest,
-            pools: Vec<(String, Vec<Target>)>,
+            pools: Vec<(Arc<str>, Vec<Target>)>,
         }
+        // One allocation per distinct alias, however many keys use it.
+        let mut alias_names: HashMap<String, Arc<str>> = HashMap::new();
         let mut pending: Vec<PendingKey> = Vec::with_capacity(virtual_keys.len());
         let mut key_pos: HashMap<String, usize> = HashMap::with_capacity(virtual_keys.len());
         let mut seen_digests: HashMap<KeyDigest, (), BuildHasherDefault<DigestHasher>> =
@@ -603,11 +606,15 @@ impl ConfigIndex {
             } else {
                 u32::try_from(a.weight).unwrap_or(u32::MAX)
             };
-            let alias = if a.alias.is_empty() {
+            let alias_name = if a.alias.is_empty() {
                 model.name.clone()
             } else {
                 a.alias
             };
+            let alias = alias_names
+                .entry(alias_name)
+                .or_insert_with_key(|name| Arc::from(name.as_str()))
+                .clone();
             let target = Target {
                 assignment_id: a.id,
                 alias: alias.clone(),
@@ -620,7 +627,7 @@ impl ConfigIndex {
                 continue;
             };
             // Pools per key are few: a linear scan beats hashing the alias here.
-            match key.pools.iter_mut().find(|(name, _)| *name == alias) {
+            match key.pools.iter_mut().find(|(name, _)| **name == *alias) {
                 Some((_, targets)) => targets.push(target),
                 None => key.pools.push((alias, vec![target])),
             }
@@ -831,7 +838,7 @@ mod tests {
         let key = index.authenticate("vk-ok-123456", 0).unwrap();
         assert_eq!(key.alias_names(), vec!["gpt-4", "gpt-4-azure"]);
         let pool = key.pool("gpt-4").unwrap();
-        assert_eq!(pool.alias, "gpt-4");
+        assert_eq!(&*pool.alias, "gpt-4");
         let ids: Vec<&str> = pool
             .targets
             .iter()

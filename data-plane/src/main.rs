@@ -6,6 +6,7 @@ use llm_proxy_data_plane::process;
 use llm_proxy_data_plane::ratelimit::redis::FailMode;
 use llm_proxy_data_plane::server::DEFAULT_MAX_BODY_BYTES;
 use llm_proxy_data_plane::sync::{ClientTlsFiles, SyncSettings};
+use llm_proxy_telemetry::TelemetrySettings;
 use secrecy::SecretString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -136,7 +137,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    process::init_logging("info");
+    let telemetry = match TelemetrySettings::from_env("llm-proxy-data-plane", "info")
+        .and_then(|settings| llm_proxy_telemetry::init(&settings))
+    {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::exit(1);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -147,7 +156,9 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(err) = runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    telemetry.shutdown();
+    if let Err(err) = result {
         eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
         std::process::exit(1);
     }

@@ -4,6 +4,7 @@
 use crate::body::{self, ParsedRequest};
 use crate::errors::ApiError;
 use crate::index::{ConfigIndex, KeyEntry, Target};
+use crate::metrics::{LimitResult, Metrics, UpstreamErrorKind};
 use crate::providers::{self, CallContext, Operation, Upstreams, Usage};
 use crate::ratelimit::{AnyLimiter, Decision, LimitSpec, RateLimiter as _, Reservation};
 use crate::sse::StreamEnd;
@@ -18,7 +19,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 /// Default `--max-body-bytes` (DESIGN §16).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -33,6 +36,7 @@ pub struct AppState {
     pub config: Arc<ConfigHandle>,
     pub limiter: Arc<AnyLimiter>,
     pub upstreams: Arc<Upstreams>,
+    pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
 }
 
@@ -252,20 +256,49 @@ fn attach_headers(response: &mut Response, headers: Vec<(HeaderName, HeaderValue
     }
 }
 
-/// Settles a TPM reservation when a stream ends.
+/// When a stream ends: settles its TPM reservation, counts its tokens, closes its span.
 struct SettleOnEnd {
     limiter: Arc<AnyLimiter>,
     reservation: Option<Reservation>,
     estimate: u64,
+    metrics: Arc<Metrics>,
+    /// Held until the stream ends, so the exported span covers the whole answer.
+    span: tracing::Span,
+    started: Instant,
+    alias: Option<Arc<str>>,
+    provider: &'static str,
 }
 
 impl StreamEnd for SettleOnEnd {
+    fn first_bytes(&mut self) {
+        if let Some(alias) = &self.alias {
+            self.metrics
+                .time_to_first_token(alias, self.provider, self.started.elapsed());
+        }
+    }
+
     fn finished(self: Box<Self>, usage: Option<Usage>, _completed: bool) {
         let SettleOnEnd {
             limiter,
             reservation,
             estimate,
+            metrics,
+            span,
+            alias,
+            provider,
+            ..
         } = *self;
+        if let Some(usage) = &usage {
+            record_tokens(&span, usage);
+            if let Some(alias) = &alias {
+                metrics.tokens(
+                    alias,
+                    provider,
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                );
+            }
+        }
         if let Some(reservation) = reservation {
             // An aborted stream without a usage chunk keeps its estimate.
             let actual = usage.map_or(estimate, |u| u.total());
@@ -280,6 +313,65 @@ enum Attempt {
     Retryable(ApiError),
 }
 
+/// What a request learned on its way, for its span and metrics.
+struct RequestRecord {
+    span: tracing::Span,
+    started: Instant,
+    alias: Option<Arc<str>>,
+    provider: &'static str,
+    /// Time the upstream took (to its whole answer, or to a stream's head).
+    upstream: Option<Duration>,
+}
+
+impl RequestRecord {
+    fn routed(&mut self, target: &Target, provider: &'static str) {
+        self.provider = provider;
+        self.span.record("provider", provider);
+        self.span.record("model", target.model.remote.as_str());
+    }
+
+    fn usage(&self, metrics: &Metrics, usage: &Usage) {
+        record_tokens(&self.span, usage);
+        if let Some(alias) = &self.alias {
+            metrics.tokens(
+                alias,
+                self.provider,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            );
+        }
+    }
+}
+
+/// Token counts on the request span, signed (OpenTelemetry exports a u64 as text).
+fn record_tokens(span: &tracing::Span, usage: &Usage) {
+    let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    span.record("prompt_tokens", signed(usage.prompt_tokens));
+    span.record("completion_tokens", signed(usage.completion_tokens));
+}
+
+/// Longest client `x-request-id` kept; longer or odd ones are replaced by a generated id.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The client's `x-request-id` when it is a sane token, else a new random one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(value) = headers.get("x-request-id")
+        && !value.is_empty()
+        && value.len() <= MAX_REQUEST_ID_LEN
+        && value
+            .as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(b))
+    {
+        return value.clone();
+    }
+    let id = format!("{:032x}", rand::random::<u128>());
+    // Hex digits are always a valid header value.
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 async fn handle(
     state: AppState,
     headers: HeaderMap,
@@ -288,19 +380,72 @@ async fn handle(
     path_alias: Option<String>,
     client_api_version: Option<String>,
 ) -> Response {
-    match handle_inner(
+    let started = Instant::now();
+    let request_id = request_id(&headers);
+    // Never a secret here: the key's id, not the key; the model names, not the credentials.
+    let span = tracing::info_span!(
+        "request",
+        otel.name = operation.span_name(),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        request_id = request_id.to_str().unwrap_or_default(),
+        vkey_id = Empty,
+        alias = Empty,
+        provider = Empty,
+        model = Empty,
+        stream = Empty,
+        status = Empty,
+        prompt_tokens = Empty,
+        completion_tokens = Empty,
+        upstream_ms = Empty,
+    );
+    let mut trace = TraceContext::of_request(&headers);
+    if let Some(ids) = llm_proxy_telemetry::link_span(&span, trace.client_parent()) {
+        trace = trace.with_span(ids);
+    }
+    let mut record = RequestRecord {
+        span: span.clone(),
+        started,
+        alias: None,
+        provider: "",
+        upstream: None,
+    };
+    let result = handle_inner(
         &state,
         &headers,
         body,
         operation,
         path_alias,
         client_api_version,
+        trace,
+        &mut record,
     )
-    .await
-    {
-        Ok(response) => closing_if_draining(&state, response),
-        Err(err) => closing_if_draining(&state, err.into_response()),
+    .instrument(span)
+    .await;
+    let mut response = match result {
+        Ok(response) => response,
+        Err(err) => err.into_response(),
+    };
+    let status = response.status();
+    // Signed: OpenTelemetry has no unsigned integers (u64 would be exported as text).
+    record.span.record("status", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        record.span.record("otel.status_code", "error");
     }
+    if let Some(upstream) = record.upstream {
+        record
+            .span
+            .record("upstream_ms", upstream.as_secs_f64() * 1000.0);
+    }
+    state.metrics.request(
+        record.alias.as_ref().unwrap_or(&state.metrics.no_alias),
+        record.provider,
+        status.as_u16(),
+        started.elapsed(),
+        record.upstream,
+    );
+    response.headers_mut().insert(X_REQUEST_ID, request_id);
+    closing_if_draining(&state, response)
 }
 
 /// While draining, asks the client to close its kept-alive connection after this answer (checked
@@ -314,6 +459,7 @@ fn closing_if_draining(state: &AppState, mut response: Response) -> Response {
     response
 }
 
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename the list
 async fn handle_inner(
     state: &AppState,
     headers: &HeaderMap,
@@ -321,9 +467,12 @@ async fn handle_inner(
     operation: Operation,
     path_alias: Option<String>,
     client_api_version: Option<String>,
+    trace: TraceContext,
+    record: &mut RequestRecord,
 ) -> Result<Response, ApiError> {
     let index = current_config(state)?;
     let key = authenticate(&index, headers)?;
+    record.span.record("vkey_id", key.id.as_str());
     let body = body.map_err(|r| body_error(r, state.max_body_bytes))?;
     let request = body::parse(&body, path_alias.is_none())?;
     let alias = path_alias
@@ -334,18 +483,23 @@ async fn handle_inner(
         .aliases
         .get(alias)
         .ok_or_else(|| ApiError::model_not_found(alias))?;
+    record.alias = Some(pool.alias.clone());
+    record.span.record("alias", &*pool.alias);
+    record.span.record("stream", request.stream);
 
     let estimate = estimate_tokens(body.len(), &request);
-    let trace = TraceContext::of_request(headers);
     let mut last_denial: Option<Decision> = None;
     let mut last_error: Option<ApiError> = None;
     for target in pool.attempt_order(rand::random()) {
+        // Labelled with its provider even when the limit refuses it.
+        record.routed(target, providers::provider_name(target.connection.provider));
         let spec = limit_spec(target);
         let (decision, reservation) = state
             .limiter
             .acquire(&target.assignment_id, &spec, estimate)
             .await;
         if decision.is_unavailable() {
+            state.metrics.ratelimit_decision(LimitResult::Unavailable);
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -354,6 +508,7 @@ async fn handle_inner(
             .with_code("ratelimiter_unavailable"));
         }
         if !decision.allowed {
+            state.metrics.ratelimit_decision(LimitResult::Limited);
             // Tell the caller the soonest time any target of the pool frees up.
             let sooner = last_denial
                 .as_ref()
@@ -370,8 +525,9 @@ async fn handle_inner(
             client_api_version: client_api_version.as_deref(),
             trace,
         };
+        state.metrics.ratelimit_decision(LimitResult::Allowed);
         let limit_headers = decision.headers();
-        match call_upstream(state, &ctx, reservation, estimate).await {
+        match call_upstream(state, &ctx, reservation, estimate, record).await {
             Attempt::Done(mut response) => {
                 attach_headers(&mut response, limit_headers);
                 return Ok(response);
@@ -409,9 +565,11 @@ async fn call_upstream(
     ctx: &CallContext<'_>,
     reservation: Option<Reservation>,
     estimate: u64,
+    record: &mut RequestRecord,
 ) -> Attempt {
     let connection = &ctx.target.connection;
     let provider = providers::provider_name(connection.provider);
+    let metrics = &state.metrics;
     let outbound = match providers::build(ctx, &state.upstreams).await {
         Ok(outbound) => outbound,
         Err(err) => {
@@ -437,24 +595,30 @@ async fn call_upstream(
         request = request.timeout(timeout);
     }
     // For streams the timeout covers the wait for the response head; then it applies per chunk.
+    let sent_at = Instant::now();
     let sent = tokio::time::timeout(timeout, request.send()).await;
+    record.upstream = Some(sent_at.elapsed());
     let response = match sent {
         Ok(Ok(response)) => response,
         // Only a failure to connect is safe to retry on the next target: once the request is
         // sent, the upstream may already be generating (and billing) the answer.
         Ok(Err(err)) if err.is_connect() => {
+            metrics.upstream_error(provider, UpstreamErrorKind::Connect);
             settle(state, reservation, 0).await;
             return Attempt::Retryable(ApiError::upstream_unreachable(provider, error_text(err)));
         }
         Err(_) => {
+            metrics.upstream_error(provider, UpstreamErrorKind::Timeout);
             settle(state, reservation, estimate).await;
             return Attempt::Done(ApiError::upstream_timeout(provider, timeout).into_response());
         }
         Ok(Err(err)) if err.is_timeout() => {
+            metrics.upstream_error(provider, UpstreamErrorKind::Timeout);
             settle(state, reservation, estimate).await;
             return Attempt::Done(ApiError::upstream_timeout(provider, timeout).into_response());
         }
         Ok(Err(err)) => {
+            metrics.upstream_error(provider, UpstreamErrorKind::InvalidResponse);
             settle(state, reservation, estimate).await;
             return Attempt::Done(
                 ApiError::upstream_unreachable(provider, error_text(err)).into_response(),
@@ -463,6 +627,14 @@ async fn call_upstream(
     };
     let status = response.status();
     if !status.is_success() {
+        metrics.upstream_error(
+            provider,
+            if status.is_server_error() {
+                UpstreamErrorKind::Status5xx
+            } else {
+                UpstreamErrorKind::Status4xx
+            },
+        );
         let headers = response.headers().clone();
         // Bounded like the answer itself: an upstream may send an error head and stall.
         let body = match tokio::time::timeout(timeout, response.bytes()).await {
@@ -484,6 +656,11 @@ async fn call_upstream(
             limiter: state.limiter.clone(),
             reservation,
             estimate,
+            metrics: state.metrics.clone(),
+            span: record.span.clone(),
+            started: record.started,
+            alias: record.alias.clone(),
+            provider,
         });
         let body = match dialect
             .stream(
@@ -497,7 +674,10 @@ async fn call_upstream(
             .await
         {
             Ok(body) => body,
-            Err(err) => return Attempt::Done(err.into_response()),
+            Err(err) => {
+                metrics.upstream_error(provider, UpstreamErrorKind::InvalidResponse);
+                return Attempt::Done(err.into_response());
+            }
         };
         let mut out = Response::new(body);
         let headers = out.headers_mut();
@@ -509,13 +689,17 @@ async fn call_upstream(
         headers.extend(request_ids);
         return Attempt::Done(out);
     }
-    let body = match response.bytes().await {
+    let body = response.bytes().await;
+    record.upstream = Some(sent_at.elapsed());
+    let body = match body {
         Ok(body) => body,
         Err(err) if err.is_timeout() => {
+            metrics.upstream_error(provider, UpstreamErrorKind::Timeout);
             settle(state, reservation, estimate).await;
             return Attempt::Done(ApiError::upstream_timeout(provider, timeout).into_response());
         }
         Err(err) => {
+            metrics.upstream_error(provider, UpstreamErrorKind::InvalidResponse);
             settle(state, reservation, estimate).await;
             return Attempt::Done(
                 ApiError::upstream_bad_answer(provider, error_text(err)).into_response(),
@@ -525,10 +709,14 @@ async fn call_upstream(
     let (body, usage) = match dialect.translate(&request_ids, body) {
         Ok(translated) => translated,
         Err(err) => {
+            metrics.upstream_error(provider, UpstreamErrorKind::InvalidResponse);
             settle(state, reservation, estimate).await;
             return Attempt::Done(err.into_response());
         }
     };
+    if let Some(usage) = &usage {
+        record.usage(metrics, usage);
+    }
     settle(state, reservation, usage.map_or(estimate, |u| u.total())).await;
     let mut out = Response::new(Body::from(body));
     *out.status_mut() = StatusCode::OK;
@@ -541,12 +729,17 @@ async fn call_upstream(
     Attempt::Done(out)
 }
 
-/// The upstream's request ids, passed on for support requests.
+/// The upstream's request ids, passed on for support requests. The upstream's `x-request-id`
+/// becomes `x-upstream-request-id`: `x-request-id` is the gateway's own.
 fn request_ids(from: &HeaderMap) -> HeaderMap {
     let mut ids = HeaderMap::new();
-    for name in ["x-request-id", "apim-request-id", "x-amzn-requestid"] {
+    for (name, as_name) in [
+        ("x-request-id", "x-upstream-request-id"),
+        ("apim-request-id", "apim-request-id"),
+        ("x-amzn-requestid", "x-amzn-requestid"),
+    ] {
         if let Some(value) = from.get(name) {
-            ids.insert(HeaderName::from_static(name), value.clone());
+            ids.insert(HeaderName::from_static(as_name), value.clone());
         }
     }
     ids

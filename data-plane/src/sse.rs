@@ -115,6 +115,8 @@ struct ChunkProbe {
 
 /// Called once when a relayed stream ends, fails or is dropped by the client.
 pub trait StreamEnd: Send + 'static {
+    /// The first bytes of the answer are handed to the client (time to first token).
+    fn first_bytes(&mut self) {}
     fn finished(self: Box<Self>, usage: Option<Usage>, completed: bool);
 }
 
@@ -278,6 +280,8 @@ struct RelayState<S, T: StreamTranslator> {
     idle_timeout: Duration,
     provider: &'static str,
     done: bool,
+    /// Some bytes went to the client already.
+    started: bool,
     on_end: Option<Box<dyn StreamEnd>>,
 }
 
@@ -424,11 +428,18 @@ where
         idle_timeout,
         provider,
         done,
+        started: false,
         on_end: Some(on_end),
     };
     futures_util::stream::unfold(state, |mut state| async move {
         loop {
             if let Some(bytes) = state.out.pop_front() {
+                if !state.started {
+                    state.started = true;
+                    if let Some(on_end) = state.on_end.as_mut() {
+                        on_end.first_bytes();
+                    }
+                }
                 return Some((Ok(bytes), state));
             }
             if state.done {

@@ -11,6 +11,10 @@ use crate::index::ConfigIndex;
 use arc_swap::ArcSwapOption;
 use llm_proxy_proto::v1::config_service_client::ConfigServiceClient;
 use llm_proxy_proto::v1::{ReportStatusRequest, Snapshot, SubscribeRequest, config_event};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use prost::Message as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -54,6 +58,12 @@ pub struct ConfigHandle {
     connected: watch::Sender<bool>,
     live_data_planes: AtomicI64,
     applied: Mutex<Option<AppliedInfo>>,
+    /// Last time the control plane confirmed the config (a snapshot or a heartbeat).
+    confirmed: Mutex<Option<Instant>>,
+    /// Time to build and swap in each snapshot (`llm_proxy_snapshot_apply_seconds`).
+    apply_seconds: Histogram,
+    /// Encoded size of the latest snapshot received (`llm_proxy_snapshot_bytes`).
+    snapshot_bytes: Gauge,
 }
 
 impl ConfigHandle {
@@ -64,6 +74,11 @@ impl ConfigHandle {
             connected: watch::Sender::new(false),
             live_data_planes: AtomicI64::new(0),
             applied: Mutex::new(None),
+            confirmed: Mutex::new(None),
+            apply_seconds: Histogram::new([
+                0.000_1, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            snapshot_bytes: Gauge::default(),
         })
     }
 
@@ -135,6 +150,59 @@ impl ConfigHandle {
     /// When the current index was applied, and how long it took to build.
     pub fn last_applied(&self) -> Option<AppliedInfo> {
         self.applied.lock().ok().and_then(|a| *a)
+    }
+
+    fn confirm(&self) {
+        if let Ok(mut confirmed) = self.confirmed.lock() {
+            *confirmed = Some(Instant::now());
+        }
+    }
+
+    /// Seconds since the control plane last confirmed the config (snapshot or heartbeat); grows
+    /// while the config stream is down. `None` before the first snapshot.
+    pub fn config_age(&self) -> Option<Duration> {
+        self.confirmed
+            .lock()
+            .ok()
+            .and_then(|c| *c)
+            .map(|at| at.elapsed())
+    }
+
+    /// Adds the config gauges (`llm_proxy_config_*`, `llm_proxy_control_plane_connected`,
+    /// `llm_proxy_snapshot_*`) to a scrape.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let gauge = |value: i64| {
+            let g: Gauge = Gauge::default();
+            g.set(value);
+            g
+        };
+        registry.register(
+            "llm_proxy_config_version",
+            "Config version applied by this data plane (0 before the first snapshot)",
+            gauge(self.version().unwrap_or(0)),
+        );
+        let age: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+        age.set(self.config_age().map_or(0.0, |a| a.as_secs_f64()));
+        registry.register(
+            "llm_proxy_config_age_seconds",
+            "Seconds since the control plane last confirmed the config (snapshot or heartbeat)",
+            age,
+        );
+        registry.register(
+            "llm_proxy_control_plane_connected",
+            "1 while the config stream to the control plane is open",
+            gauge(i64::from(self.connected())),
+        );
+        registry.register(
+            "llm_proxy_snapshot_apply_seconds",
+            "Time to index and swap in a config snapshot",
+            self.apply_seconds.clone(),
+        );
+        registry.register(
+            "llm_proxy_snapshot_bytes",
+            "Encoded size of the latest config snapshot received",
+            self.snapshot_bytes.clone(),
+        );
     }
 }
 
@@ -409,6 +477,7 @@ async fn session(
                 pending = Some(apply_snapshot(handle, snapshot).await);
             }
             Some(config_event::Event::Heartbeat(hb)) => {
+                handle.confirm();
                 handle
                     .live_data_planes
                     .store(hb.live_data_planes, Ordering::Relaxed);
@@ -446,6 +515,11 @@ async fn session(
 async fn apply_snapshot(handle: &ConfigHandle, snapshot: Snapshot) -> Report {
     let version = snapshot.version;
     let epoch = snapshot.cluster_epoch.clone();
+    let bytes = snapshot.encoded_len();
+    handle
+        .snapshot_bytes
+        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    handle.confirm();
     let entries = snapshot.connections.len()
         + snapshot.models.len()
         + snapshot.virtual_keys.len()
@@ -479,6 +553,9 @@ async fn apply_snapshot(handle: &ConfigHandle, snapshot: Snapshot) -> Report {
             let swap_started = Instant::now();
             let old = handle.apply_timed(index, build_time);
             let swap_time = swap_started.elapsed();
+            handle
+                .apply_seconds
+                .observe((build_time + swap_time).as_secs_f64());
             // The previous index of a large config takes a while to free; do that off the
             // async workers (it may also be freed later by a request still holding it).
             if entries > INLINE_BUILD_MAX_ENTRIES {
@@ -494,6 +571,7 @@ async fn apply_snapshot(handle: &ConfigHandle, snapshot: Snapshot) -> Report {
                 virtual_keys = counts.keys,
                 assignments = counts.assignments,
                 skipped = counts.skipped,
+                bytes,
                 build_ms = build_time.as_secs_f64() * 1000.0,
                 swap_us = swap_time.as_micros() as u64,
                 "config snapshot applied"

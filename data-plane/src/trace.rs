@@ -1,6 +1,7 @@
 //! W3C trace context (DESIGN §16): a `traceparent` always goes upstream — the client's trace with a
 //! new parent id for the gateway's call, or a new trace when the client sent none (or a malformed
-//! one). Spans and export come with the observability work; this keeps traces connected already.
+//! one). While spans are exported over OTLP, the upstream call's parent is the request's exported
+//! span, so the provider's side joins the same trace under it.
 
 use axum::http::{HeaderMap, HeaderValue};
 
@@ -9,6 +10,11 @@ use axum::http::{HeaderMap, HeaderValue};
 pub struct TraceContext {
     pub trace_id: u128,
     pub flags: u8,
+    /// The client's span (its `traceparent` parent id), when it sent one.
+    pub client_span_id: Option<u64>,
+    /// The gateway's span for this request when it is exported; else each upstream call gets a
+    /// new random parent id.
+    pub span_id: Option<u64>,
 }
 
 fn hex_u128(text: &str) -> Option<u128> {
@@ -47,7 +53,12 @@ impl TraceContext {
             return None;
         }
         let flags = u8::from_str_radix(flags, 16).ok()?;
-        Some(Self { trace_id, flags })
+        Some(Self {
+            trace_id,
+            flags,
+            client_span_id: Some(parent_id),
+            span_id: None,
+        })
     }
 
     /// The client's trace, or a new sampled one.
@@ -59,12 +70,35 @@ impl TraceContext {
             .unwrap_or_else(|| Self {
                 trace_id: rand::random::<u128>().max(1),
                 flags: 0x01,
+                client_span_id: None,
+                span_id: None,
             })
     }
 
-    /// The `traceparent` for one upstream call: this trace, a new parent id.
+    /// The client's trace for the OpenTelemetry parent of the request span.
+    pub fn client_parent(&self) -> Option<llm_proxy_telemetry::RemoteParent> {
+        self.client_span_id
+            .map(|span_id| llm_proxy_telemetry::RemoteParent {
+                trace_id: self.trace_id,
+                span_id,
+                flags: self.flags,
+            })
+    }
+
+    /// Adopts the exported request span's ids.
+    pub fn with_span(self, ids: llm_proxy_telemetry::SpanIds) -> Self {
+        Self {
+            trace_id: ids.trace_id,
+            flags: ids.flags,
+            client_span_id: self.client_span_id,
+            span_id: Some(ids.span_id),
+        }
+    }
+
+    /// The `traceparent` for one upstream call: this trace, with the request's exported span as
+    /// parent, or else a new parent id.
     pub fn upstream_header(&self) -> HeaderValue {
-        let span_id = rand::random::<u64>().max(1);
+        let span_id = self.span_id.unwrap_or_else(|| rand::random::<u64>().max(1));
         let text = format!(
             "00-{:032x}-{span_id:016x}-{:02x}",
             self.trace_id, self.flags

@@ -375,7 +375,11 @@ async fn openai_chat_is_forwarded_byte_for_byte_with_the_remote_model() {
     let body = r#"{"model":"gpt-4","messages":[{"role":"user","content":"Say hi \u00e9"}],"temperature":0.70,"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]}"#;
     let response = f.post("/v1/chat/completions", CLIENT_KEY, body).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["x-request-id"], "req_abc");
+    // The upstream's id is passed on as x-upstream-request-id; x-request-id is the gateway's own.
+    assert_eq!(response.headers()["x-upstream-request-id"], "req_abc");
+    let request_id = response.headers()["x-request-id"].to_str().unwrap();
+    assert_eq!(request_id.len(), 32, "{request_id}");
+    assert!(request_id.bytes().all(|b| b.is_ascii_hexdigit()));
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["choices"][0]["message"]["content"], "Hello!");
     assert_eq!(answer["usage"]["total_tokens"], 17);

@@ -23,6 +23,14 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// Name of the request span (the OpenAI operation).
+    pub fn span_name(self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "chat.completions",
+            Operation::Embeddings => "embeddings",
+        }
+    }
+
     /// The OpenAI path suffix, shared by OpenAI and Azure.
     pub fn path(self) -> &'static str {
         match self {

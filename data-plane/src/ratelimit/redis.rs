@@ -278,6 +278,8 @@ pub struct RedisLimiterStats {
     pub deny_cache_hits: u64,
     /// Acquires answered by the fail mode (Redis failed, or the breaker was open).
     pub fallback_decisions: u64,
+    /// Switches between Redis and the fail mode, either way.
+    pub mode_switches: u64,
 }
 
 #[derive(Default)]
@@ -286,6 +288,7 @@ struct Counters {
     redis_errors: AtomicU64,
     deny_cache_hits: AtomicU64,
     fallback_decisions: AtomicU64,
+    mode_switches: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -393,6 +396,7 @@ impl RedisLimiter {
             redis_errors: c.redis_errors.load(Ordering::Relaxed),
             deny_cache_hits: c.deny_cache_hits.load(Ordering::Relaxed),
             fallback_decisions: c.fallback_decisions.load(Ordering::Relaxed),
+            mode_switches: c.mode_switches.load(Ordering::Relaxed),
         }
     }
 
@@ -562,6 +566,7 @@ impl Inner {
         bump(&self.counters.redis_errors);
         tracing::debug!(%reason, "Redis rate-limit call failed");
         if self.breaker.failure() {
+            bump(&self.counters.mode_switches);
             self.switch_log
                 .switched(true, self.config.fail_mode, Some(reason));
             match ConnectionManager::new_lazy_with_config(
@@ -622,6 +627,7 @@ fn spawn_probe(inner: Arc<Inner>) {
     tokio::spawn(async move {
         let result = inner.load_scripts().await;
         if inner.breaker.probe_done(result.is_ok()) {
+            bump(&inner.counters.mode_switches);
             inner
                 .switch_log
                 .switched(false, inner.config.fail_mode, None);

@@ -1,0 +1,302 @@
+//! Prometheus metrics of the data plane (DESIGN §16), served on the metrics port.
+//!
+//! Label sets are bounded: aliases and providers come from the config (never from the client's
+//! text), status is a class (`2xx`, `4xx`, `5xx`), and error kinds and decisions are fixed lists.
+//! Requests refused before routing (no key, unknown alias) carry empty `alias` and `provider`;
+//! a request refused by a rate limit carries the alias and the provider of the last target tried.
+
+use crate::ratelimit::AnyLimiter;
+use crate::sync::ConfigHandle;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `Content-Type` of the exposition: prometheus-client writes OpenMetrics text (`# EOF`, counters
+/// typed without their `_total` suffix), which the classic text parser would misread.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub alias: Arc<str>,
+    pub provider: &'static str,
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub alias: Arc<str>,
+    pub provider: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    pub provider: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub alias: Arc<str>,
+    pub provider: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamErrorLabels {
+    pub provider: &'static str,
+    pub kind: &'static str,
+}
+
+/// Rate-limit decision results (`llm_proxy_ratelimit_decisions_total{result}`).
+#[derive(Debug, Clone, Copy)]
+pub enum LimitResult {
+    Allowed,
+    Limited,
+    /// Shared limiter down with fail mode `closed`.
+    Unavailable,
+}
+
+/// Why an upstream call failed (`llm_proxy_upstream_errors_total{kind}`).
+#[derive(Debug, Clone, Copy)]
+pub enum UpstreamErrorKind {
+    Connect,
+    Timeout,
+    /// The upstream answered with an error status.
+    Status4xx,
+    Status5xx,
+    /// Unreadable or untranslatable answer, or a broken stream.
+    InvalidResponse,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_buckets() -> Histogram {
+    // LLM calls: tens of milliseconds to minutes.
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    ])
+}
+
+fn overhead_buckets() -> Histogram {
+    // The gateway's own share: microseconds to milliseconds.
+    Histogram::new([
+        0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+        0.1,
+    ])
+}
+
+/// Every data plane metric; clones share the series.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// The `alias` label of requests refused before routing.
+    pub no_alias: Arc<str>,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily<RouteLabels>,
+    upstream_duration: HistogramFamily<ProviderLabels>,
+    overhead: Histogram,
+    time_to_first_token: HistogramFamily<RouteLabels>,
+    tokens: Family<TokenLabels, Counter>,
+    ratelimit_decisions: Family<DecisionLabels, Counter>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self {
+            no_alias: Arc::from(""),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_buckets),
+            upstream_duration: Family::new_with_constructor(latency_buckets),
+            overhead: overhead_buckets(),
+            time_to_first_token: Family::new_with_constructor(latency_buckets),
+            tokens: Family::default(),
+            ratelimit_decisions: Family::default(),
+            upstream_errors: Family::default(),
+        }
+    }
+
+    /// One finished request (the head of the answer is out).
+    pub fn request(
+        &self,
+        alias: &Arc<str>,
+        provider: &'static str,
+        status: u16,
+        duration: Duration,
+        upstream: Option<Duration>,
+    ) {
+        let status = match status {
+            200..=299 => "2xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "other",
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                alias: alias.clone(),
+                provider,
+                status,
+            })
+            .inc();
+        if provider.is_empty() {
+            return;
+        }
+        self.request_duration
+            .get_or_create(&RouteLabels {
+                alias: alias.clone(),
+                provider,
+            })
+            .observe(duration.as_secs_f64());
+        if let Some(upstream) = upstream {
+            self.upstream_duration
+                .get_or_create(&ProviderLabels { provider })
+                .observe(upstream.as_secs_f64());
+            self.overhead
+                .observe(duration.saturating_sub(upstream).as_secs_f64());
+        }
+    }
+
+    pub fn time_to_first_token(&self, alias: &Arc<str>, provider: &'static str, time: Duration) {
+        self.time_to_first_token
+            .get_or_create(&RouteLabels {
+                alias: alias.clone(),
+                provider,
+            })
+            .observe(time.as_secs_f64());
+    }
+
+    pub fn tokens(&self, alias: &Arc<str>, provider: &'static str, prompt: u64, completion: u64) {
+        for (kind, count) in [("prompt", prompt), ("completion", completion)] {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    alias: alias.clone(),
+                    provider,
+                    kind,
+                })
+                .inc_by(count);
+        }
+    }
+
+    pub fn ratelimit_decision(&self, result: LimitResult) {
+        let result = match result {
+            LimitResult::Allowed => "allowed",
+            LimitResult::Limited => "limited",
+            LimitResult::Unavailable => "unavailable",
+        };
+        self.ratelimit_decisions
+            .get_or_create(&DecisionLabels { result })
+            .inc();
+    }
+
+    pub fn upstream_error(&self, provider: &'static str, kind: UpstreamErrorKind) {
+        let kind = match kind {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Status4xx => "status_4xx",
+            UpstreamErrorKind::Status5xx => "status_5xx",
+            UpstreamErrorKind::InvalidResponse => "invalid_response",
+        };
+        self.upstream_errors
+            .get_or_create(&UpstreamErrorLabels { provider, kind })
+            .inc();
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "llm_proxy_requests",
+            "Requests answered, by alias, provider and status class",
+            self.requests.clone(),
+        );
+        registry.register(
+            "llm_proxy_request_duration_seconds",
+            "Time from the request to the head of the answer (streams: to the first bytes)",
+            self.request_duration.clone(),
+        );
+        registry.register(
+            "llm_proxy_upstream_duration_seconds",
+            "Time the upstream took: to its whole answer, or to the head of a stream",
+            self.upstream_duration.clone(),
+        );
+        registry.register(
+            "llm_proxy_overhead_seconds",
+            "Time the gateway added to a routed request (request duration minus upstream time)",
+            self.overhead.clone(),
+        );
+        registry.register(
+            "llm_proxy_time_to_first_token_seconds",
+            "Streams: time from the request to the first bytes of the answer sent to the client",
+            self.time_to_first_token.clone(),
+        );
+        registry.register(
+            "llm_proxy_tokens",
+            "Tokens reported by upstreams, by kind (prompt or completion)",
+            self.tokens.clone(),
+        );
+        registry.register(
+            "llm_proxy_ratelimit_decisions",
+            "Rate-limit decisions by result (allowed, limited, unavailable)",
+            self.ratelimit_decisions.clone(),
+        );
+        registry.register(
+            "llm_proxy_upstream_errors",
+            "Failed upstream calls by kind (connect, timeout, status_4xx, status_5xx, invalid_response)",
+            self.upstream_errors.clone(),
+        );
+    }
+
+    /// The Prometheus text exposition of the request metrics, config state and limiter state.
+    pub fn render(&self, config: &ConfigHandle, limiter: &AnyLimiter) -> String {
+        let mut registry = Registry::default();
+        self.register(&mut registry);
+        config.register_metrics(&mut registry);
+        if let AnyLimiter::Redis(redis) = limiter {
+            let stats = redis.stats();
+            let counter = |value: u64| {
+                let c: Counter = Counter::default();
+                c.inc_by(value);
+                c
+            };
+            registry.register(
+                "llm_proxy_redis_errors",
+                "Redis limiter calls that failed or ran over their time budget",
+                counter(stats.redis_errors),
+            );
+            registry.register(
+                "llm_proxy_ratelimit_fallback_decisions",
+                "Rate-limit decisions made by the fail mode instead of Redis",
+                counter(stats.fallback_decisions),
+            );
+            registry.register(
+                "llm_proxy_ratelimit_mode_switches",
+                "Switches between Redis and the fail mode (either way)",
+                counter(stats.mode_switches),
+            );
+            let degraded: Gauge = Gauge::default();
+            degraded.set(i64::from(redis.is_degraded()));
+            registry.register(
+                "llm_proxy_ratelimit_degraded",
+                "1 while the Redis limiter answers from its fail mode",
+                degraded,
+            );
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}

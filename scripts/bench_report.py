@@ -1,0 +1,524 @@
+#!/usr/bin/env python3
+"""Helpers of scripts/bench.sh.
+
+    bench_report.py check OHA_JSON                  exit 1 unless every request succeeded (200)
+    bench_report.py log-line LOG MESSAGE MIN_KEYS   print the fields of the last JSON log line with
+                                                    that message and virtual_keys >= MIN_KEYS
+    bench_report.py report WORK_DIR                 the Markdown of bench/RESULTS.md, from the raw
+                                                    results bench.sh left in WORK_DIR (settings in
+                                                    BENCH_* environment variables)
+"""
+import datetime
+import json
+import os
+import platform
+import sys
+
+TARGETS = ("direct", "nginx", "llm-proxy")
+MODES = {"json": "non-streamed", "sse": "streamed"}
+MIB = 1024.0
+
+# Targets (the issue) and budgets (DESIGN §15).
+MAX_THROUGHPUT_MIN_RATIO = 1.0
+ADDED_P99_MAX_RATIO = 1.2
+TTFB_MAX_DIFF_MS = 0.2
+SCALE_RSS_MAX_MIB = 64.0
+CPU_REDIS_MAX_US = 30.0
+LOAD_RSS_MAX_MIB = 32.0
+ADDED_P50_MAX_DIFF_MS = 0.05
+MIN_ADDED_MS = 0.01
+UNDER_RATE = 0.95
+
+
+def load_oha(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def check(path):
+    d = load_oha(path)
+    s = d["summary"]
+    codes = d.get("statusCodeDistribution") or {}
+    # Requests cut off at the end of the run are not failures (oha leaves them out of successRate).
+    errors = {k: v for k, v in (d.get("errorDistribution") or {}).items() if k != "aborted due to deadline"}
+    ok = s.get("successRate") == 1.0 and set(codes) == {"200"} and not errors
+    if not ok:
+        print(
+            f"{path}: success rate {s.get('successRate')}, status codes {codes}, errors {errors}",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+def log_fields(line):
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    fields = dict(event.get("fields") or {})
+    for k, v in event.items():
+        if k not in ("fields", "span", "spans"):
+            fields.setdefault(k, v)
+    return fields
+
+
+def log_lines(path, message, min_keys=0):
+    """Fields of every JSON log line with that message and at least min_keys virtual keys."""
+    found = []
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                fields = log_fields(line)
+                if fields and fields.get("message") == message and int(fields.get("virtual_keys", 0)) >= min_keys:
+                    found.append(fields)
+    except FileNotFoundError:
+        pass
+    return found
+
+
+def log_line(path, message, min_keys):
+    found = log_lines(path, message, int(min_keys))
+    if not found:
+        sys.exit(1)
+    print(json.dumps(found[-1]))
+
+
+# ---------------------------------------------------------------- report
+
+
+def fmt(value, digits=3, signed=False):
+    if value is None:
+        return "n/a"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def ratio(a, b, digits=2):
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.{digits}f}×"
+
+
+def added_ratio(a, b):
+    """Ratio of two added latencies; n/a when the denominator is too small to divide by."""
+    return ratio(a, b) if b is not None and b >= MIN_ADDED_MS else "n/a"
+
+
+def verdict(ok):
+    return "**PASS**" if ok else "**MISS**"
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def read_runs(work):
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+    runs = {}
+    with open(os.path.join(work, "runs.tsv")) as f:
+        for line in f:
+            target, mode, load, conns, path, ticks, wall, hwm, redis_ticks = line.rstrip("\n").split("\t")
+            d = load_oha(path)
+            count = sum((d.get("statusCodeDistribution") or {}).values())
+            p = d["latencyPercentiles"]
+            run = {
+                "conns": int(conns),
+                "rps": d["summary"]["requestsPerSec"],
+                "count": count,
+                "p50": p["p50"] * 1000,
+                "p90": p["p90"] * 1000,
+                "p99": p["p99"] * 1000,
+                "load": load,
+                "cpu_us": None,
+                "busy": None,
+                "redis_us": None,
+                "hwm_mib": int(hwm) / MIB if hwm not in ("", "0") else None,
+            }
+            if ticks != "-" and count:
+                cpu_s = int(ticks) / ticks_per_s
+                run["cpu_us"] = cpu_s / count * 1e6
+                run["busy"] = cpu_s / float(wall)
+            if target in ("llm-proxy", "scale") and redis_ticks != "-" and count:
+                run["redis_us"] = int(redis_ticks) / ticks_per_s / count * 1e6
+            runs[(target, mode, load)] = run
+    return runs
+
+
+def read_env_file(path):
+    values = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                if "=" in line:
+                    k, v = line.strip().split("=", 1)
+                    values[k] = v
+    except FileNotFoundError:
+        pass
+    return values
+
+
+def machine():
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores (nproc), {model}, Linux {platform.release()}"
+
+
+def report(work):
+    env = os.environ
+    seconds = env.get("BENCH_SECONDS", "?")
+    rates = env.get("BENCH_RATES", "500 2000").split()
+    loads = rates + ["max"]
+    top = rates[-1]
+    runs = read_runs(work)
+    ttfb = {}
+    for t in TARGETS:
+        with open(os.path.join(work, f"ttfb-{t}.json")) as f:
+            ttfb[t] = json.load(f)
+
+    def run(t, m, l):
+        return runs.get((t, m, l))
+
+    def load_name(l):
+        return "max" if l == "max" else f"{l}/s"
+
+    lines = []
+    w = lines.append
+    w("# llm-proxy benchmark results")
+    w("")
+    w("Generated by `scripts/bench.sh` (see `bench/README.md`); do not edit by hand.")
+    w("")
+    w(f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+    w(f"- Machine: {machine()}")
+    w(f"- Commit: {env.get('BENCH_COMMIT', 'unknown')}")
+    w(
+        f"- Runs: {seconds} s each with oha {env.get('BENCH_OHA_VERSION', '').replace('oha ', '')}, "
+        f"{env.get('BENCH_CONNS')} connections at fixed rates ({', '.join(r + ' req/s' for r in rates)}), "
+        f"{env.get('BENCH_MAX_CONNS')} (streamed: {env.get('BENCH_SSE_MAX_CONNS')}) at maximum throughput (no rate limit); "
+        f"TTFB: {env.get('BENCH_TTFB_REQUESTS')} sequential streams on one keep-alive connection"
+    )
+    w(
+        f"- Mock upstream: answers at once (delay {env.get('BENCH_DELAY_MS', '0')} ms); a stream is 4 SSE events, "
+        f"{env.get('BENCH_CHUNK_DELAY_MS')} ms apart"
+    )
+    w(
+        f"- nginx {env.get('BENCH_NGINX_VERSION', '')}: one worker, `proxy_pass` to a keep-alive upstream, "
+        "`proxy_buffering off`, no access log"
+    )
+    w(
+        "- llm-proxy: control plane (SQLite) + data plane processes, virtual-key auth, one assignment, "
+        f"Redis limiter ({env.get('BENCH_REDIS_URL')}) with a limit that never rejects, RUST_LOG=warn"
+    )
+    w(
+        "- Pinning: the proxy (nginx's worker, or the data plane) on core 0; oha, the mock and the TTFB "
+        "client on core 1; the control plane and Redis unpinned"
+    )
+    w("")
+    w("Columns: latencies are oha's percentiles in ms (whole answer, streams included); **added** = "
+      "through the proxy − direct to the mock at the same rate; **CPU/req** = the proxy's utime+stime "
+      "(/proc/PID/stat) during the run ÷ requests answered; **core busy** = that CPU time ÷ wall time "
+      "(1.00 = the proxy saturated its core; below that, at max throughput, the load generator's core "
+      "was the limit); at fixed rates CPU/req includes a wake-up per request, the max-throughput rows show "
+      "the saturated cost; **Redis CPU/req** = the local redis-server's CPU ÷ requests (the limiter's share, "
+      "on either core); ratios are llm-proxy ÷ direct or ÷ nginx.")
+    w("")
+
+    # ---- targets ----
+    w("## Targets")
+    w("")
+    checks = []
+    n_max, g_max = run("nginx", "json", "max"), run("llm-proxy", "json", "max")
+    if n_max and g_max:
+        r = g_max["rps"] / n_max["rps"]
+        checks.append(
+            (
+                r >= MAX_THROUGHPUT_MIN_RATIO,
+                f"Maximum throughput (non-streamed) ≥ {MAX_THROUGHPUT_MIN_RATIO:.1f}× nginx's: "
+                f"{g_max['rps']:.0f} vs {n_max['rps']:.0f} req/s = {r:.2f}× (margin {100 * (r - MAX_THROUGHPUT_MIN_RATIO):+.0f}%; "
+                f"core busy: llm-proxy {fmt(g_max['busy'], 2)}, nginx {fmt(n_max['busy'], 2)})",
+            )
+        )
+    d, n, g = run("direct", "json", top), run("nginx", "json", top), run("llm-proxy", "json", top)
+    if d and n and g:
+        n_add, g_add = n["p99"] - d["p99"], g["p99"] - d["p99"]
+        limit = ADDED_P99_MAX_RATIO * n_add
+        checks.append(
+            (
+                g_add <= limit,
+                f"Added p99 at {top} req/s ≤ {ADDED_P99_MAX_RATIO}× nginx's: llm-proxy {g_add:+.3f} ms, "
+                f"nginx {n_add:+.3f} ms, limit {limit:+.3f} ms (margin {limit - g_add:+.3f} ms; "
+                f"ratio {added_ratio(g_add, n_add)})",
+            )
+        )
+    t_n, t_g = ttfb["nginx"]["ttfb_ms"], ttfb["llm-proxy"]["ttfb_ms"]
+    diff = t_g["p50"] - t_n["p50"]
+    checks.append(
+        (
+            diff <= TTFB_MAX_DIFF_MS,
+            f"Streaming time to first byte within {TTFB_MAX_DIFF_MS} ms of nginx's (p50): llm-proxy "
+            f"{t_g['p50']:.3f} ms, nginx {t_n['p50']:.3f} ms, difference {diff:+.3f} ms "
+            f"(margin {TTFB_MAX_DIFF_MS - diff:+.3f} ms; p99 difference {t_g['p99'] - t_n['p99']:+.3f} ms)",
+        )
+    )
+    scale = read_env_file(os.path.join(work, "scale.env"))
+    scale_keys = int(env.get("BENCH_SCALE_KEYS", "0"))
+    peak_keys = None
+    if scale:
+        peak_keys = max(int(v) for k, v in scale.items() if k.endswith("hwm_kib")) / MIB
+        checks.append(
+            (
+                peak_keys <= SCALE_RSS_MAX_MIB,
+                f"Data plane peak RSS ≤ {SCALE_RSS_MAX_MIB:.0f} MiB with a {scale_keys // 1000}k-key snapshot "
+                f"(VmHWM, including one update): {peak_keys:.1f} MiB (margin {SCALE_RSS_MAX_MIB - peak_keys:+.1f} MiB)",
+            )
+        )
+    else:
+        checks.append((False, "Data plane peak RSS with a 100k-key snapshot: not measured (BENCH_SCALE_KEYS=0)"))
+    for ok, text in checks:
+        w(f"- {verdict(ok)} {text}")
+    w("")
+    slow = [
+        (t, m, l, r)
+        for (t, m, l), r in sorted(runs.items())
+        if l != "max" and r["rps"] < UNDER_RATE * float(l)
+    ]
+    for t, m, l, r in slow:
+        w(
+            f"- ⚠ {t}, {MODES.get(m, m)} at {l} req/s answered only {r['rps']:.0f} req/s "
+            f"({100 * r['rps'] / float(l):.0f}%, p50 {r['p50']:.1f} ms with {r['conns']} connections): "
+            "its latencies are not comparable at that rate"
+        )
+    if slow:
+        w("")
+    w("Budgets from DESIGN §15, for reference:")
+    w("")
+    extra = []
+    if g and g["cpu_us"] is not None:
+        extra.append(
+            (
+                g["cpu_us"] <= CPU_REDIS_MAX_US,
+                f"CPU ≤ {CPU_REDIS_MAX_US:.0f} µs/request with the Redis limiter (non-streamed, {top} req/s): "
+                f"{g['cpu_us']:.1f} µs (nginx {fmt(n and n['cpu_us'], 1)} µs)",
+            )
+        )
+    if d and n and g:
+        n_add50, g_add50 = n["p50"] - d["p50"], g["p50"] - d["p50"]
+        extra.append(
+            (
+                g_add50 - n_add50 <= ADDED_P50_MAX_DIFF_MS,
+                f"Added median within {ADDED_P50_MAX_DIFF_MS} ms of nginx's at {top} req/s: llm-proxy "
+                f"{g_add50:+.3f} ms, nginx {n_add50:+.3f} ms, difference {g_add50 - n_add50:+.3f} ms",
+            )
+        )
+    dp_hwm = env.get("BENCH_DP_HWM_KIB")
+    if dp_hwm:
+        mib = int(dp_hwm) / MIB
+        extra.append((mib <= LOAD_RSS_MAX_MIB, f"Data plane ≤ {LOAD_RSS_MAX_MIB:.0f} MiB RSS under load (VmHWM after all load runs): {mib:.1f} MiB"))
+    for ok, text in extra:
+        w(f"- {verdict(ok)} {text}")
+    w("")
+
+    # ---- runs ----
+    w("## Runs")
+    w("")
+    rows = []
+    for m, mode_name in MODES.items():
+        for l in loads:
+            for t in TARGETS:
+                r = run(t, m, l)
+                if not r:
+                    continue
+                rows.append(
+                    [
+                        mode_name,
+                        load_name(l),
+                        t,
+                        r["conns"],
+                        f"{r['rps']:.0f}",
+                        fmt(r["p50"]),
+                        fmt(r["p90"]),
+                        fmt(r["p99"]),
+                        fmt(r["cpu_us"], 1) if r["cpu_us"] is not None else "–",
+                        fmt(r["busy"], 2) if r["busy"] is not None else "–",
+                        fmt(r["redis_us"], 1) if r["redis_us"] is not None else "–",
+                    ]
+                )
+    w(
+        table(
+            ["mode", "load", "target", "conns", "req/s", "p50 ms", "p90 ms", "p99 ms", "CPU/req µs", "core busy", "Redis CPU/req µs"],
+            rows,
+        )
+    )
+    w("")
+
+    # ---- ratios ----
+    w("## Ratios (llm-proxy ÷ direct, llm-proxy ÷ nginx)")
+    w("")
+    rows = []
+    for m, mode_name in MODES.items():
+        for l in loads:
+            d, n, g = run("direct", m, l), run("nginx", m, l), run("llm-proxy", m, l)
+            if not (d and n and g):
+                continue
+            row = [mode_name, load_name(l), ratio(g["rps"], d["rps"]), ratio(g["rps"], n["rps"])]
+            for q in ("p50", "p90", "p99"):
+                row += [ratio(g[q], d[q]), ratio(g[q], n[q])]
+            row.append(ratio(g["cpu_us"], n["cpu_us"]))
+            rows.append(row)
+    w(
+        table(
+            [
+                "mode",
+                "load",
+                "req/s ÷ direct",
+                "req/s ÷ nginx",
+                "p50 ÷ direct",
+                "p50 ÷ nginx",
+                "p90 ÷ direct",
+                "p90 ÷ nginx",
+                "p99 ÷ direct",
+                "p99 ÷ nginx",
+                "CPU/req ÷ nginx",
+            ],
+            rows,
+        )
+    )
+    w("")
+
+    # ---- added latency ----
+    w("## Added latency (proxy − direct, ms; fixed rates)")
+    w("")
+    rows = []
+    for m, mode_name in MODES.items():
+        for l in rates:
+            d, n, g = run("direct", m, l), run("nginx", m, l), run("llm-proxy", m, l)
+            if not (d and n and g):
+                continue
+            row = [mode_name, load_name(l)]
+            row += [fmt(n[q] - d[q], signed=True) for q in ("p50", "p90", "p99")]
+            row += [fmt(g[q] - d[q], signed=True) for q in ("p50", "p90", "p99")]
+            row += [added_ratio(g[q] - d[q], n[q] - d[q]) for q in ("p50", "p90", "p99")]
+            rows.append(row)
+    w(
+        table(
+            [
+                "mode",
+                "load",
+                "nginx p50",
+                "nginx p90",
+                "nginx p99",
+                "llm-proxy p50",
+                "llm-proxy p90",
+                "llm-proxy p99",
+                "÷ nginx p50",
+                "÷ nginx p90",
+                "÷ nginx p99",
+            ],
+            rows,
+        )
+    )
+    w("")
+    w(
+        f"A ratio of added latencies is unstable when nginx's is close to zero (n/a below {MIN_ADDED_MS} ms); "
+        "read the differences too."
+    )
+    w("")
+
+    # ---- TTFB ----
+    w("## Streaming time to first byte (ms)")
+    w("")
+    w("From writing the request to the first bytes of the SSE body (headers excluded), and to the end of "
+      "the stream; sequential requests on one connection, no other load.")
+    w("")
+    rows = []
+    for t in TARGETS:
+        a, b = ttfb[t]["ttfb_ms"], ttfb[t]["total_ms"]
+        rows.append([t, fmt(a["p50"]), fmt(a["p90"]), fmt(a["p99"]), fmt(b["p50"]), fmt(b["p99"])])
+    for t in ("nginx", "llm-proxy"):
+        a, base = ttfb[t]["ttfb_ms"], ttfb["direct"]["ttfb_ms"]
+        rows.append([f"{t} − direct", *(fmt(a[q] - base[q], signed=True) for q in ("p50", "p90", "p99")), "", ""])
+    a, base = ttfb["llm-proxy"]["ttfb_ms"], ttfb["nginx"]["ttfb_ms"]
+    rows.append(["llm-proxy − nginx", *(fmt(a[q] - base[q], signed=True) for q in ("p50", "p90", "p99")), "", ""])
+    w(table(["target", "TTFB p50", "TTFB p90", "TTFB p99", "total p50", "total p99"], rows))
+    w("")
+
+    # ---- memory ----
+    w("## Peak memory")
+    w("")
+    rows = []
+    if env.get("BENCH_NGINX_HWM_KIB"):
+        rows.append(["nginx worker, after all load runs", f"{int(env['BENCH_NGINX_HWM_KIB']) / MIB:.1f}"])
+    if dp_hwm:
+        rows.append(["llm-proxy data plane, after all load runs", f"{int(dp_hwm) / MIB:.1f}"])
+    if scale:
+        rows.append([f"llm-proxy data plane, {scale_keys // 1000}k-key snapshot (incl. one update)", f"{peak_keys:.1f}"])
+    w(table(["process", "VmHWM MiB"], rows))
+    w("")
+
+    # ---- config scale ----
+    w("## Config scale")
+    w("")
+    if not scale:
+        w("Skipped (BENCH_SCALE_KEYS=0).")
+    else:
+        built = log_lines(os.path.join(work, "cp-scale.log"), "config snapshot built", scale_keys)
+        applied = log_lines(os.path.join(work, "dp-scale.log"), "config snapshot applied", scale_keys)
+        r = run("scale", "json", top)
+
+        def field(events, i, name, digits=1):
+            if len(events) <= i or events[i].get(name) is None:
+                return "n/a"
+            v = events[i][name]
+            return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+        def kib(name):
+            return f"{int(scale[name]) / MIB:.1f}" if name in scale else "n/a"
+
+        sizes = (
+            f"{field(applied, 0, 'virtual_keys')} keys, {field(applied, 0, 'assignments')} assignments, "
+            f"{field(applied, 0, 'models')} models"
+        )
+        w(f"{scale_keys} keys × 3 assignments written straight into the control plane's SQLite database "
+          f"(snapshot with the benchmark's own: {sizes}); then one admin write (a new key) while both planes "
+          "run, for the update column.")
+        w("")
+        rows = [
+            ["control plane: snapshot build (`config snapshot built` build_ms)", field(built, 0, "build_ms"), field(built, 1, "build_ms")],
+            ["transfer size (`config snapshot applied` bytes)", field(applied, 0, "bytes"), field(applied, 1, "bytes")],
+            ["data plane: index build (`config snapshot applied` build_ms)", field(applied, 0, "build_ms"), field(applied, 1, "build_ms")],
+            ["data plane: swap (`config snapshot applied` swap_us)", field(applied, 0, "swap_us"), field(applied, 1, "swap_us")],
+            ["data plane VmRSS MiB after apply", kib("applied_rss_kib"), kib("update_rss_kib")],
+            ["data plane VmHWM MiB after apply", kib("applied_hwm_kib"), kib("update_hwm_kib")],
+            [f"data plane VmRSS / VmHWM MiB after {seconds} s at {top} req/s", f"{kib('loaded_rss_kib')} / {kib('loaded_hwm_kib')}", ""],
+        ]
+        if r:
+            rows.append([f"latency at {top} req/s (non-streamed, one of the 100k keys): p50 / p99 ms", f"{r['p50']:.3f} / {r['p99']:.3f}", ""])
+            rows.append(["data plane CPU/req µs at that rate", fmt(r["cpu_us"], 1) if r["cpu_us"] is not None else "n/a", ""])
+        w(table(["", "first snapshot", "update"], rows))
+    w("")
+    return "\n".join(lines)
+
+
+def main():
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
+    if cmd == "check" and len(sys.argv) == 3:
+        check(sys.argv[2])
+    elif cmd == "log-line" and len(sys.argv) == 5:
+        log_line(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif cmd == "report" and len(sys.argv) == 3:
+        sys.stdout.write(report(sys.argv[2]))
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
