@@ -13,8 +13,7 @@ use axum::response::{IntoResponse, Response};
 use common::{PATIENCE, Recorded};
 use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane};
 use llm_proxy_control_plane::store::{NewAssignment, NewConnection, NewModel, NewVirtualKey};
-use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
-use llm_proxy_data_plane::sync::SyncSettings;
+use llm_proxy_data_plane::gateway::{self, RunningGateway};
 use llm_proxy_proto::v1::admin_service_client::AdminServiceClient;
 use llm_proxy_proto::v1::{CreateConnectionRequest, GetRequest, ListConnectionsRequest};
 use secrecy::SecretString;
@@ -365,25 +364,12 @@ async fn start_data_plane_with_metrics(
     node_id: &str,
     redis_url: Option<SecretString>,
 ) -> RunningGateway {
-    gateway::start(GatewaySettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        sync: SyncSettings {
-            control_plane: format!("http://{}", cp.grpc_addr),
-            token: None,
-            node_id: node_id.into(),
-            build: "test".into(),
-            tls: None,
-        },
-        max_body_bytes: 64 * 1024,
-        redis_url,
-        ratelimit_fail_mode: Default::default(),
-        // Generous, so that a busy test machine does not turn a slow Redis answer into a Redis
-        // error (the test asserts there are none).
-        ratelimit_redis_budget: Duration::from_secs(5),
-    })
-    .await
-    .unwrap()
+    let mut settings = common::data_plane_settings(cp, node_id, redis_url);
+    settings.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    // Generous, so that a busy test machine does not turn a slow Redis answer into a Redis error
+    // (the test asserts there are none).
+    settings.ratelimit_redis_budget = Duration::from_secs(5);
+    gateway::start(settings).await.unwrap()
 }
 
 fn redis_url() -> String {

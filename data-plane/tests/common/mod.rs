@@ -54,13 +54,14 @@ pub async fn start_control_plane(dir: &Path) -> (RunningControlPlane, SecretStri
     (cp, master_key)
 }
 
-/// Starts a data plane on a local port that syncs from `cp` as `node_id` (64 KiB body limit).
-pub async fn start_data_plane(
+/// Settings of a data plane on a local port that syncs from `cp` as `node_id` (64 KiB body limit,
+/// no metrics listener).
+pub fn data_plane_settings(
     cp: &RunningControlPlane,
     node_id: &str,
     redis_url: Option<SecretString>,
-) -> RunningGateway {
-    gateway::start(GatewaySettings {
+) -> GatewaySettings {
+    GatewaySettings {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
         sync: SyncSettings {
@@ -74,9 +75,18 @@ pub async fn start_data_plane(
         redis_url,
         ratelimit_fail_mode: Default::default(),
         ratelimit_redis_budget: Duration::from_millis(200),
-    })
-    .await
-    .unwrap()
+    }
+}
+
+/// Starts a data plane with [`data_plane_settings`].
+pub async fn start_data_plane(
+    cp: &RunningControlPlane,
+    node_id: &str,
+    redis_url: Option<SecretString>,
+) -> RunningGateway {
+    gateway::start(data_plane_settings(cp, node_id, redis_url))
+        .await
+        .unwrap()
 }
 
 /// Waits until `dp` has applied the control plane's current config version.
