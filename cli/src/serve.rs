@@ -14,7 +14,6 @@ use llm_proxy_data_plane::process;
 use llm_proxy_data_plane::ratelimit::redis::{FailMode, RedisLimiterConfig};
 use llm_proxy_data_plane::server::DEFAULT_MAX_BODY_BYTES;
 use llm_proxy_data_plane::sync::SyncSettings;
-use llm_proxy_telemetry::TelemetrySettings;
 use secrecy::SecretString;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,7 +65,7 @@ pub struct ServeArgs {
 /// no tokens), the data plane on `--listen` subscribed to it, and one metrics/health listener for
 /// both.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let telemetry = llm_proxy_telemetry::init(&TelemetrySettings::from_env("llm-proxy", "warn")?)?;
+    let telemetry = llm_proxy_telemetry::init_from_env("llm-proxy", "warn")?;
     tokio::fs::create_dir_all(&args.data_dir)
         .await
         .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;

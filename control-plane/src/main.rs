@@ -4,7 +4,6 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use llm_proxy_control_plane::master_key;
 use llm_proxy_control_plane::server::{self, ServerSettings, TlsFiles};
-use llm_proxy_telemetry::TelemetrySettings;
 use secrecy::SecretString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -188,9 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    let telemetry = match TelemetrySettings::from_env("llm-proxy-control-plane", "info")
-        .and_then(|settings| llm_proxy_telemetry::init(&settings))
-    {
+    let telemetry = match llm_proxy_telemetry::init_from_env("llm-proxy-control-plane", "info") {
         Ok(telemetry) => telemetry,
         Err(err) => {
             eprintln!("error: {err}");

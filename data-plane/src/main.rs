@@ -6,7 +6,6 @@ use llm_proxy_data_plane::process;
 use llm_proxy_data_plane::ratelimit::redis::FailMode;
 use llm_proxy_data_plane::server::DEFAULT_MAX_BODY_BYTES;
 use llm_proxy_data_plane::sync::{ClientTlsFiles, SyncSettings};
-use llm_proxy_telemetry::TelemetrySettings;
 use secrecy::SecretString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -137,9 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    let telemetry = match TelemetrySettings::from_env("llm-proxy-data-plane", "info")
-        .and_then(|settings| llm_proxy_telemetry::init(&settings))
-    {
+    let telemetry = match llm_proxy_telemetry::init_from_env("llm-proxy-data-plane", "info") {
         Ok(telemetry) => telemetry,
         Err(err) => {
             eprintln!("error: {err}");

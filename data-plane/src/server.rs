@@ -289,15 +289,7 @@ impl StreamEnd for SettleOnEnd {
             ..
         } = *self;
         if let Some(usage) = &usage {
-            record_tokens(&span, usage);
-            if let Some(alias) = &alias {
-                metrics.tokens(
-                    alias,
-                    provider,
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                );
-            }
+            record_usage(&span, &metrics, alias.as_ref(), provider, usage);
         }
         if let Some(reservation) = reservation {
             // An aborted stream without a usage chunk keeps its estimate.
@@ -331,23 +323,36 @@ impl RequestRecord {
     }
 
     fn usage(&self, metrics: &Metrics, usage: &Usage) {
-        record_tokens(&self.span, usage);
-        if let Some(alias) = &self.alias {
-            metrics.tokens(
-                alias,
-                self.provider,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-            );
-        }
+        record_usage(
+            &self.span,
+            metrics,
+            self.alias.as_ref(),
+            self.provider,
+            usage,
+        );
     }
 }
 
-/// Token counts on the request span, signed (OpenTelemetry exports a u64 as text).
-fn record_tokens(span: &tracing::Span, usage: &Usage) {
+/// Token counts on the request span (signed: OpenTelemetry exports a u64 as text) and in the
+/// token metrics.
+fn record_usage(
+    span: &tracing::Span,
+    metrics: &Metrics,
+    alias: Option<&Arc<str>>,
+    provider: &'static str,
+    usage: &Usage,
+) {
     let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     span.record("prompt_tokens", signed(usage.prompt_tokens));
     span.record("completion_tokens", signed(usage.completion_tokens));
+    if let Some(alias) = alias {
+        metrics.tokens(
+            alias,
+            provider,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        );
+    }
 }
 
 /// Longest client `x-request-id` kept; longer or odd ones are replaced by a generated id.

@@ -9,7 +9,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use common::{PATIENCE, Recorded, control_plane_settings};
+use common::{PATIENCE, Recorded, chat_completion, control_plane_settings, openai_error};
 use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane, ServerSettings};
 use llm_proxy_control_plane::store::{
     NewAssignment, NewConnection, NewModel, NewVirtualKey, VirtualKeyPatch,
@@ -49,26 +49,6 @@ fn sse(events: &[Value], done: bool) -> String {
         out.push_str("data: [DONE]\n\n");
     }
     out
-}
-
-fn openai_error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
-    (
-        status,
-        [("content-type", "application/json")],
-        json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
-            .to_string(),
-    )
-        .into_response()
-}
-
-fn chat_completion(model: &str) -> Value {
-    json!({
-        "id": "chatcmpl-B9x1", "object": "chat.completion", "created": 1755133833, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!", "refusal": null, "annotations": []},
-                     "logprobs": null, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 8, "completion_tokens": 9, "total_tokens": 17},
-        "service_tier": "default", "system_fingerprint": null
-    })
 }
 
 fn stream_events(model: &str, include_usage: bool, azure: bool) -> Vec<Value> {

@@ -9,8 +9,8 @@ mod common;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use common::{PATIENCE, Recorded};
+use axum::response::Response;
+use common::{PATIENCE, Recorded, chat_completion, openai_error};
 use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane};
 use llm_proxy_control_plane::store::{NewAssignment, NewConnection, NewModel, NewVirtualKey};
 use llm_proxy_data_plane::gateway::{self, RunningGateway};
@@ -256,26 +256,6 @@ struct Mock {
     /// Answers every authenticated request with OpenAI's 500.
     broken: bool,
     hits: Arc<AtomicUsize>,
-}
-
-fn openai_error(status: StatusCode, message: &str, kind: &str, code: Value) -> Response {
-    (
-        status,
-        [("content-type", "application/json")],
-        json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
-            .to_string(),
-    )
-        .into_response()
-}
-
-fn chat_completion(model: &str) -> Value {
-    json!({
-        "id": "chatcmpl-B9x1", "object": "chat.completion", "created": 1755133833, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!", "refusal": null, "annotations": []},
-                     "logprobs": null, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 8, "completion_tokens": 9, "total_tokens": 17},
-        "service_tier": "default", "system_fingerprint": null
-    })
 }
 
 /// An OpenAI chat stream; with `include_usage`, every chunk has `"usage": null` and a last

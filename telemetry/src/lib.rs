@@ -155,6 +155,14 @@ impl Drop for Telemetry {
     }
 }
 
+/// [`TelemetrySettings::from_env`], then [`init`]: what each binary does at start.
+pub fn init_from_env(
+    service_name: &'static str,
+    default_filter: &str,
+) -> Result<Telemetry, TelemetryError> {
+    init(&TelemetrySettings::from_env(service_name, default_filter)?)
+}
+
 /// Installs the global subscriber writing logs to stderr.
 pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
     init_with_writer(settings, std::io::stderr)

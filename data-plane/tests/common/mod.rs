@@ -236,6 +236,34 @@ where
     state
 }
 
+/// OpenAI's error body with `status`.
+pub fn openai_error(
+    status: StatusCode,
+    message: &str,
+    kind: &str,
+    code: impl Into<Value>,
+) -> Response {
+    let code: Value = code.into();
+    (
+        status,
+        [("content-type", "application/json")],
+        serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+            .to_string(),
+    )
+        .into_response()
+}
+
+/// An OpenAI chat completion from `model` (8 prompt, 9 completion tokens).
+pub fn chat_completion(model: &str) -> Value {
+    serde_json::json!({
+        "id": "chatcmpl-B9x1", "object": "chat.completion", "created": 1755133833, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!", "refusal": null, "annotations": []},
+                     "logprobs": null, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 9, "total_tokens": 17},
+        "service_tier": "default", "system_fingerprint": null
+    })
+}
+
 /// `body` as JSON with the given content type.
 pub fn json_response(status: StatusCode, content_type: &'static str, body: &Value) -> Response {
     (status, [("content-type", content_type)], body.to_string()).into_response()
