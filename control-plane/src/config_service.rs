@@ -1,6 +1,6 @@
 //! `ConfigService`: the snapshot stream to data planes and their status reports.
 
-use crate::hub::SnapshotHub;
+use crate::hub::{PublishedSnapshot, SnapshotHub};
 use crate::store::{Store, now_micros};
 use llm_proxy_proto::v1::config_service_server::ConfigService;
 use llm_proxy_proto::v1::{
@@ -52,7 +52,7 @@ fn node_id(value: &str) -> Result<String, Status> {
     Ok(value.to_owned())
 }
 
-fn heartbeat(hub: &SnapshotHub, current: Option<&Snapshot>) -> ConfigEvent {
+fn heartbeat(hub: &SnapshotHub, current: Option<&PublishedSnapshot>) -> ConfigEvent {
     ConfigEvent {
         event: Some(config_event::Event::Heartbeat(Heartbeat {
             cluster_epoch: current.map(|s| s.cluster_epoch.clone()).unwrap_or_default(),
@@ -63,12 +63,27 @@ fn heartbeat(hub: &SnapshotHub, current: Option<&Snapshot>) -> ConfigEvent {
     }
 }
 
-fn snapshot_event(hub: &SnapshotHub, snapshot: &Snapshot) -> ConfigEvent {
-    let mut snapshot = snapshot.clone();
-    snapshot.live_data_planes = hub.live_data_planes();
-    ConfigEvent {
-        event: Some(config_event::Event::Snapshot(snapshot)),
+/// Sends every part of `snapshot` in order; false when the subscriber is gone. A part is cloned
+/// only as it is sent, so a subscriber costs one part of memory, not a whole snapshot.
+async fn send_snapshot(
+    hub: &SnapshotHub,
+    tx: &mpsc::Sender<Result<ConfigEvent, Status>>,
+    snapshot: &PublishedSnapshot,
+) -> bool {
+    let live_data_planes = hub.live_data_planes();
+    for part in &snapshot.parts {
+        let part = Snapshot {
+            live_data_planes,
+            ..part.clone()
+        };
+        let event = ConfigEvent {
+            event: Some(config_event::Event::Snapshot(part)),
+        };
+        if tx.send(Ok(event)).await.is_err() {
+            return false;
+        }
     }
+    true
 }
 
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
@@ -102,13 +117,13 @@ async fn stream_config(
         return;
     };
     let mut sent = (request.cluster_epoch, request.have_version);
-    let event = if sent == (first.cluster_epoch.clone(), first.version) {
-        heartbeat(&api.hub, Some(&first))
+    let delivered = if sent == (first.cluster_epoch.clone(), first.version) {
+        tx.send(Ok(heartbeat(&api.hub, Some(&first)))).await.is_ok()
     } else {
         sent = (first.cluster_epoch.clone(), first.version);
-        snapshot_event(&api.hub, &first)
+        send_snapshot(&api.hub, &tx, &first).await
     };
-    if tx.send(Ok(event)).await.is_err() {
+    if !delivered {
         return;
     }
     let mut heartbeats = tokio::time::interval(api.heartbeat_every);
@@ -126,7 +141,7 @@ async fn stream_config(
                     let key = (latest.cluster_epoch.clone(), latest.version);
                     if key != sent {
                         sent = key;
-                        if tx.send(Ok(snapshot_event(&api.hub, &latest))).await.is_err() {
+                        if !send_snapshot(&api.hub, &tx, &latest).await {
                             break;
                         }
                     }

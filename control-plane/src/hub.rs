@@ -12,7 +12,9 @@ use futures_util::StreamExt as _;
 use llm_proxy_proto::v1::{
     Snapshot, SnapshotAssignment, SnapshotConnection, SnapshotModel, SnapshotVirtualKey,
 };
+use prost::Message;
 use secrecy::ExposeSecret as _;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -35,10 +37,103 @@ impl Default for HubTimings {
     }
 }
 
+/// Target encoded size of one snapshot part: a 100k-key config is ~40 parts, and neither plane
+/// ever holds it as one message (see `Snapshot.more` in `config.proto`).
+pub const SNAPSHOT_PART_BYTES: usize = 1 << 20;
+
+/// A snapshot as it is sent: its parts, in order (`more` set on all but the last).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublishedSnapshot {
+    pub cluster_epoch: String,
+    pub version: i64,
+    pub parts: Vec<Snapshot>,
+}
+
+impl PublishedSnapshot {
+    /// Splits `snapshot` into parts of about `part_bytes` (encoded): the first part carries the
+    /// connections and models, and each virtual key travels with all of its assignments (a key
+    /// with more assignments than fit gets a part of its own). Assignments whose key is not in
+    /// the snapshot go in the last part (the data plane skips them, as it would in a whole one).
+    pub fn split(snapshot: Snapshot, part_bytes: usize) -> Self {
+        let Snapshot {
+            cluster_epoch,
+            version,
+            connections,
+            models,
+            virtual_keys,
+            assignments,
+            live_data_planes,
+            more: _,
+        } = snapshot;
+        let part = |connections, models| Snapshot {
+            cluster_epoch: cluster_epoch.clone(),
+            version,
+            connections,
+            models,
+            live_data_planes,
+            more: true,
+            ..Snapshot::default()
+        };
+        // Assignments in key order (stable: each key keeps its assignments' order).
+        let mut by_key: Vec<(usize, SnapshotAssignment)> = {
+            let position: HashMap<&str, usize> = virtual_keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (k.id.as_str(), i))
+                .collect();
+            assignments
+                .into_iter()
+                .map(|a| {
+                    let at = position.get(a.vkey_id.as_str()).copied();
+                    (at.unwrap_or(usize::MAX), a)
+                })
+                .collect()
+        };
+        by_key.sort_by_key(|(at, _)| *at);
+        let mut by_key = by_key.into_iter().peekable();
+
+        let mut current = part(connections, models);
+        let mut size = current.encoded_len();
+        let mut parts = Vec::new();
+        for (i, key) in virtual_keys.into_iter().enumerate() {
+            let mut own = Vec::new();
+            while let Some((_, a)) = by_key.next_if(|(at, _)| *at == i) {
+                own.push(a);
+            }
+            // Each entry also costs its field tag and length prefix (at most 6 bytes).
+            let added =
+                key.encoded_len() + 6 + own.iter().map(|a| a.encoded_len() + 6).sum::<usize>();
+            if size + added > part_bytes && !current.virtual_keys.is_empty() {
+                parts.push(std::mem::replace(
+                    &mut current,
+                    part(Vec::new(), Vec::new()),
+                ));
+                size = current.encoded_len();
+            }
+            current.virtual_keys.push(key);
+            current.assignments.extend(own);
+            size += added;
+        }
+        current.assignments.extend(by_key.map(|(_, a)| a));
+        current.more = false;
+        parts.push(current);
+        Self {
+            cluster_epoch,
+            version,
+            parts,
+        }
+    }
+
+    /// Encoded size of all parts.
+    pub fn encoded_len(&self) -> usize {
+        self.parts.iter().map(Message::encoded_len).sum()
+    }
+}
+
 /// The latest snapshot plus live-data-plane count, shared with the config service.
 #[derive(Debug)]
 pub struct SnapshotHub {
-    current: watch::Sender<Option<Arc<Snapshot>>>,
+    current: watch::Sender<Option<Arc<PublishedSnapshot>>>,
     live_data_planes: AtomicI64,
     wake: Notify,
 }
@@ -54,11 +149,11 @@ impl Default for SnapshotHub {
 }
 
 impl SnapshotHub {
-    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<PublishedSnapshot>>> {
         self.current.subscribe()
     }
 
-    pub fn latest(&self) -> Option<Arc<Snapshot>> {
+    pub fn latest(&self) -> Option<Arc<PublishedSnapshot>> {
         self.current.borrow().clone()
     }
 
@@ -128,6 +223,7 @@ pub async fn build_snapshot(store: &Store, live_data_planes: i64) -> Result<Snap
             })
             .collect(),
         live_data_planes,
+        more: false,
     })
 }
 
@@ -173,15 +269,23 @@ async fn refresh(store: &Store, hub: &SnapshotHub) -> Result<(), StoreError> {
     }
     let started = Instant::now();
     let snapshot = build_snapshot(store, live).await?;
+    let (connections, virtual_keys, assignments) = (
+        snapshot.connections.len(),
+        snapshot.virtual_keys.len(),
+        snapshot.assignments.len(),
+    );
+    let published = PublishedSnapshot::split(snapshot, SNAPSHOT_PART_BYTES);
     tracing::info!(
-        version = snapshot.version,
-        connections = snapshot.connections.len(),
-        virtual_keys = snapshot.virtual_keys.len(),
-        assignments = snapshot.assignments.len(),
+        version = published.version,
+        connections,
+        virtual_keys,
+        assignments,
+        parts = published.parts.len(),
+        bytes = published.encoded_len(),
         build_ms = started.elapsed().as_millis() as u64,
         "config snapshot built"
     );
-    hub.current.send_replace(Some(Arc::new(snapshot)));
+    hub.current.send_replace(Some(Arc::new(published)));
     Ok(())
 }
 
@@ -210,5 +314,114 @@ async fn listen_for_notifications(store: Store, wake: Arc<Notify>) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: usize) -> SnapshotVirtualKey {
+        SnapshotVirtualKey {
+            id: format!("vkey-{i:06}"),
+            name: format!("team-{i}"),
+            key_sha256: vec![7; 32],
+            enabled: true,
+            expires_at_unix: None,
+        }
+    }
+
+    fn assignment(key: usize, n: usize) -> SnapshotAssignment {
+        SnapshotAssignment {
+            id: format!("asg-{key:06}-{n}"),
+            vkey_id: format!("vkey-{key:06}"),
+            model_id: "model-1".into(),
+            alias: format!("alias-{n}"),
+            tps: Some(10),
+            weight: 1,
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(keys: usize) -> Snapshot {
+        Snapshot {
+            cluster_epoch: "epoch".into(),
+            version: 9,
+            connections: vec![SnapshotConnection {
+                id: "conn-1".into(),
+                provider: "openai".into(),
+                ..Default::default()
+            }],
+            models: vec![SnapshotModel {
+                id: "model-1".into(),
+                connection_id: "conn-1".into(),
+                ..Default::default()
+            }],
+            virtual_keys: (0..keys).map(key).collect(),
+            // Interleaved across keys, as a database might return them.
+            assignments: (0..3)
+                .flat_map(|n| (0..keys).map(move |k| assignment(k, n)))
+                .collect(),
+            live_data_planes: 2,
+            more: false,
+        }
+    }
+
+    #[test]
+    fn a_small_snapshot_is_one_part() {
+        let published = PublishedSnapshot::split(snapshot(3), SNAPSHOT_PART_BYTES);
+        assert_eq!(published.parts.len(), 1);
+        let part = &published.parts[0];
+        assert!(!part.more);
+        assert_eq!(part.virtual_keys, snapshot(3).virtual_keys);
+        assert_eq!(part.assignments.len(), 9);
+        assert_eq!(part.connections.len(), 1);
+    }
+
+    #[test]
+    fn a_large_snapshot_splits_by_key_within_the_part_size() {
+        const PART: usize = 4_000;
+        let whole = snapshot(1_000);
+        let published = PublishedSnapshot::split(whole.clone(), PART);
+        let parts = &published.parts;
+        assert!(parts.len() > 10, "{} parts", parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            assert_eq!((part.cluster_epoch.as_str(), part.version), ("epoch", 9));
+            assert_eq!(part.live_data_planes, 2);
+            assert_eq!(part.more, i + 1 < parts.len());
+            assert_eq!(part.connections.len(), usize::from(i == 0));
+            assert_eq!(part.models.len(), usize::from(i == 0));
+            assert!(
+                part.encoded_len() <= PART,
+                "part {i}: {}",
+                part.encoded_len()
+            );
+            // Every assignment travels with its key.
+            for a in &part.assignments {
+                assert!(part.virtual_keys.iter().any(|k| k.id == a.vkey_id));
+            }
+        }
+        let keys: Vec<_> = parts.iter().flat_map(|p| p.virtual_keys.clone()).collect();
+        assert_eq!(keys, whole.virtual_keys);
+        let mut assignments: Vec<_> = parts.iter().flat_map(|p| p.assignments.clone()).collect();
+        assert_eq!(assignments.len(), whole.assignments.len());
+        // Each key keeps its assignments in their original order.
+        assert_eq!(
+            assignments[..3],
+            [assignment(0, 0), assignment(0, 1), assignment(0, 2)]
+        );
+        assignments.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut expected = whole.assignments;
+        expected.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(assignments, expected);
+    }
+
+    #[test]
+    fn assignments_of_unknown_keys_go_last() {
+        let mut whole = snapshot(50);
+        whole.assignments.insert(0, assignment(999, 0));
+        let published = PublishedSnapshot::split(whole, 1_000);
+        let last = published.parts.last().unwrap();
+        assert_eq!(last.assignments.last(), Some(&assignment(999, 0)));
     }
 }

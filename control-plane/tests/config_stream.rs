@@ -24,13 +24,27 @@ async fn next_event(stream: &mut Streaming<ConfigEvent>) -> config_event::Event 
         .unwrap()
 }
 
-/// Reads events until a snapshot with at least `version` arrives.
+/// Reads events until a snapshot with at least `version` has arrived whole; returns its parts
+/// merged into one.
 async fn snapshot_at_least(stream: &mut Streaming<ConfigEvent>, version: i64) -> Snapshot {
     loop {
-        if let config_event::Event::Snapshot(s) = next_event(stream).await
-            && s.version >= version
+        if let config_event::Event::Snapshot(mut whole) = next_event(stream).await
+            && whole.version >= version
         {
-            return s;
+            while whole.more {
+                let config_event::Event::Snapshot(part) = next_event(stream).await else {
+                    panic!("a heartbeat arrived between the parts of a snapshot");
+                };
+                assert_eq!(
+                    (&part.cluster_epoch, part.version),
+                    (&whole.cluster_epoch, whole.version)
+                );
+                assert!(part.connections.is_empty() && part.models.is_empty());
+                whole.virtual_keys.extend(part.virtual_keys);
+                whole.assignments.extend(part.assignments);
+                whole.more = part.more;
+            }
+            return whole;
         }
     }
 }

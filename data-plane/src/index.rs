@@ -2,8 +2,10 @@
 //!
 //! Everything the request path needs is resolved here once per snapshot: virtual keys by the
 //! SHA-256 of the key, each key's aliases to a [`Pool`] of [`Target`]s, and every target's model
-//! and connection behind an `Arc`. Lookups ([`ConfigIndex::authenticate`], [`KeyEntry::pool`],
-//! [`Pool::attempt_order`]) do not allocate.
+//! and connection. Lookups ([`ConfigIndex::authenticate`], [`KeyEntry::pool`],
+//! [`Pool::attempt_order`]) do not allocate; they return small views borrowing the index, whose
+//! records are laid out compactly (see [`ConfigIndex`]). [`IndexBuilder`] builds it from a
+//! snapshot sent in parts.
 //!
 //! Invalid parts of a snapshot (dangling references, unknown providers, malformed hashes or
 //! limits) are skipped with a warning instead of rejecting the whole snapshot: the control plane
@@ -17,7 +19,7 @@ use llm_proxy_proto::v1::{
 };
 use secrecy::SecretString;
 use sha2::{Digest as _, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
@@ -103,7 +105,7 @@ pub struct ModelEntry {
 }
 
 /// Rate limits of one assignment; `None` = unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Limits {
     /// Requests per second.
     pub tps: Option<u32>,
@@ -120,25 +122,61 @@ impl Limits {
     }
 }
 
-/// One assignment: where a request for an alias may go.
+/// Where and how one assignment routes: its alias, model, connection, weight and limits. Many
+/// assignments share one (a config of 300k assignments typically has a handful), so the index
+/// stores each distinct one once and every assignment refers to it by number.
 #[derive(Debug)]
-pub struct Target {
-    pub assignment_id: String,
-    /// Shared by every target with this alias in the index (also the metrics label).
-    pub alias: Arc<str>,
+struct Route {
+    /// Shared by every route with this alias in the index (also the metrics label).
+    alias: Arc<str>,
+    weight: u32,
+    limits: Limits,
+    model: Arc<ModelEntry>,
+    connection: Arc<ConnectionEntry>,
+}
+
+/// A string in [`ConfigIndex`]'s id arena.
+#[derive(Debug, Clone, Copy)]
+struct IdRef {
+    start: u32,
+    len: u32,
+}
+
+/// One assignment: its id (for rate-limit buckets and logs) and its route.
+#[derive(Debug, Clone, Copy)]
+struct TargetRecord {
+    id: IdRef,
+    route: u32,
+}
+
+/// One virtual key: its targets are `targets[first_target..first_target + target_count]`, grouped
+/// by alias (each alias's targets contiguous, in snapshot order).
+#[derive(Debug)]
+struct KeyRecord {
+    id: IdRef,
+    /// Unix seconds; `i64::MAX` = never expires.
+    expires_at_unix: i64,
+    first_target: u32,
+    target_count: u32,
+    enabled: bool,
+}
+
+/// One assignment as the request path sees it: where a request for an alias may go.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub assignment_id: &'a str,
+    pub alias: &'a Arc<str>,
     pub weight: u32,
     pub limits: Limits,
-    pub model: Arc<ModelEntry>,
-    pub connection: Arc<ConnectionEntry>,
+    pub model: &'a ModelEntry,
+    pub connection: &'a ConnectionEntry,
 }
 
 /// The targets of one key sharing an alias (declaration order = snapshot order).
-#[derive(Debug)]
-pub struct Pool {
-    pub alias: Arc<str>,
-    pub targets: Vec<Target>,
-    /// `cumulative[i]` = sum of the weights of `targets[..=i]`.
-    cumulative: Vec<u64>,
+#[derive(Debug, Clone, Copy)]
+pub struct Pool<'a> {
+    index: &'a ConfigIndex,
+    records: &'a [TargetRecord],
 }
 
 /// Maps a uniformly random `roll` to `[0, bound)` (Lemire's multiply-shift, no division).
@@ -155,35 +193,43 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-impl Pool {
-    fn new(alias: Arc<str>, targets: Vec<Target>) -> Self {
-        let mut total = 0u64;
-        let cumulative = targets
-            .iter()
-            .map(|t| {
-                total += u64::from(t.weight);
-                total
-            })
-            .collect();
-        Self {
-            alias,
-            targets,
-            cumulative,
-        }
+impl<'a> Pool<'a> {
+    /// The pool's alias.
+    pub fn alias(&self) -> &'a Arc<str> {
+        // A pool is never empty: it exists because one assignment has its alias.
+        &self.index.route(self.records[0]).alias
+    }
+
+    /// Number of targets.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Always false (a pool exists because it has a target); for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The `i`-th target in snapshot order.
+    pub fn target(&self, i: usize) -> Option<Target<'a>> {
+        self.records.get(i).map(|r| self.index.target(*r))
+    }
+
+    /// The targets in snapshot order.
+    pub fn targets(&self) -> impl ExactSizeIterator<Item = Target<'a>> + 'a {
+        let index = self.index;
+        self.records.iter().map(move |r| index.target(*r))
+    }
+
+    fn weight(&self, i: usize) -> u64 {
+        self.records
+            .get(i)
+            .map_or(0, |r| u64::from(self.index.route(*r).weight))
     }
 
     /// Sum of the targets' weights.
     pub fn total_weight(&self) -> u64 {
-        self.cumulative.last().copied().unwrap_or(0)
-    }
-
-    /// The weighted pick for `roll`: index of the first target whose cumulative weight exceeds
-    /// `roll` scaled to `[0, total)`. O(log n).
-    fn pick(&self, roll: u64) -> usize {
-        let point = scale(roll, self.total_weight());
-        self.cumulative
-            .partition_point(|&c| c <= point)
-            .min(self.targets.len().saturating_sub(1))
+        (0..self.records.len()).map(|i| self.weight(i)).sum()
     }
 
     /// Order in which to try targets: first a weighted random pick (by `weight`), then the
@@ -193,12 +239,11 @@ impl Pool {
     ///
     /// No heap allocation for pools of up to 64 targets (a bitmask tracks tried targets); larger
     /// pools allocate one small vector when failover starts (the first pick never allocates).
-    pub fn attempt_order(&self, roll: u64) -> AttemptOrder<'_> {
+    pub fn attempt_order(&self, roll: u64) -> AttemptOrder<'a> {
         AttemptOrder {
-            pool: self,
+            pool: *self,
             roll,
             step: 0,
-            first: 0,
             tried: Tried::Bits(0),
             remaining_weight: self.total_weight(),
         }
@@ -214,11 +259,9 @@ enum Tried {
 /// Iterator returned by [`Pool::attempt_order`].
 #[derive(Debug)]
 pub struct AttemptOrder<'a> {
-    pool: &'a Pool,
+    pool: Pool<'a>,
     roll: u64,
     step: usize,
-    /// The weighted pick, marked as tried only when failover starts (keeps step 0 cheap).
-    first: usize,
     tried: Tried,
     remaining_weight: u64,
 }
@@ -232,7 +275,7 @@ impl AttemptOrder<'_> {
     }
 
     fn mark(&mut self, i: usize) {
-        let n = self.pool.targets.len();
+        let n = self.pool.len();
         if let Tried::Bits(bits) = &self.tried {
             if n <= 64 {
                 self.tried = Tried::Bits(bits | (1u64 << i));
@@ -247,46 +290,43 @@ impl AttemptOrder<'_> {
             *slot = true;
         }
     }
+
+    /// The first target (in snapshot order) not yet tried whose cumulative weight among the
+    /// untried ones exceeds `point`; the last untried one if rounding leaves none.
+    fn pick_untried(&self, point: u64) -> usize {
+        let mut acc = 0u64;
+        let mut last_untried = 0;
+        for i in 0..self.pool.len() {
+            if self.is_tried(i) {
+                continue;
+            }
+            last_untried = i;
+            acc += self.pool.weight(i);
+            if point < acc {
+                return i;
+            }
+        }
+        last_untried
+    }
 }
 
 impl<'a> Iterator for AttemptOrder<'a> {
-    type Item = &'a Target;
+    type Item = Target<'a>;
 
-    fn next(&mut self) -> Option<&'a Target> {
-        let targets = &self.pool.targets;
-        if self.step >= targets.len() {
+    fn next(&mut self) -> Option<Target<'a>> {
+        let len = self.pool.len();
+        if self.step >= len {
             return None;
         }
-        let chosen = if self.step == 0 {
-            self.first = self.pool.pick(self.roll);
-            self.first
-        } else {
-            if self.step == 1 {
-                self.mark(self.first);
-            }
+        if self.step > 0 {
             self.roll = mix(self.roll);
-            let point = scale(self.roll, self.remaining_weight);
-            let mut acc = 0u64;
-            let mut chosen = None;
-            let mut last_untried = 0;
-            for (i, t) in targets.iter().enumerate() {
-                if self.is_tried(i) {
-                    continue;
-                }
-                last_untried = i;
-                acc += u64::from(t.weight);
-                if point < acc {
-                    chosen = Some(i);
-                    break;
-                }
-            }
-            chosen.unwrap_or(last_untried)
-        };
-        let target = targets.get(chosen)?;
+        }
+        let chosen = self.pick_untried(scale(self.roll, self.remaining_weight));
+        let target = self.pool.target(chosen)?;
         self.remaining_weight = self
             .remaining_weight
             .saturating_sub(u64::from(target.weight));
-        if self.step > 0 && self.step + 1 < targets.len() {
+        if self.step + 1 < len {
             self.mark(chosen);
         }
         self.step += 1;
@@ -294,7 +334,7 @@ impl<'a> Iterator for AttemptOrder<'a> {
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let left = self.pool.targets.len() - self.step.min(self.pool.targets.len());
+        let left = self.pool.len() - self.step.min(self.pool.len());
         (left, Some(left))
     }
 }
@@ -302,25 +342,57 @@ impl<'a> Iterator for AttemptOrder<'a> {
 impl ExactSizeIterator for AttemptOrder<'_> {}
 
 /// A virtual key and the aliases it may call.
-#[derive(Debug)]
-pub struct KeyEntry {
-    pub id: String,
-    pub name: String,
-    pub enabled: bool,
-    /// Unix seconds; the key is expired from this instant on.
-    pub expires_at_unix: Option<i64>,
-    pub aliases: HashMap<Arc<str>, Arc<Pool>>,
+#[derive(Debug, Clone, Copy)]
+pub struct KeyEntry<'a> {
+    index: &'a ConfigIndex,
+    record: &'a KeyRecord,
 }
 
-impl KeyEntry {
+impl<'a> KeyEntry<'a> {
+    pub fn id(&self) -> &'a str {
+        self.index.id(self.record.id)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.record.enabled
+    }
+
+    /// Unix seconds; the key is expired from this instant on.
+    pub fn expires_at_unix(&self) -> Option<i64> {
+        (self.record.expires_at_unix != i64::MAX).then_some(self.record.expires_at_unix)
+    }
+
+    fn records(&self) -> &'a [TargetRecord] {
+        let start = self.record.first_target as usize;
+        let end = start + self.record.target_count as usize;
+        self.index.targets.get(start..end).unwrap_or_default()
+    }
+
+    /// The key's pools, each alias once (in index order, not sorted).
+    fn pools(&self) -> impl Iterator<Item = Pool<'a>> + 'a {
+        let index = self.index;
+        let mut rest = self.records();
+        std::iter::from_fn(move || {
+            let first = rest.first()?;
+            let alias = &index.route(*first).alias;
+            let run = rest
+                .iter()
+                .position(|r| !Arc::ptr_eq(&index.route(*r).alias, alias))
+                .unwrap_or(rest.len());
+            let (records, tail) = rest.split_at(run);
+            rest = tail;
+            Some(Pool { index, records })
+        })
+    }
+
     /// The pool of targets for `alias`, if this key may call it.
-    pub fn pool(&self, alias: &str) -> Option<&Arc<Pool>> {
-        self.aliases.get(alias)
+    pub fn pool(&self, alias: &str) -> Option<Pool<'a>> {
+        self.pools().find(|p| &**p.alias() == alias)
     }
 
     /// This key's aliases, sorted (for `GET /v1/models`).
-    pub fn alias_names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.aliases.keys().map(|a| &**a).collect();
+    pub fn alias_names(&self) -> Vec<&'a str> {
+        let mut names: Vec<&str> = self.pools().map(|p| &**p.alias()).collect();
         names.sort_unstable();
         names
     }
@@ -344,6 +416,17 @@ pub enum IndexError {
     MissingEpoch,
     #[error("snapshot has a negative version ({0})")]
     NegativeVersion(i64),
+    #[error(
+        "snapshot part belongs to {got_epoch}/{got_version}, not to the snapshot being assembled ({epoch}/{version})"
+    )]
+    PartMismatch {
+        epoch: String,
+        version: i64,
+        got_epoch: String,
+        got_version: i64,
+    },
+    #[error("snapshot ids exceed the index's 4 GiB id arena")]
+    TooLarge,
 }
 
 /// SHA-256 of a virtual key, the lookup key of [`ConfigIndex`].
@@ -382,7 +465,8 @@ impl Hasher for DigestHasher {
     }
 }
 
-type KeyMap = HashMap<KeyDigest, Arc<KeyEntry>, BuildHasherDefault<DigestHasher>>;
+/// Digest -> position in `ConfigIndex::keys`.
+type KeyMap = HashMap<KeyDigest, u32, BuildHasherDefault<DigestHasher>>;
 
 /// How much of a snapshot made it into the index (for logs and metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -396,12 +480,20 @@ pub struct IndexCounts {
 }
 
 /// The whole routing config of one snapshot, immutable once built.
+///
+/// Laid out for size (DESIGN §15: ≤ 64 MiB with 100k keys): flat vectors of small records that
+/// refer to each other by position, all ids in one string arena, and each distinct route (alias,
+/// model, weight, limits) stored once; about 50 bytes per key and 40 per assignment.
 pub struct ConfigIndex {
     pub version: i64,
     pub cluster_epoch: String,
     pub live_data_planes: i64,
     pub counts: IndexCounts,
-    keys: KeyMap,
+    by_digest: KeyMap,
+    keys: Vec<KeyRecord>,
+    targets: Vec<TargetRecord>,
+    routes: Vec<Route>,
+    ids: String,
 }
 
 impl fmt::Debug for ConfigIndex {
@@ -464,202 +556,13 @@ fn limits(a: &SnapshotAssignment) -> Result<Limits, String> {
 }
 
 impl ConfigIndex {
-    /// Builds the index. Bad entries are skipped with a `warn!` (see the module docs); only a
-    /// snapshot without identity (epoch, version) is rejected.
+    /// Builds the index from a whole (single-part) snapshot. Bad entries are skipped with a
+    /// `warn!` (see the module docs); only a snapshot without identity (epoch, version) is
+    /// rejected.
     pub fn build(snapshot: Snapshot) -> Result<ConfigIndex, IndexError> {
-        let Snapshot {
-            cluster_epoch,
-            version,
-            connections,
-            models,
-            virtual_keys,
-            assignments,
-            live_data_planes,
-        } = snapshot;
-        if cluster_epoch.is_empty() {
-            return Err(IndexError::MissingEpoch);
-        }
-        if version < 0 {
-            return Err(IndexError::NegativeVersion(version));
-        }
-        let mut counts = IndexCounts::default();
-
-        let mut conns: HashMap<String, Arc<ConnectionEntry>> =
-            HashMap::with_capacity(connections.len());
-        for c in connections {
-            let id = c.id.clone();
-            match connection_entry(c) {
-                Ok(entry) => {
-                    if conns.insert(id.clone(), Arc::new(entry)).is_some() {
-                        tracing::warn!(connection_id = %id, "duplicate connection id in snapshot; keeping the last");
-                        counts.skipped += 1;
-                    }
-                }
-                Err(reason) => {
-                    tracing::warn!(connection_id = %id, %reason, "skipping connection");
-                    counts.skipped += 1;
-                }
-            }
-        }
-        counts.connections = conns.len();
-
-        // model id -> (model, its connection)
-        let mut model_map: HashMap<String, (Arc<ModelEntry>, Arc<ConnectionEntry>)> =
-            HashMap::with_capacity(models.len());
-        for m in models {
-            let SnapshotModel {
-                id,
-                connection_id,
-                name,
-                remote,
-                deployment,
-            } = m;
-            let Some(conn) = conns.get(&connection_id) else {
-                tracing::warn!(model_id = %id, %connection_id, "skipping model: its connection is missing from the snapshot");
-                counts.skipped += 1;
-                continue;
-            };
-            let entry = Arc::new(ModelEntry {
-                id: id.clone(),
-                name,
-                remote,
-                deployment,
-            });
-            if model_map
-                .insert(id.clone(), (entry, conn.clone()))
-                .is_some()
-            {
-                tracing::warn!(model_id = %id, "duplicate model id in snapshot; keeping the last");
-                counts.skipped += 1;
-            }
-        }
-        counts.models = model_map.len();
-
-        // Keys first (without aliases), then their pools, then freeze into `Arc<KeyEntry>`.
-        struct PendingKey {
-            entry: KeyEntry,
-            digest: KeyDigest,
-            pools: Vec<(Arc<str>, Vec<Target>)>,
-        }
-        // One allocation per distinct alias, however many keys use it.
-        let mut alias_names: HashMap<String, Arc<str>> = HashMap::new();
-        let mut pending: Vec<PendingKey> = Vec::with_capacity(virtual_keys.len());
-        let mut key_pos: HashMap<String, usize> = HashMap::with_capacity(virtual_keys.len());
-        let mut seen_digests: HashMap<KeyDigest, (), BuildHasherDefault<DigestHasher>> =
-            HashMap::with_capacity_and_hasher(virtual_keys.len(), Default::default());
-        for k in virtual_keys {
-            let SnapshotVirtualKey {
-                id,
-                name,
-                key_sha256,
-                enabled,
-                expires_at_unix,
-            } = k;
-            let Ok(digest) = <[u8; 32]>::try_from(key_sha256.as_slice()) else {
-                tracing::warn!(vkey_id = %id, len = key_sha256.len(), "skipping virtual key: key_sha256 is not 32 bytes");
-                counts.skipped += 1;
-                continue;
-            };
-            let digest = KeyDigest(digest);
-            if seen_digests.insert(digest, ()).is_some() || key_pos.contains_key(&id) {
-                tracing::warn!(vkey_id = %id, "skipping virtual key: duplicate id or key hash in snapshot");
-                counts.skipped += 1;
-                continue;
-            }
-            key_pos.insert(id.clone(), pending.len());
-            pending.push(PendingKey {
-                entry: KeyEntry {
-                    id,
-                    name,
-                    enabled,
-                    expires_at_unix,
-                    aliases: HashMap::new(),
-                },
-                digest,
-                pools: Vec::new(),
-            });
-        }
-        drop(seen_digests);
-
-        for a in assignments {
-            let Some(&pos) = key_pos.get(&a.vkey_id) else {
-                tracing::warn!(assignment_id = %a.id, vkey_id = %a.vkey_id, "skipping assignment: its virtual key is missing from the snapshot");
-                counts.skipped += 1;
-                continue;
-            };
-            let Some((model, connection)) = model_map.get(&a.model_id) else {
-                tracing::warn!(assignment_id = %a.id, model_id = %a.model_id, "skipping assignment: its model is missing from the snapshot");
-                counts.skipped += 1;
-                continue;
-            };
-            let limits = match limits(&a) {
-                Ok(l) => l,
-                Err(reason) => {
-                    tracing::warn!(assignment_id = %a.id, %reason, "skipping assignment: invalid limit");
-                    counts.skipped += 1;
-                    continue;
-                }
-            };
-            let weight = if a.weight <= 0 {
-                tracing::warn!(assignment_id = %a.id, weight = a.weight, "assignment weight must be positive; using 1");
-                1
-            } else {
-                u32::try_from(a.weight).unwrap_or(u32::MAX)
-            };
-            let alias_name = if a.alias.is_empty() {
-                model.name.clone()
-            } else {
-                a.alias
-            };
-            let alias = alias_names
-                .entry(alias_name)
-                .or_insert_with_key(|name| Arc::from(name.as_str()))
-                .clone();
-            let target = Target {
-                assignment_id: a.id,
-                alias: alias.clone(),
-                weight,
-                limits,
-                model: model.clone(),
-                connection: connection.clone(),
-            };
-            let Some(key) = pending.get_mut(pos) else {
-                continue;
-            };
-            // Pools per key are few: a linear scan beats hashing the alias here.
-            match key.pools.iter_mut().find(|(name, _)| **name == *alias) {
-                Some((_, targets)) => targets.push(target),
-                None => key.pools.push((alias, vec![target])),
-            }
-            counts.assignments += 1;
-        }
-        drop(model_map);
-
-        let mut keys: KeyMap = HashMap::with_capacity_and_hasher(pending.len(), Default::default());
-        for PendingKey {
-            mut entry,
-            digest,
-            pools,
-        } in pending
-        {
-            entry.aliases = pools
-                .into_iter()
-                .map(|(alias, targets)| {
-                    let pool = Arc::new(Pool::new(alias.clone(), targets));
-                    (alias, pool)
-                })
-                .collect();
-            keys.insert(digest, Arc::new(entry));
-        }
-        counts.keys = keys.len();
-
-        Ok(ConfigIndex {
-            version,
-            cluster_epoch,
-            live_data_planes,
-            counts,
-            keys,
-        })
+        let mut builder = IndexBuilder::new(&snapshot)?;
+        builder.add_part(snapshot)?;
+        Ok(builder.finish())
     }
 
     /// Looks up a presented virtual key by its SHA-256. `now_unix` decides expiry: a key whose
@@ -668,25 +571,364 @@ impl ConfigIndex {
         &self,
         presented_key: &str,
         now_unix: i64,
-    ) -> Result<&Arc<KeyEntry>, AuthError> {
+    ) -> Result<KeyEntry<'_>, AuthError> {
         let digest = KeyDigest(Sha256::digest(presented_key.as_bytes()).into());
-        let key = self.keys.get(&digest).ok_or(AuthError::UnknownKey)?;
-        if !key.enabled {
+        let record = self
+            .by_digest
+            .get(&digest)
+            .and_then(|&at| self.keys.get(at as usize))
+            .ok_or(AuthError::UnknownKey)?;
+        if !record.enabled {
             return Err(AuthError::Disabled);
         }
-        if key.expires_at_unix.is_some_and(|at| at <= now_unix) {
+        if record.expires_at_unix <= now_unix {
             return Err(AuthError::Expired);
         }
-        Ok(key)
+        Ok(KeyEntry {
+            index: self,
+            record,
+        })
     }
 
     pub fn key_count(&self) -> usize {
         self.keys.len()
     }
 
-    /// Every key entry (unordered), e.g. for rate-limiter housekeeping.
-    pub fn keys(&self) -> impl Iterator<Item = &Arc<KeyEntry>> + '_ {
-        self.keys.values()
+    fn id(&self, id: IdRef) -> &str {
+        let start = id.start as usize;
+        self.ids
+            .get(start..start + id.len as usize)
+            .unwrap_or_default()
+    }
+
+    fn route(&self, record: TargetRecord) -> &Route {
+        // The builder only stores route numbers it has just pushed.
+        &self.routes[record.route as usize]
+    }
+
+    fn target(&self, record: TargetRecord) -> Target<'_> {
+        let route = self.route(record);
+        Target {
+            assignment_id: self.id(record.id),
+            alias: &route.alias,
+            weight: route.weight,
+            limits: route.limits,
+            model: &route.model,
+            connection: &route.connection,
+        }
+    }
+}
+
+/// What makes two assignments route alike (see [`Route`]).
+#[derive(PartialEq, Eq, Hash)]
+struct RouteKey {
+    alias: Arc<str>,
+    model: u32,
+    weight: u32,
+    limits: Limits,
+}
+
+/// Builds a [`ConfigIndex`] from the parts of a snapshot (see `Snapshot.more` in
+/// `proto/llmproxy/v1/config.proto`), one part at a time, so that a large config never exists as
+/// one decoded message on the data plane.
+pub struct IndexBuilder {
+    index: ConfigIndex,
+    connections: HashMap<String, Arc<ConnectionEntry>>,
+    /// Model id -> (model, its connection, its number in route keys).
+    models: HashMap<String, (Arc<ModelEntry>, Arc<ConnectionEntry>, u32)>,
+    route_numbers: HashMap<RouteKey, u32>,
+    /// One allocation per distinct alias, however many keys use it.
+    aliases: HashSet<Arc<str>>,
+}
+
+impl fmt::Debug for IndexBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IndexBuilder")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An assignment waiting for its key's targets to be laid out.
+struct StagedTarget {
+    key: u32,
+    record: TargetRecord,
+}
+
+impl IndexBuilder {
+    /// Starts a snapshot from its first part (which is not consumed: pass it to
+    /// [`IndexBuilder::add_part`] next).
+    pub fn new(first: &Snapshot) -> Result<Self, IndexError> {
+        if first.cluster_epoch.is_empty() {
+            return Err(IndexError::MissingEpoch);
+        }
+        if first.version < 0 {
+            return Err(IndexError::NegativeVersion(first.version));
+        }
+        Ok(Self {
+            index: ConfigIndex {
+                version: first.version,
+                cluster_epoch: first.cluster_epoch.clone(),
+                live_data_planes: first.live_data_planes,
+                counts: IndexCounts::default(),
+                by_digest: KeyMap::default(),
+                keys: Vec::new(),
+                targets: Vec::new(),
+                routes: Vec::new(),
+                ids: String::new(),
+            },
+            connections: HashMap::new(),
+            models: HashMap::new(),
+            route_numbers: HashMap::new(),
+            aliases: HashSet::new(),
+        })
+    }
+
+    /// The epoch and version being assembled.
+    pub fn identity(&self) -> (&str, i64) {
+        (&self.index.cluster_epoch, self.index.version)
+    }
+
+    fn store_id(&mut self, id: &str) -> Result<IdRef, IndexError> {
+        let start = u32::try_from(self.index.ids.len()).map_err(|_| IndexError::TooLarge)?;
+        let len = u32::try_from(id.len()).map_err(|_| IndexError::TooLarge)?;
+        if start.checked_add(len).is_none() {
+            return Err(IndexError::TooLarge);
+        }
+        self.index.ids.push_str(id);
+        Ok(IdRef { start, len })
+    }
+
+    /// Adds one part: its connections, then models, then keys with their assignments. An
+    /// assignment whose key is not in the same part is skipped (the control plane keeps them
+    /// together).
+    pub fn add_part(&mut self, part: Snapshot) -> Result<(), IndexError> {
+        let Snapshot {
+            cluster_epoch,
+            version,
+            connections,
+            models,
+            virtual_keys,
+            assignments,
+            live_data_planes,
+            more: _,
+        } = part;
+        if cluster_epoch != self.index.cluster_epoch || version != self.index.version {
+            return Err(IndexError::PartMismatch {
+                epoch: self.index.cluster_epoch.clone(),
+                version: self.index.version,
+                got_epoch: cluster_epoch,
+                got_version: version,
+            });
+        }
+        self.index.live_data_planes = live_data_planes;
+        for c in connections {
+            self.add_connection(c);
+        }
+        for m in models {
+            self.add_model(m);
+        }
+        self.add_keys(virtual_keys, assignments)
+    }
+
+    fn add_connection(&mut self, c: SnapshotConnection) {
+        let counts = &mut self.index.counts;
+        let id = c.id.clone();
+        match connection_entry(c) {
+            Ok(entry) => {
+                if self
+                    .connections
+                    .insert(id.clone(), Arc::new(entry))
+                    .is_some()
+                {
+                    tracing::warn!(connection_id = %id, "duplicate connection id in snapshot; keeping the last");
+                    counts.skipped += 1;
+                } else {
+                    counts.connections += 1;
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(connection_id = %id, %reason, "skipping connection");
+                counts.skipped += 1;
+            }
+        }
+    }
+
+    fn add_model(&mut self, m: SnapshotModel) {
+        let SnapshotModel {
+            id,
+            connection_id,
+            name,
+            remote,
+            deployment,
+        } = m;
+        let counts = &mut self.index.counts;
+        let Some(conn) = self.connections.get(&connection_id) else {
+            tracing::warn!(model_id = %id, %connection_id, "skipping model: its connection is missing from the snapshot");
+            counts.skipped += 1;
+            return;
+        };
+        let number = u32::try_from(self.models.len()).unwrap_or(u32::MAX);
+        let entry = Arc::new(ModelEntry {
+            id: id.clone(),
+            name,
+            remote,
+            deployment,
+        });
+        if self
+            .models
+            .insert(id.clone(), (entry, conn.clone(), number))
+            .is_some()
+        {
+            tracing::warn!(model_id = %id, "duplicate model id in snapshot; keeping the last");
+            counts.skipped += 1;
+        } else {
+            counts.models += 1;
+        }
+    }
+
+    /// The number of the route `a` takes, adding it if new; `None` (after a warning) if the
+    /// assignment cannot route.
+    fn route_of(&mut self, a: &SnapshotAssignment) -> Option<u32> {
+        let Some((model, connection, model_number)) = self.models.get(&a.model_id) else {
+            tracing::warn!(assignment_id = %a.id, model_id = %a.model_id, "skipping assignment: its model is missing from the snapshot");
+            return None;
+        };
+        let limits = match limits(a) {
+            Ok(l) => l,
+            Err(reason) => {
+                tracing::warn!(assignment_id = %a.id, %reason, "skipping assignment: invalid limit");
+                return None;
+            }
+        };
+        let weight = if a.weight <= 0 {
+            tracing::warn!(assignment_id = %a.id, weight = a.weight, "assignment weight must be positive; using 1");
+            1
+        } else {
+            u32::try_from(a.weight).unwrap_or(u32::MAX)
+        };
+        let alias_name = if a.alias.is_empty() {
+            model.name.as_str()
+        } else {
+            a.alias.as_str()
+        };
+        let alias = match self.aliases.get(alias_name) {
+            Some(alias) => alias.clone(),
+            None => {
+                let alias: Arc<str> = Arc::from(alias_name);
+                self.aliases.insert(alias.clone());
+                alias
+            }
+        };
+        let key = RouteKey {
+            alias,
+            model: *model_number,
+            weight,
+            limits,
+        };
+        if let Some(&number) = self.route_numbers.get(&key) {
+            return Some(number);
+        }
+        let number = u32::try_from(self.index.routes.len()).ok()?;
+        self.index.routes.push(Route {
+            alias: key.alias.clone(),
+            weight,
+            limits,
+            model: model.clone(),
+            connection: connection.clone(),
+        });
+        self.route_numbers.insert(key, number);
+        Some(number)
+    }
+
+    fn add_keys(
+        &mut self,
+        virtual_keys: Vec<SnapshotVirtualKey>,
+        assignments: Vec<SnapshotAssignment>,
+    ) -> Result<(), IndexError> {
+        // Key id -> position in `index.keys`, for this part's keys only.
+        let mut part_keys: HashMap<&str, u32> = HashMap::with_capacity(virtual_keys.len());
+        for k in &virtual_keys {
+            let Ok(digest) = <[u8; 32]>::try_from(k.key_sha256.as_slice()) else {
+                tracing::warn!(vkey_id = %k.id, len = k.key_sha256.len(), "skipping virtual key: key_sha256 is not 32 bytes");
+                self.index.counts.skipped += 1;
+                continue;
+            };
+            let digest = KeyDigest(digest);
+            let Ok(position) = u32::try_from(self.index.keys.len()) else {
+                return Err(IndexError::TooLarge);
+            };
+            if self.index.by_digest.contains_key(&digest) || part_keys.contains_key(k.id.as_str()) {
+                tracing::warn!(vkey_id = %k.id, "skipping virtual key: duplicate id or key hash in snapshot");
+                self.index.counts.skipped += 1;
+                continue;
+            }
+            let id = self.store_id(&k.id)?;
+            self.index.by_digest.insert(digest, position);
+            self.index.keys.push(KeyRecord {
+                id,
+                expires_at_unix: k.expires_at_unix.unwrap_or(i64::MAX),
+                first_target: 0,
+                target_count: 0,
+                enabled: k.enabled,
+            });
+            part_keys.insert(&k.id, position);
+        }
+
+        let mut staged: Vec<StagedTarget> = Vec::with_capacity(assignments.len());
+        for a in &assignments {
+            let Some(&key) = part_keys.get(a.vkey_id.as_str()) else {
+                tracing::warn!(assignment_id = %a.id, vkey_id = %a.vkey_id, "skipping assignment: its virtual key is missing from the snapshot (or from its part)");
+                self.index.counts.skipped += 1;
+                continue;
+            };
+            let Some(route) = self.route_of(a) else {
+                self.index.counts.skipped += 1;
+                continue;
+            };
+            let id = self.store_id(&a.id)?;
+            staged.push(StagedTarget {
+                key,
+                record: TargetRecord { id, route },
+            });
+        }
+        drop(part_keys);
+        // Each key's targets contiguous, grouped by alias; the sort is stable, so a pool keeps
+        // snapshot order.
+        let routes = &self.index.routes;
+        staged.sort_by(|a, b| {
+            a.key.cmp(&b.key).then_with(|| {
+                routes[a.record.route as usize]
+                    .alias
+                    .cmp(&routes[b.record.route as usize].alias)
+            })
+        });
+        self.index.targets.reserve(staged.len());
+        for StagedTarget { key, record } in staged {
+            let Ok(at) = u32::try_from(self.index.targets.len()) else {
+                return Err(IndexError::TooLarge);
+            };
+            if let Some(entry) = self.index.keys.get_mut(key as usize) {
+                if entry.target_count == 0 {
+                    entry.first_target = at;
+                }
+                entry.target_count += 1;
+            }
+            self.index.targets.push(record);
+            self.index.counts.assignments += 1;
+        }
+        Ok(())
+    }
+
+    /// The finished index.
+    pub fn finish(mut self) -> ConfigIndex {
+        let index = &mut self.index;
+        index.counts.keys = index.keys.len();
+        index.keys.shrink_to_fit();
+        index.targets.shrink_to_fit();
+        index.ids.shrink_to_fit();
+        index.by_digest.shrink_to_fit();
+        self.index
     }
 }
 
@@ -779,6 +1021,7 @@ mod tests {
                 asg("asg-7", "vkey-off", "model-a", "gpt-4", 1),
             ],
             live_data_planes: 3,
+            more: false,
         }
     }
 
@@ -806,7 +1049,7 @@ mod tests {
     fn authenticates() {
         let index = ConfigIndex::build(snapshot()).unwrap();
         let key = index.authenticate("vk-ok-123456", 2_000).unwrap();
-        assert_eq!(key.id, "vkey-ok");
+        assert_eq!(key.id(), "vkey-ok");
         assert_eq!(
             index.authenticate("vk-nope-123456", 2_000).unwrap_err(),
             AuthError::UnknownKey
@@ -820,7 +1063,7 @@ mod tests {
             AuthError::Expired
         );
         assert_eq!(
-            index.authenticate("vk-old-123456", 999).unwrap().id,
+            index.authenticate("vk-old-123456", 999).unwrap().id(),
             "vkey-old"
         );
         for err in [
@@ -838,15 +1081,11 @@ mod tests {
         let key = index.authenticate("vk-ok-123456", 0).unwrap();
         assert_eq!(key.alias_names(), vec!["gpt-4", "gpt-4-azure"]);
         let pool = key.pool("gpt-4").unwrap();
-        assert_eq!(&*pool.alias, "gpt-4");
-        let ids: Vec<&str> = pool
-            .targets
-            .iter()
-            .map(|t| t.assignment_id.as_str())
-            .collect();
+        assert_eq!(&**pool.alias(), "gpt-4");
+        let ids: Vec<&str> = pool.targets().map(|t| t.assignment_id).collect();
         assert_eq!(ids, ["asg-1", "asg-2"]);
         assert_eq!(pool.total_weight(), 4);
-        let t = &pool.targets[0];
+        let t = pool.target(0).unwrap();
         assert_eq!(t.connection.provider, Provider::OpenAi);
         assert_eq!(t.connection.endpoint, "https://api.example.com");
         assert_eq!(t.model.remote, "gpt-4-remote");
@@ -861,7 +1100,10 @@ mod tests {
         assert_eq!(t.limits.effective_burst(), Some(5));
         // An empty alias defaults to the model's name.
         let azure = key.pool("gpt-4-azure").unwrap();
-        assert_eq!(azure.targets[0].connection.provider, Provider::Azure);
+        assert_eq!(
+            azure.target(0).unwrap().connection.provider,
+            Provider::Azure
+        );
         assert!(key.pool("orphan").is_none());
         assert!(key.pool("palm").is_none());
     }
@@ -870,9 +1112,14 @@ mod tests {
     fn timeout_option() {
         let index = ConfigIndex::build(snapshot()).unwrap();
         let key = index.authenticate("vk-ok-123456", 0).unwrap();
-        let a = &key.pool("gpt-4").unwrap().targets[0].connection;
+        let a = key.pool("gpt-4").unwrap().target(0).unwrap().connection;
         assert_eq!(a.timeout, Duration::from_millis(2500));
-        let b = &key.pool("gpt-4-azure").unwrap().targets[0].connection;
+        let b = key
+            .pool("gpt-4-azure")
+            .unwrap()
+            .target(0)
+            .unwrap()
+            .connection;
         assert_eq!(b.timeout, DEFAULT_TIMEOUT);
         let opts = |v: &str| BTreeMap::from([("timeout_s".to_owned(), v.to_owned())]);
         assert_eq!(parse_timeout("c", &opts("30")), Duration::from_secs(30));
@@ -889,7 +1136,8 @@ mod tests {
     fn debug_never_prints_credentials() {
         let index = ConfigIndex::build(snapshot()).unwrap();
         let key = index.authenticate("vk-ok-123456", 0).unwrap();
-        let text = format!("{index:?} {key:?}");
+        let target = key.pool("gpt-4").unwrap().target(0).unwrap();
+        let text = format!("{index:?} {key:?} {target:?}");
         assert!(!text.contains("sk-top-secret"), "{text}");
         assert!(text.contains("conn-a"));
     }
@@ -925,27 +1173,36 @@ mod tests {
         let index = ConfigIndex::build(s).unwrap();
         let key = index.authenticate("vk-ok-123456", 0).unwrap();
         assert!(key.pool("a").is_none());
-        let big = &key.pool("b").unwrap().targets[0];
+        let big = key.pool("b").unwrap().target(0).unwrap();
         assert_eq!(big.limits.tps, Some(u32::MAX));
         assert_eq!(big.limits.tpm, Some(i64::MAX as u64));
         assert_eq!(big.weight, u32::MAX);
-        assert_eq!(key.pool("c").unwrap().targets[0].weight, 1);
+        assert_eq!(key.pool("c").unwrap().target(0).unwrap().weight, 1);
     }
 
-    fn pool_with_weights(weights: &[i64]) -> Arc<Pool> {
+    fn index_with_weights(weights: &[i64]) -> ConfigIndex {
         let mut s = snapshot();
         s.assignments = weights
             .iter()
             .enumerate()
             .map(|(i, w)| asg(&format!("asg-{i}"), "vkey-ok", "model-a", "p", *w))
             .collect();
-        let index = ConfigIndex::build(s).unwrap();
+        ConfigIndex::build(s).unwrap()
+    }
+
+    fn pool(index: &ConfigIndex) -> Pool<'_> {
         index
             .authenticate("vk-ok-123456", 0)
             .unwrap()
             .pool("p")
             .unwrap()
-            .clone()
+    }
+
+    /// Position of `target` in its pool (assignment ids are unique).
+    fn position(pool: &Pool<'_>, target: &Target<'_>) -> usize {
+        pool.targets()
+            .position(|t| t.assignment_id == target.assignment_id)
+            .unwrap()
     }
 
     /// `n` rolls evenly spread over the u64 range: deterministic, so the test cannot flake.
@@ -956,7 +1213,8 @@ mod tests {
 
     #[test]
     fn weighted_pick_follows_weights() {
-        let pool = pool_with_weights(&[1, 3, 6]);
+        let index = index_with_weights(&[1, 3, 6]);
+        let pool = pool(&index);
         let n = 100_000u64;
         let mut firsts = [0u64; 3];
         let mut seconds = [0u64; 3];
@@ -964,16 +1222,8 @@ mod tests {
             let mut order = pool.attempt_order(roll);
             let first = order.next().unwrap();
             let second = order.next().unwrap();
-            firsts[pool
-                .targets
-                .iter()
-                .position(|t| std::ptr::eq(t, first))
-                .unwrap()] += 1;
-            seconds[pool
-                .targets
-                .iter()
-                .position(|t| std::ptr::eq(t, second))
-                .unwrap()] += 1;
+            firsts[position(&pool, &first)] += 1;
+            seconds[position(&pool, &second)] += 1;
         }
         for (count, weight) in firsts.iter().zip([1u64, 3, 6]) {
             let expected = n * weight / 10;
@@ -994,7 +1244,8 @@ mod tests {
 
     #[test]
     fn extreme_rolls_stay_in_range() {
-        let pool = pool_with_weights(&[1, 1]);
+        let index = index_with_weights(&[1, 1]);
+        let pool = pool(&index);
         for roll in [0, 1, u64::MAX - 1, u64::MAX] {
             assert_eq!(pool.attempt_order(roll).count(), 2);
         }
@@ -1005,12 +1256,15 @@ mod tests {
         );
     }
 
-    fn assert_each_once(pool: &Pool, roll: u64) {
-        let order: Vec<&Target> = pool.attempt_order(roll).collect();
-        assert_eq!(order.len(), pool.targets.len());
-        for t in &pool.targets {
+    fn assert_each_once(pool: &Pool<'_>, roll: u64) {
+        let order: Vec<Target<'_>> = pool.attempt_order(roll).collect();
+        assert_eq!(order.len(), pool.len());
+        for t in pool.targets() {
             assert_eq!(
-                order.iter().filter(|o| std::ptr::eq(**o, t)).count(),
+                order
+                    .iter()
+                    .filter(|o| o.assignment_id == t.assignment_id)
+                    .count(),
                 1,
                 "roll {roll}"
             );
@@ -1026,12 +1280,141 @@ mod tests {
             vec![1; 64],
             vec![2; 70],
         ] {
-            let pool = pool_with_weights(&weights);
+            let index = index_with_weights(&weights);
+            let pool = pool(&index);
             assert_eq!(pool.attempt_order(0).len(), weights.len());
             for roll in sweep(200) {
                 assert_each_once(&pool, roll);
             }
             assert_each_once(&pool, u64::MAX);
         }
+    }
+
+    /// The parts of `snapshot()`: connections and models first, then each key with its
+    /// assignments, the way the control plane splits a snapshot.
+    fn parts() -> Vec<Snapshot> {
+        let whole = snapshot();
+        let identity = |more: bool| Snapshot {
+            cluster_epoch: whole.cluster_epoch.clone(),
+            version: whole.version,
+            live_data_planes: whole.live_data_planes,
+            more,
+            ..Snapshot::default()
+        };
+        let mut first = identity(true);
+        first.connections = whole.connections.clone();
+        first.models = whole.models.clone();
+        let mut parts = vec![first];
+        for key in &whole.virtual_keys {
+            let mut part = identity(true);
+            part.virtual_keys = vec![key.clone()];
+            part.assignments = whole
+                .assignments
+                .iter()
+                .filter(|a| a.vkey_id == key.id)
+                .cloned()
+                .collect();
+            parts.push(part);
+        }
+        if let Some(last) = parts.last_mut() {
+            last.more = false;
+        }
+        parts
+    }
+
+    #[test]
+    fn parts_build_the_same_index_as_the_whole() {
+        let mut parts = parts().into_iter();
+        let first = parts.next().unwrap();
+        let mut builder = IndexBuilder::new(&first).unwrap();
+        builder.add_part(first).unwrap();
+        for part in parts {
+            builder.add_part(part).unwrap();
+        }
+        let index = builder.finish();
+        let mut expected = ConfigIndex::build(snapshot()).unwrap().counts;
+        // asg-4 names a key that is in no part, so the split leaves it out altogether.
+        expected.skipped -= 1;
+        assert_eq!(index.counts, expected);
+        let key = index.authenticate("vk-ok-123456", 0).unwrap();
+        assert_eq!(key.alias_names(), vec!["gpt-4", "gpt-4-azure"]);
+        let ids: Vec<&str> = key
+            .pool("gpt-4")
+            .unwrap()
+            .targets()
+            .map(|t| t.assignment_id)
+            .collect();
+        assert_eq!(ids, ["asg-1", "asg-2"]);
+    }
+
+    #[test]
+    fn a_part_of_another_snapshot_is_refused() {
+        let whole = snapshot();
+        let mut builder = IndexBuilder::new(&whole).unwrap();
+        let mut other = snapshot();
+        other.version = 8;
+        assert_eq!(
+            builder.add_part(other).unwrap_err(),
+            IndexError::PartMismatch {
+                epoch: "epoch-1".into(),
+                version: 7,
+                got_epoch: "epoch-1".into(),
+                got_version: 8,
+            }
+        );
+        assert_eq!(builder.identity(), ("epoch-1", 7));
+    }
+
+    #[test]
+    fn an_assignment_away_from_its_key_is_skipped() {
+        let mut parts = parts();
+        // Move vkey-ok's assignments into the next key's part.
+        let moved = std::mem::take(&mut parts[1].assignments);
+        parts[2].assignments.extend(moved);
+        let mut builder = IndexBuilder::new(&parts[0]).unwrap();
+        for part in parts {
+            builder.add_part(part).unwrap();
+        }
+        let index = builder.finish();
+        let key = index.authenticate("vk-ok-123456", 0).unwrap();
+        assert!(key.alias_names().is_empty());
+        assert!(key.pool("gpt-4").is_none());
+    }
+
+    #[test]
+    fn identical_routes_are_stored_once() {
+        let mut s = snapshot();
+        s.virtual_keys = (0..50)
+            .map(|i| vkey(&format!("vkey-{i}"), &format!("vk-{i}-123456"), true, None))
+            .collect();
+        s.assignments = (0..50)
+            .flat_map(|i| {
+                [
+                    asg(
+                        &format!("asg-{i}-a"),
+                        &format!("vkey-{i}"),
+                        "model-a",
+                        "gpt-4",
+                        1,
+                    ),
+                    asg(
+                        &format!("asg-{i}-b"),
+                        &format!("vkey-{i}"),
+                        "model-b",
+                        "azure",
+                        1,
+                    ),
+                ]
+            })
+            .collect();
+        let index = ConfigIndex::build(s).unwrap();
+        assert_eq!(index.routes.len(), 2);
+        assert_eq!(index.counts.assignments, 100);
+        let key = index.authenticate("vk-49-123456", 0).unwrap();
+        assert_eq!(key.id(), "vkey-49");
+        assert_eq!(
+            key.pool("azure").unwrap().target(0).unwrap().assignment_id,
+            "asg-49-b"
+        );
     }
 }

@@ -129,10 +129,7 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-fn authenticate<'a>(
-    index: &'a ConfigIndex,
-    headers: &HeaderMap,
-) -> Result<&'a Arc<KeyEntry>, ApiError> {
+fn authenticate<'a>(index: &'a ConfigIndex, headers: &HeaderMap) -> Result<KeyEntry<'a>, ApiError> {
     let key = presented_key(headers)
         .filter(|k| !k.is_empty())
         .ok_or_else(ApiError::missing_key)?;
@@ -233,7 +230,7 @@ async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
     closing_if_draining(&state, response)
 }
 
-fn limit_spec(target: &Target) -> LimitSpec {
+fn limit_spec(target: &Target<'_>) -> LimitSpec {
     LimitSpec {
         tps: target.limits.tps,
         burst: target.limits.burst,
@@ -316,7 +313,7 @@ struct RequestRecord {
 }
 
 impl RequestRecord {
-    fn routed(&mut self, target: &Target, provider: &'static str) {
+    fn routed(&mut self, target: &Target<'_>, provider: &'static str) {
         self.provider = provider;
         self.span.record("provider", provider);
         self.span.record("model", target.model.remote.as_str());
@@ -477,7 +474,7 @@ async fn handle_inner(
 ) -> Result<Response, ApiError> {
     let index = current_config(state)?;
     let key = authenticate(&index, headers)?;
-    record.span.record("vkey_id", key.id.as_str());
+    record.span.record("vkey_id", key.id());
     let body = body.map_err(|r| body_error(r, state.max_body_bytes))?;
     let request = body::parse(&body, path_alias.is_none())?;
     let alias = path_alias
@@ -485,11 +482,10 @@ async fn handle_inner(
         .or(request.model.as_deref())
         .unwrap_or_default();
     let pool = key
-        .aliases
-        .get(alias)
+        .pool(alias)
         .ok_or_else(|| ApiError::model_not_found(alias))?;
-    record.alias = Some(pool.alias.clone());
-    record.span.record("alias", &*pool.alias);
+    record.alias = Some(pool.alias().clone());
+    record.span.record("alias", &**pool.alias());
     record.span.record("stream", request.stream);
 
     let estimate = estimate_tokens(body.len(), &request);
@@ -497,11 +493,14 @@ async fn handle_inner(
     let mut last_error: Option<ApiError> = None;
     for target in pool.attempt_order(rand::random()) {
         // Labelled with its provider even when the limit refuses it.
-        record.routed(target, providers::provider_name(target.connection.provider));
-        let spec = limit_spec(target);
+        record.routed(
+            &target,
+            providers::provider_name(target.connection.provider),
+        );
+        let spec = limit_spec(&target);
         let (decision, reservation) = state
             .limiter
-            .acquire(&target.assignment_id, &spec, estimate)
+            .acquire(target.assignment_id, &spec, estimate)
             .await;
         if decision.is_unavailable() {
             state.metrics.ratelimit_decision(LimitResult::Unavailable);
@@ -525,7 +524,7 @@ async fn handle_inner(
         }
         let ctx = CallContext {
             operation,
-            target,
+            target: &target,
             request: &request,
             client_api_version: client_api_version.as_deref(),
             trace,

@@ -2,12 +2,13 @@
 //! (DESIGN §7).
 //!
 //! [`spawn`] runs one task that subscribes to `ConfigService.Subscribe`, builds an index from
-//! every snapshot (on a blocking thread when it is large), swaps it into the shared
+//! every snapshot part by part as the parts arrive (on a blocking thread when a part is large),
+//! swaps it into the shared
 //! [`ConfigHandle`] atomically and reports the applied version with `ReportStatus`. When the
 //! stream ends or fails, the task reconnects with jittered exponential backoff while requests keep
 //! being served from the last index.
 
-use crate::index::ConfigIndex;
+use crate::index::{ConfigIndex, IndexBuilder};
 use arc_swap::ArcSwapOption;
 use llm_proxy_proto::v1::config_service_client::ConfigServiceClient;
 use llm_proxy_proto::v1::{ReportStatusRequest, Snapshot, SubscribeRequest, config_event};
@@ -30,8 +31,12 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 /// control-plane crate.
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 
-/// Snapshots with more entries than this are indexed on a blocking thread.
+/// Snapshot parts with more entries than this are indexed on a blocking thread.
 const INLINE_BUILD_MAX_ENTRIES: usize = 2_000;
+
+/// Snapshots larger than this (encoded) are finished, and their predecessor freed, on a blocking
+/// thread.
+const INLINE_FINISH_MAX_BYTES: usize = 1 << 20;
 
 /// Reconnect backoff: full jitter over an exponentially growing window.
 const BACKOFF_START: Duration = Duration::from_millis(200);
@@ -470,11 +475,15 @@ async fn session(
         version,
         error: String::new(),
     });
+    // Dropped with the session: a stream that breaks mid-snapshot leaves the held config alone.
+    let mut assembly: Option<Assembly> = None;
     while let Some(event) = stream.message().await? {
         *received = true;
         match event.event {
-            Some(config_event::Event::Snapshot(snapshot)) => {
-                pending = Some(apply_snapshot(handle, snapshot).await);
+            Some(config_event::Event::Snapshot(part)) => {
+                if let Some(report) = receive_part(handle, &mut assembly, part).await {
+                    pending = Some(report);
+                }
             }
             Some(config_event::Event::Heartbeat(hb)) => {
                 handle.confirm();
@@ -511,83 +520,159 @@ async fn session(
     Ok(())
 }
 
-/// Builds and applies one snapshot; returns the status to report.
-async fn apply_snapshot(handle: &ConfigHandle, snapshot: Snapshot) -> Report {
-    let version = snapshot.version;
-    let epoch = snapshot.cluster_epoch.clone();
-    let bytes = snapshot.encoded_len();
+/// A snapshot being received in parts (see `Snapshot.more` in `config.proto`).
+struct Assembly {
+    builder: IndexBuilder,
+    /// Encoded size of the parts so far.
+    bytes: usize,
+    /// Time spent indexing the parts so far (not waiting for them).
+    build_time: Duration,
+}
+
+/// The status to report when a snapshot cannot be applied: the version still held.
+fn refused(handle: &ConfigHandle, version: i64, error: &str) -> Report {
+    let held_version = handle.version().unwrap_or(0);
+    tracing::warn!(version, %error, held_version, "cannot apply config snapshot; keeping the previous config");
+    Report {
+        version: held_version,
+        error: format!("cannot apply snapshot version {version}: {error}"),
+    }
+}
+
+/// Adds one part to the snapshot being assembled and applies the snapshot when it was the last.
+/// Returns the status to report once the snapshot is complete (applied or refused).
+async fn receive_part(
+    handle: &ConfigHandle,
+    assembly: &mut Option<Assembly>,
+    part: Snapshot,
+) -> Option<Report> {
+    handle.confirm();
+    let version = part.version;
+    let more = part.more;
+    let mut current = match assembly.take() {
+        Some(held) if held.builder.identity() == (part.cluster_epoch.as_str(), version) => held,
+        abandoned => {
+            if let Some(abandoned) = abandoned {
+                let (epoch, old) = abandoned.builder.identity();
+                tracing::warn!(cluster_epoch = %epoch, version = old, "abandoning an incomplete snapshot: a part of another one arrived");
+            }
+            match IndexBuilder::new(&part) {
+                Ok(builder) => Assembly {
+                    builder,
+                    bytes: 0,
+                    build_time: Duration::ZERO,
+                },
+                Err(err) => return Some(refused(handle, version, &err.to_string())),
+            }
+        }
+    };
+    current.bytes += part.encoded_len();
+    let entries = part.connections.len()
+        + part.models.len()
+        + part.virtual_keys.len()
+        + part.assignments.len();
+    let started = Instant::now();
+    let added = if entries > INLINE_BUILD_MAX_ENTRIES {
+        let task = tokio::task::spawn_blocking(move || {
+            let added = current.builder.add_part(part);
+            (current, added)
+        });
+        match task.await {
+            Ok((back, added)) => {
+                current = back;
+                added
+            }
+            Err(join) => {
+                let error = format!("index build task failed: {join}");
+                return Some(refused(handle, version, &error));
+            }
+        }
+    } else {
+        current.builder.add_part(part)
+    };
+    current.build_time += started.elapsed();
+    if let Err(err) = added {
+        return Some(refused(handle, version, &err.to_string()));
+    }
+    if more {
+        *assembly = Some(current);
+        return None;
+    }
+    let Assembly {
+        builder,
+        bytes,
+        mut build_time,
+    } = current;
+    let started = Instant::now();
+    let large = bytes > INLINE_FINISH_MAX_BYTES;
+    let index = if large {
+        match tokio::task::spawn_blocking(move || builder.finish()).await {
+            Ok(index) => index,
+            Err(join) => {
+                let error = format!("index build task failed: {join}");
+                return Some(refused(handle, version, &error));
+            }
+        }
+    } else {
+        builder.finish()
+    };
+    build_time += started.elapsed();
+    Some(apply_index(handle, index, bytes, build_time, large))
+}
+
+/// Swaps a finished index in; returns the status to report.
+fn apply_index(
+    handle: &ConfigHandle,
+    index: ConfigIndex,
+    bytes: usize,
+    build_time: Duration,
+    large: bool,
+) -> Report {
+    let version = index.version;
     handle
         .snapshot_bytes
         .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-    handle.confirm();
-    let entries = snapshot.connections.len()
-        + snapshot.models.len()
-        + snapshot.virtual_keys.len()
-        + snapshot.assignments.len();
-    let started = Instant::now();
-    let built = if entries > INLINE_BUILD_MAX_ENTRIES {
-        match tokio::task::spawn_blocking(move || ConfigIndex::build(snapshot)).await {
-            Ok(result) => result.map_err(|e| e.to_string()),
-            Err(join) => Err(format!("index build task failed: {join}")),
-        }
+    if let Some(held) = handle.current()
+        && held.cluster_epoch == index.cluster_epoch
+        && held.version > index.version
+    {
+        tracing::warn!(
+            held = held.version,
+            received = index.version,
+            "control plane sent an older config version; applying it anyway"
+        );
+    }
+    let counts = index.counts;
+    let epoch = index.cluster_epoch.clone();
+    let swap_started = Instant::now();
+    let old = handle.apply_timed(index, build_time);
+    let swap_time = swap_started.elapsed();
+    handle
+        .apply_seconds
+        .observe((build_time + swap_time).as_secs_f64());
+    // The previous index of a large config takes a while to free; do that off the async workers
+    // (it may also be freed later by a request still holding it).
+    if large {
+        tokio::task::spawn_blocking(move || drop(old));
     } else {
-        ConfigIndex::build(snapshot).map_err(|e| e.to_string())
-    };
-    let build_time = started.elapsed();
-    let held = handle.current();
-    let held_version = held.as_ref().map_or(0, |i| i.version);
-    match built {
-        Ok(index) => {
-            if let Some(held) = &held
-                && held.cluster_epoch == index.cluster_epoch
-                && held.version > index.version
-            {
-                tracing::warn!(
-                    held = held.version,
-                    received = index.version,
-                    "control plane sent an older config version; applying it anyway"
-                );
-            }
-            drop(held);
-            let counts = index.counts;
-            let swap_started = Instant::now();
-            let old = handle.apply_timed(index, build_time);
-            let swap_time = swap_started.elapsed();
-            handle
-                .apply_seconds
-                .observe((build_time + swap_time).as_secs_f64());
-            // The previous index of a large config takes a while to free; do that off the
-            // async workers (it may also be freed later by a request still holding it).
-            if entries > INLINE_BUILD_MAX_ENTRIES {
-                tokio::task::spawn_blocking(move || drop(old));
-            } else {
-                drop(old);
-            }
-            tracing::info!(
-                version,
-                cluster_epoch = %epoch,
-                connections = counts.connections,
-                models = counts.models,
-                virtual_keys = counts.keys,
-                assignments = counts.assignments,
-                skipped = counts.skipped,
-                bytes,
-                build_ms = build_time.as_secs_f64() * 1000.0,
-                swap_us = swap_time.as_micros() as u64,
-                "config snapshot applied"
-            );
-            Report {
-                version,
-                error: String::new(),
-            }
-        }
-        Err(error) => {
-            tracing::warn!(version, %error, held_version, "cannot apply config snapshot; keeping the previous config");
-            Report {
-                version: held_version,
-                error: format!("cannot apply snapshot version {version}: {error}"),
-            }
-        }
+        drop(old);
+    }
+    tracing::info!(
+        version,
+        cluster_epoch = %epoch,
+        connections = counts.connections,
+        models = counts.models,
+        virtual_keys = counts.keys,
+        assignments = counts.assignments,
+        skipped = counts.skipped,
+        bytes,
+        build_ms = build_time.as_secs_f64() * 1000.0,
+        swap_us = swap_time.as_micros() as u64,
+        "config snapshot applied"
+    );
+    Report {
+        version,
+        error: String::new(),
     }
 }
 
@@ -625,6 +710,121 @@ mod tests {
         assert_eq!(handle.last_applied().unwrap().version, 3);
         // Already satisfied: resolves immediately.
         handle.wait_for_version(1).await;
+    }
+
+    /// Part `n` of snapshot `version`: one key `vk-{version}-{n}` with one assignment; the first
+    /// part also carries the connection and the model.
+    fn part(version: i64, n: usize, more: bool) -> Snapshot {
+        use llm_proxy_proto::v1::{
+            SnapshotAssignment, SnapshotConnection, SnapshotModel, SnapshotVirtualKey,
+        };
+        use sha2::Digest as _;
+        let first = n == 0;
+        Snapshot {
+            cluster_epoch: "e".into(),
+            version,
+            connections: first
+                .then(|| SnapshotConnection {
+                    id: "conn".into(),
+                    provider: "openai".into(),
+                    endpoint: "https://api.openai.com".into(),
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect(),
+            models: first
+                .then(|| SnapshotModel {
+                    id: "model".into(),
+                    connection_id: "conn".into(),
+                    name: "gpt-4o".into(),
+                    remote: "gpt-4o".into(),
+                    deployment: None,
+                })
+                .into_iter()
+                .collect(),
+            virtual_keys: vec![SnapshotVirtualKey {
+                id: format!("vkey-{n}"),
+                key_sha256: sha2::Sha256::digest(format!("vk-{version}-{n}")).to_vec(),
+                enabled: true,
+                ..Default::default()
+            }],
+            assignments: vec![SnapshotAssignment {
+                id: format!("asg-{n}"),
+                vkey_id: format!("vkey-{n}"),
+                model_id: "model".into(),
+                weight: 1,
+                ..Default::default()
+            }],
+            live_data_planes: 1,
+            more,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_in_parts_applies_once_whole() {
+        let handle = ConfigHandle::new();
+        let mut assembly = None;
+        assert!(
+            receive_part(&handle, &mut assembly, part(1, 0, true))
+                .await
+                .is_none()
+        );
+        assert!(
+            receive_part(&handle, &mut assembly, part(1, 1, true))
+                .await
+                .is_none()
+        );
+        assert!(handle.current().is_none(), "applied before the last part");
+        let report = receive_part(&handle, &mut assembly, part(1, 2, false))
+            .await
+            .unwrap();
+        assert_eq!((report.version, report.error.as_str()), (1, ""));
+        let index = handle.current().unwrap();
+        assert_eq!((index.version, index.key_count()), (1, 3));
+        let key = index.authenticate("vk-1-2", 0).unwrap();
+        assert!(
+            key.pool("gpt-4o").is_some(),
+            "the model of part 0 routes part 2's key"
+        );
+
+        // A newer snapshot replaces one still being assembled.
+        assert!(
+            receive_part(&handle, &mut assembly, part(2, 0, true))
+                .await
+                .is_none()
+        );
+        let report = receive_part(&handle, &mut assembly, part(3, 0, false))
+            .await
+            .unwrap();
+        assert_eq!(report.version, 3);
+        assert_eq!(handle.current().unwrap().key_count(), 1);
+
+        // A snapshot whose parts stop coming (the stream broke) never replaces the held one.
+        assert!(
+            receive_part(&handle, &mut assembly, part(4, 0, true))
+                .await
+                .is_none()
+        );
+        drop(assembly);
+        assert_eq!(handle.current().unwrap().version, 3);
+    }
+
+    #[tokio::test]
+    async fn a_broken_first_part_is_reported_and_the_config_kept() {
+        let handle = ConfigHandle::new();
+        handle.apply(index(5));
+        let mut assembly = None;
+        let mut bad = part(6, 0, true);
+        bad.cluster_epoch.clear();
+        let report = receive_part(&handle, &mut assembly, bad).await.unwrap();
+        assert_eq!(report.version, 5);
+        assert!(
+            report.error.contains("no cluster_epoch"),
+            "{}",
+            report.error
+        );
+        assert!(assembly.is_none());
+        assert_eq!(handle.current().unwrap().version, 5);
     }
 
     #[test]

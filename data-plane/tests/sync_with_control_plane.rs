@@ -151,7 +151,8 @@ async fn snapshot_reaches_the_index_and_key_changes_apply() {
     assert!(!index.cluster_epoch.is_empty());
     assert_eq!(index.key_count(), 1);
     let key = index.authenticate(KEY, NOW).unwrap();
-    assert_eq!(key.name, "App");
+    assert!(key.enabled());
+    assert_eq!(key.expires_at_unix(), None);
     assert_eq!(key.alias_names(), vec!["chat"]);
     let pool = key.pool("chat").unwrap();
     let target = pool.attempt_order(42).next().unwrap();
@@ -235,8 +236,8 @@ async fn keeps_serving_through_an_outage_and_reconnects() {
     let index = handle.current().unwrap();
     assert_eq!(index.key_count(), 2);
     assert_eq!(
-        index.authenticate("vk-second-123456", NOW).unwrap().name,
-        "Second"
+        index.authenticate("vk-second-123456", NOW).unwrap().id(),
+        written.value.0.id
     );
     assert!(index.authenticate(KEY, NOW).is_ok());
 

@@ -137,23 +137,40 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    fn target(endpoint: &str, api_version: Option<&str>, deployment: Option<&str>) -> Target {
+    /// What a [`Target`] borrows from the index.
+    struct Fixture {
+        alias: Arc<str>,
+        model: ModelEntry,
+        connection: ConnectionEntry,
+    }
+
+    impl Fixture {
+        fn target(&self) -> Target<'_> {
+            Target {
+                assignment_id: "asg-1",
+                alias: &self.alias,
+                weight: 1,
+                limits: Limits::default(),
+                model: &self.model,
+                connection: &self.connection,
+            }
+        }
+    }
+
+    fn target(endpoint: &str, api_version: Option<&str>, deployment: Option<&str>) -> Fixture {
         let mut options = BTreeMap::new();
         if let Some(v) = api_version {
             options.insert("api_version".to_owned(), v.to_owned());
         }
-        Target {
-            assignment_id: "asg-1".into(),
+        Fixture {
             alias: "a".into(),
-            weight: 1,
-            limits: Limits::default(),
-            model: Arc::new(ModelEntry {
+            model: ModelEntry {
                 id: "model-1".into(),
                 name: "gpt-4o".into(),
                 remote: "gpt-4o".into(),
                 deployment: deployment.map(Into::into),
-            }),
-            connection: Arc::new(ConnectionEntry {
+            },
+            connection: ConnectionEntry {
                 id: "conn-1".into(),
                 name: "Azure".into(),
                 provider: Provider::Azure,
@@ -161,15 +178,16 @@ mod tests {
                 credential: "azure-key".to_owned().into(),
                 options,
                 timeout: Duration::from_secs(5),
-            }),
+            },
         }
     }
 
-    fn outbound(t: &Target, client_version: Option<&str>, op: Operation) -> (String, String) {
+    fn outbound(t: &Fixture, client_version: Option<&str>, op: Operation) -> (String, String) {
         let request = body::parse(br#"{"model":"alias","input":"x"}"#, true).unwrap();
+        let target = t.target();
         let ctx = CallContext {
             operation: op,
-            target: t,
+            target: &target,
             request: &request,
             client_api_version: client_version,
             trace: crate::trace::TraceContext::of_request(&Default::default()),
@@ -222,12 +240,13 @@ mod tests {
 
     #[test]
     fn stream_options_only_for_api_versions_that_accept_them() {
-        let stream = |t: &Target, client: Option<&str>| {
+        let stream = |t: &Fixture, client: Option<&str>| {
             let request =
                 body::parse(br#"{"model":"a","stream":true,"messages":[]}"#, true).unwrap();
+            let target = t.target();
             let ctx = CallContext {
                 operation: Operation::ChatCompletions,
-                target: t,
+                target: &target,
                 request: &request,
                 client_api_version: client,
                 trace: crate::trace::TraceContext::of_request(&Default::default()),

@@ -44,7 +44,7 @@ impl Operation {
 #[derive(Debug)]
 pub struct CallContext<'a> {
     pub operation: Operation,
-    pub target: &'a Target,
+    pub target: &'a Target<'a>,
     pub request: &'a ParsedRequest<'a>,
     /// `api-version` the client sent on an Azure-style inbound route.
     pub client_api_version: Option<&'a str>,
