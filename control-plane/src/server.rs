@@ -30,7 +30,9 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-/// Snapshots of 100k+ virtual keys are tens of MB; tonic's 4 MiB default would refuse them.
+/// Snapshot parts are ~1 MiB (`hub::SNAPSHOT_PART_BYTES`), but one key with very many assignments
+/// is never split, and a data plane of this version still accepts a whole snapshot in one message;
+/// tonic's 4 MiB default would refuse those.
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]

@@ -26,8 +26,9 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// Largest config message accepted. A copy of
-/// `llm_proxy_control_plane::server::MAX_MESSAGE_BYTES` (snapshots of 100k+ keys are tens of MB;
-/// tonic's 4 MiB default would refuse them); copied so the data plane does not depend on the
+/// `llm_proxy_control_plane::server::MAX_MESSAGE_BYTES` (a snapshot part holding one key with very
+/// many assignments, or a whole snapshot from a control plane that does not split, can exceed
+/// tonic's 4 MiB default); copied so the data plane does not depend on the
 /// control-plane crate.
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 
@@ -557,11 +558,16 @@ async fn receive_part(
                 tracing::warn!(cluster_epoch = %epoch, version = old, "abandoning an incomplete snapshot: a part of another one arrived");
             }
             match IndexBuilder::new(&part) {
-                Ok(builder) => Assembly {
-                    builder,
-                    bytes: 0,
-                    build_time: Duration::ZERO,
-                },
+                Ok(mut builder) => {
+                    if let Some(held) = handle.current() {
+                        builder.reserve_like(&held);
+                    }
+                    Assembly {
+                        builder,
+                        bytes: 0,
+                        build_time: Duration::ZERO,
+                    }
+                }
                 Err(err) => return Some(refused(handle, version, &err.to_string())),
             }
         }
