@@ -85,7 +85,20 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn not_found() -> ApiError {
+/// An answer outside the request handlers, with the `x-request-id` every answer carries.
+fn with_request_id(headers: &HeaderMap, response: impl IntoResponse) -> Response {
+    let mut response = response.into_response();
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID, request_id(headers));
+    response
+}
+
+async fn not_found(headers: HeaderMap) -> Response {
+    with_request_id(&headers, unknown_path())
+}
+
+fn unknown_path() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",
@@ -94,7 +107,11 @@ async fn not_found() -> ApiError {
     .with_code("unknown_url")
 }
 
-async fn method_not_allowed() -> ApiError {
+async fn method_not_allowed(headers: HeaderMap) -> Response {
+    with_request_id(&headers, wrong_method())
+}
+
+fn wrong_method() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "invalid_request_error",
@@ -224,8 +241,8 @@ async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
         ))
     })();
     let response = match result {
-        Ok(json) => json.into_response(),
-        Err(err) => err.into_response(),
+        Ok(json) => with_request_id(&headers, json),
+        Err(err) => with_request_id(&headers, err),
     };
     closing_if_draining(&state, response)
 }

@@ -600,16 +600,34 @@ async fn auth_routing_and_bad_input_errors() {
     let body: Value = response.json().await.unwrap();
     assert!(body["error"]["message"].as_str().unwrap().contains("65536"));
 
-    let models: Value = f
+    let models = f
         .http
         .get(format!("{}/v1/models", f.base))
         .bearer_auth(CLIENT_KEY)
+        .header("x-request-id", "req-models-1")
         .send()
         .await
-        .unwrap()
-        .json()
+        .unwrap();
+    // Every answer carries x-request-id, not only the proxied ones.
+    assert_eq!(models.headers()["x-request-id"], "req-models-1");
+    let models: Value = models.json().await.unwrap();
+    let unknown = f
+        .http
+        .get(format!("{}/v1/nope", f.base))
+        .send()
         .await
         .unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(unknown.headers()["x-request-id"].len(), 32);
+    let wrong_method = f
+        .http
+        .get(format!("{}/v1/chat/completions", f.base))
+        .header("x-request-id", "req-get-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["x-request-id"], "req-get-1");
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()
