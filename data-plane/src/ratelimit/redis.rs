@@ -19,6 +19,11 @@
 //!   assignment costs no Redis round trip (only for the same spec and a token estimate at least as
 //!   large as the one denied).
 //!
+//! A busy assignment with a high request limit and no token limit takes a *lease* of several
+//! request tokens per call ([`lease_size`]: at most 1/32 of the bucket, 50 ms of its rate, 1000
+//! requests) and answers the next requests from it without Redis, for up to 100 ms; small or
+//! token-limited assignments keep one call per request.
+//!
 //! Reservations record which backend issued them ([`TAG_REDIS`] / [`TAG_LOCAL`]), so a settle goes
 //! where the tokens were taken even if the mode switched in between.
 
@@ -107,11 +112,14 @@ end
 ///
 /// `KEYS[1]`, `KEYS[2]`: request and token bucket. `ARGV[1]`, `ARGV[2]`: request capacity and rate
 /// per second (`''` = requests not limited); `ARGV[3]`, `ARGV[4]`: token capacity and rate per
-/// second (`''` = tokens not limited); `ARGV[5]`: estimated tokens.
+/// second (`''` = tokens not limited); `ARGV[5]`: estimated tokens; `ARGV[6]`: lease, the most
+/// request tokens to take when admitted (absent = 1; see [`lease_size`]).
 ///
-/// Returns 8 integers: `{allowed (1|0), remaining requests, reset requests µs, remaining tokens,
-/// reset tokens µs, retry-after µs, request-bucket wait µs, token-bucket wait µs}` (0 for a bucket
-/// that is not limited; waits and retry-after 0 when allowed; retry-after = max of the waits).
+/// Returns 9 integers: `{allowed (1|0), remaining requests, reset requests µs, remaining tokens,
+/// reset tokens µs, retry-after µs, request-bucket wait µs, token-bucket wait µs, request tokens
+/// taken}` (0 for a bucket that is not limited; waits and retry-after 0 when allowed; retry-after =
+/// max of the waits; tokens taken: between 1 and the lease when admitted, as many as the bucket
+/// holds whole, else 0).
 pub const ACQUIRE_LUA: &str = r#"
 local SLACK = 1e-6   -- admission tolerates 1 µs of refill (the clock's resolution)
 local function blocked(b) return not (b.cap > 0 and b.rate > 0) end
@@ -138,15 +146,22 @@ if ARGV[1] ~= '' then req = load_bucket(KEYS[1], ARGV[1], ARGV[2], false) end
 if ARGV[3] ~= '' then tok = load_bucket(KEYS[2], ARGV[3], ARGV[4], false) end
 local allowed = (req == nil or admits(req, 1)) and (tok == nil or admits(tok, cost))
 local wait_req, wait_tok = 0, 0
+local taken = 0
 if allowed then
-  if req then req.level = req.level - 1; save(KEYS[1], req) end
+  if req then
+    taken = 1
+    local lease = tonumber(ARGV[6]) or 1
+    if lease > 1 then taken = math.max(1, math.min(lease, math.floor(req.level + 1e-9))) end
+    req.level = req.level - taken
+    save(KEYS[1], req)
+  end
   if tok then tok.level = tok.level - cost; save(KEYS[2], tok) end
 else
   -- Nothing is written: a denial takes nothing and leaves TTLs alone.
   if req then wait_req = wait(req, 1) end
   if tok then wait_tok = wait(tok, cost) end
 end
-local out = {allowed and 1 or 0, 0, 0, 0, 0, math.max(wait_req, wait_tok), wait_req, wait_tok}
+local out = {allowed and 1 or 0, 0, 0, 0, 0, math.max(wait_req, wait_tok), wait_req, wait_tok, taken}
 if req then out[2] = remaining(req); out[3] = until_full(req) end
 if tok then out[4] = remaining(tok); out[5] = until_full(tok) end
 return out
@@ -278,6 +293,8 @@ pub struct RedisLimiterStats {
     pub deny_cache_hits: u64,
     /// Acquires answered by the fail mode (Redis failed, or the breaker was open).
     pub fallback_decisions: u64,
+    /// Acquires answered from a lease of request tokens taken earlier, without Redis.
+    pub lease_hits: u64,
     /// Switches between Redis and the fail mode, either way.
     pub mode_switches: u64,
 }
@@ -288,6 +305,7 @@ struct Counters {
     redis_errors: AtomicU64,
     deny_cache_hits: AtomicU64,
     fallback_decisions: AtomicU64,
+    lease_hits: AtomicU64,
     mode_switches: AtomicU64,
 }
 
@@ -313,6 +331,7 @@ struct Inner {
     breaker: Breaker,
     switch_log: SwitchLog,
     deny_cache: DenyCache,
+    leases: Leases,
     fallback: LocalLimiter,
     live_data_planes: Box<dyn Fn() -> i64 + Send + Sync>,
     counters: Counters,
@@ -363,6 +382,7 @@ impl RedisLimiter {
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
             switch_log: SwitchLog::new(),
             deny_cache: DenyCache::new(config.deny_cache_capacity),
+            leases: Leases::new(),
             fallback: LocalLimiter::new(),
             live_data_planes: Box::new(live_data_planes),
             counters: Counters::default(),
@@ -396,6 +416,7 @@ impl RedisLimiter {
             redis_errors: c.redis_errors.load(Ordering::Relaxed),
             deny_cache_hits: c.deny_cache_hits.load(Ordering::Relaxed),
             fallback_decisions: c.fallback_decisions.load(Ordering::Relaxed),
+            lease_hits: c.lease_hits.load(Ordering::Relaxed),
             mode_switches: c.mode_switches.load(Ordering::Relaxed),
         }
     }
@@ -423,6 +444,11 @@ impl RedisLimiter {
                 return inner.fallback(key, &spec, estimated_tokens);
             }
         }
+        if let Some(decision) = inner.leases.take(key, &spec) {
+            bump(&inner.counters.lease_hits);
+            return (decision, None);
+        }
+        let lease = lease_size(&spec);
 
         let (requests_key, tokens_key) = bucket_keys(key);
         let mut invocation = inner.acquire_script.key(&requests_key);
@@ -436,7 +462,7 @@ impl RedisLimiter {
             Some(tpm) => invocation.arg(tpm).arg((tpm as f64 / 60.0).to_string()),
             None => invocation.arg("").arg(""),
         };
-        invocation.arg(estimated_tokens);
+        invocation.arg(estimated_tokens).arg(lease);
 
         // Taken before sending: the script ran later, so "sent + wait" never outlasts the real
         // retry time, and the deny cache never refuses what Redis would admit.
@@ -455,6 +481,10 @@ impl RedisLimiter {
             Err(_) => return inner.fallback(key, &spec, estimated_tokens),
         };
         let decision = reply.decision(&spec);
+        if reply.allowed && reply.taken > 1 {
+            let spare = u32::try_from(reply.taken - 1).unwrap_or(u32::MAX);
+            inner.leases.store(key, spec, spare, &decision);
+        }
         if !reply.allowed {
             inner
                 .deny_cache
@@ -648,12 +678,14 @@ struct AcquireReply {
     retry_after_us: u64,
     wait_requests_us: u64,
     wait_tokens_us: u64,
+    /// Request tokens taken (more than 1: a lease).
+    taken: u64,
 }
 
 impl AcquireReply {
     fn parse(values: &[i64]) -> Option<Self> {
         let n = |i: usize| values.get(i).map(|&v| u64::try_from(v).unwrap_or(0));
-        if values.len() != 8 {
+        if values.len() != 9 {
             return None;
         }
         Some(Self {
@@ -665,6 +697,7 @@ impl AcquireReply {
             retry_after_us: n(5)?,
             wait_requests_us: n(6)?,
             wait_tokens_us: n(7)?,
+            taken: n(8)?,
         })
     }
 
@@ -837,6 +870,110 @@ impl SwitchLog {
                 suppressed_switches = suppressed,
                 "rate limiting: Redis reachable again, shared buckets back in use"
             );
+        }
+    }
+}
+
+/// A lease is at most 1/32 of the request bucket's capacity...
+const LEASE_CAPACITY_SHARE: u32 = 32;
+/// ... at most 50 ms of its refill (1/20 of `tps`) ...
+const LEASE_RATE_SHARE: u32 = 20;
+/// ... and at most this many requests.
+const LEASE_MAX: u32 = 1000;
+/// Unused leased tokens are dropped after this long (they were taken from the shared bucket, so
+/// dropping them can only admit less, never more).
+const LEASE_TTL: Duration = Duration::from_millis(100);
+const LEASE_SHARDS: usize = 16;
+/// Bound on leases held per shard (one per busy assignment).
+const LEASE_SHARD_CAPACITY: usize = 1024;
+
+/// How many request tokens one acquire takes from Redis at once. A data plane serving a busy
+/// assignment with a high request limit then calls Redis once per lease instead of once per
+/// request; a small or token-limited (TPM) assignment keeps one call per request (lease 1), so
+/// its limit stays exact to the request. The shared bucket is never overdrawn: leased tokens are
+/// taken from it up front, and a lease left unused for [`LEASE_TTL`] is dropped, which can only
+/// under-admit, by at most one lease per data plane.
+pub fn lease_size(spec: &LimitSpec) -> u32 {
+    match (spec.tpm, spec.tps, spec.request_capacity()) {
+        (None, Some(tps), Some(capacity)) => (capacity / LEASE_CAPACITY_SHARE)
+            .min(tps / LEASE_RATE_SHARE)
+            .clamp(1, LEASE_MAX),
+        _ => 1,
+    }
+}
+
+/// Request tokens leased from Redis for one assignment.
+struct Lease {
+    spec: LimitSpec,
+    left: u32,
+    until: Instant,
+    /// The decision Redis gave when the lease was taken; `remaining_requests` is rebased on use.
+    decision: Decision,
+    /// Requests Redis reported remaining after the lease was taken.
+    base_remaining: u32,
+}
+
+type LeaseShard = HashMap<Box<str>, Lease>;
+
+/// Per-assignment leases, sharded like the deny cache.
+struct Leases {
+    hasher: RandomState,
+    shards: Box<[Mutex<LeaseShard>]>,
+}
+
+impl Leases {
+    fn new() -> Self {
+        Self {
+            hasher: RandomState::new(),
+            shards: (0..LEASE_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+
+    fn shard(&self, key: &str) -> MutexGuard<'_, LeaseShard> {
+        let index = (self.hasher.hash_one(key) as usize) % self.shards.len();
+        // Plain data, valid after any panic: a poisoned lock is still usable.
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// One request token from a live lease taken with this spec, as an admitting decision.
+    fn take(&self, key: &str, spec: &LimitSpec) -> Option<Decision> {
+        let mut shard = self.shard(key);
+        let lease = shard.get_mut(key)?;
+        if lease.left == 0 || lease.spec != *spec || Instant::now() >= lease.until {
+            return None;
+        }
+        lease.left -= 1;
+        let mut decision = lease.decision.clone();
+        decision.remaining_requests = Some(lease.base_remaining.saturating_add(lease.left));
+        Some(decision)
+    }
+
+    /// Keeps `left` spare tokens of an admitted acquire for the next requests.
+    fn store(&self, key: &str, spec: LimitSpec, left: u32, decision: &Decision) {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        if shard.len() >= LEASE_SHARD_CAPACITY && !shard.contains_key(key) {
+            shard.retain(|_, lease| lease.left > 0 && lease.until > now);
+            if shard.len() >= LEASE_SHARD_CAPACITY {
+                return;
+            }
+        }
+        let lease = Lease {
+            spec,
+            left,
+            until: now + LEASE_TTL,
+            decision: decision.clone(),
+            base_remaining: decision.remaining_requests.unwrap_or(0),
+        };
+        match shard.get_mut(key) {
+            Some(held) => *held = lease,
+            None => {
+                shard.insert(Box::from(key), lease);
+            }
         }
     }
 }
@@ -1052,6 +1189,82 @@ mod tests {
             .expect("acquire must return within its budget");
         assert!(!answer.0.is_unavailable(), "Redis call failed: {answer:?}");
         answer
+    }
+
+    #[test]
+    fn lease_sizes() {
+        // Small, token-limited or unlimited: one token per call, exact to the request.
+        assert_eq!(lease_size(&rps(5, None)), 1);
+        assert_eq!(lease_size(&rps(50, Some(50))), 1);
+        assert_eq!(lease_size(&LimitSpec::UNLIMITED), 1);
+        assert_eq!(
+            lease_size(&LimitSpec {
+                tpm: Some(1_000_000),
+                ..rps(100_000, None)
+            }),
+            1
+        );
+        // 1/32 of the bucket, 50 ms of the rate, at most 1000.
+        assert_eq!(lease_size(&rps(3200, None)), 100);
+        assert_eq!(lease_size(&rps(100, Some(100_000))), 5);
+        assert_eq!(lease_size(&rps(1_000_000, None)), 1000);
+    }
+
+    #[tokio::test]
+    async fn a_lease_answers_without_redis_and_is_taken_from_the_shared_bucket() {
+        let l = limiter(config());
+        let mut conn = raw().await;
+        let key = assignment();
+        let (rps_key, _) = bucket_keys(&key);
+        let spec = rps(3200, None);
+        let (first, reservation) = acquire(&l, &key, &spec, 0).await;
+        assert!(first.allowed && reservation.is_none());
+        assert_eq!(l.stats().redis_calls, 1);
+        // The whole lease left the shared bucket at once.
+        let level: f64 = hgetall(&mut conn, &rps_key).await["tokens"]
+            .parse()
+            .unwrap();
+        assert!((3100.0..3101.0).contains(&level), "{level}");
+        assert_eq!(first.remaining_requests, Some(3100));
+        for n in 1..100u32 {
+            let (d, _) = acquire(&l, &key, &spec, 0).await;
+            assert!(d.allowed);
+            assert_eq!(d.limit_requests, Some(3200));
+            assert_eq!(d.remaining_requests, Some(3100 + 99 - n));
+        }
+        assert_eq!(l.stats().redis_calls, 1);
+        assert_eq!(l.stats().lease_hits, 99);
+        // Used up: the next one goes to Redis (and takes a new lease).
+        acquire(&l, &key, &spec, 0).await;
+        assert_eq!(l.stats().redis_calls, 2);
+        // A changed limit does not use a lease taken under the old one.
+        acquire(&l, &key, &rps(6400, None), 0).await;
+        assert_eq!(l.stats().redis_calls, 3);
+    }
+
+    #[tokio::test]
+    async fn leases_never_admit_more_than_the_shared_bucket_holds() {
+        // Two data planes on one bucket of 640 (refilling 640/s), leases of 20.
+        let planes = [limiter(config()), limiter(config())];
+        let key = assignment();
+        let spec = rps(640, Some(640));
+        assert_eq!(lease_size(&spec), 20);
+        let started = Instant::now();
+        let mut admitted = 0u64;
+        for i in 0..1500 {
+            let (d, _) = acquire(&planes[i % 2], &key, &spec, 0).await;
+            admitted += u64::from(d.allowed);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        // The full bucket plus what refilled meanwhile, nothing more.
+        let ceiling = 640.0 + 640.0 * elapsed + 1.0;
+        assert!(
+            (admitted as f64) <= ceiling,
+            "{admitted} admitted in {elapsed:.3} s"
+        );
+        assert!(admitted >= 640 - 2 * 20, "{admitted} admitted");
+        let hits: u64 = planes.iter().map(|l| l.stats().lease_hits).sum();
+        assert!(hits > 0);
     }
 
     #[tokio::test]
