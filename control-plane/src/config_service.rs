@@ -69,8 +69,19 @@ async fn send_snapshot(
     hub: &SnapshotHub,
     tx: &mpsc::Sender<Result<ConfigEvent, Status>>,
     snapshot: &PublishedSnapshot,
+    accepts_parts: bool,
 ) -> bool {
     let live_data_planes = hub.live_data_planes();
+    if !accepts_parts {
+        let whole = Snapshot {
+            live_data_planes,
+            ..snapshot.whole()
+        };
+        let event = ConfigEvent {
+            event: Some(config_event::Event::Snapshot(whole)),
+        };
+        return tx.send(Ok(event)).await.is_ok();
+    }
     for part in &snapshot.parts {
         let part = Snapshot {
             live_data_planes,
@@ -116,12 +127,13 @@ async fn stream_config(
     let Some(first) = first else {
         return;
     };
+    let accepts_parts = request.accepts_parts;
     let mut sent = (request.cluster_epoch, request.have_version);
     let delivered = if sent == (first.cluster_epoch.clone(), first.version) {
         tx.send(Ok(heartbeat(&api.hub, Some(&first)))).await.is_ok()
     } else {
         sent = (first.cluster_epoch.clone(), first.version);
-        send_snapshot(&api.hub, &tx, &first).await
+        send_snapshot(&api.hub, &tx, &first, accepts_parts).await
     };
     if !delivered {
         return;
@@ -141,7 +153,7 @@ async fn stream_config(
                     let key = (latest.cluster_epoch.clone(), latest.version);
                     if key != sent {
                         sent = key;
-                        if !send_snapshot(&api.hub, &tx, &latest).await {
+                        if !send_snapshot(&api.hub, &tx, &latest, accepts_parts).await {
                             break;
                         }
                     }

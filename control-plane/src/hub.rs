@@ -64,6 +64,7 @@ impl PublishedSnapshot {
             assignments,
             live_data_planes,
             more: _,
+            part: _,
         } = snapshot;
         let part = |connections, models| Snapshot {
             cluster_epoch: cluster_epoch.clone(),
@@ -117,11 +118,28 @@ impl PublishedSnapshot {
         current.assignments.extend(by_key.map(|(_, a)| a));
         current.more = false;
         parts.push(current);
+        for (i, part) in parts.iter_mut().enumerate() {
+            part.part = u32::try_from(i).unwrap_or(u32::MAX);
+        }
         Self {
             cluster_epoch,
             version,
             parts,
         }
+    }
+
+    /// The snapshot as one message, for a subscriber that does not accept parts (a data plane
+    /// older than them).
+    pub fn whole(&self) -> Snapshot {
+        let mut parts = self.parts.iter();
+        let mut whole = parts.next().cloned().unwrap_or_default();
+        for part in parts {
+            whole.virtual_keys.extend(part.virtual_keys.iter().cloned());
+            whole.assignments.extend(part.assignments.iter().cloned());
+        }
+        whole.more = false;
+        whole.part = 0;
+        whole
     }
 
     /// Encoded size of all parts.
@@ -224,6 +242,7 @@ pub async fn build_snapshot(store: &Store, live_data_planes: i64) -> Result<Snap
             .collect(),
         live_data_planes,
         more: false,
+        part: 0,
     })
 }
 
@@ -364,6 +383,7 @@ mod tests {
                 .collect(),
             live_data_planes: 2,
             more: false,
+            part: 0,
         }
     }
 
@@ -389,6 +409,7 @@ mod tests {
             assert_eq!((part.cluster_epoch.as_str(), part.version), ("epoch", 9));
             assert_eq!(part.live_data_planes, 2);
             assert_eq!(part.more, i + 1 < parts.len());
+            assert_eq!(part.part as usize, i);
             assert_eq!(part.connections.len(), usize::from(i == 0));
             assert_eq!(part.models.len(), usize::from(i == 0));
             assert!(
@@ -414,6 +435,21 @@ mod tests {
         let mut expected = whole.assignments;
         expected.sort_by(|a, b| a.id.cmp(&b.id));
         assert_eq!(assignments, expected);
+    }
+
+    #[test]
+    fn the_whole_snapshot_is_the_parts_joined() {
+        let mut whole = snapshot(1_000);
+        let published = PublishedSnapshot::split(whole.clone(), 4_000);
+        assert!(published.parts.len() > 1);
+        let joined = published.whole();
+        // Assignments travel grouped by key; otherwise nothing changes.
+        let by_id = |s: &mut Snapshot| s.assignments.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut joined_sorted = joined.clone();
+        by_id(&mut joined_sorted);
+        by_id(&mut whole);
+        assert_eq!(joined_sorted, whole);
+        assert!(!joined.more);
     }
 
     #[test]

@@ -24,29 +24,42 @@ async fn next_event(stream: &mut Streaming<ConfigEvent>) -> config_event::Event 
         .unwrap()
 }
 
-/// Reads events until a snapshot with at least `version` has arrived whole; returns its parts
-/// merged into one.
-async fn snapshot_at_least(stream: &mut Streaming<ConfigEvent>, version: i64) -> Snapshot {
+/// Reads events until a snapshot with at least `version` has arrived whole; returns its parts.
+async fn parts_at_least(stream: &mut Streaming<ConfigEvent>, version: i64) -> Vec<Snapshot> {
     loop {
-        if let config_event::Event::Snapshot(mut whole) = next_event(stream).await
-            && whole.version >= version
+        if let config_event::Event::Snapshot(first) = next_event(stream).await
+            && first.version >= version
         {
-            while whole.more {
+            assert_eq!(first.part, 0);
+            let mut parts = vec![first];
+            while let Some(last) = parts.last()
+                && last.more
+            {
                 let config_event::Event::Snapshot(part) = next_event(stream).await else {
                     panic!("a heartbeat arrived between the parts of a snapshot");
                 };
                 assert_eq!(
-                    (&part.cluster_epoch, part.version),
-                    (&whole.cluster_epoch, whole.version)
+                    (&part.cluster_epoch, part.version, part.part as usize),
+                    (&last.cluster_epoch, last.version, parts.len())
                 );
                 assert!(part.connections.is_empty() && part.models.is_empty());
-                whole.virtual_keys.extend(part.virtual_keys);
-                whole.assignments.extend(part.assignments);
-                whole.more = part.more;
+                parts.push(part);
             }
-            return whole;
+            return parts;
         }
     }
+}
+
+/// Like [`parts_at_least`], with the parts merged into one snapshot.
+async fn snapshot_at_least(stream: &mut Streaming<ConfigEvent>, version: i64) -> Snapshot {
+    let mut parts = parts_at_least(stream, version).await.into_iter();
+    let mut whole = parts.next().unwrap();
+    for part in parts {
+        whole.virtual_keys.extend(part.virtual_keys);
+        whole.assignments.extend(part.assignments);
+        whole.more = part.more;
+    }
+    whole
 }
 
 async fn subscribe_and_receive(backend: Backend) {
@@ -348,7 +361,7 @@ async fn snapshot_of_100k_virtual_keys_passes_the_stream() {
     use diesel_async::{AsyncConnection as _, RunQueryDsl as _};
     use llm_proxy_control_plane::rows::{AssignmentRow, VirtualKeyRow};
     use llm_proxy_control_plane::schema::{assignments, virtual_keys};
-    use prost::Message as _;
+    use prost::Message;
 
     const KEYS: usize = 100_000;
     let db = common::fresh_postgres().await;
@@ -442,13 +455,35 @@ async fn snapshot_of_100k_virtual_keys_passes_the_stream() {
     let mut stream = config
         .subscribe(SubscribeRequest {
             node_id: "dp-big".into(),
+            accepts_parts: true,
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
-    let snapshot = snapshot_at_least(&mut stream, 1).await;
+    let parts = parts_at_least(&mut stream, 1).await;
     let received = started.elapsed();
+    let largest = parts.iter().map(Message::encoded_len).max().unwrap();
+    assert!(parts.len() > 5, "{} parts", parts.len());
+    assert!(largest < 2 * 1024 * 1024, "a part of {largest} bytes");
+    let mut parts = parts.into_iter();
+    let mut snapshot = parts.next().unwrap();
+    for part in parts {
+        snapshot.virtual_keys.extend(part.virtual_keys);
+        snapshot.assignments.extend(part.assignments);
+    }
+    // A subscriber that does not accept parts (an older data plane) gets it in one message.
+    let mut legacy = config
+        .subscribe(SubscribeRequest {
+            node_id: "dp-legacy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let whole = parts_at_least(&mut legacy, 1).await;
+    assert_eq!(whole.len(), 1);
+    assert_eq!(whole[0].virtual_keys.len(), KEYS);
     assert_eq!(snapshot.virtual_keys.len(), KEYS);
     assert_eq!(snapshot.assignments.len(), KEYS);
     let encoded = snapshot.encoded_len();

@@ -248,6 +248,7 @@ impl<'a> Pool<'a> {
             pool: *self,
             roll,
             step: 0,
+            first: 0,
             tried: Tried::Bits(0),
             remaining_weight: self.total_weight(),
         }
@@ -266,6 +267,8 @@ pub struct AttemptOrder<'a> {
     pool: Pool<'a>,
     roll: u64,
     step: usize,
+    /// The weighted pick, marked as tried only when failover starts (keeps step 0 cheap).
+    first: usize,
     tried: Tried,
     remaining_weight: u64,
 }
@@ -322,15 +325,21 @@ impl<'a> Iterator for AttemptOrder<'a> {
         if self.step >= len {
             return None;
         }
-        if self.step > 0 {
+        let chosen = if self.step == 0 {
+            self.first = self.pick_untried(scale(self.roll, self.remaining_weight));
+            self.first
+        } else {
+            if self.step == 1 {
+                self.mark(self.first);
+            }
             self.roll = mix(self.roll);
-        }
-        let chosen = self.pick_untried(scale(self.roll, self.remaining_weight));
+            self.pick_untried(scale(self.roll, self.remaining_weight))
+        };
         let target = self.pool.target(chosen)?;
         self.remaining_weight = self
             .remaining_weight
             .saturating_sub(u64::from(target.weight));
-        if self.step + 1 < len {
+        if self.step > 0 && self.step + 1 < len {
             self.mark(chosen);
         }
         self.step += 1;
@@ -650,6 +659,7 @@ pub struct IndexBuilder {
     connections: HashMap<String, Arc<ConnectionEntry>>,
     /// Model id -> (model, its connection, its number in route keys).
     models: HashMap<String, (Arc<ModelEntry>, Arc<ConnectionEntry>, u32)>,
+    next_model_number: u32,
     route_numbers: HashMap<RouteKey, u32>,
     /// One allocation per distinct alias, however many keys use it.
     aliases: HashSet<Arc<str>>,
@@ -693,6 +703,7 @@ impl IndexBuilder {
             },
             connections: HashMap::new(),
             models: HashMap::new(),
+            next_model_number: 0,
             route_numbers: HashMap::new(),
             aliases: HashSet::new(),
         })
@@ -737,6 +748,7 @@ impl IndexBuilder {
             assignments,
             live_data_planes,
             more: _,
+            part: _,
         } = part;
         if cluster_epoch != self.index.cluster_epoch || version != self.index.version {
             return Err(IndexError::PartMismatch {
@@ -793,7 +805,9 @@ impl IndexBuilder {
             counts.skipped += 1;
             return;
         };
-        let number = u32::try_from(self.models.len()).unwrap_or(u32::MAX);
+        // Never reused, even when a duplicate id replaces a model: routes are told apart by it.
+        let number = self.next_model_number;
+        self.next_model_number = self.next_model_number.saturating_add(1);
         let entry = Arc::new(ModelEntry {
             id: id.clone(),
             name,
@@ -1049,6 +1063,7 @@ mod tests {
             ],
             live_data_planes: 3,
             more: false,
+            part: 0,
         }
     }
 

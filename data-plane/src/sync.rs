@@ -464,6 +464,7 @@ async fn session(
             build: settings.build.clone(),
             cluster_epoch,
             have_version,
+            accepts_parts: true,
         })
         .await?
         .into_inner();
@@ -522,8 +523,19 @@ async fn session(
 }
 
 /// A snapshot being received in parts (see `Snapshot.more` in `config.proto`).
-struct Assembly {
+enum Assembly {
+    Building(Box<Building>),
+    /// A snapshot refused before its last part: the rest of its parts are dropped.
+    Refused {
+        epoch: String,
+        version: i64,
+    },
+}
+
+struct Building {
     builder: IndexBuilder,
+    /// The `part` expected next.
+    next_part: u32,
     /// Encoded size of the parts so far.
     bytes: usize,
     /// Time spent indexing the parts so far (not waiting for them).
@@ -540,6 +552,22 @@ fn refused(handle: &ConfigHandle, version: i64, error: &str) -> Report {
     }
 }
 
+/// Refuses the snapshot `part` belongs to; its later parts, if any, will be dropped.
+fn refuse_rest(
+    handle: &ConfigHandle,
+    assembly: &mut Option<Assembly>,
+    part: &Snapshot,
+    error: &str,
+) -> Option<Report> {
+    if part.more {
+        *assembly = Some(Assembly::Refused {
+            epoch: part.cluster_epoch.clone(),
+            version: part.version,
+        });
+    }
+    Some(refused(handle, part.version, error))
+}
+
 /// Adds one part to the snapshot being assembled and applies the snapshot when it was the last.
 /// Returns the status to report once the snapshot is complete (applied or refused).
 async fn receive_part(
@@ -550,27 +578,58 @@ async fn receive_part(
     handle.confirm();
     let version = part.version;
     let more = part.more;
+    let same = |epoch: &str, v: i64| epoch == part.cluster_epoch && v == version;
     let mut current = match assembly.take() {
-        Some(held) if held.builder.identity() == (part.cluster_epoch.as_str(), version) => held,
+        Some(Assembly::Building(held))
+            if same(held.builder.identity().0, held.builder.identity().1) =>
+        {
+            if part.part != held.next_part {
+                let error = format!(
+                    "snapshot part {} arrived where part {} was expected",
+                    part.part, held.next_part
+                );
+                return refuse_rest(handle, assembly, &part, &error);
+            }
+            held
+        }
+        Some(Assembly::Refused { epoch, version: v }) if same(&epoch, v) => {
+            if more {
+                *assembly = Some(Assembly::Refused { epoch, version: v });
+            }
+            return None;
+        }
         abandoned => {
-            if let Some(abandoned) = abandoned {
+            if let Some(Assembly::Building(abandoned)) = abandoned {
                 let (epoch, old) = abandoned.builder.identity();
                 tracing::warn!(cluster_epoch = %epoch, version = old, "abandoning an incomplete snapshot: a part of another one arrived");
+            }
+            if part.part != 0 {
+                let error = format!("snapshot part {} arrived without part 0", part.part);
+                return refuse_rest(handle, assembly, &part, &error);
             }
             match IndexBuilder::new(&part) {
                 Ok(mut builder) => {
                     if let Some(held) = handle.current() {
                         builder.reserve_like(&held);
                     }
-                    Assembly {
+                    Box::new(Building {
                         builder,
+                        next_part: 0,
                         bytes: 0,
                         build_time: Duration::ZERO,
-                    }
+                    })
                 }
-                Err(err) => return Some(refused(handle, version, &err.to_string())),
+                Err(err) => return refuse_rest(handle, assembly, &part, &err.to_string()),
             }
         }
+    };
+    current.next_part = current.next_part.saturating_add(1);
+    // What `refuse_rest` needs once `part` has been consumed.
+    let identity = Snapshot {
+        cluster_epoch: part.cluster_epoch.clone(),
+        version,
+        more,
+        ..Snapshot::default()
     };
     current.bytes += part.encoded_len();
     let entries = part.connections.len()
@@ -590,7 +649,7 @@ async fn receive_part(
             }
             Err(join) => {
                 let error = format!("index build task failed: {join}");
-                return Some(refused(handle, version, &error));
+                return refuse_rest(handle, assembly, &identity, &error);
             }
         }
     } else {
@@ -598,17 +657,18 @@ async fn receive_part(
     };
     current.build_time += started.elapsed();
     if let Err(err) = added {
-        return Some(refused(handle, version, &err.to_string()));
+        return refuse_rest(handle, assembly, &identity, &err.to_string());
     }
     if more {
-        *assembly = Some(current);
+        *assembly = Some(Assembly::Building(current));
         return None;
     }
-    let Assembly {
+    let Building {
         builder,
+        next_part: _,
         bytes,
         mut build_time,
-    } = current;
+    } = *current;
     let started = Instant::now();
     let large = bytes > INLINE_FINISH_MAX_BYTES;
     let index = if large {
@@ -763,6 +823,7 @@ mod tests {
             }],
             live_data_planes: 1,
             more,
+            part: u32::try_from(n).unwrap(),
         }
     }
 
@@ -816,6 +877,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn parts_out_of_order_refuse_their_snapshot() {
+        let handle = ConfigHandle::new();
+        handle.apply(index(5));
+        let mut assembly = None;
+        // A middle part without part 0: refused, and the rest of that snapshot is dropped.
+        let report = receive_part(&handle, &mut assembly, part(6, 1, true))
+            .await
+            .unwrap();
+        assert_eq!(report.version, 5);
+        assert!(report.error.contains("without part 0"), "{}", report.error);
+        assert!(
+            receive_part(&handle, &mut assembly, part(6, 2, false))
+                .await
+                .is_none()
+        );
+        assert_eq!(handle.current().unwrap().version, 5);
+
+        // A skipped part: refused, never applied with a hole.
+        assert!(
+            receive_part(&handle, &mut assembly, part(7, 0, true))
+                .await
+                .is_none()
+        );
+        let report = receive_part(&handle, &mut assembly, part(7, 2, true))
+            .await
+            .unwrap();
+        assert!(
+            report.error.contains("part 1 was expected"),
+            "{}",
+            report.error
+        );
+        assert!(
+            receive_part(&handle, &mut assembly, part(7, 3, false))
+                .await
+                .is_none()
+        );
+        assert_eq!(handle.current().unwrap().version, 5);
+
+        // The next snapshot is assembled normally.
+        assert!(
+            receive_part(&handle, &mut assembly, part(8, 0, true))
+                .await
+                .is_none()
+        );
+        let report = receive_part(&handle, &mut assembly, part(8, 1, false))
+            .await
+            .unwrap();
+        assert_eq!((report.version, report.error.as_str()), (8, ""));
+        assert_eq!(handle.current().unwrap().key_count(), 2);
+    }
+
+    #[tokio::test]
     async fn a_broken_first_part_is_reported_and_the_config_kept() {
         let handle = ConfigHandle::new();
         handle.apply(index(5));
@@ -829,7 +942,8 @@ mod tests {
             "{}",
             report.error
         );
-        assert!(assembly.is_none());
+        // Its later parts will be dropped, not taken for a new snapshot.
+        assert!(matches!(assembly, Some(Assembly::Refused { .. })));
         assert_eq!(handle.current().unwrap().version, 5);
     }
 

@@ -54,6 +54,7 @@ fn a_100k_key_snapshot_applies_and_every_key_resolves() {
             .collect(),
         live_data_planes: 1,
         more: false,
+        part: 0,
     };
     let started = Instant::now();
     let index = ConfigIndex::build(snapshot).unwrap();

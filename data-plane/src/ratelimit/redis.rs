@@ -21,8 +21,9 @@
 //!
 //! A busy assignment with a high request limit and no token limit takes a *lease* of several
 //! request tokens per call ([`lease_size`]: at most 1/32 of the bucket, 50 ms of its rate, 1000
-//! requests) and answers the next requests from it without Redis, for up to 100 ms; small or
-//! token-limited assignments keep one call per request.
+//! requests, and this data plane's demand for it in the last 100 ms) and answers the next
+//! requests from it without Redis, for up to 100 ms; small, quiet or token-limited assignments
+//! keep one call per request.
 //!
 //! Reservations record which backend issued them ([`TAG_REDIS`] / [`TAG_LOCAL`]), so a settle goes
 //! where the tokens were taken even if the mode switched in between.
@@ -265,6 +266,10 @@ pub struct RedisLimiterConfig {
     pub connect_timeout: Duration,
     /// Assignments whose last denial is remembered (default 4096; 0 disables the cache).
     pub deny_cache_capacity: usize,
+    /// How long leased request tokens stay usable, and the window in which an assignment's
+    /// demand on this data plane is counted to size its next lease (default 100 ms; see
+    /// [`lease_size`]).
+    pub lease_ttl: Duration,
 }
 
 impl Default for RedisLimiterConfig {
@@ -278,6 +283,7 @@ impl Default for RedisLimiterConfig {
             probe_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             deny_cache_capacity: 4096,
+            lease_ttl: Duration::from_millis(100),
         }
     }
 }
@@ -382,7 +388,7 @@ impl RedisLimiter {
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
             switch_log: SwitchLog::new(),
             deny_cache: DenyCache::new(config.deny_cache_capacity),
-            leases: Leases::new(),
+            leases: Leases::new(config.lease_ttl),
             fallback: LocalLimiter::new(),
             live_data_planes: Box::new(live_data_planes),
             counters: Counters::default(),
@@ -444,11 +450,13 @@ impl RedisLimiter {
                 return inner.fallback(key, &spec, estimated_tokens);
             }
         }
-        if let Some(decision) = inner.leases.take(key, &spec) {
-            bump(&inner.counters.lease_hits);
-            return (decision, None);
-        }
-        let lease = lease_size(&spec);
+        let lease = match inner.leases.take(key, &spec, lease_size(&spec)) {
+            Ok(decision) => {
+                bump(&inner.counters.lease_hits);
+                return (decision, None);
+            }
+            Err(lease) => lease,
+        };
 
         let (requests_key, tokens_key) = bucket_keys(key);
         let mut invocation = inner.acquire_script.key(&requests_key);
@@ -480,10 +488,11 @@ impl RedisLimiter {
             },
             Err(_) => return inner.fallback(key, &spec, estimated_tokens),
         };
-        let decision = reply.decision(&spec);
+        let mut decision = reply.decision(&spec);
         if reply.allowed && reply.taken > 1 {
             let spare = u32::try_from(reply.taken - 1).unwrap_or(u32::MAX);
-            inner.leases.store(key, spec, spare, &decision);
+            let remaining = inner.leases.store(key, spec, spare, &decision);
+            decision.remaining_requests = Some(remaining);
         }
         if !reply.allowed {
             inner
@@ -880,19 +889,17 @@ const LEASE_CAPACITY_SHARE: u32 = 32;
 const LEASE_RATE_SHARE: u32 = 20;
 /// ... and at most this many requests.
 const LEASE_MAX: u32 = 1000;
-/// Unused leased tokens are dropped after this long (they were taken from the shared bucket, so
-/// dropping them can only admit less, never more).
-const LEASE_TTL: Duration = Duration::from_millis(100);
 const LEASE_SHARDS: usize = 16;
-/// Bound on leases held per shard (one per busy assignment).
+/// Bound on assignments tracked per shard (busy ones; idle entries are evicted first).
 const LEASE_SHARD_CAPACITY: usize = 1024;
 
-/// How many request tokens one acquire takes from Redis at once. A data plane serving a busy
-/// assignment with a high request limit then calls Redis once per lease instead of once per
-/// request; a small or token-limited (TPM) assignment keeps one call per request (lease 1), so
-/// its limit stays exact to the request. The shared bucket is never overdrawn: leased tokens are
-/// taken from it up front, and a lease left unused for [`LEASE_TTL`] is dropped, which can only
-/// under-admit, by at most one lease per data plane.
+/// The largest lease one acquire may take from Redis for `spec`: at most 1/32 of the request
+/// bucket, 50 ms of its refill and 1000 requests; 1 (one call per request, exact to the
+/// request) for small limits and for token-limited (TPM) assignments, whose reservations are
+/// per-request estimates. The lease actually taken is also capped by the demand this data plane
+/// saw for the assignment in the last lease window (see [`Leases::take`]), so a quiet data plane
+/// never strands more than it was using. The shared bucket is never overdrawn: leased tokens are
+/// taken from it up front, and unused ones expire, which can only under-admit.
 pub fn lease_size(spec: &LimitSpec) -> u32 {
     match (spec.tpm, spec.tps, spec.request_capacity()) {
         (None, Some(tps), Some(capacity)) => (capacity / LEASE_CAPACITY_SHARE)
@@ -902,7 +909,7 @@ pub fn lease_size(spec: &LimitSpec) -> u32 {
     }
 }
 
-/// Request tokens leased from Redis for one assignment.
+/// Leased request tokens of one assignment, and its recent demand on this data plane.
 struct Lease {
     spec: LimitSpec,
     left: u32,
@@ -911,19 +918,25 @@ struct Lease {
     decision: Decision,
     /// Requests Redis reported remaining after the lease was taken.
     base_remaining: u32,
+    /// Acquires in the current window (of the lease TTL) and in the one before.
+    window_start: Instant,
+    window_count: u32,
+    previous_count: u32,
 }
 
 type LeaseShard = HashMap<Box<str>, Lease>;
 
 /// Per-assignment leases, sharded like the deny cache.
 struct Leases {
+    ttl: Duration,
     hasher: RandomState,
     shards: Box<[Mutex<LeaseShard>]>,
 }
 
 impl Leases {
-    fn new() -> Self {
+    fn new(ttl: Duration) -> Self {
         Self {
+            ttl,
             hasher: RandomState::new(),
             shards: (0..LEASE_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
@@ -939,42 +952,74 @@ impl Leases {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// One request token from a live lease taken with this spec, as an admitting decision.
-    fn take(&self, key: &str, spec: &LimitSpec) -> Option<Decision> {
-        let mut shard = self.shard(key);
-        let lease = shard.get_mut(key)?;
-        if lease.left == 0 || lease.spec != *spec || Instant::now() >= lease.until {
-            return None;
+    /// One request token from a live lease taken with this spec (`Ok`, an admitting decision),
+    /// else the lease to ask Redis for (`Err`): the demand seen in the last window (this one or
+    /// the one before, whichever is larger), between 1 and `bound`.
+    fn take(&self, key: &str, spec: &LimitSpec, bound: u32) -> Result<Decision, u32> {
+        if bound <= 1 {
+            return Err(1);
         }
-        lease.left -= 1;
-        let mut decision = lease.decision.clone();
-        decision.remaining_requests = Some(lease.base_remaining.saturating_add(lease.left));
-        Some(decision)
-    }
-
-    /// Keeps `left` spare tokens of an admitted acquire for the next requests.
-    fn store(&self, key: &str, spec: LimitSpec, left: u32, decision: &Decision) {
         let now = Instant::now();
         let mut shard = self.shard(key);
-        if shard.len() >= LEASE_SHARD_CAPACITY && !shard.contains_key(key) {
-            shard.retain(|_, lease| lease.left > 0 && lease.until > now);
+        let Some(lease) = shard.get_mut(key) else {
             if shard.len() >= LEASE_SHARD_CAPACITY {
-                return;
+                let ttl = self.ttl;
+                shard.retain(|_, l| l.left > 0 || now < l.window_start + ttl);
             }
-        }
-        let lease = Lease {
-            spec,
-            left,
-            until: now + LEASE_TTL,
-            decision: decision.clone(),
-            base_remaining: decision.remaining_requests.unwrap_or(0),
+            if shard.len() < LEASE_SHARD_CAPACITY {
+                shard.insert(
+                    Box::from(key),
+                    Lease {
+                        spec: *spec,
+                        left: 0,
+                        until: now,
+                        decision: Decision::UNLIMITED,
+                        base_remaining: 0,
+                        window_start: now,
+                        window_count: 1,
+                        previous_count: 0,
+                    },
+                );
+            }
+            return Err(1);
         };
-        match shard.get_mut(key) {
-            Some(held) => *held = lease,
-            None => {
-                shard.insert(Box::from(key), lease);
-            }
+        if now >= lease.window_start + self.ttl {
+            let consecutive = now < lease.window_start + 2 * self.ttl;
+            lease.previous_count = if consecutive { lease.window_count } else { 0 };
+            lease.window_start = now;
+            lease.window_count = 0;
         }
+        lease.window_count = lease.window_count.saturating_add(1);
+        if lease.left > 0 && lease.spec == *spec && now < lease.until {
+            lease.left -= 1;
+            let mut decision = lease.decision.clone();
+            decision.remaining_requests = Some(lease.base_remaining.saturating_add(lease.left));
+            return Ok(decision);
+        }
+        Err(lease.previous_count.max(lease.window_count).clamp(1, bound))
+    }
+
+    /// Keeps `spare` tokens of an admitted acquire for the next requests, on top of any still
+    /// live from a concurrent acquire; returns the requests remaining to report (Redis' count
+    /// plus the lease).
+    fn store(&self, key: &str, spec: LimitSpec, spare: u32, decision: &Decision) -> u32 {
+        let now = Instant::now();
+        let base_remaining = decision.remaining_requests.unwrap_or(0);
+        let mut shard = self.shard(key);
+        let Some(lease) = shard.get_mut(key) else {
+            return base_remaining.saturating_add(spare);
+        };
+        let live = lease.left > 0 && lease.spec == spec && now < lease.until;
+        lease.left = if live {
+            lease.left.saturating_add(spare)
+        } else {
+            spare
+        };
+        lease.spec = spec;
+        lease.until = now + self.ttl;
+        lease.decision = decision.clone();
+        lease.base_remaining = base_remaining;
+        base_remaining.saturating_add(lease.left)
     }
 }
 
@@ -1210,42 +1255,71 @@ mod tests {
         assert_eq!(lease_size(&rps(1_000_000, None)), 1000);
     }
 
+    /// Leases that do not expire while a test runs, so what a test sees does not depend on speed.
+    fn lasting_leases() -> RedisLimiterConfig {
+        RedisLimiterConfig {
+            lease_ttl: Duration::from_secs(600),
+            ..config()
+        }
+    }
+
     #[tokio::test]
-    async fn a_lease_answers_without_redis_and_is_taken_from_the_shared_bucket() {
-        let l = limiter(config());
-        let mut conn = raw().await;
+    async fn leases_grow_with_demand_and_answer_without_redis() {
+        let l = limiter(lasting_leases());
+        let key = assignment();
+        let spec = rps(3200, None);
+        let mut last_remaining = u32::MAX;
+        for n in 0..400u32 {
+            let (d, reservation) = acquire(&l, &key, &spec, 0).await;
+            assert!(d.allowed && reservation.is_none());
+            assert_eq!(d.limit_requests, Some(3200));
+            let remaining = d.remaining_requests.unwrap();
+            if n > 0 {
+                // Leased tokens count as remaining: the count only goes down (one per request,
+                // plus what refilled in Redis when a call is made).
+                assert!(
+                    remaining < last_remaining + 3200 / 10,
+                    "{remaining} after {last_remaining}"
+                );
+            }
+            last_remaining = remaining;
+        }
+        let stats = l.stats();
+        assert_eq!(stats.redis_calls + stats.lease_hits, 400);
+        // Demand-sized: 1, 2, 4, ... then leases of 100 (the bound for this spec).
+        assert!(stats.redis_calls <= 12, "{stats:?}");
+        // A changed limit never uses a lease taken under the old one.
+        let calls = stats.redis_calls;
+        acquire(&l, &key, &rps(6400, None), 0).await;
+        assert_eq!(l.stats().redis_calls, calls + 1);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_assignment_takes_no_lease() {
+        // Short windows: each acquire comes in a window of its own, so demand stays 1.
+        let l = limiter(RedisLimiterConfig {
+            lease_ttl: Duration::ZERO,
+            ..config()
+        });
         let key = assignment();
         let (rps_key, _) = bucket_keys(&key);
-        let spec = rps(3200, None);
-        let (first, reservation) = acquire(&l, &key, &spec, 0).await;
-        assert!(first.allowed && reservation.is_none());
-        assert_eq!(l.stats().redis_calls, 1);
-        // The whole lease left the shared bucket at once.
+        let mut conn = raw().await;
+        for _ in 0..20 {
+            acquire(&l, &key, &rps(3200, Some(3200)), 0).await;
+        }
+        assert_eq!(l.stats().redis_calls, 20);
+        assert_eq!(l.stats().lease_hits, 0);
+        // Nothing stranded: exactly one token per request left the bucket (plus refill).
         let level: f64 = hgetall(&mut conn, &rps_key).await["tokens"]
             .parse()
             .unwrap();
-        assert!((3100.0..3101.0).contains(&level), "{level}");
-        assert_eq!(first.remaining_requests, Some(3100));
-        for n in 1..100u32 {
-            let (d, _) = acquire(&l, &key, &spec, 0).await;
-            assert!(d.allowed);
-            assert_eq!(d.limit_requests, Some(3200));
-            assert_eq!(d.remaining_requests, Some(3100 + 99 - n));
-        }
-        assert_eq!(l.stats().redis_calls, 1);
-        assert_eq!(l.stats().lease_hits, 99);
-        // Used up: the next one goes to Redis (and takes a new lease).
-        acquire(&l, &key, &spec, 0).await;
-        assert_eq!(l.stats().redis_calls, 2);
-        // A changed limit does not use a lease taken under the old one.
-        acquire(&l, &key, &rps(6400, None), 0).await;
-        assert_eq!(l.stats().redis_calls, 3);
+        assert!(level >= 3200.0 - 20.0, "{level}");
     }
 
     #[tokio::test]
     async fn leases_never_admit_more_than_the_shared_bucket_holds() {
-        // Two data planes on one bucket of 640 (refilling 640/s), leases of 20.
-        let planes = [limiter(config()), limiter(config())];
+        // Two data planes on one bucket of 640 (refilling 640/s), leases of up to 20.
+        let planes = [limiter(lasting_leases()), limiter(lasting_leases())];
         let key = assignment();
         let spec = rps(640, Some(640));
         assert_eq!(lease_size(&spec), 20);
@@ -1262,6 +1336,7 @@ mod tests {
             (admitted as f64) <= ceiling,
             "{admitted} admitted in {elapsed:.3} s"
         );
+        // At most one lease per plane is left unused.
         assert!(admitted >= 640 - 2 * 20, "{admitted} admitted");
         let hits: u64 = planes.iter().map(|l| l.stats().lease_hits).sum();
         assert!(hits > 0);
