@@ -134,11 +134,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// mimalloc: the request path allocates many small, short-lived buffers (headers, JSON, hyper's
-/// chunks), where it costs markedly less CPU than glibc's malloc (see bench/RESULTS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     let cli = Cli::parse();
     let telemetry = match llm_proxy_telemetry::init_from_env("llm-proxy-data-plane", "info") {
