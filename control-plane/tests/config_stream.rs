@@ -50,9 +50,9 @@ async fn parts_at_least(stream: &mut Streaming<ConfigEvent>, version: i64) -> Ve
     }
 }
 
-/// Like [`parts_at_least`], with the parts merged into one snapshot.
-async fn snapshot_at_least(stream: &mut Streaming<ConfigEvent>, version: i64) -> Snapshot {
-    let mut parts = parts_at_least(stream, version).await.into_iter();
+/// The parts of one snapshot merged into one.
+fn merge(parts: Vec<Snapshot>) -> Snapshot {
+    let mut parts = parts.into_iter();
     let mut whole = parts.next().unwrap();
     for part in parts {
         whole.virtual_keys.extend(part.virtual_keys);
@@ -60,6 +60,11 @@ async fn snapshot_at_least(stream: &mut Streaming<ConfigEvent>, version: i64) ->
         whole.more = part.more;
     }
     whole
+}
+
+/// Like [`parts_at_least`], with the parts merged into one snapshot.
+async fn snapshot_at_least(stream: &mut Streaming<ConfigEvent>, version: i64) -> Snapshot {
+    merge(parts_at_least(stream, version).await)
 }
 
 async fn subscribe_and_receive(backend: Backend) {
@@ -466,12 +471,7 @@ async fn snapshot_of_100k_virtual_keys_passes_the_stream() {
     let largest = parts.iter().map(Message::encoded_len).max().unwrap();
     assert!(parts.len() > 5, "{} parts", parts.len());
     assert!(largest < 2 * 1024 * 1024, "a part of {largest} bytes");
-    let mut parts = parts.into_iter();
-    let mut snapshot = parts.next().unwrap();
-    for part in parts {
-        snapshot.virtual_keys.extend(part.virtual_keys);
-        snapshot.assignments.extend(part.assignments);
-    }
+    let snapshot = merge(parts);
     // A subscriber that does not accept parts (an older data plane) gets it in one message.
     let mut legacy = config
         .subscribe(SubscribeRequest {

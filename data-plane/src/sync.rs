@@ -552,20 +552,34 @@ fn refused(handle: &ConfigHandle, version: i64, error: &str) -> Report {
     }
 }
 
+/// Which snapshot a part belongs to, and whether more parts follow.
+struct PartOf {
+    epoch: String,
+    version: i64,
+    more: bool,
+}
+
+impl PartOf {
+    fn is(&self, (epoch, version): (&str, i64)) -> bool {
+        self.epoch == epoch && self.version == version
+    }
+}
+
 /// Refuses the snapshot `part` belongs to; its later parts, if any, will be dropped.
 fn refuse_rest(
     handle: &ConfigHandle,
     assembly: &mut Option<Assembly>,
-    part: &Snapshot,
+    part: PartOf,
     error: &str,
 ) -> Option<Report> {
+    let report = refused(handle, part.version, error);
     if part.more {
         *assembly = Some(Assembly::Refused {
-            epoch: part.cluster_epoch.clone(),
+            epoch: part.epoch,
             version: part.version,
         });
     }
-    Some(refused(handle, part.version, error))
+    Some(report)
 }
 
 /// Adds one part to the snapshot being assembled and applies the snapshot when it was the last.
@@ -578,21 +592,23 @@ async fn receive_part(
     handle.confirm();
     let version = part.version;
     let more = part.more;
-    let same = |epoch: &str, v: i64| epoch == part.cluster_epoch && v == version;
+    let of = PartOf {
+        epoch: part.cluster_epoch.clone(),
+        version,
+        more,
+    };
     let mut current = match assembly.take() {
-        Some(Assembly::Building(held))
-            if same(held.builder.identity().0, held.builder.identity().1) =>
-        {
+        Some(Assembly::Building(held)) if of.is(held.builder.identity()) => {
             if part.part != held.next_part {
                 let error = format!(
                     "snapshot part {} arrived where part {} was expected",
                     part.part, held.next_part
                 );
-                return refuse_rest(handle, assembly, &part, &error);
+                return refuse_rest(handle, assembly, of, &error);
             }
             held
         }
-        Some(Assembly::Refused { epoch, version: v }) if same(&epoch, v) => {
+        Some(Assembly::Refused { epoch, version: v }) if of.is((&epoch, v)) => {
             if more {
                 *assembly = Some(Assembly::Refused { epoch, version: v });
             }
@@ -605,7 +621,7 @@ async fn receive_part(
             }
             if part.part != 0 {
                 let error = format!("snapshot part {} arrived without part 0", part.part);
-                return refuse_rest(handle, assembly, &part, &error);
+                return refuse_rest(handle, assembly, of, &error);
             }
             match IndexBuilder::new(&part) {
                 Ok(mut builder) => {
@@ -619,18 +635,11 @@ async fn receive_part(
                         build_time: Duration::ZERO,
                     })
                 }
-                Err(err) => return refuse_rest(handle, assembly, &part, &err.to_string()),
+                Err(err) => return refuse_rest(handle, assembly, of, &err.to_string()),
             }
         }
     };
     current.next_part = current.next_part.saturating_add(1);
-    // What `refuse_rest` needs once `part` has been consumed.
-    let identity = Snapshot {
-        cluster_epoch: part.cluster_epoch.clone(),
-        version,
-        more,
-        ..Snapshot::default()
-    };
     current.bytes += part.encoded_len();
     let entries = part.connections.len()
         + part.models.len()
@@ -649,7 +658,7 @@ async fn receive_part(
             }
             Err(join) => {
                 let error = format!("index build task failed: {join}");
-                return refuse_rest(handle, assembly, &identity, &error);
+                return refuse_rest(handle, assembly, of, &error);
             }
         }
     } else {
@@ -657,7 +666,7 @@ async fn receive_part(
     };
     current.build_time += started.elapsed();
     if let Err(err) = added {
-        return refuse_rest(handle, assembly, &identity, &err.to_string());
+        return refuse_rest(handle, assembly, of, &err.to_string());
     }
     if more {
         *assembly = Some(Assembly::Building(current));
