@@ -9,10 +9,10 @@ use clap::Args;
 use llm_proxy_control_plane::master_key;
 use llm_proxy_control_plane::server::{self, RunningControlPlane, ServerSettings};
 use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
+use llm_proxy_data_plane::limits::LimitFlags;
 use llm_proxy_data_plane::metrics;
 use llm_proxy_data_plane::process;
 use llm_proxy_data_plane::ratelimit::redis::{FailMode, RedisLimiterConfig};
-use llm_proxy_data_plane::server::DEFAULT_MAX_BODY_BYTES;
 use llm_proxy_data_plane::sync::SyncSettings;
 use secrecy::SecretString;
 use std::sync::Arc;
@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// Share rate-limit buckets through Redis instead of keeping them in process.
     #[arg(long, value_name = "URL", env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// The data plane's limits (DESIGN §19).
+    #[command(flatten)]
+    pub limits: LimitFlags,
 }
 
 /// Runs the all-in-one gateway until interrupted: the control plane on `--grpc-listen` (loopback:
@@ -96,7 +100,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             build: env!("CARGO_PKG_VERSION").to_owned(),
             tls: None,
         },
-        max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        limits: args.limits.limits(),
         redis_url: args.redis_url.clone().map(SecretString::from),
         ratelimit_fail_mode: FailMode::default(),
         ratelimit_redis_budget: RedisLimiterConfig::default().budget,

@@ -161,7 +161,10 @@ async fn mtls_admits_llmctl_and_a_data_plane_with_client_certificates_and_refuse
             build: "test".into(),
             tls,
         },
-        max_body_bytes: 64 * 1024,
+        limits: llm_proxy_data_plane::limits::Limits {
+            max_body_bytes: 64 * 1024,
+            ..Default::default()
+        },
         redis_url: None,
         ratelimit_fail_mode: Default::default(),
         ratelimit_redis_budget: Duration::from_millis(5),

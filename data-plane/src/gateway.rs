@@ -1,6 +1,7 @@
 //! Starting a data plane: config sync, the API listener, the metrics/health listener, and a
 //! graceful shutdown that lets in-flight requests and streams finish within a grace period.
 
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::ratelimit::redis::{FailMode, RedisLimiter, RedisLimiterConfig};
 use crate::ratelimit::{AnyLimiter, LocalLimiter};
@@ -37,7 +38,8 @@ pub struct GatewaySettings {
     pub listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
     pub sync: SyncSettings,
-    pub max_body_bytes: usize,
+    /// The caps of DESIGN §19 (body size, timeouts, concurrency, upstream answers).
+    pub limits: Limits,
     /// Shared buckets in Redis; `None` = in-process buckets (one data plane only).
     pub redis_url: Option<SecretString>,
     pub ratelimit_fail_mode: FailMode,
@@ -161,7 +163,7 @@ pub fn check(settings: &GatewaySettings) -> Result<String, GatewayError> {
             "in-process"
         },
         settings.ratelimit_fail_mode,
-        settings.max_body_bytes,
+        settings.limits.max_body_bytes,
     ))
 }
 
@@ -187,8 +189,8 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
         draining: draining.clone(),
         config: config.clone(),
         limiter: limiter.clone(),
-        upstreams: Arc::new(crate::providers::Upstreams::new(client)),
-        max_body_bytes: settings.max_body_bytes,
+        upstreams: Arc::new(crate::providers::Upstreams::new(client, settings.limits)),
+        limits: settings.limits,
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut others = vec![sync::spawn(settings.sync, config.clone())];

@@ -8,6 +8,7 @@ pub mod body;
 pub mod errors;
 pub mod gateway;
 pub mod index;
+pub mod limits;
 pub mod metrics;
 pub mod process;
 pub mod providers;

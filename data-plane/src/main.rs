@@ -2,9 +2,9 @@
 
 use clap::Parser;
 use llm_proxy_data_plane::gateway::{self, GatewaySettings};
+use llm_proxy_data_plane::limits::LimitFlags;
 use llm_proxy_data_plane::process;
 use llm_proxy_data_plane::ratelimit::redis::FailMode;
-use llm_proxy_data_plane::server::DEFAULT_MAX_BODY_BYTES;
 use llm_proxy_data_plane::sync::{ClientTlsFiles, SyncSettings};
 use secrecy::SecretString;
 use std::net::SocketAddr;
@@ -52,9 +52,8 @@ struct Cli {
     /// Milliseconds one Redis limiter call may take before the fail mode answers.
     #[arg(long, env = "LLM_PROXY_RATELIMIT_REDIS_BUDGET_MS", default_value_t = 5)]
     ratelimit_redis_budget_ms: u64,
-    /// Largest accepted request body; larger ones get 413.
-    #[arg(long, env = "LLM_PROXY_DP_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
-    max_body_bytes: usize,
+    #[command(flatten)]
+    limits: LimitFlags,
     /// Seconds to keep serving after SIGTERM with /readyz answering 503 and `Connection: close` on
     /// every response, before new connections are refused (lets load balancers move away).
     #[arg(long, env = "LLM_PROXY_DP_SHUTDOWN_DELAY_S", default_value_t = 0)]
@@ -104,7 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .load()
             .await?,
         },
-        max_body_bytes: cli.max_body_bytes,
+        limits: cli.limits.limits(),
         redis_url: cli.redis_url.clone(),
         ratelimit_fail_mode: cli.ratelimit_fail_mode,
         ratelimit_redis_budget: Duration::from_millis(cli.ratelimit_redis_budget_ms),

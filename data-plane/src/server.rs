@@ -4,6 +4,7 @@
 use crate::body::{self, ParsedRequest};
 use crate::errors::ApiError;
 use crate::index::{ConfigIndex, KeyEntry, Target};
+use crate::limits::Limits;
 use crate::metrics::{LimitResult, Metrics, UpstreamErrorKind};
 use crate::providers::{self, CallContext, Operation, Upstreams, Usage};
 use crate::ratelimit::{AnyLimiter, Decision, LimitSpec, RateLimiter as _, Reservation};
@@ -23,9 +24,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::Instrument as _;
 use tracing::field::Empty;
 
-/// Default `--max-body-bytes` (DESIGN §16).
-pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
-
 /// Tokens reserved for the answer when the request sets no `max_tokens` (TPM limits only).
 const DEFAULT_OUTPUT_TOKEN_ESTIMATE: u64 = 1024;
 
@@ -37,13 +35,13 @@ pub struct AppState {
     pub limiter: Arc<AnyLimiter>,
     pub upstreams: Arc<Upstreams>,
     pub metrics: Arc<Metrics>,
-    pub max_body_bytes: usize,
+    pub limits: Limits,
 }
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
-            .field("max_body_bytes", &self.max_body_bytes)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -63,7 +61,7 @@ pub fn upstream_client() -> Result<reqwest::Client, reqwest::Error> {
 }
 
 pub fn router(state: AppState) -> Router {
-    let limit = state.max_body_bytes;
+    let limit = state.limits.max_body_bytes;
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/chat/completions", post(chat))
@@ -492,7 +490,7 @@ async fn handle_inner(
     let index = current_config(state)?;
     let key = authenticate(&index, headers)?;
     record.span.record("vkey_id", key.id());
-    let body = body.map_err(|r| body_error(r, state.max_body_bytes))?;
+    let body = body.map_err(|r| body_error(r, state.limits.max_body_bytes))?;
     let request = body::parse(&body, path_alias.is_none())?;
     let alias = path_alias
         .as_deref()

@@ -20,7 +20,10 @@ async fn draining_turns_readiness_off_and_closes_kept_alive_connections() {
             build: "test".into(),
             tls: None,
         },
-        max_body_bytes: 1024,
+        limits: llm_proxy_data_plane::limits::Limits {
+            max_body_bytes: 1024,
+            ..Default::default()
+        },
         redis_url: None,
         ratelimit_fail_mode: Default::default(),
         ratelimit_redis_budget: Duration::from_millis(5),

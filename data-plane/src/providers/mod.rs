@@ -73,13 +73,16 @@ pub enum Dialect {
 #[derive(Debug)]
 pub struct Upstreams {
     pub client: reqwest::Client,
+    /// The caps on what upstreams may send (DESIGN §19).
+    pub limits: crate::limits::Limits,
     pub google_tokens: google::service_account::TokenCache,
 }
 
 impl Upstreams {
-    pub fn new(client: reqwest::Client) -> Self {
+    pub fn new(client: reqwest::Client, limits: crate::limits::Limits) -> Self {
         Self {
             client,
+            limits,
             google_tokens: google::service_account::TokenCache::default(),
         }
     }

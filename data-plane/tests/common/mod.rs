@@ -71,7 +71,10 @@ pub fn data_plane_settings(
             build: "test".into(),
             tls: None,
         },
-        max_body_bytes: 64 * 1024,
+        limits: llm_proxy_data_plane::limits::Limits {
+            max_body_bytes: 64 * 1024,
+            ..Default::default()
+        },
         redis_url,
         ratelimit_fail_mode: Default::default(),
         ratelimit_redis_budget: Duration::from_millis(200),
