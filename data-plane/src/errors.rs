@@ -155,6 +155,39 @@ impl ApiError {
         .with_code("upstream_timeout")
     }
 
+    /// Load shedding (DESIGN §19): past `--max-connections` or `--max-in-flight`.
+    pub fn overloaded(what: &str) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            format!("the gateway is overloaded ({what}); retry shortly"),
+        )
+        .with_code("overloaded")
+        .with_headers(vec![(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_static("1"),
+        )])
+    }
+
+    /// The client did not send its whole body within `--body-read-timeout-s`.
+    pub fn body_timeout(after: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {}s",
+                after.as_secs()
+            ),
+        )
+        .with_code("request_timeout")
+    }
+
+    /// A bug (a panic) while serving the request; the process serves on.
+    pub fn internal(message: &str) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+            .with_code("internal_error")
+    }
+
     /// The JSON body, also used as the final `data:` event of a failed stream.
     pub fn body_json(&self) -> String {
         let body = Body {

@@ -10,7 +10,6 @@ use crate::sync::{self, ConfigHandle, SyncSettings};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -193,28 +192,23 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
         limits: settings.limits,
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut others = vec![sync::spawn(settings.sync, config.clone())];
+    let sync_settings = settings.sync;
+    let sync_config = config.clone();
+    let mut others = vec![crate::process::supervise(
+        "config_sync",
+        metrics.front_door.clone(),
+        move || sync::run(sync_settings.clone(), sync_config.clone()),
+    )];
 
     let app = server::router(state);
-    let mut stop = shutdown_rx.clone();
-    let server = tokio::spawn(async move {
-        let signal = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        // Small SSE events must leave at once: without TCP_NODELAY each one after the first
-        // waits for the client's delayed ACK (~40 ms).
-        let listener = listener.tap_io(|tcp| {
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %err, "cannot set TCP_NODELAY on an accepted connection");
-            }
-        });
-        if let Err(err) = axum::serve(listener, app)
-            .with_graceful_shutdown(signal)
-            .await
-        {
-            tracing::error!(error = %err, "data plane server failed");
-        }
-    });
+    let stop = shutdown_rx.clone();
+    let server = tokio::spawn(crate::front_door::serve(
+        listener,
+        app,
+        settings.limits,
+        metrics.front_door.clone(),
+        stop,
+    ));
 
     let mut metrics_addr = None;
     if let Some(metrics_listen) = settings.metrics_listen {

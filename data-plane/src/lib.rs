@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod errors;
+pub mod front_door;
 pub mod gateway;
 pub mod index;
 pub mod limits;

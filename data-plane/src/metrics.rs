@@ -78,6 +78,104 @@ pub enum UpstreamErrorKind {
     InvalidResponse,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    pub task: &'static str,
+}
+
+/// The front door's state (DESIGN §19): open connections, requests in flight, load shedding,
+/// client timeouts, panics, and restarts of supervised background tasks. Clones share the series.
+#[derive(Debug, Clone, Default)]
+pub struct FrontDoorMetrics {
+    /// Open client connections of the API port (the `--max-connections` count).
+    pub open_connections: Gauge,
+    /// Requests being served, streams until their last byte (the `--max-in-flight` count).
+    pub in_flight: Gauge,
+    /// Panics caught while serving a request or producing an answer.
+    pub panics: Counter,
+    shed: Family<ReasonLabels, Counter>,
+    client_timeouts: Family<PhaseLabels, Counter>,
+    task_restarts: Family<TaskLabels, Counter>,
+}
+
+impl FrontDoorMetrics {
+    /// A connection past `--max-connections` was answered 503 and closed.
+    pub fn shed_connection(&self) {
+        self.shed
+            .get_or_create(&ReasonLabels {
+                reason: "connections",
+            })
+            .inc();
+    }
+
+    /// A request past `--max-in-flight` was answered 503.
+    pub fn shed_request(&self) {
+        self.shed
+            .get_or_create(&ReasonLabels { reason: "in_flight" })
+            .inc();
+    }
+
+    /// A client connection or request cut at a deadline: `header`, `body` or `idle`.
+    pub fn client_timeout(&self, phase: &'static str) {
+        self.client_timeouts
+            .get_or_create(&PhaseLabels { phase })
+            .inc();
+    }
+
+    /// A supervised background task ended unexpectedly and was restarted.
+    pub fn task_restart(&self, task: &'static str) {
+        self.task_restarts.get_or_create(&TaskLabels { task }).inc();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn register_for_tests(&self, registry: &mut Registry) {
+        self.register(registry);
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "llm_proxy_open_connections",
+            "Open client connections on the API port",
+            self.open_connections.clone(),
+        );
+        registry.register(
+            "llm_proxy_in_flight_requests",
+            "Requests being served (a stream until its last byte)",
+            self.in_flight.clone(),
+        );
+        registry.register(
+            "llm_proxy_panics",
+            "Panics caught while serving a request; the process served on",
+            self.panics.clone(),
+        );
+        registry.register(
+            "llm_proxy_load_shed",
+            "Connections and requests answered 503 overloaded, by reason (connections, in_flight)",
+            self.shed.clone(),
+        );
+        registry.register(
+            "llm_proxy_client_timeouts",
+            "Client connections or requests cut at a deadline, by phase (header, body, idle)",
+            self.client_timeouts.clone(),
+        );
+        registry.register(
+            "llm_proxy_task_restarts",
+            "Background tasks restarted after they ended unexpectedly, by task",
+            self.task_restarts.clone(),
+        );
+    }
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_buckets() -> Histogram {
@@ -108,6 +206,7 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     ratelimit_decisions: Family<DecisionLabels, Counter>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    pub front_door: FrontDoorMetrics,
 }
 
 impl Default for Metrics {
@@ -128,6 +227,7 @@ impl Metrics {
             tokens: Family::default(),
             ratelimit_decisions: Family::default(),
             upstream_errors: Family::default(),
+            front_door: FrontDoorMetrics::default(),
         }
     }
 
@@ -257,6 +357,7 @@ impl Metrics {
             "Failed upstream calls by kind (connect, timeout, status_4xx, status_5xx, invalid_response)",
             self.upstream_errors.clone(),
         );
+        self.front_door.register(registry);
     }
 
     /// The Prometheus text exposition of the request metrics, config state and limiter state.

@@ -13,8 +13,7 @@ use crate::sync::ConfigHandle;
 use crate::trace::TraceContext;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -61,7 +60,6 @@ pub fn upstream_client() -> Result<reqwest::Client, reqwest::Error> {
 }
 
 pub fn router(state: AppState) -> Router {
-    let limit = state.limits.max_body_bytes;
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/chat/completions", post(chat))
@@ -79,7 +77,6 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
@@ -157,28 +154,82 @@ fn current_config(state: &AppState) -> Result<Arc<ConfigIndex>, ApiError> {
     state.config.current().ok_or_else(ApiError::no_config)
 }
 
-fn body_error(rejection: BytesRejection, limit: usize) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::body_too_large(limit)
-    } else {
-        ApiError::invalid_request(format!("cannot read the request body: {rejection}"))
+/// Reads the request body once its key was accepted (DESIGN §19): refused at once when its
+/// declared length is over `--max-body-bytes`, cut when it grows past it or when it is not complete
+/// within `--body-read-timeout-s`.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limits: &Limits,
+    metrics: &Metrics,
+) -> Result<Bytes, ApiError> {
+    let limit = limits.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::body_too_large(limit));
+    }
+    match tokio::time::timeout(limits.body_read_timeout, collect_body(body, limit, declared)).await
+    {
+        Ok(read) => read,
+        Err(_) => {
+            metrics.front_door.client_timeout("body");
+            Err(ApiError::body_timeout(limits.body_read_timeout))
+        }
     }
 }
 
-async fn chat(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    handle(state, headers, body, Operation::ChatCompletions, None, None).await
+/// The body's bytes, without a copy when they arrive in one frame.
+async fn collect_body(body: Body, limit: usize, declared: Option<u64>) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt as _;
+    let mut body = body;
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    let mut total: usize = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::invalid_request(format!("cannot read the request body: {e}"))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        total = total.saturating_add(data.len());
+        if total > limit {
+            return Err(ApiError::body_too_large(limit));
+        }
+        match (&mut joined, first.take()) {
+            (Some(joined), _) => joined.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(earlier)) => {
+                let capacity = declared.map_or(total, |n| usize::try_from(n).unwrap_or(total));
+                let mut buffer = bytes::BytesMut::with_capacity(capacity.clamp(total, limit));
+                buffer.extend_from_slice(&earlier);
+                buffer.extend_from_slice(&data);
+                joined = Some(buffer);
+            }
+        }
+    }
+    Ok(joined.map_or_else(|| first.unwrap_or_default(), bytes::BytesMut::freeze))
 }
 
-async fn embeddings(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    handle(state, headers, body, Operation::Embeddings, None, None).await
+async fn chat(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    handle(
+        state,
+        parts.headers,
+        body,
+        Operation::ChatCompletions,
+        None,
+        None,
+    )
+    .await
+}
+
+async fn embeddings(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    handle(state, parts.headers, body, Operation::Embeddings, None, None).await
 }
 
 #[derive(serde::Deserialize)]
@@ -191,12 +242,12 @@ async fn azure_chat(
     State(state): State<AppState>,
     Path(alias): Path<String>,
     Query(query): Query<AzureQuery>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Response {
+    let (parts, body) = request.into_parts();
     handle(
         state,
-        headers,
+        parts.headers,
         body,
         Operation::ChatCompletions,
         Some(alias),
@@ -209,12 +260,12 @@ async fn azure_embeddings(
     State(state): State<AppState>,
     Path(alias): Path<String>,
     Query(query): Query<AzureQuery>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Response {
+    let (parts, body) = request.into_parts();
     handle(
         state,
-        headers,
+        parts.headers,
         body,
         Operation::Embeddings,
         Some(alias),
@@ -371,7 +422,7 @@ fn record_usage(
 const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// The client's `x-request-id` when it is a sane token, else a new random one.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
+pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(value) = headers.get("x-request-id")
         && !value.is_empty()
         && value.len() <= MAX_REQUEST_ID_LEN
@@ -387,12 +438,12 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 async fn handle(
     state: AppState,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
     operation: Operation,
     path_alias: Option<String>,
     client_api_version: Option<String>,
@@ -480,7 +531,7 @@ fn closing_if_draining(state: &AppState, mut response: Response) -> Response {
 async fn handle_inner(
     state: &AppState,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
     operation: Operation,
     path_alias: Option<String>,
     client_api_version: Option<String>,
@@ -490,7 +541,7 @@ async fn handle_inner(
     let index = current_config(state)?;
     let key = authenticate(&index, headers)?;
     record.span.record("vkey_id", key.id());
-    let body = body.map_err(|r| body_error(r, state.limits.max_body_bytes))?;
+    let body = read_body(body, headers, &state.limits, &state.metrics).await?;
     let request = body::parse(&body, path_alias.is_none())?;
     let alias = path_alias
         .as_deref()

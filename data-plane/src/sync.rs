@@ -385,7 +385,9 @@ pub fn spawn(settings: SyncSettings, handle: Arc<ConfigHandle>) -> tokio::task::
     tokio::spawn(run(settings, handle))
 }
 
-async fn run(settings: SyncSettings, handle: Arc<ConfigHandle>) {
+/// The sync loop: subscribe, apply, reconnect with backoff; returns only when the settings are
+/// invalid.
+pub async fn run(settings: SyncSettings, handle: Arc<ConfigHandle>) {
     let (endpoint, auth) = match settings
         .endpoint()
         .and_then(|e| Ok((e, settings.authorization()?)))
