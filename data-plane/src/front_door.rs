@@ -34,7 +34,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -291,7 +291,7 @@ async fn serve_connection(tcp: TcpStream, shared: Arc<Shared>, id: u64) {
         connections.insert(id, state.clone());
     }
     let io = TokioIo::new(WatchedIo {
-        inner: tcp,
+        inner: Some(tcp),
         state: state.clone(),
         first_read: true,
     });
@@ -379,11 +379,70 @@ impl Future for ConnectionDriver<'_> {
     }
 }
 
-/// The client socket, reporting arriving bytes to the connection's state.
+/// The client socket, reporting arriving bytes to the connection's state. `inner` is `None` only
+/// once dropped (the socket may then linger in a task of its own).
 struct WatchedIo {
-    inner: TcpStream,
+    inner: Option<TcpStream>,
     state: Arc<ConnectionState>,
     first_read: bool,
+}
+
+impl WatchedIo {
+    fn socket(&mut self) -> std::io::Result<Pin<&mut TcpStream>> {
+        match &mut self.inner {
+            Some(socket) => Ok(Pin::new(socket)),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+/// Sockets lingering at one time (see [`WatchedIo`]'s `Drop`); past it they close at once.
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
+const MAX_LINGERING: usize = 1024;
+/// How long, and how many bytes, a closing socket reads and discards.
+const LINGER_FOR: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+impl Drop for WatchedIo {
+    /// Closing a socket with unread bytes resets the connection, which can destroy the answer just
+    /// written before the client reads it — e.g. a 401 to an upload whose body was never read.
+    /// Like nginx's lingering close: half-close, then read and discard for a bounded time. Costs
+    /// one non-blocking read per closed connection; a task only when bytes are pending.
+    fn drop(&mut self) {
+        let Some(socket) = self.inner.take() else {
+            return;
+        };
+        let mut probe = [0u8; 1];
+        if !matches!(socket.try_read(&mut probe), Ok(n) if n > 0) {
+            return;
+        }
+        if LINGERING.fetch_add(1, Ordering::AcqRel) >= MAX_LINGERING {
+            LINGERING.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            LINGERING.fetch_sub(1, Ordering::AcqRel);
+            return;
+        };
+        runtime.spawn(async move {
+            let mut socket = socket;
+            let discard = async {
+                socket.shutdown().await?;
+                let mut sink = [0u8; 8192];
+                let mut total = 0;
+                while total < LINGER_BYTES {
+                    let n = tokio::io::AsyncReadExt::read(&mut socket, &mut sink).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    total += n;
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            let _ = tokio::time::timeout(LINGER_FOR, discard).await;
+            LINGERING.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
 }
 
 impl AsyncRead for WatchedIo {
@@ -393,7 +452,7 @@ impl AsyncRead for WatchedIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let polled = self.socket()?.poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
             let read = &buf.filled()[before..];
             if !read.is_empty() {
@@ -417,7 +476,7 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        self.socket()?.poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -425,19 +484,21 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        self.socket()?.poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner
+            .as_ref()
+            .is_some_and(TcpStream::is_write_vectored)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        self.socket()?.poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        self.socket()?.poll_shutdown(cx)
     }
 }
 
@@ -464,8 +525,7 @@ impl hyper::service::Service<Request<Incoming>> for Gate {
         if metrics.in_flight.inc() >= shared_max(self.shared.limits.max_in_flight) {
             metrics.in_flight.dec();
             metrics.shed_request();
-            let mut response = ApiError::overloaded("too many requests in flight")
-                .into_response();
+            let mut response = ApiError::overloaded("too many requests in flight").into_response();
             let headers = response.headers_mut();
             headers.insert(
                 crate::server::X_REQUEST_ID,
@@ -576,5 +636,76 @@ impl hyper::body::Body for GuardedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use axum::routing::get;
+    use futures_util::StreamExt as _;
+
+    #[tokio::test]
+    async fn a_panic_answers_500_or_ends_that_answer_and_the_server_serves_on() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new()
+            .route(
+                "/panic",
+                get(|| async {
+                    panic!("deliberate test panic in a handler");
+                    #[allow(unreachable_code)]
+                    ""
+                }),
+            )
+            .route(
+                "/panic-in-body",
+                get(|| async {
+                    let chunks = futures_util::stream::iter([1, 2]).map(|i| {
+                        assert!(i < 2, "deliberate test panic in a body");
+                        Ok::<_, Infallible>(Bytes::from_static(b"first chunk\n"))
+                    });
+                    Body::from_stream(chunks)
+                }),
+            )
+            .route("/ok", get(|| async { "ok" }));
+        let metrics = FrontDoorMetrics::default();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            router,
+            Limits::default(),
+            metrics.clone(),
+            stop_rx,
+        ));
+        let http = reqwest::Client::new();
+        let url = |path: &str| format!("http://{addr}{path}");
+
+        let panicked = http.get(url("/panic")).send().await.unwrap();
+        assert_eq!(panicked.status(), 500);
+        let body: serde_json::Value = panicked.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "internal_error");
+        // The same kept-alive connection serves the next request.
+        let ok = http.get(url("/ok")).send().await.unwrap();
+        assert_eq!(ok.text().await.unwrap(), "ok");
+
+        // Cut before or after the head went out (hyper may poll the body before flushing it), but
+        // never a clean end.
+        if let Ok(broken) = http.get(url("/panic-in-body")).send().await {
+            assert!(
+                broken.bytes().await.is_err(),
+                "a broken body must not end cleanly"
+            );
+        }
+        let ok = http.get(url("/ok")).send().await.unwrap();
+        assert_eq!(ok.text().await.unwrap(), "ok");
+
+        assert_eq!(metrics.panics.get(), 2);
+        assert_eq!(metrics.in_flight.get(), 0);
+        stop_tx.send(true).unwrap();
+        drop(http);
+        server.await.unwrap();
+        assert_eq!(metrics.open_connections.get(), 0);
     }
 }

@@ -121,7 +121,9 @@ impl FrontDoorMetrics {
     /// A request past `--max-in-flight` was answered 503.
     pub fn shed_request(&self) {
         self.shed
-            .get_or_create(&ReasonLabels { reason: "in_flight" })
+            .get_or_create(&ReasonLabels {
+                reason: "in_flight",
+            })
             .inc();
     }
 

@@ -171,7 +171,11 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::body_too_large(limit));
     }
-    match tokio::time::timeout(limits.body_read_timeout, collect_body(body, limit, declared)).await
+    match tokio::time::timeout(
+        limits.body_read_timeout,
+        collect_body(body, limit, declared),
+    )
+    .await
     {
         Ok(read) => read,
         Err(_) => {
@@ -189,9 +193,8 @@ async fn collect_body(body: Body, limit: usize, declared: Option<u64>) -> Result
     let mut joined: Option<bytes::BytesMut> = None;
     let mut total: usize = 0;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            ApiError::invalid_request(format!("cannot read the request body: {e}"))
-        })?;
+        let frame = frame
+            .map_err(|e| ApiError::invalid_request(format!("cannot read the request body: {e}")))?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
@@ -229,7 +232,15 @@ async fn chat(State(state): State<AppState>, request: Request) -> Response {
 
 async fn embeddings(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    handle(state, parts.headers, body, Operation::Embeddings, None, None).await
+    handle(
+        state,
+        parts.headers,
+        body,
+        Operation::Embeddings,
+        None,
+        None,
+    )
+    .await
 }
 
 #[derive(serde::Deserialize)]

@@ -300,3 +300,102 @@ pub fn sse_data(text: &str) -> Vec<String> {
         })
         .collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// The real data plane binary
+
+/// A `llm-proxy-data-plane` child process (killed on drop).
+pub struct DataPlaneProcess {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl DataPlaneProcess {
+    /// Starts the binary on local ports, subscribed to the control plane at `cp`, with `args`.
+    pub async fn start(cp: SocketAddr, node: &str, args: &[&str]) -> Self {
+        use std::process::Stdio;
+        use tokio::io::{AsyncBufReadExt as _, BufReader};
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-proxy-data-plane"))
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "--control-plane",
+                &format!("http://{cp}"),
+                "--node-id",
+                node,
+            ])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (addr, metrics) = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                // "llm-proxy data plane listening on ADDR (metrics on ADDR)"
+                if let Some(rest) = line.strip_prefix("llm-proxy data plane listening on ") {
+                    let words: Vec<&str> = rest.split_whitespace().collect();
+                    let metrics = words[3].trim_end_matches(')');
+                    return (words[0].parse().unwrap(), metrics.parse().unwrap());
+                }
+            }
+            panic!("data plane exited before listening");
+        })
+        .await
+        .expect("data plane did not start");
+        // Keep draining stderr so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            child,
+            addr,
+            metrics,
+        }
+    }
+
+    /// A line of the child's `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let pid = self.child.id().expect("data plane exited");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    }
+
+    /// The `/metrics` text of the data plane.
+    pub async fn metrics_text(&self, http: &reqwest::Client) -> String {
+        http.get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `/v1/models` with `key` lists `alias` (the snapshot is applied).
+    pub async fn wait_serving(&self, http: &reqwest::Client, key: &str, alias: &str) {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let models = http
+                .get(format!("http://{}/v1/models", self.addr))
+                .bearer_auth(key)
+                .send()
+                .await;
+            if let Ok(r) = models
+                && r.status() == 200
+                && r.text().await.unwrap_or_default().contains(alias)
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "data plane {} never got its config",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
