@@ -34,7 +34,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -291,7 +291,7 @@ async fn serve_connection(tcp: TcpStream, shared: Arc<Shared>, id: u64) {
         connections.insert(id, state.clone());
     }
     let io = TokioIo::new(WatchedIo {
-        inner: Some(tcp),
+        inner: tcp,
         state: state.clone(),
         first_read: true,
     });
@@ -379,69 +379,16 @@ impl Future for ConnectionDriver<'_> {
     }
 }
 
-/// The client socket, reporting arriving bytes to the connection's state. `inner` is `None` only
-/// once dropped (the socket may then linger in a task of its own).
+/// The client socket, reporting arriving bytes to the connection's state.
 struct WatchedIo {
-    inner: Option<TcpStream>,
+    inner: TcpStream,
     state: Arc<ConnectionState>,
     first_read: bool,
 }
 
 impl WatchedIo {
-    fn socket(&mut self) -> std::io::Result<Pin<&mut TcpStream>> {
-        match &mut self.inner {
-            Some(socket) => Ok(Pin::new(socket)),
-            None => Err(std::io::ErrorKind::NotConnected.into()),
-        }
-    }
-}
-
-/// Sockets lingering at one time (see [`WatchedIo`]'s `Drop`); past it they close at once.
-static LINGERING: AtomicUsize = AtomicUsize::new(0);
-const MAX_LINGERING: usize = 1024;
-/// How long, and how many bytes, a closing socket reads and discards.
-const LINGER_FOR: Duration = Duration::from_secs(2);
-const LINGER_BYTES: usize = 1 << 20;
-
-impl Drop for WatchedIo {
-    /// Closing a socket with unread bytes resets the connection, which can destroy the answer just
-    /// written before the client reads it — e.g. a 401 to an upload whose body was never read.
-    /// Like nginx's lingering close: half-close, then read and discard for a bounded time. Costs
-    /// one non-blocking read per closed connection; a task only when bytes are pending.
-    fn drop(&mut self) {
-        let Some(socket) = self.inner.take() else {
-            return;
-        };
-        let mut probe = [0u8; 1];
-        if !matches!(socket.try_read(&mut probe), Ok(n) if n > 0) {
-            return;
-        }
-        if LINGERING.fetch_add(1, Ordering::AcqRel) >= MAX_LINGERING {
-            LINGERING.fetch_sub(1, Ordering::AcqRel);
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            LINGERING.fetch_sub(1, Ordering::AcqRel);
-            return;
-        };
-        runtime.spawn(async move {
-            let mut socket = socket;
-            let discard = async {
-                socket.shutdown().await?;
-                let mut sink = [0u8; 8192];
-                let mut total = 0;
-                while total < LINGER_BYTES {
-                    let n = tokio::io::AsyncReadExt::read(&mut socket, &mut sink).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    total += n;
-                }
-                Ok::<_, std::io::Error>(())
-            };
-            let _ = tokio::time::timeout(LINGER_FOR, discard).await;
-            LINGERING.fetch_sub(1, Ordering::AcqRel);
-        });
+    fn socket(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(&mut self.inner)
     }
 }
 
@@ -452,7 +399,7 @@ impl AsyncRead for WatchedIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let polled = self.socket()?.poll_read(cx, buf);
+        let polled = self.socket().poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
             let read = &buf.filled()[before..];
             if !read.is_empty() {
@@ -476,7 +423,7 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.socket()?.poll_write(cx, buf)
+        self.socket().poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -484,21 +431,19 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.socket()?.poll_write_vectored(cx, bufs)
+        self.socket().poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner
-            .as_ref()
-            .is_some_and(TcpStream::is_write_vectored)
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.socket()?.poll_flush(cx)
+        self.socket().poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.socket()?.poll_shutdown(cx)
+        self.socket().poll_shutdown(cx)
     }
 }
 
