@@ -8,6 +8,7 @@ use crate::errors::ApiError;
 use serde::Deserialize;
 use serde::de::{self, MapAccess, Visitor};
 use serde_json::value::RawValue;
+use std::collections::HashSet;
 use std::fmt;
 
 /// A JSON object as an ordered list of (key, raw value).
@@ -16,27 +17,82 @@ pub struct RawObject<'a> {
     fields: Vec<(String, &'a RawValue)>,
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ObjectVisitor<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for ObjectVisitor<'a> {
-            type Value = RawObject<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
+/// Up to this many members, duplicates are found by comparing with each earlier key (no
+/// allocation: the common request); past it, through a hash set (linear in the member count).
+const LINEAR_DUPLICATE_SCAN: usize = 16;
+
+/// Reads a JSON object into a [`RawObject`], refusing duplicate keys and more than `max_keys`
+/// members. Time and memory are linear in the input (DESIGN §19).
+struct ObjectSeed<'c> {
+    max_keys: usize,
+    /// Set when the object had more than `max_keys` members (serde errors carry no type).
+    too_many: &'c std::cell::Cell<bool>,
+}
+
+impl<'de> de::DeserializeSeed<'de> for ObjectSeed<'_> {
+    type Value = RawObject<'de>;
+
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ObjectSeed<'_> {
+    type Value = RawObject<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let mut fields: Vec<(String, &'de RawValue)> =
+            Vec::with_capacity(map.size_hint().unwrap_or(12).min(LINEAR_DUPLICATE_SCAN));
+        let mut seen: Option<HashSet<String>> = None;
+        while let Some((key, value)) = map.next_entry::<String, &'de RawValue>()? {
+            if fields.len() == self.max_keys {
+                self.too_many.set(true);
+                return Err(de::Error::custom(format_args!(
+                    "more than {} members",
+                    self.max_keys
+                )));
             }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
-                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
-                while let Some((key, value)) = map.next_entry::<String, &'de RawValue>()? {
-                    // Upstreams disagree on which duplicate wins; refuse rather than guess.
-                    if fields.iter().any(|(k, _): &(String, &RawValue)| *k == key) {
-                        return Err(de::Error::custom(format_args!("duplicate key `{key}`")));
-                    }
-                    fields.push((key, value));
+            // Upstreams disagree on which duplicate wins; refuse rather than guess.
+            let duplicate = match &mut seen {
+                Some(seen) => !seen.insert(key.clone()),
+                None if fields.len() < LINEAR_DUPLICATE_SCAN => {
+                    fields.iter().any(|(k, _)| *k == key)
                 }
-                Ok(RawObject { fields })
+                None => {
+                    let mut set: HashSet<String> = HashSet::with_capacity(fields.len() * 2);
+                    set.extend(fields.iter().map(|(k, _)| k.clone()));
+                    let duplicate = !set.insert(key.clone());
+                    seen = Some(set);
+                    duplicate
+                }
+            };
+            if duplicate {
+                return Err(de::Error::custom(format_args!("duplicate key `{key}`")));
             }
+            fields.push((key, value));
         }
-        deserializer.deserialize_map(ObjectVisitor(std::marker::PhantomData))
+        Ok(RawObject { fields })
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
+    /// Any number of members (a nested object is bounded by the body it is part of).
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let too_many = std::cell::Cell::new(false);
+        de::DeserializeSeed::deserialize(
+            ObjectSeed {
+                max_keys: usize::MAX,
+                too_many: &too_many,
+            },
+            deserializer,
+        )
     }
 }
 
@@ -127,8 +183,13 @@ fn field<'a, T: Deserialize<'a>>(
     }
 }
 
-/// Parses the body: a JSON object, with a string `model` when `model_required`.
-pub fn parse(body: &[u8], model_required: bool) -> Result<ParsedRequest<'_>, ApiError> {
+/// Parses the body: a JSON object of at most `max_top_level_keys` members
+/// (`--max-top-level-keys`), with a string `model` when `model_required`.
+pub fn parse(
+    body: &[u8],
+    model_required: bool,
+    max_top_level_keys: usize,
+) -> Result<ParsedRequest<'_>, ApiError> {
     let text = std::str::from_utf8(body)
         .map_err(|_| ApiError::invalid_request("request body is not valid UTF-8"))?;
     if text.trim().is_empty() {
@@ -136,9 +197,7 @@ pub fn parse(body: &[u8], model_required: bool) -> Result<ParsedRequest<'_>, Api
             "request body is empty; expected a JSON object",
         ));
     }
-    let object: RawObject<'_> = serde_json::from_str(text).map_err(|e| {
-        ApiError::invalid_request(format!("request body is not a valid JSON object: {e}"))
-    })?;
+    let object = parse_top_level(text, max_top_level_keys)?;
     let model: Option<String> = field(&object, "model", "a string")?;
     if model_required && model.as_deref().is_none_or(str::is_empty) {
         return Err(
@@ -162,6 +221,26 @@ pub fn parse(body: &[u8], model_required: bool) -> Result<ParsedRequest<'_>, Api
     })
 }
 
+fn parse_top_level(text: &str, max_keys: usize) -> Result<RawObject<'_>, ApiError> {
+    let too_many = std::cell::Cell::new(false);
+    let seed = ObjectSeed {
+        max_keys,
+        too_many: &too_many,
+    };
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let object = de::DeserializeSeed::deserialize(seed, &mut deserializer)
+        .and_then(|object| deserializer.end().map(|()| object));
+    object.map_err(|e| {
+        if too_many.get() {
+            ApiError::invalid_request(format!(
+                "request body has more than {max_keys} top-level members, the gateway's limit (--max-top-level-keys)"
+            ))
+        } else {
+            ApiError::invalid_request(format!("request body is not a valid JSON object: {e}"))
+        }
+    })
+}
+
 /// Parses a raw JSON object (e.g. a nested value); `None` when it is not an object.
 pub fn parse_object(raw: &str) -> Option<RawObject<'_>> {
     serde_json::from_str(raw).ok()
@@ -176,10 +255,13 @@ pub fn json_string(value: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The default `--max-top-level-keys`.
+    const KEYS: usize = 1000;
+
     #[test]
     fn model_is_replaced_and_everything_else_is_byte_identical() {
         let body = br#"{"model":"gpt-4","messages":[{"role":"user","content":"h\u00e9 \"x\""}],"temperature":0.70,"n":1}"#;
-        let parsed = parse(body, true).unwrap();
+        let parsed = parse(body, true, KEYS).unwrap();
         assert_eq!(parsed.model.as_deref(), Some("gpt-4"));
         let out = parsed
             .object
@@ -192,7 +274,7 @@ mod tests {
 
     #[test]
     fn overrides_add_missing_fields_and_removals_drop() {
-        let parsed = parse(br#"{"model":"m","stream":true,"user":"u"}"#, true).unwrap();
+        let parsed = parse(br#"{"model":"m","stream":true,"user":"u"}"#, true, KEYS).unwrap();
         assert!(parsed.stream && !parsed.include_usage);
         let out = parsed.object.write(
             &[("stream_options", r#"{"include_usage":true}"#)],
@@ -209,6 +291,7 @@ mod tests {
         let p = parse(
             br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"max_tokens":50}"#,
             true,
+            KEYS,
         )
         .unwrap();
         assert!(p.stream && p.include_usage);
@@ -216,6 +299,7 @@ mod tests {
         let p = parse(
             br#"{"model":"m","max_tokens":50,"max_completion_tokens":70}"#,
             true,
+            KEYS,
         )
         .unwrap();
         assert_eq!(p.max_output_tokens, Some(70));
@@ -240,10 +324,103 @@ mod tests {
                 "duplicate key `stream`",
             ),
         ] {
-            let err = parse(body, true).unwrap_err();
+            let err = parse(body, true, KEYS).unwrap_err();
             assert_eq!(err.status, http::StatusCode::BAD_REQUEST);
             assert!(err.message.contains(needle), "{:?}: {}", body, err.message);
         }
+    }
+
+    /// `{"model":"m","k0":0,"k1":1,...}` with `n` distinct extra keys, `duplicate` appended last.
+    fn many_keys(n: usize, duplicate: Option<&str>) -> Vec<u8> {
+        let mut body = String::from(r#"{"model":"m""#);
+        for i in 0..n {
+            body.push_str(&format!(r#","k{i}":{i}"#));
+        }
+        if let Some(key) = duplicate {
+            body.push_str(&format!(r#","{key}":true"#));
+        }
+        body.push('}');
+        body.into_bytes()
+    }
+
+    /// Generous bounds that guard against a CPU denial of service: the old quadratic check took
+    /// ~10 s for 80k keys in a release build (far more in a debug one). Refusing at the key limit
+    /// takes milliseconds; parsing all 80k keys linearly under a second even in a debug build.
+    const WELL_UNDER_A_SECOND: std::time::Duration = std::time::Duration::from_secs(1);
+    const LINEAR_EVEN_IN_DEBUG: std::time::Duration = std::time::Duration::from_secs(5);
+
+    #[test]
+    fn eighty_thousand_keys_are_refused_fast_naming_the_flag() {
+        let body = many_keys(80_000, None);
+        let started = std::time::Instant::now();
+        let err = parse(&body, true, KEYS).unwrap_err();
+        assert!(
+            started.elapsed() < WELL_UNDER_A_SECOND,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(err.status, http::StatusCode::BAD_REQUEST);
+        assert!(
+            err.message.contains("more than 1000 top-level members"),
+            "{}",
+            err.message
+        );
+        assert!(
+            err.message.contains("--max-top-level-keys"),
+            "{}",
+            err.message
+        );
+        // The limit itself is allowed: 999 extra keys and `model`.
+        assert!(parse(&many_keys(KEYS - 1, None), true, KEYS).is_ok());
+        assert!(parse(&many_keys(KEYS, None), true, KEYS).is_err());
+    }
+
+    #[test]
+    fn the_duplicate_check_is_linear_without_a_key_limit() {
+        let body = many_keys(80_000, None);
+        let started = std::time::Instant::now();
+        let parsed = parse(&body, true, usize::MAX).unwrap();
+        assert!(
+            started.elapsed() < LINEAR_EVEN_IN_DEBUG,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(parsed.object.keys().count(), 80_001);
+        let started = std::time::Instant::now();
+        let nested = parse_object(std::str::from_utf8(&body).unwrap()).unwrap();
+        assert!(
+            started.elapsed() < LINEAR_EVEN_IN_DEBUG,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(nested.keys().count(), 80_001);
+    }
+
+    #[test]
+    fn duplicates_are_refused_below_and_above_the_linear_scan() {
+        for extra in [0, 3, LINEAR_DUPLICATE_SCAN - 1, LINEAR_DUPLICATE_SCAN, 500] {
+            for key in ["model", "k0"] {
+                if key == "k0" && extra == 0 {
+                    continue;
+                }
+                let body = many_keys(extra, Some(key));
+                let err = parse(&body, true, KEYS).unwrap_err();
+                assert!(
+                    err.message.contains(&format!("duplicate key `{key}`")),
+                    "{extra} keys, {key}: {}",
+                    err.message
+                );
+                let nested = std::str::from_utf8(&body).unwrap();
+                assert!(parse_object(nested).is_none(), "{extra} keys, {key}");
+            }
+        }
+        let body = many_keys(40, Some("k39"));
+        assert!(
+            parse(&body, true, KEYS)
+                .unwrap_err()
+                .message
+                .contains("`k39`")
+        );
     }
 
     #[test]
@@ -251,13 +428,13 @@ mod tests {
         // A cheap deterministic fuzz: every prefix and single-byte corruption of a valid body.
         let body = br#"{"model":"gpt-4","stream":true,"stream_options":{"include_usage":false},"messages":[{"role":"user","content":"hi"}]}"#;
         for end in 0..body.len() {
-            let _ = parse(&body[..end], true);
+            let _ = parse(&body[..end], true, KEYS);
         }
         for i in 0..body.len() {
             for b in [b'"', b'{', b'}', b'\\', 0u8, 0xff] {
                 let mut copy = body.to_vec();
                 copy[i] = b;
-                let _ = parse(&copy, true);
+                let _ = parse(&copy, true, KEYS);
             }
         }
     }

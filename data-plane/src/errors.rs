@@ -134,13 +134,15 @@ impl ApiError {
         .with_code("content_filter")
     }
 
+    /// An upstream answer the gateway cannot use or account for: not the provider's format, not
+    /// JSON, larger than a limit, an index past `--max-upstream-index` (DESIGN §19).
     pub fn upstream_bad_answer(provider: &str, detail: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::BAD_GATEWAY,
             "server_error",
             format!("upstream {provider} sent an invalid answer: {detail}"),
         )
-        .with_code("bad_upstream_response")
+        .with_code("upstream_invalid_response")
     }
 
     pub fn upstream_timeout(provider: &str, after: std::time::Duration) -> Self {

@@ -6,6 +6,7 @@ use crate::errors::ApiError;
 use crate::index::{ConfigIndex, KeyEntry, Target};
 use crate::limits::Limits;
 use crate::metrics::{LimitResult, Metrics, UpstreamErrorKind};
+use crate::providers::capped::{self, CappedReadError};
 use crate::providers::{self, CallContext, Operation, Upstreams, Usage};
 use crate::ratelimit::{AnyLimiter, Decision, LimitSpec, RateLimiter as _, Reservation};
 use crate::sse::StreamEnd;
@@ -318,10 +319,12 @@ fn limit_spec(target: &Target<'_>) -> LimitSpec {
 /// A rough token estimate for TPM reservations: ~4 bytes per token for the prompt plus the
 /// requested output cap. Settled against the real usage afterwards.
 fn estimate_tokens(body_len: usize, request: &ParsedRequest<'_>) -> u64 {
-    (body_len as u64).div_ceil(4)
-        + request
+    // Saturating: `max_tokens` is the client's number, up to u64::MAX.
+    (body_len as u64).div_ceil(4).saturating_add(
+        request
             .max_output_tokens
-            .unwrap_or(DEFAULT_OUTPUT_TOKEN_ESTIMATE)
+            .unwrap_or(DEFAULT_OUTPUT_TOKEN_ESTIMATE),
+    )
 }
 
 fn attach_headers(response: &mut Response, headers: Vec<(HeaderName, HeaderValue)>) {
@@ -553,7 +556,7 @@ async fn handle_inner(
     let key = authenticate(&index, headers)?;
     record.span.record("vkey_id", key.id());
     let body = read_body(body, headers, &state.limits, &state.metrics).await?;
-    let request = body::parse(&body, path_alias.is_none())?;
+    let request = body::parse(&body, path_alias.is_none(), state.limits.max_top_level_keys)?;
     let alias = path_alias
         .as_deref()
         .or(request.model.as_deref())
@@ -717,12 +720,14 @@ async fn call_upstream(
             },
         );
         let headers = response.headers().clone();
-        // Bounded like the answer itself: an upstream may send an error head and stall.
-        let body = match tokio::time::timeout(timeout, response.bytes()).await {
-            Ok(Ok(body)) => body,
-            Ok(Err(err)) => Bytes::from(error_text(err)),
-            Err(_) => Bytes::new(),
-        };
+        // Bounded like the answer itself: an upstream may send an error head and stall, or an
+        // endless body (only its start is read, for the message).
+        let body = tokio::time::timeout(
+            timeout,
+            capped::read_prefix(response, capped::MAX_ERROR_BODY_BYTES),
+        )
+        .await
+        .unwrap_or_default();
         settle(state, reservation, 0).await;
         let err = dialect.error(provider, status, &headers, &body);
         return if status.is_server_error() {
@@ -751,6 +756,7 @@ async fn call_upstream(
                 timeout,
                 provider,
                 on_end,
+                &state.limits,
             )
             .await
         {
@@ -770,24 +776,37 @@ async fn call_upstream(
         headers.extend(request_ids);
         return Attempt::Done(out);
     }
-    let body = response.bytes().await;
+    // Capped: a declared length over the cap is refused unread, an undeclared one when it
+    // passes the cap (DESIGN §19).
+    let body = capped::read_capped(response, state.limits.max_upstream_body_bytes).await;
     record.upstream = Some(sent_at.elapsed());
     let body = match body {
         Ok(body) => body,
-        Err(err) if err.is_timeout() => {
+        Err(CappedReadError::Http(err)) if err.is_timeout() => {
             metrics.upstream_error(provider, UpstreamErrorKind::Timeout);
             settle(state, reservation, estimate).await;
             return Attempt::Done(ApiError::upstream_timeout(provider, timeout).into_response());
         }
-        Err(err) => {
+        Err(CappedReadError::Http(err)) => {
             metrics.upstream_error(provider, UpstreamErrorKind::InvalidResponse);
             settle(state, reservation, estimate).await;
             return Attempt::Done(
                 ApiError::upstream_bad_answer(provider, error_text(err)).into_response(),
             );
         }
+        Err(too_large) => {
+            metrics.upstream_error(provider, UpstreamErrorKind::InvalidResponse);
+            settle(state, reservation, estimate).await;
+            return Attempt::Done(
+                ApiError::upstream_bad_answer(
+                    provider,
+                    format_args!("{too_large} (--max-upstream-body-bytes)"),
+                )
+                .into_response(),
+            );
+        }
     };
-    let (body, usage) = match dialect.translate(&request_ids, body) {
+    let (body, usage) = match dialect.translate(&request_ids, body, &state.limits, provider) {
         Ok(translated) => translated,
         Err(err) => {
             metrics.upstream_error(provider, UpstreamErrorKind::InvalidResponse);

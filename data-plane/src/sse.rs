@@ -16,25 +16,49 @@ use serde::de::IgnoredAny;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-/// Largest event the relay buffers; a bigger one means the upstream is not sending SSE.
+/// Default largest event the relay buffers (`--max-stream-event-bytes`); a bigger one means the
+/// upstream is not sending SSE.
 pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 
-/// Incremental splitter on blank lines (`\n\n` or `\r\n\r\n`).
-#[derive(Debug, Default)]
+/// Incremental splitter on blank lines (`\n\n` or `\r\n\r\n`). Each byte is scanned once, and
+/// the pending event is bounded: past `max_event_bytes` (plus the chunk that crossed it) the
+/// splitter reports [`overflowed`](Self::overflowed) and the caller ends the stream.
+#[derive(Debug)]
 pub struct EventSplitter {
     buffer: BytesMut,
     /// Bytes already scanned without finding a terminator (minus the two that may start one).
     scanned: usize,
+    max_event_bytes: usize,
+}
+
+impl Default for EventSplitter {
+    fn default() -> Self {
+        Self::new(MAX_EVENT_BYTES)
+    }
 }
 
 impl EventSplitter {
+    /// A splitter that refuses events larger than `max_event_bytes`.
+    pub fn new(max_event_bytes: usize) -> Self {
+        Self {
+            buffer: BytesMut::new(),
+            scanned: 0,
+            max_event_bytes,
+        }
+    }
+
+    /// The largest event accepted.
+    pub fn max_event_bytes(&self) -> usize {
+        self.max_event_bytes
+    }
+
     pub fn push(&mut self, chunk: &[u8]) {
         self.buffer.extend_from_slice(chunk);
     }
 
-    /// True when the pending, unterminated event exceeds [`MAX_EVENT_BYTES`].
+    /// True when the pending, unterminated event exceeds the limit.
     pub fn overflowed(&self) -> bool {
-        self.buffer.len() > MAX_EVENT_BYTES
+        self.buffer.len() > self.max_event_bytes
     }
 
     /// The next complete event (without its terminating blank line).
@@ -155,6 +179,12 @@ impl OpenAiPassthrough {
         }
     }
 
+    /// Refuses upstream events larger than `max_event_bytes` (default [`MAX_EVENT_BYTES`]).
+    pub fn with_max_event_bytes(mut self, max_event_bytes: usize) -> Self {
+        self.splitter = EventSplitter::new(max_event_bytes);
+        self
+    }
+
     /// Decides what of one event reaches the client.
     fn relay_event(&mut self, event: &Bytes, out: &mut BytesMut) {
         let keep = match data_of(event) {
@@ -193,7 +223,10 @@ impl StreamTranslator for OpenAiPassthrough {
             self.relay_event(&event, out);
         }
         if !self.completed && self.splitter.overflowed() {
-            return Err(event_too_large(self.provider));
+            return Err(event_too_large(
+                self.provider,
+                self.splitter.max_event_bytes(),
+            ));
         }
         Ok(())
     }
@@ -201,6 +234,10 @@ impl StreamTranslator for OpenAiPassthrough {
     fn finish(&mut self, out: &mut BytesMut) -> Result<(), ApiError> {
         if let Some(rest) = self.splitter.finish() {
             self.relay_event(&rest, out);
+        }
+        if !self.completed {
+            // The client must not take a cut answer for a whole one (DESIGN §19).
+            return Err(stream_truncated(self.provider, "[DONE]"));
         }
         Ok(())
     }
@@ -214,11 +251,27 @@ impl StreamTranslator for OpenAiPassthrough {
     }
 }
 
-/// The error for an upstream event beyond [`MAX_EVENT_BYTES`].
-pub fn event_too_large(provider: &str) -> ApiError {
+/// The error for an upstream event beyond `max` bytes (`--max-stream-event-bytes`).
+pub fn event_too_large(provider: &str, max: usize) -> ApiError {
     ApiError::upstream_bad_answer(
         provider,
-        format!("a stream event exceeded {MAX_EVENT_BYTES} bytes"),
+        format!("a stream event exceeded the limit of {max} bytes (--max-stream-event-bytes)"),
+    )
+}
+
+/// The error for a stream that ended before its terminal event (`terminal` names it).
+pub fn stream_truncated(provider: &str, terminal: &str) -> ApiError {
+    ApiError::upstream_bad_answer(
+        provider,
+        format!("the stream ended before its terminal event ({terminal})"),
+    )
+}
+
+/// The error for an index or count past `max` (`--max-upstream-index`) in an upstream answer.
+pub fn index_too_large(provider: &str, what: &str, value: u64, max: u32) -> ApiError {
+    ApiError::upstream_bad_answer(
+        provider,
+        format!("{what} {value} exceeds the limit of {max} (--max-upstream-index)"),
     )
 }
 
@@ -596,6 +649,93 @@ mod tests {
         let (text, _) = run(chunks, false).await;
         assert!(!text.contains("prompt_filter_results"), "{text}");
         assert!(text.starts_with("data: {\"choices\":[{\"content_filter_results\""));
+    }
+
+    /// The `error` object of the last event of a client stream.
+    fn final_error(text: &str) -> serde_json::Value {
+        let last = text.trim_end().rsplit("\n\n").next().unwrap();
+        let data = last.strip_prefix("data: ").unwrap();
+        let value: serde_json::Value = serde_json::from_str(data).unwrap();
+        value["error"].clone()
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_without_done_gets_a_final_error_event() {
+        let (text, end) = run(
+            vec![
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+                USAGE_CHUNK,
+            ],
+            true,
+        )
+        .await;
+        assert!(text.contains("\"content\":\"Hi\""), "{text}");
+        assert!(!text.contains("data: [DONE]"), "{text}");
+        let error = final_error(&text);
+        assert_eq!(error["code"], "upstream_invalid_response", "{text}");
+        assert!(
+            error["message"].as_str().unwrap().contains("[DONE]"),
+            "{error}"
+        );
+        let (usage, completed) = end.unwrap();
+        assert_eq!(usage.unwrap().total(), 7, "the usage seen still counts");
+        assert!(!completed);
+    }
+
+    #[tokio::test]
+    async fn an_event_over_the_limit_ends_the_stream_and_stops_reading_the_upstream() {
+        // An endless event without a terminator, 1 KiB at a time.
+        let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = pulled.clone();
+        let upstream = futures_util::stream::iter(std::iter::once(Bytes::from_static(b"data: ")))
+            .chain(futures_util::stream::repeat_with(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Bytes::from(vec![b'a'; 1024])
+            }))
+            .map(Ok::<_, std::io::Error>);
+        let recorder = Recorder::default();
+        let out: Vec<_> = relay(
+            Box::pin(upstream),
+            OpenAiPassthrough::new("openai", false).with_max_event_bytes(64 * 1024),
+            Duration::from_secs(5),
+            "openai",
+            Box::new(recorder.clone()),
+        )
+        .collect()
+        .await;
+        let text: String = out
+            .into_iter()
+            .map(|b| String::from_utf8(b.unwrap().to_vec()).unwrap())
+            .collect();
+        let error = final_error(&text);
+        assert_eq!(error["code"], "upstream_invalid_response", "{text}");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("65536 bytes (--max-stream-event-bytes)"),
+            "{error}"
+        );
+        assert_eq!(
+            pulled.load(std::sync::atomic::Ordering::Relaxed),
+            64,
+            "read up to the limit, then no further"
+        );
+        assert_eq!(*recorder.0.lock().unwrap(), Some((None, false)));
+    }
+
+    #[test]
+    fn the_splitter_overflows_past_its_own_limit_only() {
+        let mut s = EventSplitter::new(10);
+        s.push(b"data: 1234");
+        assert!(s.next_event().is_none());
+        assert!(!s.overflowed(), "exactly the limit");
+        s.push(b"5");
+        assert!(s.overflowed());
+        let mut s = EventSplitter::new(10);
+        s.push(b"data: 1\n\ndata: 2\n\n");
+        while s.next_event().is_some() {}
+        assert!(!s.overflowed(), "complete events do not count");
     }
 
     #[tokio::test]

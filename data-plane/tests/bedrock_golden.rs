@@ -68,7 +68,12 @@ fn produce(case: &Value) -> Map<String, Value> {
     let mut out = Map::new();
     match kind {
         "chat" | "stream" | "rejection" => {
-            let request = body::parse(&request_bytes, true).unwrap();
+            let request = body::parse(
+                &request_bytes,
+                true,
+                llm_proxy_data_plane::limits::Limits::default().max_top_level_keys,
+            )
+            .unwrap();
             match converse::request(&request, model) {
                 Ok(body) => {
                     out.insert(

@@ -25,7 +25,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 const CLIENT_KEY: &str = "vk-bedrock-front-9012";
@@ -333,6 +333,8 @@ struct Mock {
     base: String,
     seen: Arc<Mutex<Vec<Call>>>,
     next_id: Arc<AtomicU64>,
+    /// Bytes of the `HUGEFRAME` body handed to the connection so far.
+    produced: Arc<AtomicUsize>,
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response {
@@ -379,14 +381,14 @@ async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
         recorded: recorded.clone(),
         request_id: request_id.clone(),
     });
-    let mut response = answer(&recorded);
+    let mut response = answer(&recorded, &mock.produced);
     response
         .headers_mut()
         .insert("x-amzn-requestid", request_id.parse().unwrap());
     response
 }
 
-fn answer(recorded: &Recorded) -> Response {
+fn answer(recorded: &Recorded, produced: &Arc<AtomicUsize>) -> Response {
     // Authentication comes first, as at AWS.
     if let Err(failure) = authenticate(recorded) {
         return aws_error(StatusCode::FORBIDDEN, failure.kind, &failure.message);
@@ -438,7 +440,7 @@ fn answer(recorded: &Recorded) -> Response {
     if op == "converse" {
         converse(&request)
     } else {
-        converse_stream(&request)
+        converse_stream(&request, produced)
     }
 }
 
@@ -721,8 +723,23 @@ fn in_odd_pieces(bytes: &[u8]) -> Body {
     Body::from_stream(futures_util::stream::iter(pieces))
 }
 
-fn converse_stream(request: &Value) -> Response {
+/// A frame prelude declaring 4 GiB (total and header lengths, prelude CRC), to be followed by
+/// 200 MB that the gateway must not buffer.
+const HUGE_FRAME_PRELUDE: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0x40, 0, 0, 0, 0];
+
+fn converse_stream(request: &Value, produced: &Arc<AtomicUsize>) -> Response {
     let text = request.to_string();
+    if text.contains("HUGEFRAME") {
+        return Response::builder()
+            .header("content-type", "application/vnd.amazon.eventstream")
+            .body(common::lazy_body(
+                HUGE_FRAME_PRELUDE,
+                0,
+                200 * 1024 * 1024,
+                produced.clone(),
+            ))
+            .unwrap();
+    }
     let frames: Vec<Vec<u8>> = if text.contains("THROTTLEFIRST") {
         vec![exception(
             "throttlingException",
@@ -755,6 +772,9 @@ fn converse_stream(request: &Value) -> Response {
                 "throttlingException",
                 "Too many tokens, please wait before trying again.",
             ));
+        } else if text.contains("NOMETADATA") {
+            // The upstream closes after messageStop, before the metadata with the usage.
+            frames.extend([block_stop(0), message_stop("end_turn")]);
         } else if text.contains("CORRUPTME") {
             let mut corrupted = text_delta(0, " CORRUPTED");
             *corrupted.last_mut().unwrap() ^= 0x5a;
@@ -777,6 +797,7 @@ async fn start_mock() -> Mock {
         base,
         seen: Arc::default(),
         next_id: Arc::default(),
+        produced: Arc::default(),
     })
     .await
 }
@@ -1526,7 +1547,7 @@ async fn a_frame_with_a_corrupted_crc_ends_the_client_stream_with_an_error_event
     let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
     let error = openai_error(&last);
     assert_eq!(error["type"], "server_error", "{last}");
-    assert_eq!(error["code"], "bad_upstream_response", "{last}");
+    assert_eq!(error["code"], "upstream_invalid_response", "{last}");
     assert!(
         error["message"]
             .as_str()
@@ -1602,4 +1623,77 @@ async fn access_denied_stays_403_and_says_the_connections_credential_was_refused
         "/model/anthropic.claude-opus-4-20250514-v1%3A0/converse"
     );
     assert_bearer(&seen, API_KEY);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream garbage (DESIGN §19)
+
+/// Bound on each garbage answer: they take milliseconds; seconds would mean a stall.
+const WITHIN_SECONDS: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Fixture {
+    async fn answer_within_seconds(&self, body: &str) -> (StatusCode, String) {
+        tokio::time::timeout(WITHIN_SECONDS, async {
+            let response = self.post(body).await;
+            let status = response.status();
+            (status, response.text().await.unwrap())
+        })
+        .await
+        .expect("no whole answer within seconds")
+    }
+
+    async fn assert_next_stream_served(&self) {
+        let (status, text) = self
+            .answer_within_seconds(&stream_chat("sonnet", "hi"))
+            .await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(sse_data(&text).last().unwrap(), "[DONE]", "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frame_declaring_4_gib_is_refused_from_its_prelude() {
+    let f = fixture().await;
+    let (status, body) = f
+        .answer_within_seconds(&stream_chat("sonnet", "HUGEFRAME"))
+        .await;
+    // The first frame fails before the stream's head: a 502.
+    assert_eq!(status, 502, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], "upstream_invalid_response", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains(&format!(
+            "frame of 4294967295 bytes exceeds the limit of {} bytes (--max-stream-event-bytes)",
+            common::TEST_MAX_STREAM_EVENT_BYTES
+        )),
+        "{body}"
+    );
+    let produced = f.mock.produced.load(Ordering::Relaxed);
+    assert!(
+        produced < 32 * 1024 * 1024,
+        "the mock sent {produced} of its 200 MB"
+    );
+    f.assert_next_stream_served().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_without_its_metadata_gets_a_final_error_event() {
+    let f = fixture().await;
+    let (status, text) = f
+        .answer_within_seconds(&stream_chat("sonnet", "NOMETADATA"))
+        .await;
+    assert_eq!(status, 200, "the stream had started");
+    let events = sse_data(&text);
+    assert!(!events.iter().any(|e| e == "[DONE]"), "{text}");
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    let error = openai_error(&last);
+    assert_eq!(error["code"], "upstream_invalid_response", "{last}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("terminal event (messageStop and metadata)"),
+        "{last}"
+    );
+    f.assert_next_stream_served().await;
 }

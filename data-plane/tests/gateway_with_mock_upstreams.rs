@@ -18,6 +18,7 @@ use llm_proxy_data_plane::gateway::RunningGateway;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -36,7 +37,12 @@ struct Mock {
     /// A `HOLDME` request signals `held` on arrival and answers only after `release`.
     held: Arc<tokio::sync::Notify>,
     release: Arc<tokio::sync::Notify>,
+    /// Bytes of the oversized bodies (`DECLARE200MB`, `UNDECLARED200MB`, `LINE50MB`,
+    /// `ENDLESSERROR`) handed to the connection so far: what the gateway made the mock send.
+    produced: Arc<AtomicUsize>,
 }
+
+const MIB: usize = 1024 * 1024;
 
 fn sse(events: &[Value], done: bool) -> String {
     let mut out = String::new();
@@ -160,6 +166,9 @@ async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
     if text.contains("SLOWHEAD") {
         std::future::pending::<()>().await;
     }
+    if let Some(response) = garbage_answer(&mock, &text) {
+        return response;
+    }
     if path.ends_with("/embeddings") {
         let base64 = json["encoding_format"] == "base64";
         let vector = [0.25f32, -0.5, 1.0];
@@ -216,6 +225,65 @@ async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
         answer.to_string(),
     )
         .into_response()
+}
+
+/// The upstream garbage of DESIGN §19, by trigger word: a 200 that is not JSON, a stream that
+/// ends without `[DONE]`, a 200 declaring 200 MB (and sending them if read), 200 MB without a
+/// declared length, a 50 MB SSE line, an error answer with an endless body.
+fn garbage_answer(mock: &Mock, text: &str) -> Option<Response> {
+    let produced = mock.produced.clone();
+    let answer = |status: StatusCode, content_type: &str, body: Body| {
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .body(body)
+            .unwrap()
+    };
+    Some(if text.contains("NOTJSON") {
+        answer(
+            StatusCode::OK,
+            "text/html",
+            Body::from("<html><body>upstream proxy error</body></html>"),
+        )
+    } else if text.contains("TRUNCATEME") {
+        let mut events = stream_events("gpt-4-turbo-preview", true, false);
+        events.truncate(3);
+        answer(
+            StatusCode::OK,
+            "text/event-stream",
+            Body::from(sse(&events, false)),
+        )
+    } else if text.contains("UNDECLARED200MB") {
+        answer(
+            StatusCode::OK,
+            "application/json",
+            common::lazy_body(b"{\"id\":\"", b'a', 200 * MIB, produced),
+        )
+    } else if text.contains("DECLARE200MB") {
+        let mut response = answer(
+            StatusCode::OK,
+            "application/json",
+            common::lazy_body(b"{\"id\":\"", b'a', 200 * MIB, produced),
+        );
+        response
+            .headers_mut()
+            .insert("content-length", (200 * MIB).into());
+        response
+    } else if text.contains("LINE50MB") {
+        answer(
+            StatusCode::OK,
+            "text/event-stream",
+            common::lazy_body(b"data: {\"id\":\"", b'a', 50 * MIB, produced),
+        )
+    } else if text.contains("ENDLESSERROR") {
+        answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            common::lazy_body(b"the upstream is melting: ", b'a', 200 * MIB, produced),
+        )
+    } else {
+        return None;
+    })
 }
 
 struct Fixture {
@@ -947,4 +1015,174 @@ async fn a_traceparent_goes_upstream_continuing_the_clients_trace_or_a_new_one()
         );
         assert_ne!(fields[1], "0".repeat(32));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream garbage (DESIGN §19): each is answered within seconds with a 502 or a final error
+// event, the gateway buffers no more than its caps, and the next request is served.
+
+/// Bound on each garbage answer: they take milliseconds; seconds would mean a stall.
+const WITHIN_SECONDS: Duration = Duration::from_secs(10);
+
+/// Bytes the mock may hand out for an answer the gateway refuses early: the gateway's cap
+/// (1 MiB in tests) plus what the two sockets' buffers hold, far below the 50 and 200 MB offered.
+const PRODUCED_BOUND: usize = 32 * MIB;
+
+fn chat(content: &str, stream: bool) -> String {
+    json!({"model": "gpt-4", "stream": stream, "messages": [{"role": "user", "content": content}]})
+        .to_string()
+}
+
+impl Fixture {
+    /// Posts a chat request and reads the whole answer within [`WITHIN_SECONDS`].
+    async fn garbage(&self, content: &str, stream: bool) -> (StatusCode, String) {
+        tokio::time::timeout(WITHIN_SECONDS, async {
+            let response = self
+                .post("/v1/chat/completions", CLIENT_KEY, &chat(content, stream))
+                .await;
+            let status = response.status();
+            (status, response.text().await.unwrap())
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no whole answer to {content} within {WITHIN_SECONDS:?}"))
+    }
+
+    /// A plain request right after is served as usual.
+    async fn assert_next_request_served(&self) {
+        let (status, body) = self.garbage("hello", false).await;
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["choices"][0]["message"]["content"], "Hello!");
+    }
+}
+
+/// The `error` object of a 502 answer with code `upstream_invalid_response`.
+fn assert_invalid_response(status: StatusCode, body: &str) -> Value {
+    assert_eq!(status, 502, "{body}");
+    let body: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body["error"]["code"], "upstream_invalid_response", "{body}");
+    body["error"].clone()
+}
+
+/// The `error` object of a stream's final event (no `[DONE]` before it).
+fn final_error_event(text: &str) -> Value {
+    let events = common::sse_data(text);
+    assert!(!events.iter().any(|e| e == "[DONE]"), "{text}");
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_invalid_response", "{text}");
+    last["error"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_2xx_answer_that_is_not_json_is_a_502() {
+    let f = fixture().await;
+    let (status, body) = f.garbage("NOTJSON", false).await;
+    let error = assert_invalid_response(status, &body);
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a JSON object"),
+        "{error}"
+    );
+    assert!(
+        !body.contains("<html>"),
+        "the answer is not relayed: {body}"
+    );
+    f.assert_next_request_served().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_that_ends_without_done_gets_a_final_error_event() {
+    let f = fixture().await;
+    let (status, text) = f.garbage("TRUNCATEME", true).await;
+    assert_eq!(status, 200, "the stream had started");
+    assert!(text.contains(r#""content":"Hi""#), "{text}");
+    let error = final_error_event(&text);
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("terminal event ([DONE])"),
+        "{error}"
+    );
+    f.assert_next_request_served().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_answers_are_refused_without_buffering_them() {
+    let f = fixture().await;
+    // Declared: refused from the head, the body unread.
+    let (status, body) = f.garbage("DECLARE200MB", false).await;
+    let error = assert_invalid_response(status, &body);
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "declares {} bytes, over the limit of {} bytes (--max-upstream-body-bytes)",
+            200 * MIB,
+            common::TEST_MAX_UPSTREAM_BODY_BYTES
+        )),
+        "{message}"
+    );
+    let produced = f.mock.produced.swap(0, Ordering::Relaxed);
+    assert!(produced < PRODUCED_BOUND, "the mock sent {produced} bytes");
+    f.assert_next_request_served().await;
+
+    // Undeclared: read up to the cap, then refused.
+    let (status, body) = f.garbage("UNDECLARED200MB", false).await;
+    let error = assert_invalid_response(status, &body);
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds the limit of 1048576 bytes (--max-upstream-body-bytes)"),
+        "{error}"
+    );
+    let produced = f.mock.produced.swap(0, Ordering::Relaxed);
+    assert!(
+        (common::TEST_MAX_UPSTREAM_BODY_BYTES..PRODUCED_BOUND).contains(&produced),
+        "the mock sent {produced} bytes"
+    );
+    f.assert_next_request_served().await;
+
+    // An error answer: only the start of its body is read, for the message.
+    let (status, body) = f.garbage("ENDLESSERROR", false).await;
+    assert_eq!(status, 500, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("upstream openai answered HTTP 500: the upstream is melting: aaa"),
+        "{message}"
+    );
+    assert!(
+        message.len() < 1024,
+        "the message is cut: {} bytes",
+        message.len()
+    );
+    let produced = f.mock.produced.swap(0, Ordering::Relaxed);
+    assert!(produced < PRODUCED_BOUND, "the mock sent {produced} bytes");
+    f.assert_next_request_served().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_50_mb_sse_line_ends_the_stream_with_an_error_event() {
+    let f = fixture().await;
+    let (status, text) = f.garbage("LINE50MB", true).await;
+    assert_eq!(status, 200, "an OpenAI stream is relayed from its head");
+    let error = final_error_event(&text);
+    assert!(
+        error["message"].as_str().unwrap().contains(&format!(
+            "exceeded the limit of {} bytes (--max-stream-event-bytes)",
+            common::TEST_MAX_STREAM_EVENT_BYTES
+        )),
+        "{error}"
+    );
+    assert!(
+        text.len() < 4096,
+        "nothing of the line is relayed: {} bytes",
+        text.len()
+    );
+    let produced = f.mock.produced.load(Ordering::Relaxed);
+    assert!(produced < PRODUCED_BOUND, "the mock sent {produced} bytes");
+    f.assert_next_request_served().await;
 }

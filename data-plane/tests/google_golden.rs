@@ -31,7 +31,12 @@ fn produce(case: &Value) -> Map<String, Value> {
     let mut out = Map::new();
     match kind {
         "chat" | "stream" | "rejection" => {
-            let request = body::parse(&request_bytes, true).unwrap();
+            let request = body::parse(
+                &request_bytes,
+                true,
+                llm_proxy_data_plane::limits::Limits::default().max_top_level_keys,
+            )
+            .unwrap();
             match chat::request(&request, model) {
                 Ok(gemini) => {
                     out.insert(
@@ -46,7 +51,11 @@ fn produce(case: &Value) -> Map<String, Value> {
             }
             if kind == "chat" {
                 let answer = serde_json::to_vec(&case["answer"]).unwrap();
-                match chat::answer(&answer, model) {
+                match chat::answer(
+                    &answer,
+                    model,
+                    llm_proxy_data_plane::limits::Limits::default().max_upstream_index,
+                ) {
                     Ok((translated, usage)) => {
                         out.insert(
                             "openai_answer".into(),
@@ -103,7 +112,12 @@ fn produce(case: &Value) -> Map<String, Value> {
                 Some("vertex") => Api::Vertex,
                 _ => Api::Gemini,
             };
-            let request = body::parse(&request_bytes, true).unwrap();
+            let request = body::parse(
+                &request_bytes,
+                true,
+                llm_proxy_data_plane::limits::Limits::default().max_top_level_keys,
+            )
+            .unwrap();
             let (method, upstream, answer) = embeddings::request(&request, api, model).unwrap();
             out.insert("upstream_method".into(), json!(method));
             out.insert(

@@ -30,6 +30,8 @@ const EXPRESS_KEY: &str = "AQ.Ab8RN6JexpressModeKey0123456789abcdefghijklmnopq";
 const VERTEX_TOKEN: &str = "ya29.xxx";
 const SA_EMAIL: &str = "gateway@llm-proxy-test.iam.gserviceaccount.com";
 const COLD_SA_EMAIL: &str = "gateway-cold@llm-proxy-test.iam.gserviceaccount.com";
+/// The token endpoint answers this account's exchanges with `expires_in: u64::MAX`.
+const FOREVER_SA_EMAIL: &str = "gateway-forever@llm-proxy-test.iam.gserviceaccount.com";
 const SA_KEY_ID: &str = "0123456789abcdef0123456789abcdef01234567";
 const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -293,8 +295,21 @@ fn answer_text(model: &str, vertex: bool) -> Value {
     )
 }
 
+/// A candidate whose `index` would size a 64 GB vector if believed.
+fn huge_index_answer(model: &str) -> Value {
+    json!({
+        "candidates": [{"content": {"parts": [{"text": "It is"}], "role": "model"},
+                        "finishReason": "STOP", "index": 4_000_000_000u64}],
+        "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9},
+        "modelVersion": model, "responseId": "r-huge"
+    })
+}
+
 fn generate_content(request: &Value, model: &str, vertex: bool) -> Response {
     let text = request.to_string();
+    if text.contains("HUGEINDEX") {
+        return json_response(StatusCode::OK, &huge_index_answer(model));
+    }
     if text.contains("RATELIMITME") {
         return google_error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -357,6 +372,13 @@ fn generate_content(request: &Value, model: &str, vertex: bool) -> Response {
 /// `\r\n\r\n`-separated events, no `[DONE]` (§3.4), sent in small pieces so that event
 /// terminators and UTF-8 characters straddle chunks.
 fn stream_generate_content(request: &Value, model: &str) -> Response {
+    if request.to_string().contains("HUGEINDEX") {
+        let event = huge_index_answer(model);
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from(format!("data: {event}\r\n\r\n")))
+            .unwrap();
+    }
     let first = json!({
         "candidates": [{"content": {"parts": [{"text": "It is"}], "role": "model"}, "index": 0}],
         "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9},
@@ -389,7 +411,13 @@ fn stream_generate_content(request: &Value, model: &str) -> Response {
         })
     };
     let mut text = Vec::new();
-    for event in [first, last] {
+    // TRUNCATEME: the upstream closes before the event with the finishReason.
+    let events = if request.to_string().contains("TRUNCATEME") {
+        vec![first]
+    } else {
+        vec![first, last]
+    };
+    for event in events {
         text.extend_from_slice(format!("data: {event}\r\n\r\n").as_bytes());
     }
     let pieces: Vec<Result<Bytes, std::convert::Infallible>> = text
@@ -490,7 +518,7 @@ fn verify_token_request(recorded: &Recorded, token_url: &str) -> Result<String, 
         return Err(format!("iat {iat:?} exp {exp:?}"));
     }
     let iss = claims["iss"].as_str().unwrap_or_default();
-    if ![SA_EMAIL, COLD_SA_EMAIL].contains(&iss) {
+    if ![SA_EMAIL, COLD_SA_EMAIL, FOREVER_SA_EMAIL].contains(&iss) {
         return Err(format!("iss {iss}"));
     }
     Ok(iss.to_owned())
@@ -509,6 +537,11 @@ async fn token_endpoint(mock: &Mock, recorded: &Recorded) -> Response {
             );
         }
     };
+    let expires_in = if iss == FOREVER_SA_EMAIL {
+        json!(u64::MAX)
+    } else {
+        json!(3599)
+    };
     let n = {
         let mut issued = mock.token.issued.lock().unwrap();
         issued.push(iss);
@@ -520,7 +553,7 @@ async fn token_endpoint(mock: &Mock, recorded: &Recorded) -> Response {
     }
     json_response(
         StatusCode::OK,
-        &json!({"access_token": format!("ya29.mock-{n}"), "expires_in": 3599, "token_type": "Bearer"}),
+        &json!({"access_token": format!("ya29.mock-{n}"), "expires_in": expires_in, "token_type": "Bearer"}),
     )
 }
 
@@ -636,6 +669,11 @@ async fn fixture() -> Fixture {
             service_account_json(&mock.token_url(), COLD_SA_EMAIL),
             options(&vertex_location),
         ),
+        (
+            "Vertex-SA-Forever",
+            service_account_json(&mock.token_url(), FOREVER_SA_EMAIL),
+            options(&vertex_location),
+        ),
     ];
     common::add_connections(store, "google", &mock.base, connections).await;
     // (connection, model name = alias, remote)
@@ -648,6 +686,7 @@ async fn fixture() -> Fixture {
         ("Vertex-Project", "project-embed", "text-embedding-005"),
         ("Vertex-SA", "sa-flash", "gemini-2.5-flash"),
         ("Vertex-SA-Cold", "sa-cold-flash", "gemini-2.5-flash"),
+        ("Vertex-SA-Forever", "sa-forever-flash", "gemini-2.5-flash"),
     ];
     common::add_models_for_key(store, "Google-App", CLIENT_KEY, &models).await;
     let dp = common::start_data_plane(&cp, "dp-google-test", None).await;
@@ -1309,4 +1348,104 @@ async fn a_streamed_function_call_becomes_one_tool_call_delta_and_finishes_with_
     );
     assert_eq!(chunks[2]["choices"][0]["delta"], json!({}));
     assert_eq!(chunks[2]["choices"][0]["finish_reason"], "tool_calls");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream garbage (DESIGN §19)
+
+/// Bound on each garbage answer: they take milliseconds; seconds would mean a stall.
+const WITHIN_SECONDS: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn chat_saying(alias: &str, content: &str, stream: bool) -> String {
+    json!({"model": alias, "stream": stream, "messages": [{"role": "user", "content": content}]})
+        .to_string()
+}
+
+impl Fixture {
+    /// Posts `body` and reads the whole answer within [`WITHIN_SECONDS`].
+    async fn answer_within_seconds(&self, body: &str) -> (StatusCode, String) {
+        tokio::time::timeout(WITHIN_SECONDS, async {
+            let response = self.post("/v1/chat/completions", body).await;
+            let status = response.status();
+            (status, response.text().await.unwrap())
+        })
+        .await
+        .expect("no whole answer within seconds")
+    }
+
+    async fn assert_next_request_served(&self) {
+        let (status, body) = self
+            .answer_within_seconds(&plain_chat("gemini-flash"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_translated_text_answer(&serde_json::from_str(&body).unwrap(), "gemini-2.5-flash");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_candidate_index_of_4e9_is_a_502_streamed_or_not() {
+    let f = fixture().await;
+    for stream in [false, true] {
+        let (status, body) = f
+            .answer_within_seconds(&chat_saying("gemini-flash", "HUGEINDEX", stream))
+            .await;
+        // A stream fails on its first event, before its head: a 502 too.
+        assert_eq!(status, 502, "stream {stream}: {body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"]["code"], "upstream_invalid_response", "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(
+                "candidate index 4000000000 exceeds the limit of 1024 (--max-upstream-index)"
+            ),
+            "{body}"
+        );
+        f.assert_next_request_served().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gemini_stream_without_its_finish_reason_gets_a_final_error_event() {
+    let f = fixture().await;
+    let (status, text) = f
+        .answer_within_seconds(&chat_saying("gemini-flash", "TRUNCATEME", true))
+        .await;
+    assert_eq!(status, 200, "the stream had started");
+    let events = sse_data(&text);
+    assert!(
+        events.iter().any(|e| e.contains(r#""content":"It is""#)),
+        "{text}"
+    );
+    assert!(!events.iter().any(|e| e == "[DONE]"), "{text}");
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_invalid_response", "{text}");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("finishReason"),
+        "{text}"
+    );
+    f.assert_next_request_served().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_endpoint_answering_a_huge_expires_in_neither_panics_nor_stalls() {
+    let f = fixture().await;
+    // Not a synchronisation: the token cache's monotonic clock starts with the data plane, and
+    // `now + u64::MAX seconds` overflows (and used to panic) only once it reads a second or more.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    for _ in 0..2 {
+        let (status, body) = f
+            .answer_within_seconds(&plain_chat("sa-forever-flash"))
+            .await;
+        assert_eq!(
+            status,
+            200,
+            "refused exchanges: {:?}: {body}",
+            f.mock.refused()
+        );
+        assert_translated_text_answer(&serde_json::from_str(&body).unwrap(), "gemini-2.5-flash");
+    }
+    assert_eq!(f.mock.issued(), [FOREVER_SA_EMAIL], "the token is reused");
+    f.assert_next_request_served().await;
 }

@@ -183,7 +183,12 @@ mod tests {
     }
 
     fn outbound(t: &Fixture, client_version: Option<&str>, op: Operation) -> (String, String) {
-        let request = body::parse(br#"{"model":"alias","input":"x"}"#, true).unwrap();
+        let request = body::parse(
+            br#"{"model":"alias","input":"x"}"#,
+            true,
+            crate::limits::Limits::default().max_top_level_keys,
+        )
+        .unwrap();
         let target = t.target();
         let ctx = CallContext {
             operation: op,
@@ -241,8 +246,12 @@ mod tests {
     #[test]
     fn stream_options_only_for_api_versions_that_accept_them() {
         let stream = |t: &Fixture, client: Option<&str>| {
-            let request =
-                body::parse(br#"{"model":"a","stream":true,"messages":[]}"#, true).unwrap();
+            let request = body::parse(
+                br#"{"model":"a","stream":true,"messages":[]}"#,
+                true,
+                crate::limits::Limits::default().max_top_level_keys,
+            )
+            .unwrap();
             let target = t.target();
             let ctx = CallContext {
                 operation: Operation::ChatCompletions,

@@ -3,6 +3,7 @@
 
 pub mod azure;
 pub mod bedrock;
+pub mod capped;
 pub mod google;
 pub mod openai;
 pub mod openai_request;
@@ -10,6 +11,7 @@ pub mod openai_request;
 use crate::body::ParsedRequest;
 use crate::errors::ApiError;
 use crate::index::{Provider, Target};
+use crate::limits::Limits;
 use crate::sse::{self, StreamEnd};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
@@ -90,19 +92,22 @@ impl Upstreams {
 
 impl Dialect {
     /// A non-streamed answer in OpenAI's format, and its token usage. `ids` are the upstream's
-    /// request-id headers.
+    /// request-id headers. An answer that is not JSON is refused, also when relayed as it is: the
+    /// gateway never passes on an answer it could not account for (DESIGN §19).
     pub fn translate(
         &self,
         ids: &HeaderMap,
         body: Bytes,
+        limits: &Limits,
+        provider: &str,
     ) -> Result<(Bytes, Option<Usage>), ApiError> {
         match self {
             Dialect::OpenAi => {
-                let usage = usage_of(&body);
+                let usage = openai_usage(&body, provider)?;
                 Ok((body, usage))
             }
             Dialect::Google(answer) => answer
-                .translate(&body)
+                .translate(&body, limits)
                 .map(|(body, usage)| (Bytes::from(body), usage)),
             Dialect::Bedrock(answer) => answer
                 .translate(ids, &body)
@@ -127,7 +132,8 @@ impl Dialect {
 
     /// The client's SSE body for a streamed answer. Translated streams are primed first (see
     /// [`sse::prime`]): a failure before the first chunk is returned as an error response, after
-    /// `on_end` has been told.
+    /// `on_end` has been told. `limits` bound event sizes and upstream indexes.
+    #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename the list
     pub async fn stream<S, E>(
         &self,
         ids: &HeaderMap,
@@ -136,6 +142,7 @@ impl Dialect {
         idle_timeout: Duration,
         provider: &'static str,
         on_end: Box<dyn StreamEnd>,
+        limits: &Limits,
     ) -> Result<axum::body::Body, ApiError>
     where
         S: futures_util::Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
@@ -145,14 +152,16 @@ impl Dialect {
             // Relayed as it comes: nothing to decide before the first byte.
             Dialect::OpenAi => Ok(axum::body::Body::from_stream(sse::relay(
                 upstream,
-                sse::OpenAiPassthrough::new(provider, client_wants_usage),
+                sse::OpenAiPassthrough::new(provider, client_wants_usage)
+                    .with_max_event_bytes(limits.max_stream_event_bytes),
                 idle_timeout,
                 provider,
                 on_end,
             ))),
             Dialect::Google(answer) => {
                 let translator =
-                    google::chat::GeminiStream::new(answer.model(), client_wants_usage);
+                    google::chat::GeminiStream::new(answer.model(), client_wants_usage)
+                        .with_limits(limits);
                 primed_body(upstream, translator, idle_timeout, provider, on_end).await
             }
             Dialect::Bedrock(answer) => {
@@ -160,7 +169,8 @@ impl Dialect {
                     &answer.model,
                     bedrock::request_id(ids),
                     client_wants_usage,
-                );
+                )
+                .with_limits(limits);
                 primed_body(upstream, translator, idle_timeout, provider, on_end).await
             }
         }
@@ -257,11 +267,13 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The total the upstream reported, else prompt + completion (saturating: the counts come
+    /// from the upstream).
     pub fn total(&self) -> u64 {
         if self.total_tokens > 0 {
             self.total_tokens
         } else {
-            self.prompt_tokens + self.completion_tokens
+            self.prompt_tokens.saturating_add(self.completion_tokens)
         }
     }
 }
@@ -271,9 +283,27 @@ struct UsageOnly {
     usage: Option<Usage>,
 }
 
-/// Usage of a non-streamed answer, if it reports one.
-pub fn usage_of(body: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<UsageOnly>(body).ok()?.usage
+/// Usage of a non-streamed OpenAI-format answer, if it reports one; an error when the answer is
+/// not a JSON object. One parse on the common path; a second only to tell an unreadable `usage`
+/// (kept as unknown, the reservation's estimate stands) from an answer that is not JSON.
+pub fn openai_usage(body: &[u8], provider: &str) -> Result<Option<Usage>, ApiError> {
+    let is_object = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{');
+    if is_object {
+        match serde_json::from_slice::<UsageOnly>(body) {
+            Ok(only) => return Ok(only.usage),
+            Err(_) if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() => {
+                return Ok(None);
+            }
+            Err(_) => {}
+        }
+    }
+    Err(ApiError::upstream_bad_answer(
+        provider,
+        "a 2xx answer that is not a JSON object",
+    ))
 }
 
 #[derive(Deserialize)]
@@ -442,11 +472,45 @@ mod tests {
 
     #[test]
     fn usage_is_read_from_answers() {
-        let usage = usage_of(
+        let usage = openai_usage(
             br#"{"id":"x","usage":{"prompt_tokens":8,"completion_tokens":9,"total_tokens":17}}"#,
+            "openai",
         )
+        .unwrap()
         .unwrap();
         assert_eq!(usage.total(), 17);
-        assert_eq!(usage_of(br#"{"id":"x"}"#), None);
+        assert_eq!(openai_usage(br#"{"id":"x"}"#, "openai").unwrap(), None);
+        // Valid JSON with a usage the gateway cannot read: relayed, the estimate stands.
+        assert_eq!(
+            openai_usage(br#" {"usage":{"prompt_tokens":-1}}"#, "openai").unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_2xx_answer_that_is_not_a_json_object_is_refused() {
+        for body in [
+            &b""[..],
+            b"<html>502 Bad Gateway</html>",
+            b"{\"id\":\"x\"",
+            b"{\"id\":\"x\"} trailing",
+            b"[1,2]",
+            b"null",
+        ] {
+            let err = openai_usage(body, "azure").unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_GATEWAY, "{body:?}");
+            assert_eq!(err.code.as_deref(), Some("upstream_invalid_response"));
+            assert!(err.message.contains("azure"), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn usage_totals_saturate() {
+        let usage = Usage {
+            prompt_tokens: u64::MAX,
+            completion_tokens: 5,
+            total_tokens: 0,
+        };
+        assert_eq!(usage.total(), u64::MAX);
     }
 }

@@ -436,7 +436,12 @@ mod tests {
     #[test]
     fn content_errors_name_the_message_and_part() {
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"video","video":{}}]}]}"#;
-        let parsed = body::parse(body, true).unwrap();
+        let parsed = body::parse(
+            body,
+            true,
+            crate::limits::Limits::default().max_top_level_keys,
+        )
+        .unwrap();
         let messages = messages(&parsed).unwrap();
         assert!(matches!(
             messages[0].content("messages[0]").unwrap(),
@@ -464,10 +469,20 @@ mod tests {
             ("null", None),
         ] {
             let body = format!(r#"{{"model":"m","tool_choice":{raw}}}"#);
-            let parsed = body::parse(body.as_bytes(), true).unwrap();
+            let parsed = body::parse(
+                body.as_bytes(),
+                true,
+                crate::limits::Limits::default().max_top_level_keys,
+            )
+            .unwrap();
             assert_eq!(tool_choice(&parsed).unwrap(), expected, "{raw}");
         }
-        let parsed = body::parse(br#"{"model":"m","tool_choice":"sometimes"}"#, true).unwrap();
+        let parsed = body::parse(
+            br#"{"model":"m","tool_choice":"sometimes"}"#,
+            true,
+            crate::limits::Limits::default().max_top_level_keys,
+        )
+        .unwrap();
         assert_eq!(
             tool_choice(&parsed).unwrap_err().param.as_deref(),
             Some("tool_choice")
@@ -487,11 +502,21 @@ mod tests {
 
     #[test]
     fn token_array_inputs_are_refused_by_name() {
-        let parsed = body::parse(br#"{"model":"m","input":[[1,2,3]]}"#, true).unwrap();
+        let parsed = body::parse(
+            br#"{"model":"m","input":[[1,2,3]]}"#,
+            true,
+            crate::limits::Limits::default().max_top_level_keys,
+        )
+        .unwrap();
         let err = embedding_inputs(&parsed, "google").unwrap_err();
         assert_eq!(err.param.as_deref(), Some("input"));
         assert_eq!(err.code.as_deref(), Some("unsupported_parameter"));
-        let parsed = body::parse(br#"{"model":"m","input":["a","b"]}"#, true).unwrap();
+        let parsed = body::parse(
+            br#"{"model":"m","input":["a","b"]}"#,
+            true,
+            crate::limits::Limits::default().max_top_level_keys,
+        )
+        .unwrap();
         assert_eq!(embedding_inputs(&parsed, "google").unwrap(), ["a", "b"]);
     }
 }

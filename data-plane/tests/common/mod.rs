@@ -54,8 +54,13 @@ pub async fn start_control_plane(dir: &Path) -> (RunningControlPlane, SecretStri
     (cp, master_key)
 }
 
+/// Caps on upstream answers in the test data planes: small, so that the garbage-upstream tests
+/// (bodies and events larger than the caps) stay fast and light; every real answer is far below.
+pub const TEST_MAX_UPSTREAM_BODY_BYTES: usize = 1024 * 1024;
+pub const TEST_MAX_STREAM_EVENT_BYTES: usize = 256 * 1024;
+
 /// Settings of a data plane on a local port that syncs from `cp` as `node_id` (64 KiB body limit,
-/// no metrics listener).
+/// [`TEST_MAX_UPSTREAM_BODY_BYTES`], [`TEST_MAX_STREAM_EVENT_BYTES`], no metrics listener).
 pub fn data_plane_settings(
     cp: &RunningControlPlane,
     node_id: &str,
@@ -73,6 +78,8 @@ pub fn data_plane_settings(
         },
         limits: llm_proxy_data_plane::limits::Limits {
             max_body_bytes: 64 * 1024,
+            max_upstream_body_bytes: TEST_MAX_UPSTREAM_BODY_BYTES,
+            max_stream_event_bytes: TEST_MAX_STREAM_EVENT_BYTES,
             ..Default::default()
         },
         redis_url,
@@ -237,6 +244,29 @@ where
         .with_state(state.clone());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     state
+}
+
+/// A body of `prefix` then `total - prefix.len()` bytes of `fill`, produced 64 KiB at a time
+/// only as the reader pulls them (never all in memory); `produced` counts the bytes handed out.
+pub fn lazy_body(
+    prefix: &'static [u8],
+    fill: u8,
+    total: usize,
+    produced: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> axum::body::Body {
+    const PIECE: usize = 64 * 1024;
+    let piece = Bytes::from(vec![fill; PIECE]);
+    let rest = total.saturating_sub(prefix.len());
+    let pieces = std::iter::once(Bytes::from_static(prefix))
+        .chain((0..rest.div_ceil(PIECE)).map(move |i| {
+            let len = PIECE.min(rest - i * PIECE);
+            piece.slice(..len)
+        }))
+        .map(move |piece| {
+            produced.fetch_add(piece.len(), std::sync::atomic::Ordering::Relaxed);
+            Ok::<_, std::convert::Infallible>(piece)
+        });
+    axum::body::Body::from_stream(futures_util::stream::iter(pieces))
 }
 
 /// OpenAI's error body with `status`.

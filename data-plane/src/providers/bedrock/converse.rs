@@ -18,6 +18,7 @@ use crate::providers::openai_request::{
 };
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use std::collections::HashSet;
 
 const PROVIDER: &str = "bedrock";
 
@@ -75,7 +76,10 @@ fn invalid(field: String, message: impl std::fmt::Display) -> ApiError {
 #[derive(Default)]
 struct Turns {
     turns: Vec<(&'static str, Vec<Value>)>,
+    /// Names of the tools the history called, in first-call order.
     used_tools: Vec<String>,
+    /// The same names, to find repeats in constant time (a body can hold thousands of calls).
+    used_tool_set: HashSet<String>,
 }
 
 impl Turns {
@@ -234,7 +238,7 @@ fn messages(list: &[openai::Message]) -> Result<(Vec<Value>, Turns), ApiError> {
                 }
                 for (j, call) in message.tool_calls.iter().flatten().enumerate() {
                     let input = call.arguments_object(&format!("{field}.tool_calls[{j}]"))?;
-                    if !turns.used_tools.contains(&call.function.name) {
+                    if turns.used_tool_set.insert(call.function.name.clone()) {
                         turns.used_tools.push(call.function.name.clone());
                     }
                     blocks.push(json!({
@@ -485,12 +489,15 @@ pub struct TokenUsage {
 impl TokenUsage {
     /// OpenAI's counts: cache reads and writes are prompt tokens (Bedrock counts them apart).
     pub fn usage(&self) -> Usage {
-        let prompt_tokens =
-            self.input_tokens + self.cache_read_input_tokens + self.cache_write_input_tokens;
+        // Saturating: the counts come from the upstream.
+        let prompt_tokens = self
+            .input_tokens
+            .saturating_add(self.cache_read_input_tokens)
+            .saturating_add(self.cache_write_input_tokens);
         Usage {
             prompt_tokens,
             completion_tokens: self.output_tokens,
-            total_tokens: prompt_tokens + self.output_tokens,
+            total_tokens: prompt_tokens.saturating_add(self.output_tokens),
         }
     }
 

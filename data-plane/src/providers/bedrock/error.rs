@@ -98,7 +98,9 @@ fn retry_hints(err: &mut ApiError, headers: &HeaderMap) {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(1);
-    for (name, value) in [("retry-after", seconds), ("retry-after-ms", seconds * 1000)] {
+    // Saturating: the header is the upstream's number.
+    let millis = seconds.saturating_mul(1000);
+    for (name, value) in [("retry-after", seconds), ("retry-after-ms", millis)] {
         if let Ok(value) = HeaderValue::from_str(&value.to_string()) {
             err.headers.push((HeaderName::from_static(name), value));
         }
@@ -177,6 +179,30 @@ mod tests {
             HeaderValue::from_str(error_type).unwrap(),
         );
         h
+    }
+
+    #[test]
+    fn a_huge_retry_after_saturates() {
+        let mut h = headers("ThrottlingException");
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("18446744073709551615"),
+        );
+        let err = upstream_error(StatusCode::TOO_MANY_REQUESTS, &h, b"{}");
+        let header = |name: &str| {
+            err.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            header("retry-after").as_deref(),
+            Some("18446744073709551615")
+        );
+        assert_eq!(
+            header("retry-after-ms").as_deref(),
+            Some("18446744073709551615")
+        );
     }
 
     #[test]

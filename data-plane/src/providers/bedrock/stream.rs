@@ -2,17 +2,21 @@
 //! §5.4, §6.3).
 //!
 //! Frames are decoded by `aws-smithy-eventstream` (prelude and message CRC32 checked); the gateway
-//! adds a frame-size limit before buffering. `messageStart` opens the choice, text deltas become
-//! `content` deltas, a `toolUse` block start becomes a tool call with its id and name and each of
-//! its input fragments an `arguments` delta, `messageStop` the finish chunk, and `metadata` (which
-//! follows it) the usage chunk, sent only when the client asked. Exception frames end the stream
-//! with an error event.
+//! checks each frame's declared length against `--max-stream-event-bytes` as soon as its first
+//! four bytes arrive, before buffering the rest (the decoder itself allocates nothing up front: it
+//! waits until the buffer holds the whole frame). `messageStart` opens the choice, text deltas
+//! become `content` deltas, a `toolUse` block start becomes a tool call with its id and name and
+//! each of its input fragments an `arguments` delta, `messageStop` the finish chunk, and
+//! `metadata` (which follows it) the usage chunk, sent only when the client asked. A stream is
+//! whole once both arrived. Exception frames end the stream with an error event. Content block
+//! indexes and the tool-call count are bounded by `--max-upstream-index`.
 
 use super::converse::{TokenUsage, completion_id, finish_reason, now_unix};
 use super::error::exception_error;
 use crate::errors::ApiError;
+use crate::limits::Limits;
 use crate::providers::Usage;
-use crate::sse::{ChunkWriter, StreamTranslator};
+use crate::sse::{self, ChunkWriter, StreamTranslator};
 use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
 use aws_smithy_types::event_stream::{HeaderValue, Message};
 use bytes::{Buf as _, BytesMut};
@@ -20,9 +24,6 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 const PROVIDER: &str = "bedrock";
-
-/// Largest frame accepted: Bedrock's limits are 128 KiB of headers and 24 MiB of payload.
-pub const MAX_FRAME_BYTES: usize = 24 * 1024 * 1024 + 128 * 1024 + 16;
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -80,19 +81,27 @@ struct Metadata {
 pub struct ConverseStream {
     buffer: BytesMut,
     decoder: MessageFrameDecoder,
-    /// The current frame's length was checked against [`MAX_FRAME_BYTES`].
+    /// The current frame's length was checked against `max_frame_bytes`.
     frame_checked: bool,
     writer: ChunkWriter,
     started: bool,
+    /// `messageStop` arrived.
     finished: bool,
-    /// `contentBlockIndex` → OpenAI tool call index, for tool-use blocks.
+    /// `metadata` arrived (it follows `messageStop`).
+    metadata_seen: bool,
+    /// `contentBlockIndex` → OpenAI tool call index, for tool-use blocks; at most
+    /// `max_index + 1` entries.
     tool_blocks: Vec<(u32, usize)>,
     usage: Option<TokenUsage>,
     complete: bool,
+    max_frame_bytes: usize,
+    max_index: u32,
 }
 
 impl ConverseStream {
+    /// A translator with the default [`Limits`]; see [`with_limits`](Self::with_limits).
     pub fn new(model: &str, request_id: Option<&str>, client_wants_usage: bool) -> Self {
+        let defaults = Limits::default();
         Self {
             buffer: BytesMut::new(),
             decoder: MessageFrameDecoder::new(),
@@ -105,10 +114,34 @@ impl ConverseStream {
             },
             started: false,
             finished: false,
+            metadata_seen: false,
             tool_blocks: Vec::new(),
             usage: None,
             complete: false,
+            max_frame_bytes: defaults.max_stream_event_bytes,
+            max_index: defaults.max_upstream_index,
         }
+    }
+
+    /// Applies `--max-stream-event-bytes` (to whole frames) and `--max-upstream-index`.
+    pub fn with_limits(mut self, limits: &Limits) -> Self {
+        self.max_frame_bytes = limits.max_stream_event_bytes;
+        self.max_index = limits.max_upstream_index;
+        self
+    }
+
+    /// A content block index from the upstream, refused past `max_index`.
+    fn block_index(&self, index: Option<u32>) -> Result<u32, ApiError> {
+        let index = index.unwrap_or_default();
+        if index > self.max_index {
+            return Err(sse::index_too_large(
+                PROVIDER,
+                "content block index",
+                u64::from(index),
+                self.max_index,
+            ));
+        }
+        Ok(index)
     }
 
     fn chunk(&self, delta: Value, finish: Option<&str>, out: &mut BytesMut) {
@@ -170,10 +203,18 @@ impl ConverseStream {
             "contentBlockStart" => {
                 self.start(out);
                 let start: BlockStart = Self::parse(&event, payload)?;
+                let block = self.block_index(start.content_block_index)?;
                 if let Some(tool) = start.start.and_then(|s| s.tool_use) {
                     let k = self.tool_blocks.len();
-                    self.tool_blocks
-                        .push((start.content_block_index.unwrap_or_default(), k));
+                    if k > self.max_index as usize {
+                        return Err(sse::index_too_large(
+                            PROVIDER,
+                            "tool call index",
+                            k as u64,
+                            self.max_index,
+                        ));
+                    }
+                    self.tool_blocks.push((block, k));
                     self.chunk(
                         json!({ "tool_calls": [{ "index": k, "id": tool.tool_use_id, "type": "function",
                                                  "function": { "name": tool.name, "arguments": "" } }] }),
@@ -185,7 +226,7 @@ impl ConverseStream {
             "contentBlockDelta" => {
                 self.start(out);
                 let delta: BlockDelta = Self::parse(&event, payload)?;
-                let block = delta.content_block_index.unwrap_or_default();
+                let block = self.block_index(delta.content_block_index)?;
                 match delta.delta {
                     Some(DeltaUnion {
                         text: Some(text), ..
@@ -233,6 +274,7 @@ impl ConverseStream {
                 if metadata.usage.is_some() {
                     self.usage = metadata.usage;
                 }
+                self.metadata_seen = true;
             }
             // Events added to the API later carry nothing a chat completion has.
             _ => {}
@@ -246,12 +288,13 @@ impl StreamTranslator for ConverseStream {
         self.buffer.extend_from_slice(chunk);
         loop {
             if !self.frame_checked && self.buffer.len() >= 4 {
-                let total = (&self.buffer[..4]).get_u32() as usize;
-                if total > MAX_FRAME_BYTES {
+                let total = u64::from((&self.buffer[..4]).get_u32());
+                if total > self.max_frame_bytes as u64 {
                     return Err(ApiError::upstream_bad_answer(
                         PROVIDER,
                         format!(
-                            "an event-stream frame of {total} bytes exceeds the {MAX_FRAME_BYTES}-byte limit"
+                            "an event-stream frame of {total} bytes exceeds the limit of {} bytes (--max-stream-event-bytes)",
+                            self.max_frame_bytes
                         ),
                     ));
                 }
@@ -280,11 +323,8 @@ impl StreamTranslator for ConverseStream {
                 "the stream ended inside an event-stream frame",
             ));
         }
-        if !self.finished {
-            return Err(ApiError::upstream_bad_answer(
-                PROVIDER,
-                "the stream ended before the answer finished",
-            ));
+        if !(self.finished && self.metadata_seen) {
+            return Err(sse::stream_truncated(PROVIDER, "messageStop and metadata"));
         }
         self.writer
             .end(self.usage.unwrap_or_default().to_json(), out);
@@ -298,5 +338,145 @@ impl StreamTranslator for ConverseStream {
 
     fn usage(&self) -> Option<Usage> {
         self.usage.map(|u| u.usage())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_smithy_eventstream::frame::write_message_to;
+    use aws_smithy_types::event_stream::Header;
+
+    fn frame(event: &str, payload: &str) -> Vec<u8> {
+        let message = Message::new(payload.as_bytes().to_vec())
+            .add_header(Header::new(
+                ":message-type",
+                HeaderValue::String("event".into()),
+            ))
+            .add_header(Header::new(
+                ":event-type",
+                HeaderValue::String(event.to_owned().into()),
+            ));
+        let mut out = Vec::new();
+        write_message_to(&message, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_huge_declared_frame_is_refused_from_its_first_bytes() {
+        let mut stream = ConverseStream::new("m", None, false);
+        let mut out = BytesMut::new();
+        // A prelude declaring 4 GiB, and a few bytes of it.
+        let mut bytes = u32::MAX.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 60]);
+        let err = stream.push(&bytes, &mut out).unwrap_err();
+        assert_eq!(err.code.as_deref(), Some("upstream_invalid_response"));
+        assert!(
+            err.message.contains(
+                "frame of 4294967295 bytes exceeds the limit of 16777216 bytes (--max-stream-event-bytes)"
+            ),
+            "{}",
+            err.message
+        );
+        // The limit is the flag's: a 200-byte frame passes a 200-byte limit, not a 199-byte one.
+        let start = frame("messageStart", r#"{"role":"assistant"}"#);
+        let limits = |max| Limits {
+            max_stream_event_bytes: max,
+            ..Limits::default()
+        };
+        let len = start.len();
+        let mut stream = ConverseStream::new("m", None, false).with_limits(&limits(len));
+        stream.push(&start, &mut out).unwrap();
+        let mut stream = ConverseStream::new("m", None, false).with_limits(&limits(len - 1));
+        assert!(stream.push(&start, &mut out).is_err());
+    }
+
+    #[test]
+    fn content_block_indexes_and_tool_counts_are_bounded() {
+        let limits = Limits {
+            max_upstream_index: 1,
+            ..Limits::default()
+        };
+        let mut out = BytesMut::new();
+        let mut stream = ConverseStream::new("m", None, false).with_limits(&limits);
+        let err = stream
+            .push(
+                &frame(
+                    "contentBlockDelta",
+                    r#"{"contentBlockIndex":4000000000,"delta":{"text":"x"}}"#,
+                ),
+                &mut out,
+            )
+            .unwrap_err();
+        assert!(
+            err.message.contains(
+                "content block index 4000000000 exceeds the limit of 1 (--max-upstream-index)"
+            ),
+            "{}",
+            err.message
+        );
+        let mut stream = ConverseStream::new("m", None, false).with_limits(&limits);
+        let tool = |i: u32| {
+            frame(
+                "contentBlockStart",
+                &format!(
+                    r#"{{"contentBlockIndex":{i},"start":{{"toolUse":{{"toolUseId":"t{i}","name":"f"}}}}}}"#
+                ),
+            )
+        };
+        stream.push(&tool(0), &mut out).unwrap();
+        stream.push(&tool(1), &mut out).unwrap();
+        // A third tool block (index 2 is past the limit whatever its block index).
+        let err = stream.push(&tool(1), &mut out).unwrap_err();
+        assert!(
+            err.message
+                .contains("tool call index 2 exceeds the limit of 1"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn a_stream_is_whole_only_with_message_stop_and_metadata() {
+        let mut out = BytesMut::new();
+        let start = frame("messageStart", r#"{"role":"assistant"}"#);
+        let stop = frame("messageStop", r#"{"stopReason":"end_turn"}"#);
+        let metadata = frame(
+            "metadata",
+            r#"{"usage":{"inputTokens":3,"outputTokens":4,"totalTokens":7}}"#,
+        );
+        for (frames, whole) in [
+            (vec![&start], false),
+            (vec![&start, &stop], false),
+            (vec![&start, &stop, &metadata], true),
+        ] {
+            let mut stream = ConverseStream::new("m", None, false);
+            for f in frames {
+                stream.push(f, &mut out).unwrap();
+            }
+            match stream.finish(&mut out) {
+                Ok(()) => assert!(whole && stream.complete()),
+                Err(err) => {
+                    assert!(!whole);
+                    assert!(
+                        err.message.contains("messageStop and metadata"),
+                        "{}",
+                        err.message
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn usage_sums_saturate() {
+        let usage: TokenUsage = serde_json::from_str(&format!(
+            r#"{{"inputTokens":{max},"outputTokens":{max},"cacheReadInputTokens":{max}}}"#,
+            max = u64::MAX
+        ))
+        .unwrap();
+        let usage = usage.usage();
+        assert_eq!(usage.prompt_tokens, u64::MAX);
+        assert_eq!(usage.total_tokens, u64::MAX);
     }
 }

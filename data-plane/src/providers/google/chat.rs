@@ -14,6 +14,7 @@
 use super::error::google_error;
 use crate::body::ParsedRequest;
 use crate::errors::ApiError;
+use crate::limits::Limits;
 use crate::providers::Usage;
 use crate::providers::openai_request::{
     self as openai, Content, ContentPart, ResponseFormat, ToolChoice, get, unsupported,
@@ -22,6 +23,7 @@ use crate::sse::{self, ChunkWriter, EventSplitter, StreamTranslator};
 use bytes::BytesMut;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use std::collections::HashMap;
 
 const PROVIDER: &str = "google";
 
@@ -257,8 +259,9 @@ fn contents(
 ) -> Result<(Vec<Value>, Vec<Value>), ApiError> {
     let mut system = Vec::new();
     let mut turns = Turns::default();
-    // Tool call id → function name, for tool results (Gemini's functionResponse needs the name).
-    let mut call_names: Vec<(String, String)> = Vec::new();
+    // Tool call id → function name, for tool results (Gemini's functionResponse needs the name);
+    // a later call with the same id wins. A map: a body can hold many thousands of calls.
+    let mut call_names: HashMap<String, String> = HashMap::new();
     for (i, message) in messages.iter().enumerate() {
         let field = format!("messages[{i}]");
         match message.role.as_str() {
@@ -289,7 +292,7 @@ fn contents(
                 for (j, call) in message.tool_calls.iter().flatten().enumerate() {
                     let args = call.arguments_object(&format!("{field}.tool_calls[{j}]"))?;
                     let (id, signature) = split_call_id(&call.id);
-                    call_names.push((call.id.clone(), call.function.name.clone()));
+                    call_names.insert(call.id.clone(), call.function.name.clone());
                     let mut part = json!({
                         "functionCall": { "id": id, "name": call.function.name, "args": args }
                     });
@@ -309,10 +312,8 @@ fn contents(
                         .with_param(format!("{field}.tool_call_id"))
                 })?;
                 let name = call_names
-                    .iter()
-                    .rev()
-                    .find(|(id, _)| id == call_id)
-                    .map(|(_, name)| name.clone())
+                    .get(call_id)
+                    .cloned()
                     .or_else(|| message.name.clone())
                     .ok_or_else(|| {
                         ApiError::invalid_request(format!(
@@ -485,12 +486,17 @@ impl UsageMetadata {
     /// OpenAI's counts: reasoning tokens are part of the completion, tool-use prompt tokens of
     /// the prompt (so that prompt + completion = total, as OpenAI clients expect).
     pub fn usage(&self) -> Usage {
-        let prompt_tokens = self.prompt_token_count + self.tool_use_prompt_token_count;
-        let completion_tokens = self.candidates_token_count + self.thoughts_token_count;
+        // Saturating: the counts come from the upstream.
+        let prompt_tokens = self
+            .prompt_token_count
+            .saturating_add(self.tool_use_prompt_token_count);
+        let completion_tokens = self
+            .candidates_token_count
+            .saturating_add(self.thoughts_token_count);
         let total_tokens = if self.total_token_count > 0 {
             self.total_token_count
         } else {
-            prompt_tokens + completion_tokens
+            prompt_tokens.saturating_add(completion_tokens)
         };
         Usage {
             prompt_tokens,
@@ -632,15 +638,40 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The choice index of the candidate at `position`: its own `index`, else its position; past
+/// `max_index` (`--max-upstream-index`) an error.
+fn choice_index(
+    candidate_index: Option<u32>,
+    position: usize,
+    max_index: u32,
+) -> Result<usize, ApiError> {
+    let index = candidate_index.map_or(position as u64, u64::from);
+    if index > u64::from(max_index) {
+        return Err(sse::index_too_large(
+            PROVIDER,
+            "candidate index",
+            index,
+            max_index,
+        ));
+    }
+    // At most `max_index`, a u32: fits a usize on every supported target.
+    Ok(usize::try_from(index).unwrap_or(usize::MAX))
+}
+
 /// A non-streamed Gemini answer as an OpenAI chat completion (`model` names the remote model
-/// when Gemini does not say which version answered).
-pub fn answer(body: &[u8], model: &str) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+/// when Gemini does not say which version answered). Candidate indexes past `max_index`
+/// (`--max-upstream-index`) are refused.
+pub fn answer(
+    body: &[u8],
+    model: &str,
+    max_index: u32,
+) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
     let response: GenerateContentResponse = serde_json::from_slice(body).map_err(|e| {
         ApiError::upstream_bad_answer(PROVIDER, format!("not a GenerateContentResponse: {e}"))
     })?;
     let mut choices = Vec::with_capacity(response.candidates.len().max(1));
     for (position, candidate) in response.candidates.into_iter().enumerate() {
-        let index = candidate.index.map_or(position, |i| i as usize);
+        let index = choice_index(candidate.index, position, max_index)?;
         let mut text: Option<String> = None;
         let mut calls = Vec::new();
         for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
@@ -713,12 +744,16 @@ pub struct GeminiStream {
     writer: ChunkWriter,
     id_known: bool,
     model_from_upstream: bool,
+    /// By choice index, at most `max_index + 1` long.
     choices: Vec<ChoiceState>,
     usage: Option<UsageMetadata>,
     complete: bool,
+    /// Largest candidate index and tool-call count accepted (`--max-upstream-index`).
+    max_index: u32,
 }
 
 impl GeminiStream {
+    /// A translator with the default [`Limits`]; see [`with_limits`](Self::with_limits).
     pub fn new(model: &str, client_wants_usage: bool) -> Self {
         Self {
             splitter: EventSplitter::default(),
@@ -733,13 +768,23 @@ impl GeminiStream {
             choices: Vec::new(),
             usage: None,
             complete: false,
+            max_index: Limits::default().max_upstream_index,
         }
+    }
+
+    /// Applies `--max-stream-event-bytes` and `--max-upstream-index`.
+    pub fn with_limits(mut self, limits: &Limits) -> Self {
+        self.splitter = EventSplitter::new(limits.max_stream_event_bytes);
+        self.max_index = limits.max_upstream_index;
+        self
     }
 
     fn chunk(&self, choices: Value, out: &mut BytesMut) {
         self.writer.choices(choices, out);
     }
 
+    /// The state of choice `index`, which [`choice_index`] bounded by `max_index`: the vector
+    /// never grows past `max_index + 1` entries, whatever index the upstream sends.
     fn choice_state(&mut self, index: usize) -> &mut ChoiceState {
         if self.choices.len() <= index {
             self.choices.resize(index + 1, ChoiceState::default());
@@ -799,7 +844,7 @@ impl GeminiStream {
             return Err(ApiError::prompt_blocked(PROVIDER, reason));
         }
         for (position, candidate) in response.candidates.into_iter().enumerate() {
-            let index = candidate.index.map_or(position, |i| i as usize);
+            let index = choice_index(candidate.index, position, self.max_index)?;
             self.start_choice(index, out);
             let mut text = String::new();
             let mut calls = Vec::new();
@@ -812,7 +857,15 @@ impl GeminiStream {
                 }
                 if let Some(call) = part.function_call {
                     let k = self.choice_state(index).tool_calls;
-                    self.choice_state(index).tool_calls += 1;
+                    if k > self.max_index as usize {
+                        return Err(sse::index_too_large(
+                            PROVIDER,
+                            "tool call index",
+                            k as u64,
+                            self.max_index,
+                        ));
+                    }
+                    self.choice_state(index).tool_calls = k + 1;
                     calls.push(tool_call_json(call, part.thought_signature, Some(k)));
                 }
             }
@@ -849,7 +902,10 @@ impl StreamTranslator for GeminiStream {
             }
         }
         if self.splitter.overflowed() {
-            return Err(sse::event_too_large(PROVIDER));
+            return Err(sse::event_too_large(
+                PROVIDER,
+                self.splitter.max_event_bytes(),
+            ));
         }
         Ok(())
     }
@@ -861,9 +917,9 @@ impl StreamTranslator for GeminiStream {
             self.event(&data, out)?;
         }
         if self.choices.is_empty() || self.choices.iter().any(|c| c.started && !c.finished) {
-            return Err(ApiError::upstream_bad_answer(
+            return Err(sse::stream_truncated(
                 PROVIDER,
-                "the stream ended before the answer finished",
+                "a finishReason for every candidate",
             ));
         }
         self.writer
@@ -878,5 +934,149 @@ impl StreamTranslator for GeminiStream {
 
     fn usage(&self) -> Option<Usage> {
         self.usage.map(|u| u.usage())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_upstream_index: u32) -> Limits {
+        Limits {
+            max_upstream_index,
+            ..Limits::default()
+        }
+    }
+
+    fn event(json: &str) -> Vec<u8> {
+        format!("data: {json}\r\n\r\n").into_bytes()
+    }
+
+    #[test]
+    fn a_huge_candidate_index_is_refused_without_allocating_for_it() {
+        let mut stream = GeminiStream::new("gemini-2.5-flash", false);
+        let mut out = BytesMut::new();
+        let err = stream
+            .push(
+                &event(
+                    r#"{"candidates":[{"index":4000000000,"content":{"parts":[{"text":"x"}]}}]}"#,
+                ),
+                &mut out,
+            )
+            .unwrap_err();
+        assert_eq!(err.status, http::StatusCode::BAD_GATEWAY);
+        assert_eq!(err.code.as_deref(), Some("upstream_invalid_response"));
+        assert!(
+            err.message.contains(
+                "candidate index 4000000000 exceeds the limit of 1024 (--max-upstream-index)"
+            ),
+            "{}",
+            err.message
+        );
+        assert!(stream.choices.capacity() <= 1025);
+        let err = answer(
+            br#"{"candidates":[{"index":4000000000,"content":{"parts":[{"text":"x"}]}}]}"#,
+            "gemini-2.5-flash",
+            1024,
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("candidate index 4000000000"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn indexes_up_to_the_limit_pass_and_one_past_it_does_not() {
+        let mut stream = GeminiStream::new("m", false).with_limits(&limits(2));
+        let mut out = BytesMut::new();
+        stream
+            .push(
+                &event(r#"{"candidates":[{"index":2,"content":{"parts":[{"text":"x"}]}}]}"#),
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(stream.choices.len(), 3);
+        assert!(
+            stream
+                .push(&event(r#"{"candidates":[{"index":3}]}"#), &mut out)
+                .is_err()
+        );
+        // Positions count too: four candidates without an index are indexes 0..=3.
+        let mut stream = GeminiStream::new("m", false).with_limits(&limits(2));
+        assert!(
+            stream
+                .push(&event(r#"{"candidates":[{},{},{},{}]}"#), &mut out)
+                .is_err()
+        );
+        assert!(answer(br#"{"candidates":[{"index":2}]}"#, "m", 2).is_ok());
+        assert!(answer(br#"{"candidates":[{},{},{},{}]}"#, "m", 2).is_err());
+    }
+
+    #[test]
+    fn tool_calls_past_the_limit_are_refused() {
+        let call = r#"{"functionCall":{"name":"f","args":{}}}"#;
+        let parts = [call; 3].join(",");
+        let mut stream = GeminiStream::new("m", false).with_limits(&limits(1));
+        let mut out = BytesMut::new();
+        let err = stream
+            .push(
+                &event(&format!(
+                    r#"{{"candidates":[{{"content":{{"parts":[{parts}]}}}}]}}"#
+                )),
+                &mut out,
+            )
+            .unwrap_err();
+        assert!(
+            err.message
+                .contains("tool call index 2 exceeds the limit of 1"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn a_stream_without_a_finish_reason_ends_in_an_error() {
+        let mut stream = GeminiStream::new("m", false);
+        let mut out = BytesMut::new();
+        stream
+            .push(
+                &event(r#"{"candidates":[{"content":{"parts":[{"text":"Once"}]}}]}"#),
+                &mut out,
+            )
+            .unwrap();
+        let err = stream.finish(&mut out).unwrap_err();
+        assert_eq!(err.code.as_deref(), Some("upstream_invalid_response"));
+        assert!(err.message.contains("finishReason"), "{}", err.message);
+        assert!(!stream.complete());
+    }
+
+    #[test]
+    fn an_event_past_the_event_limit_is_refused() {
+        let mut stream = GeminiStream::new("m", false).with_limits(&Limits {
+            max_stream_event_bytes: 100,
+            ..Limits::default()
+        });
+        let mut out = BytesMut::new();
+        let err = stream.push(&[b'a'; 101], &mut out).unwrap_err();
+        assert!(
+            err.message.contains("100 bytes (--max-stream-event-bytes)"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn usage_sums_saturate() {
+        let usage: UsageMetadata = serde_json::from_str(&format!(
+            r#"{{"promptTokenCount":{max},"toolUsePromptTokenCount":{max},"candidatesTokenCount":{max},"thoughtsTokenCount":1}}"#,
+            max = u64::MAX
+        ))
+        .unwrap();
+        let usage = usage.usage();
+        assert_eq!(usage.prompt_tokens, u64::MAX);
+        assert_eq!(usage.completion_tokens, u64::MAX);
+        assert_eq!(usage.total_tokens, u64::MAX);
     }
 }

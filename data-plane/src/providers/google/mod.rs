@@ -201,10 +201,15 @@ impl Answer {
         }
     }
 
-    /// A non-streamed answer in OpenAI's format, with its usage.
-    pub fn translate(&self, body: &[u8]) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
+    /// A non-streamed answer in OpenAI's format, with its usage; candidate indexes are bounded
+    /// by `limits.max_upstream_index`.
+    pub fn translate(
+        &self,
+        body: &[u8],
+        limits: &crate::limits::Limits,
+    ) -> Result<(Vec<u8>, Option<Usage>), ApiError> {
         match self {
-            Answer::Chat { model } => chat::answer(body, model),
+            Answer::Chat { model } => chat::answer(body, model, limits.max_upstream_index),
             Answer::Embeddings(answer) => answer.translate(body),
         }
     }

@@ -24,6 +24,11 @@ const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 const ASSERTION_LIFETIME_S: u64 = 3600;
+/// Longest token lifetime believed: Google's are one hour; a token endpoint answering a larger
+/// `expires_in` (up to `u64::MAX` seconds) gets its token refreshed after a day anyway.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Most bytes of a token endpoint answer read (a real one is about 1 KiB).
+const MAX_TOKEN_ANSWER_BYTES: usize = 64 * 1024;
 
 /// Why a service-account JSON cannot be used. Never carries key material.
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +142,7 @@ impl ServiceAccount {
             scope: SCOPE,
             aud: &self.token_uri,
             iat: now_unix,
-            exp: now_unix + ASSERTION_LIFETIME_S,
+            exp: now_unix.saturating_add(ASSERTION_LIFETIME_S),
         };
         jsonwebtoken::encode(&header, &claims, &self.key)
             .map(SecretString::from)
@@ -241,11 +246,13 @@ impl AccountTokens {
                     )
                 })?;
                 header.set_sensitive(true);
-                let margin = REFRESH_MARGIN.min(exchanged.expires_in / 2);
+                // The lifetime comes from the token endpoint: bounded, and added saturating.
+                let lifetime = exchanged.expires_in.min(MAX_TOKEN_LIFETIME);
+                let margin = REFRESH_MARGIN.min(lifetime / 2);
                 let token = AccessToken {
                     header: header.clone(),
-                    refresh_at: started + exchanged.expires_in - margin,
-                    expires_at: started + exchanged.expires_in,
+                    refresh_at: started.saturating_add(lifetime - margin),
+                    expires_at: started.saturating_add(lifetime),
                 };
                 if let Ok(mut current) = self.current.write() {
                     *current = Some(token);
@@ -299,12 +306,18 @@ pub async fn exchange(
             )
         })?;
     let status = response.status();
-    let body = response.bytes().await.map_err(|e| {
-        ApiError::upstream_unreachable(
-            "google",
-            format!("token endpoint {}: {}", account.token_uri, e.without_url()),
-        )
-    })?;
+    let body = crate::providers::capped::read_capped(response, MAX_TOKEN_ANSWER_BYTES)
+        .await
+        .map_err(|e| match e {
+            crate::providers::capped::CappedReadError::Http(e) => ApiError::upstream_unreachable(
+                "google",
+                format!("token endpoint {}: {}", account.token_uri, e.without_url()),
+            ),
+            too_large => ApiError::upstream_bad_answer(
+                "google",
+                format!("token endpoint {}: {too_large}", account.token_uri),
+            ),
+        })?;
     let answer: Option<TokenAnswer> = serde_json::from_slice(&body).ok();
     match answer {
         Some(TokenAnswer {
@@ -453,6 +466,31 @@ mod tests {
             .unwrap();
         assert_eq!(refreshed.to_str().unwrap(), "Bearer ya29.two");
         assert_eq!(tokens.exchanges(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_huge_expires_in_neither_overflows_nor_outlives_a_day() {
+        let clock = ManualClock::new();
+        // Past zero: `now + u64::MAX seconds` overflows a Duration (it panicked before).
+        clock.advance(Duration::from_secs(1));
+        let tokens = tokens();
+        let first = tokens
+            .authorization_with(&clock, || async { exchanged("ya29.forever", u64::MAX) })
+            .await
+            .unwrap();
+        assert_eq!(first.to_str().unwrap(), "Bearer ya29.forever");
+        clock.advance(MAX_TOKEN_LIFETIME - REFRESH_MARGIN - Duration::from_secs(1));
+        let again = tokens
+            .authorization_with(&clock, || async { exchanged("ya29.next", 3600) })
+            .await
+            .unwrap();
+        assert_eq!(again.to_str().unwrap(), "Bearer ya29.forever");
+        clock.advance(Duration::from_secs(2));
+        let refreshed = tokens
+            .authorization_with(&clock, || async { exchanged("ya29.next", 3600) })
+            .await
+            .unwrap();
+        assert_eq!(refreshed.to_str().unwrap(), "Bearer ya29.next");
     }
 
     #[tokio::test]
