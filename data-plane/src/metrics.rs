@@ -389,6 +389,13 @@ impl Metrics {
                 "Switches between Redis and the fail mode (either way)",
                 counter(stats.mode_switches),
             );
+            let live: Gauge = Gauge::default();
+            live.set(config.live_data_planes());
+            registry.register(
+                "llm_proxy_ratelimit_live_data_planes",
+                "Live data planes the control plane last reported; the `local` fail mode divides each limit by it",
+                live,
+            );
             let degraded: Gauge = Gauge::default();
             degraded.set(i64::from(redis.is_degraded()));
             registry.register(

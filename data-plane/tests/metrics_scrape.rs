@@ -659,6 +659,7 @@ async fn data_plane_metrics_show_every_series_after_traffic() {
         0.0
     );
     assert_eq!(m.value("llm_proxy_ratelimit_degraded", &[]), 0.0);
+    m.assert_type("llm_proxy_ratelimit_live_data_planes", "gauge");
 
     // Config state.
     m.assert_type("llm_proxy_config_version", "gauge");

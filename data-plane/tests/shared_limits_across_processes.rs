@@ -1,6 +1,7 @@
 //! Three real data plane processes share one Redis: together they admit what one assignment's
-//! limit allows, for requests (`tps`, `burst`) and for streamed tokens (`tpm`); and when Redis
-//! stops they keep answering (fail mode `local`), then share again once it is back.
+//! limit allows, for requests (`tps`, `burst`) and for streamed tokens (`tpm`); when Redis stops
+//! they keep answering (fail mode `local`), then share again once it is back; and such a switch
+//! either way hands out no extra burst.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use axum::body::{Body, Bytes};
@@ -70,11 +71,14 @@ async fn control_plane(
     tpm: Option<i64>,
 ) -> (Setup, String) {
     let dir = tempfile::tempdir().unwrap();
-    let settings = ServerSettings::new(
+    let mut settings = ServerSettings::new(
         "127.0.0.1:0".parse().unwrap(),
         SecretString::from(format!("sqlite://{}", dir.path().join("cp.db").display())),
         llm_proxy_control_plane::crypto::MasterKeys::generate_encoded(),
     );
+    // Data planes learn how many of them are live (the `local` fail mode's divisor) from
+    // heartbeats: every 10 s by default, far longer than these tests wait.
+    settings.heartbeat_every = Duration::from_millis(200);
     let cp = cp_server::start(settings).await.unwrap();
     cp.store
         .create_connection(NewConnection {
@@ -208,6 +212,17 @@ async fn offer_load(
     length: Duration,
     body: &'static str,
 ) -> (Arc<Counts>, Duration) {
+    offer_load_while(http, planes, rate, body, |elapsed| elapsed < length).await
+}
+
+/// Like [`offer_load`], while `go_on(time since the first send)` holds.
+async fn offer_load_while(
+    http: &reqwest::Client,
+    planes: &[DataPlane],
+    rate: u32,
+    body: &'static str,
+    go_on: impl Fn(Duration) -> bool,
+) -> (Arc<Counts>, Duration) {
     let counts = Arc::new(Counts::default());
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -215,7 +230,7 @@ async fn offer_load(
     let mut last = start;
     let mut tasks = Vec::new();
     let mut i = 0usize;
-    while start.elapsed() < length {
+    while go_on(start.elapsed()) {
         tick.tick().await;
         last = Instant::now();
         let url = format!(
@@ -462,4 +477,135 @@ fn counts_total(counts: &Counts) -> usize {
     (counts.admitted.load(Ordering::Relaxed)
         + counts.limited.load(Ordering::Relaxed)
         + counts.other.load(Ordering::Relaxed)) as usize
+}
+
+/// The value of the metric `name` (a line `name VALUE`) on a data plane's metrics endpoint.
+async fn metric(http: &reqwest::Client, plane: &DataPlane, name: &str) -> f64 {
+    let text = http
+        .get(format!("http://{}/metrics", plane.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = text
+        .lines()
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' '))
+        })
+        .unwrap_or_else(|| panic!("no metric {name} in {text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// A flapping Redis hands out no extra burst (issue 14). Three data planes share an assignment of
+/// 30 requests/s (burst 30) on a Redis of this test's own, under a load of 3× the limit spread
+/// round-robin over them, so each stays saturated whether it uses Redis or its local share
+/// (10/s). Redis is stopped 2 s into the load, restarted empty (no persistence) 2.5 s later, and
+/// the load goes on until every data plane is back on Redis, and 3 s more.
+///
+/// t is the time from sending the first request to sending the last one, as the load generator
+/// measures it. A bucket of a new assignment starts full, so what may pass in t is tps × t +
+/// burst: the burst once, not once more when the data planes switch to their local buckets and
+/// once more when Redis comes back without the bucket (that was +20% here). The total admitted
+/// (answers 200) must be within 10% of it, either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn flapping_redis_adds_no_burst() {
+    const TPS: i64 = 30; // divisible by 3: the local shares add up to the limit exactly
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let redis = OwnRedis::start(port, tempfile::tempdir().unwrap()).await;
+    let url = redis.url();
+    let upstream = mock_upstream().await;
+    let (setup, asg) = control_plane(upstream, Some(TPS), None).await;
+    let mut planes = Vec::new();
+    for n in 0..3 {
+        planes.push(spawn_data_plane(setup.cp.grpc_addr, &url, &format!("dp-flap-{n}")).await);
+    }
+    let http = reqwest::Client::new();
+    wait_ready(&http, &planes).await;
+    // Each data plane must know that there are three of them before Redis goes away.
+    let deadline = Instant::now() + PATIENCE;
+    for plane in &planes {
+        while metric(&http, plane, "llm_proxy_ratelimit_live_data_planes").await != 3.0 {
+            assert!(
+                Instant::now() < deadline,
+                "data plane {} never learnt there are 3",
+                plane.addr
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let body = r#"{"model":"limited","messages":[]}"#;
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let load = offer_load_while(&http, &planes, 3 * TPS as u32, body, |_| {
+        !stop.load(Ordering::Acquire)
+    });
+    let flap = async {
+        // Shared limiting under load, then an outage of 2.5 s (sleeps pace the scenario).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (port, dir) = redis.stop().await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        for plane in &planes {
+            let local = metric(&http, plane, "llm_proxy_ratelimit_fallback_decisions_total").await;
+            assert!(
+                local > 0.0,
+                "data plane {} never used its local buckets",
+                plane.addr
+            );
+        }
+        let redis = OwnRedis::start(port, dir).await;
+        let deadline = Instant::now() + PATIENCE;
+        for plane in &planes {
+            while metric(&http, plane, "llm_proxy_ratelimit_degraded").await != 0.0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "data plane {} never went back to Redis",
+                    plane.addr
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, Ordering::Release);
+        redis
+    };
+    let ((counts, window), redis) = tokio::join!(load, flap);
+
+    assert_eq!(counts.other.load(Ordering::Relaxed), 0);
+    for plane in &planes {
+        let switches = metric(&http, plane, "llm_proxy_ratelimit_mode_switches_total").await;
+        assert!(
+            switches >= 2.0,
+            "data plane {} switched {switches} times",
+            plane.addr
+        );
+    }
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let shared: bool = redis::cmd("EXISTS")
+        .arg(format!("llmproxy:{{{asg}}}:rps"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(shared, "the bucket is back in Redis");
+
+    let admitted = counts.admitted.load(Ordering::Relaxed) as f64;
+    let expected = TPS as f64 * window.as_secs_f64() + TPS as f64;
+    println!(
+        "flapping: admitted {admitted}, expected {expected:.1} over {window:?} ({:+.1}%), limited {}",
+        (admitted / expected - 1.0) * 100.0,
+        counts.limited.load(Ordering::Relaxed)
+    );
+    assert!(
+        (admitted - expected).abs() <= expected * 0.10,
+        "admitted {admitted}, expected {expected:.1} ± 10%"
+    );
+    redis.stop().await;
+    setup.cp.shutdown().await;
 }

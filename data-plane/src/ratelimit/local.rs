@@ -98,6 +98,13 @@ impl Bucket {
         self.level + self.rate * secs >= self.capacity
     }
 
+    /// Level after `secs` more seconds of refill, without changing the bucket.
+    fn level_after(&self, secs: f64) -> f64 {
+        let mut bucket = *self;
+        bucket.refill(secs);
+        bucket.level
+    }
+
     /// A changed limit keeps the current level (a raised limit does not hand out a fresh burst),
     /// clamped to the new capacity.
     fn reconfigure(&mut self, capacity: f64, rate: f64) {
@@ -118,13 +125,13 @@ fn secs_to_duration(secs: f64) -> Duration {
 }
 
 /// (capacity, rate per second) of the request bucket.
-fn request_params(spec: &LimitSpec) -> Option<(f64, f64)> {
+pub(super) fn request_params(spec: &LimitSpec) -> Option<(f64, f64)> {
     spec.tps
         .map(|tps| (f64::from(spec.burst.unwrap_or(tps)), f64::from(tps)))
 }
 
 /// (capacity, rate per second) of the token bucket.
-fn token_params(spec: &LimitSpec) -> Option<(f64, f64)> {
+pub(super) fn token_params(spec: &LimitSpec) -> Option<(f64, f64)> {
     spec.tpm.map(|tpm| (tpm as f64, tpm as f64 / 60.0))
 }
 
@@ -138,6 +145,14 @@ fn reconcile(slot: &mut Option<Bucket>, params: Option<(f64, f64)>) {
         (None, Some((capacity, rate))) => Some(Bucket::full(capacity, rate)),
         (_, None) => None,
     };
+}
+
+/// The levels of an assignment's buckets (tokens; negative while in deficit). `None` for a bucket
+/// that is not limited, or (in [`LocalLimiter::set_levels`]) not to be changed.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct BucketLevels {
+    pub requests: Option<f64>,
+    pub tokens: Option<f64>,
 }
 
 /// The state of one assignment.
@@ -173,6 +188,19 @@ impl Entry {
             bucket.refill(secs);
         }
         self.touched = self.touched.max(now);
+    }
+
+    /// Overwrites the levels given (clamped to the capacity; a deficit is kept).
+    fn set_levels(&mut self, levels: BucketLevels) {
+        let set = |bucket: &mut Option<Bucket>, level: Option<f64>| {
+            if let (Some(bucket), Some(level)) = (bucket, level)
+                && !level.is_nan()
+            {
+                bucket.level = level.min(bucket.capacity);
+            }
+        };
+        set(&mut self.requests, levels.requests);
+        set(&mut self.tokens, levels.tokens);
     }
 
     fn apply_spec(&mut self, spec: &LimitSpec) {
@@ -379,6 +407,41 @@ impl<C: Clock> LocalLimiter<C> {
             let answer = entry.decide(estimated_tokens);
             shard.map.insert(Arc::clone(&entry.key), entry);
             answer
+        }
+    }
+
+    /// The current levels of `key`'s buckets (refilled to now), or `None` when this limiter holds
+    /// no buckets for it (never used, or evicted: full). Takes nothing.
+    pub fn levels(&self, key: &str) -> Option<BucketLevels> {
+        let now = self.clock.now();
+        let shard = self.shard(key);
+        let entry = shard.map.get(key)?;
+        let secs = now.saturating_sub(entry.touched).as_secs_f64();
+        Some(BucketLevels {
+            requests: entry.requests.map(|b| b.level_after(secs)),
+            tokens: entry.tokens.map(|b| b.level_after(secs)),
+        })
+    }
+
+    /// Sets the levels of `key`'s buckets for `spec` (created if missing), clamped to their
+    /// capacity: the Redis limiter keeps its fallback buckets at this data plane's share of the
+    /// shared ones this way, so that a switch to them hands out no fresh burst. Allocates only
+    /// the first time a key is seen (or after its eviction), like [`Self::acquire_sync`].
+    pub fn set_levels(&self, key: &str, spec: &LimitSpec, levels: BucketLevels) {
+        if spec.is_unlimited() {
+            return;
+        }
+        let now = self.clock.now();
+        let mut shard = self.shard(key);
+        shard.maybe_sweep(now, self.idle_timeout, self.sweep_every);
+        if let Some(entry) = shard.map.get_mut(key) {
+            entry.advance(now);
+            entry.apply_spec(spec);
+            entry.set_levels(levels);
+        } else {
+            let mut entry = Entry::new(Arc::from(key), spec, now);
+            entry.set_levels(levels);
+            shard.map.insert(Arc::clone(&entry.key), entry);
         }
     }
 
@@ -824,6 +887,73 @@ mod tests {
         l.settle_sync(r.unwrap(), 10_000);
         let (d, _) = l.acquire_sync("k", &tpm(60), 0);
         assert_eq!(d.remaining_tokens, Some(60));
+    }
+
+    #[test]
+    fn levels_can_be_read_and_set() {
+        let (clock, l) = limiter();
+        let spec = LimitSpec {
+            tps: Some(10),
+            burst: Some(20),
+            tpm: Some(600), // 10 tokens/s
+        };
+        assert_eq!(l.levels("k"), None, "unknown key");
+        let set = BucketLevels {
+            requests: Some(3.0),
+            tokens: Some(-50.0),
+        };
+        l.set_levels("k", &spec, set);
+        assert_eq!(l.levels("k"), Some(set));
+        // Reading refills by time but takes nothing and changes nothing.
+        clock.advance(Duration::from_secs(1));
+        let levels = l.levels("k").unwrap();
+        assert_eq!(levels.requests, Some(13.0));
+        assert!((levels.tokens.unwrap() + 40.0).abs() < 1e-9, "{levels:?}");
+        assert_eq!(l.levels("k"), Some(levels));
+        // Decisions continue from the levels set: the token deficit holds requests back 4 s...
+        let (d, _) = l.acquire_sync("k", &spec, 0);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, Some(Duration::from_secs(4)));
+        // ...and the request bucket admits 13, not a full burst of 20.
+        clock.advance(Duration::from_secs(4));
+        l.set_levels(
+            "k",
+            &spec,
+            BucketLevels {
+                requests: Some(13.0),
+                tokens: None, // left alone
+            },
+        );
+        assert!(l.levels("k").unwrap().tokens.unwrap().abs() < 1e-9);
+        assert_eq!((0..100).take_while(|_| allowed(&l, "k", &spec)).count(), 13);
+
+        // Levels are clamped to the capacity; a deficit is kept.
+        l.set_levels(
+            "k",
+            &spec,
+            BucketLevels {
+                requests: Some(1e9),
+                tokens: Some(-1e9),
+            },
+        );
+        assert_eq!(
+            l.levels("k"),
+            Some(BucketLevels {
+                requests: Some(20.0),
+                tokens: Some(-1e9)
+            })
+        );
+        // Only the limits of the spec have buckets; an unlimited spec creates nothing.
+        l.set_levels("r", &rps(5, None), set);
+        assert_eq!(
+            l.levels("r"),
+            Some(BucketLevels {
+                requests: Some(3.0),
+                tokens: None
+            })
+        );
+        l.set_levels("u", &LimitSpec::UNLIMITED, set);
+        assert_eq!(l.levels("u"), None);
     }
 
     async fn through_trait<L: RateLimiter>(l: &L, spec: &LimitSpec) -> (bool, bool) {

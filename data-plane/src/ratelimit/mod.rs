@@ -27,7 +27,7 @@ use http::{HeaderName, HeaderValue};
 
 pub use any::AnyLimiter;
 pub use clock::{Clock, ManualClock, MonotonicClock};
-pub use local::LocalLimiter;
+pub use local::{BucketLevels, LocalLimiter};
 
 /// The limits of one assignment. `None` means unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

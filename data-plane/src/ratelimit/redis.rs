@@ -27,6 +27,23 @@
 //!
 //! Reservations record which backend issued them ([`TAG_REDIS`] / [`TAG_LOCAL`]), so a settle goes
 //! where the tokens were taken even if the mode switched in between.
+//!
+//! A flapping Redis hands out no fresh burst per switch:
+//! - every Redis reply (its reset times give the shared levels exactly) sets this data plane's
+//!   fallback buckets to its share of the shared ones (level / live data planes), so the `local`
+//!   fail mode continues from there instead of starting full;
+//! - every acquire tells Redis how far from full this data plane believes the buckets are (its
+//!   fallback level × live data planes, as µs of refill), and the script creates a *missing*
+//!   bucket at that level instead of full. A Redis restarted without persistence (or failed over
+//!   to a replica that missed writes) thus resumes near the level the data planes knew. An
+//!   existing bucket ignores the hint, and a data plane that knows nothing of an assignment (new,
+//!   or idle until its buckets were full and evicted) still creates it full;
+//! - breaker probes are due on a wall-clock grid ([`Breaker`]), so the data planes go back to
+//!   Redis together: one still on its local share while the others are back would admit that
+//!   share on top of the shared rate, for up to a cooldown if the clocks disagree.
+//!
+//! The levels cost two lookups in the fallback's sharded map per Redis call (no allocation once an
+//! assignment has an entry) and two small script arguments.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -36,13 +53,17 @@ use std::hash::BuildHasher;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, ErrorKind, FromRedisValue, RedisError, Script, ScriptInvocation};
+use ::redis::{
+    Client, ErrorKind, FromRedisValue, RedisError, RedisWrite, Script, ScriptInvocation,
+    ToRedisArgs,
+};
 use arc_swap::ArcSwap;
 
-use super::{Decision, LimitSpec, LocalLimiter, RateLimiter, Reservation, scaled};
+use super::local::{request_params, token_params};
+use super::{BucketLevels, Decision, LimitSpec, LocalLimiter, RateLimiter, Reservation, scaled};
 
 /// [`Reservation::tag`] of tokens reserved in Redis.
 pub const TAG_REDIS: u8 = 1;
@@ -72,7 +93,9 @@ local function us(secs)
 end
 
 -- keep: use the stored limits (settle), falling back to the given ones if absent.
-local function load_bucket(key, cap_s, rate_s, keep)
+-- short_us (acquire): a missing bucket is created this many µs of refill short of full, the level
+-- the calling data plane knows of (absent or 0: full).
+local function load_bucket(key, cap_s, rate_s, keep, short_us)
   local v = redis.call('HMGET', key, 'tokens', 'ts', 'cap', 'rate')
   if keep then
     cap_s = v[3] or cap_s
@@ -82,6 +105,10 @@ local function load_bucket(key, cap_s, rate_s, keep)
   local level = tonumber(v[1])
   if level == nil then
     b.level = b.cap
+    local short = tonumber(short_us) or 0
+    if short > 0 and b.rate > 0 then
+      b.level = b.cap - b.rate * (math.min(short, MAX_WAIT) / 1000000)
+    end
     b.fresh = true
     return b
   end
@@ -96,8 +123,9 @@ local function load_bucket(key, cap_s, rate_s, keep)
   return b
 end
 
--- A missing key reads as a full bucket, so a key may expire once it would be full again: the TTL
--- covers a refill from empty (or from the deficit, if deeper) plus a margin.
+-- A missing key reads as a full bucket (unless the caller knows its level), so a key may expire
+-- once it would be full again: the TTL covers a refill from empty (or from the deficit, if deeper)
+-- plus a margin.
 local function save(key, b)
   local ttl = TTL_MARGIN
   if b.rate > 0 then
@@ -114,7 +142,9 @@ end
 /// `KEYS[1]`, `KEYS[2]`: request and token bucket. `ARGV[1]`, `ARGV[2]`: request capacity and rate
 /// per second (`''` = requests not limited); `ARGV[3]`, `ARGV[4]`: token capacity and rate per
 /// second (`''` = tokens not limited); `ARGV[5]`: estimated tokens; `ARGV[6]`: lease, the most
-/// request tokens to take when admitted (absent = 1; see [`lease_size`]).
+/// request tokens to take when admitted (absent = 1; see [`lease_size`]); `ARGV[7]`, `ARGV[8]`:
+/// how many µs of refill the calling data plane believes the request and token buckets are short
+/// of full (absent or 0 = full), used only to create a missing bucket at that level.
 ///
 /// Returns 9 integers: `{allowed (1|0), remaining requests, reset requests µs, remaining tokens,
 /// reset tokens µs, retry-after µs, request-bucket wait µs, token-bucket wait µs, request tokens
@@ -143,8 +173,8 @@ end
 
 local cost = tonumber(ARGV[5]) or 0
 local req, tok
-if ARGV[1] ~= '' then req = load_bucket(KEYS[1], ARGV[1], ARGV[2], false) end
-if ARGV[3] ~= '' then tok = load_bucket(KEYS[2], ARGV[3], ARGV[4], false) end
+if ARGV[1] ~= '' then req = load_bucket(KEYS[1], ARGV[1], ARGV[2], false, ARGV[7]) end
+if ARGV[3] ~= '' then tok = load_bucket(KEYS[2], ARGV[3], ARGV[4], false, ARGV[8]) end
 local allowed = (req == nil or admits(req, 1)) and (tok == nil or admits(tok, cost))
 local wait_req, wait_tok = 0, 0
 local taken = 0
@@ -189,6 +219,40 @@ pub fn bucket_keys(assignment: &str) -> (String, String) {
         format!("llmproxy:{{{assignment}}}:rps"),
         format!("llmproxy:{{{assignment}}}:tpm"),
     )
+}
+
+/// One key of [`bucket_keys`], written straight into a script call: one allocation (the
+/// argument's own) instead of a formatted `String` that is then copied.
+struct BucketKey<'a> {
+    assignment: &'a str,
+    /// `rps` or `tpm`.
+    bucket: &'static str,
+}
+
+impl ToRedisArgs for BucketKey<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let parts = [
+            b"llmproxy:{".as_slice(),
+            self.assignment.as_bytes(),
+            b"}:",
+            self.bucket.as_bytes(),
+        ];
+        let mut buf = [0u8; 128];
+        let mut len = 0;
+        for part in parts {
+            let Some(slot) = buf.get_mut(len..len + part.len()) else {
+                // An id longer than any the control plane makes: format it.
+                out.write_arg_fmt(format_args!(
+                    "llmproxy:{{{}}}:{}",
+                    self.assignment, self.bucket
+                ));
+                return;
+            };
+            slot.copy_from_slice(part);
+            len += part.len();
+        }
+        out.write_arg(&buf[..len]);
+    }
 }
 
 impl Decision {
@@ -458,9 +522,27 @@ impl RedisLimiter {
             Err(lease) => lease,
         };
 
-        let (requests_key, tokens_key) = bucket_keys(key);
-        let mut invocation = inner.acquire_script.key(&requests_key);
-        invocation.key(&tokens_key);
+        let (share, live) = inner.share(&spec);
+        let requests = request_params(&spec);
+        let tokens = token_params(&spec);
+        // What this data plane knows of the shared levels (its share, scaled up), for Redis to
+        // create a missing bucket at instead of full.
+        let known = inner.fallback.levels(key).unwrap_or_default();
+        let short_of_full = |share_level: Option<f64>, params: Option<(f64, f64)>| {
+            share_level
+                .zip(params)
+                .map_or(0, |(level, (capacity, rate))| {
+                    micros_short_of_full(level * f64::from(live), capacity, rate)
+                })
+        };
+        let mut invocation = inner.acquire_script.key(BucketKey {
+            assignment: key,
+            bucket: "rps",
+        });
+        invocation.key(BucketKey {
+            assignment: key,
+            bucket: "tpm",
+        });
         match (spec.request_capacity(), spec.tps) {
             (Some(capacity), Some(tps)) => invocation.arg(capacity).arg(tps),
             _ => invocation.arg("").arg(""),
@@ -470,7 +552,11 @@ impl RedisLimiter {
             Some(tpm) => invocation.arg(tpm).arg((tpm as f64 / 60.0).to_string()),
             None => invocation.arg("").arg(""),
         };
-        invocation.arg(estimated_tokens).arg(lease);
+        invocation
+            .arg(estimated_tokens)
+            .arg(lease)
+            .arg(short_of_full(known.requests, requests))
+            .arg(short_of_full(known.tokens, tokens));
 
         // Taken before sending: the script ran later, so "sent + wait" never outlasts the real
         // retry time, and the deny cache never refuses what Redis would admit.
@@ -488,6 +574,21 @@ impl RedisLimiter {
             },
             Err(_) => return inner.fallback(key, &spec, estimated_tokens),
         };
+        // The fallback buckets follow the shared ones (this data plane's share of their levels),
+        // so a switch to the `local` fail mode continues from there instead of starting full.
+        let shared_level = |params: Option<(f64, f64)>, reset_us: u64| {
+            params.map(|(capacity, rate)| {
+                (capacity - rate * Duration::from_micros(reset_us).as_secs_f64()) / f64::from(live)
+            })
+        };
+        inner.fallback.set_levels(
+            key,
+            &share,
+            BucketLevels {
+                requests: shared_level(requests, reply.reset_requests_us),
+                tokens: shared_level(tokens, reply.reset_tokens_us),
+            },
+        );
         let mut decision = reply.decision(&spec);
         if reply.allowed && reply.taken > 1 {
             let spare = u32::try_from(reply.taken - 1).unwrap_or(u32::MAX);
@@ -530,11 +631,13 @@ impl RedisLimiter {
             );
             return;
         }
-        let (_, tokens_key) = bucket_keys(reservation.key());
         let tpm = reservation.tpm();
         // Computed in f64 exactly like LocalLimiter::settle_sync.
         let refund = reserved as f64 - actual_tokens as f64;
-        let mut invocation = inner.settle_script.key(&tokens_key);
+        let mut invocation = inner.settle_script.key(BucketKey {
+            assignment: reservation.key(),
+            bucket: "tpm",
+        });
         invocation
             .arg(refund.to_string())
             .arg(tpm)
@@ -618,6 +721,13 @@ impl Inner {
         }
     }
 
+    /// This data plane's share of `spec` (each limit divided by the live data planes, see
+    /// [`scaled`]), and that divisor (at least 1).
+    fn share(&self, spec: &LimitSpec) -> (LimitSpec, u32) {
+        let live = u32::try_from((self.live_data_planes)().max(1)).unwrap_or(u32::MAX);
+        (scaled(spec, live), live)
+    }
+
     /// The fail mode's answer.
     fn fallback(
         &self,
@@ -630,8 +740,7 @@ impl Inner {
             FailMode::Open => (Decision::UNLIMITED, None),
             FailMode::Closed => (Decision::UNAVAILABLE, None),
             FailMode::Local => {
-                let live = (self.live_data_planes)().max(1);
-                let share = scaled(spec, u32::try_from(live).unwrap_or(u32::MAX));
+                let (share, _) = self.share(spec);
                 let (decision, reservation) =
                     self.fallback.acquire_sync(key, &share, estimated_tokens);
                 (decision, reservation.map(|r| r.with_tag(TAG_LOCAL)))
@@ -729,6 +838,16 @@ impl AcquireReply {
     }
 }
 
+/// µs of refill (at `rate` per second) a bucket of `capacity` holding `level` is short of full,
+/// for [`ACQUIRE_LUA`]'s `ARGV[7]`/`ARGV[8]`; 0 when full or when it never refills.
+fn micros_short_of_full(level: f64, capacity: f64, rate: f64) -> u64 {
+    if level.is_nan() || level >= capacity || rate <= 0.0 {
+        return 0;
+    }
+    // Saturating cast; the script caps it at an hour anyway.
+    ((capacity - level) / rate * 1e6).round() as u64
+}
+
 /// Which way a call goes.
 enum Gate {
     Redis,
@@ -737,13 +856,20 @@ enum Gate {
     FallbackAndProbe,
 }
 
-/// Circuit breaker: opens after `threshold` consecutive failures; after `cooldown` one background
-/// probe may run (half-open); its success closes the breaker, its failure restarts the cooldown.
-/// Lock-free: the request path reads one atomic while closed.
+/// Circuit breaker: opens after `threshold` consecutive failures; after about `cooldown` one
+/// background probe may run (half-open); its success closes the breaker, its failure restarts the
+/// cooldown. Lock-free: the request path reads one atomic while closed.
+///
+/// Probes are due on a grid of the wall clock (multiples of the cooldown since the Unix epoch), so
+/// data planes whose clocks agree (NTP) probe at the same instants and go back to Redis together:
+/// one still on its local share while the others use the shared bucket again would admit that
+/// share on top of the shared rate.
 struct Breaker {
     threshold: u32,
     cooldown: Duration,
     origin: Instant,
+    /// Wall-clock µs since the Unix epoch at `origin` (0 if the clock is before it).
+    origin_wall_us: u64,
     failures: AtomicU32,
     open: AtomicBool,
     /// Microseconds since `origin` from which a probe may start.
@@ -757,6 +883,9 @@ impl Breaker {
             threshold: threshold.max(1),
             cooldown,
             origin: Instant::now(),
+            origin_wall_us: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
             failures: AtomicU32::new(0),
             open: AtomicBool::new(false),
             probe_at: AtomicU64::new(0),
@@ -768,9 +897,16 @@ impl Breaker {
         u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
+    /// When the next probe is due (µs since `origin`): the first multiple of the cooldown on the
+    /// wall clock more than half a cooldown from now, so probes come one cooldown apart on average.
     fn next_probe(&self) -> u64 {
+        let now = self.now_us();
         let cooldown = u64::try_from(self.cooldown.as_micros()).unwrap_or(u64::MAX);
-        self.now_us().saturating_add(cooldown)
+        if cooldown == 0 {
+            return now;
+        }
+        let wall = self.origin_wall_us.saturating_add(now);
+        now.saturating_add(probe_grid_point(wall, cooldown).saturating_sub(wall))
     }
 
     fn is_closed(&self) -> bool {
@@ -827,6 +963,13 @@ impl Breaker {
         self.probing.store(false, Ordering::Release);
         ok
     }
+}
+
+/// The first multiple of `cooldown_us` (> 0) more than half a cooldown after `wall_us`.
+fn probe_grid_point(wall_us: u64, cooldown_us: u64) -> u64 {
+    (wall_us.saturating_add(cooldown_us / 2) / cooldown_us)
+        .saturating_add(1)
+        .saturating_mul(cooldown_us)
 }
 
 /// Logs mode switches at most once per [`SwitchLog::EVERY`], counting the ones left out, so a
@@ -1800,6 +1943,112 @@ mod tests {
         assert_eq!(l.stats().redis_calls, calls + 1);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_local_fallback_continues_from_the_shared_level() {
+        let proxy = Proxy::start().await;
+        let config = RedisLimiterConfig {
+            fail_mode: FailMode::Local,
+            budget: TEST_BUDGET,
+            breaker_threshold: 1,
+            // No probe while the test runs: the proxy stays cut anyway.
+            breaker_cooldown: Duration::from_secs(600),
+            ..RedisLimiterConfig::default()
+        };
+        // Two data planes: the share is burst 20, 1 request/s.
+        let l = RedisLimiter::new(&proxy.url, config, || 2).unwrap();
+        let key = assignment();
+        let spec = rps(1, Some(40));
+        let started = Instant::now();
+        for _ in 0..20 {
+            let (d, _) = tokio::time::timeout(CALL_DEADLINE, l.acquire(&key, &spec, 0))
+                .await
+                .unwrap();
+            assert!(
+                d.allowed && d.limit_requests == Some(40),
+                "from Redis: {d:?}"
+            );
+        }
+        // Redis holds 20 of 40 (plus what refilled): this data plane's share is half of it.
+        let share = l.inner.fallback.levels(&key).unwrap().requests.unwrap();
+        let refill = started.elapsed().as_secs_f64();
+        assert!((10.0..=10.0 + refill).contains(&share), "{share}");
+
+        // Redis goes away (polled on another assignment, so this one's bucket is left alone).
+        proxy.set_up(false);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !l.is_degraded() {
+            assert!(Instant::now() < deadline, "breaker never opened");
+            let _ = tokio::time::timeout(CALL_DEADLINE, l.acquire(&assignment(), &spec, 0)).await;
+        }
+        // The local share starts at the shared level, not full: 10 requests, not 20 — plus the
+        // refill meanwhile (1/s shared, 1/s locally).
+        let mut admitted = 0;
+        loop {
+            let (d, _) = l.acquire(&key, &spec, 0).await;
+            assert_eq!(d.limit_requests, Some(20), "from the local share: {d:?}");
+            if !d.allowed {
+                break;
+            }
+            admitted += 1;
+        }
+        let refill = (started.elapsed().as_secs_f64() * 1.5).floor() as usize;
+        assert!((10..=10 + refill).contains(&admitted), "{admitted}");
+    }
+
+    #[tokio::test]
+    async fn a_lost_bucket_comes_back_at_the_level_the_data_plane_knew() {
+        // Redis restarted without persistence: both keys are gone. Two data planes, this one
+        // knows the request bucket at 10 of 40 (its share: 5 of 20) and the token bucket at 100.
+        let l = RedisLimiter::new(&redis_url(), config(), || 2).unwrap();
+        let mut conn = raw().await;
+        let key = assignment();
+        let (rps_key, tpm_key) = bucket_keys(&key);
+        let spec = LimitSpec {
+            tps: Some(1),
+            burst: Some(40),
+            tpm: Some(600), // 10 tokens/s
+        };
+        let started = Instant::now();
+        let (d, _) = acquire(&l, &key, &spec, 500).await;
+        assert!(d.allowed);
+        for _ in 0..29 {
+            assert!(acquire(&l, &key, &spec, 0).await.0.allowed);
+        }
+        // Another data plane that never saw this assignment creates it full, as before.
+        let key_other = assignment();
+        let other = RedisLimiter::new(&redis_url(), config(), || 2).unwrap();
+        let (d, _) = acquire(&other, &key_other, &spec, 0).await;
+        assert_eq!(d.remaining_requests, Some(39));
+        assert_eq!(d.remaining_tokens, Some(600));
+
+        let _: () = conn.del(&[&rps_key, &tpm_key]).await.unwrap();
+        let (d, _) = acquire(&l, &key, &spec, 200).await;
+        assert!(
+            !d.allowed,
+            "100 tokens and some refill, not a full bucket: {d:?}"
+        );
+        let refill = started.elapsed().as_secs_f64();
+        let retry = d.retry_after.unwrap().as_secs_f64();
+        assert!(
+            (10.0 - refill..=10.0).contains(&retry),
+            "{retry} s for 100 tokens at 10/s"
+        );
+        // A denial writes nothing; the next admitted call stores the buckets it created.
+        let exists: bool = conn.exists(&rps_key).await.unwrap();
+        assert!(!exists);
+        let (d, _) = acquire(&l, &key, &spec, 50).await;
+        assert!(d.allowed);
+        let refill = started.elapsed().as_secs_f64();
+        let stored = |fields: HashMap<String, String>| fields["tokens"].parse::<f64>().unwrap();
+        // The local share refills at 1/s, the shared bucket at 1/s: the level it reports (×2)
+        // may run up to 2/s ahead.
+        let requests = stored(hgetall(&mut conn, &rps_key).await);
+        assert!((9.0..=9.0 + 2.0 * refill).contains(&requests), "{requests}");
+        let tokens = stored(hgetall(&mut conn, &tpm_key).await);
+        assert!((50.0..=50.0 + 10.0 * refill).contains(&tokens), "{tokens}");
+        assert_eq!(l.stats().redis_errors, 0);
+    }
+
     #[test]
     fn fail_mode_parses() {
         assert_eq!("local".parse::<FailMode>(), Ok(FailMode::Local));
@@ -1846,6 +2095,34 @@ mod tests {
             .unwrap();
             assert!(!format!("{l:?}").contains("secret"));
         });
+    }
+
+    #[test]
+    fn probes_are_due_on_a_wall_clock_grid() {
+        const S: u64 = 1_000_000; // a cooldown of 1 s, in µs
+        // Breakers that opened 200 ms apart (two data planes seeing Redis go) probe together...
+        assert_eq!(probe_grid_point(10 * S + 200_000, S), 11 * S);
+        assert_eq!(probe_grid_point(10 * S + 400_000, S), 11 * S);
+        // ...and a failed probe at 11 s schedules the next one a cooldown later, on the grid.
+        assert_eq!(probe_grid_point(11 * S + 3_000, S), 12 * S);
+        // Always more than half a cooldown ahead, at most one and a half.
+        assert_eq!(probe_grid_point(10 * S + 500_000, S), 12 * S);
+        assert_eq!(probe_grid_point(10 * S + 499_999, S), 11 * S);
+        assert_eq!(probe_grid_point(u64::MAX - 1, S), u64::MAX, "saturates");
+
+        // The breaker maps the grid to its monotonic clock.
+        let b = Breaker::new(1, Duration::from_secs(1));
+        let now = b.now_us();
+        let due = b.next_probe();
+        assert_eq!((b.origin_wall_us + due) % S, 0, "on a whole second");
+        assert!(
+            (S / 2..=3 * S / 2 + 1_000).contains(&(due - now)),
+            "{}",
+            due - now
+        );
+        // No cooldown: due at once.
+        let b = Breaker::new(1, Duration::ZERO);
+        assert!(b.next_probe() <= b.now_us());
     }
 
     #[test]
