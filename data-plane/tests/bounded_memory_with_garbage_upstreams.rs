@@ -8,13 +8,11 @@ mod common;
 
 use axum::body::{Body, Bytes};
 use axum::response::Response;
+use common::DataPlaneProcess;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio::time::Instant;
 
 const KEY: &str = "vk-bounded-memory-1234";
 const MIB: usize = 1024 * 1024;
@@ -63,61 +61,15 @@ async fn mock_upstream() -> SocketAddr {
     addr
 }
 
-struct DataPlane {
-    child: tokio::process::Child,
-    addr: SocketAddr,
-}
-
-impl DataPlane {
-    fn pid(&self) -> u32 {
-        self.child.id().expect("the data plane is running")
-    }
-
-    /// A `kB` field of `/proc/<pid>/status`, in bytes.
-    fn status_bytes(&self, field: &str) -> usize {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let line = status
-            .lines()
-            .find(|l| l.starts_with(&format!("{field}:")))
-            .unwrap_or_else(|| panic!("no {field} in /proc/<pid>/status"));
-        let kb: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        kb * 1024
-    }
-
-    /// Resets the process's peak resident size (`VmHWM`) to its current one.
-    fn reset_peak(&self) {
-        std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5").unwrap();
-    }
-}
-
-async fn spawn_data_plane(cp: SocketAddr) -> DataPlane {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-proxy-data-plane"))
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .args(["--control-plane", &format!("http://{cp}")])
-        .args(["--node-id", "dp-bounded-memory"])
-        .args(["--max-upstream-body-bytes", &CAP.to_string()])
-        .args(["--max-stream-event-bytes", &CAP.to_string()])
-        .env_remove("REDIS_URL")
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(common::PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            // "llm-proxy data plane listening on ADDR (metrics on ADDR)"
-            if let Some(rest) = line.strip_prefix("llm-proxy data plane listening on ") {
-                return rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        }
-        panic!("data plane exited before listening");
-    })
-    .await
-    .expect("data plane did not start");
-    // Keep draining stderr so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    DataPlane { child, addr }
+async fn spawn_data_plane(cp: SocketAddr) -> DataPlaneProcess {
+    let cap = CAP.to_string();
+    let caps = [
+        "--max-upstream-body-bytes",
+        &cap,
+        "--max-stream-event-bytes",
+        &cap,
+    ];
+    DataPlaneProcess::start(cp, "dp-bounded-memory", &caps).await
 }
 
 fn chat(content: &str, stream: bool) -> String {
@@ -126,7 +78,12 @@ fn chat(content: &str, stream: bool) -> String {
 }
 
 /// Posts a chat request and reads the whole answer within [`WITHIN_SECONDS`].
-async fn ask(http: &reqwest::Client, dp: &DataPlane, content: &str, stream: bool) -> (u16, String) {
+async fn ask(
+    http: &reqwest::Client,
+    dp: &DataPlaneProcess,
+    content: &str,
+    stream: bool,
+) -> (u16, String) {
     tokio::time::timeout(WITHIN_SECONDS, async {
         let response = http
             .post(format!("http://{}/v1/chat/completions", dp.addr))
@@ -143,7 +100,7 @@ async fn ask(http: &reqwest::Client, dp: &DataPlane, content: &str, stream: bool
     .unwrap_or_else(|_| panic!("no whole answer to {content} within {WITHIN_SECONDS:?}"))
 }
 
-async fn assert_served(http: &reqwest::Client, dp: &DataPlane) {
+async fn assert_served(http: &reqwest::Client, dp: &DataPlaneProcess) {
     let (status, body) = ask(http, dp, "hello", false).await;
     assert_eq!(status, 200, "{body}");
 }
@@ -163,31 +120,13 @@ async fn oversized_upstream_answers_leave_the_data_planes_memory_bounded() {
     common::add_models_for_key(&cp.store, "Memory", KEY, &[("Mock", "m", "m")]).await;
     let dp = spawn_data_plane(cp.grpc_addr).await;
     let http = reqwest::Client::new();
-    // Ready once the snapshot is applied: the alias is served.
-    let deadline = Instant::now() + common::PATIENCE;
-    loop {
-        let models = http
-            .get(format!("http://{}/v1/models", dp.addr))
-            .bearer_auth(KEY)
-            .send()
-            .await;
-        if let Ok(r) = models
-            && r.status() == 200
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the data plane never got its config"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    dp.wait_serving(&http, KEY, "m").await;
     // Warm: pools, buffers and lazily built state exist before the baseline.
     for _ in 0..3 {
         assert_served(&http, &dp).await;
     }
     dp.reset_peak();
-    let before = dp.status_bytes("VmRSS");
+    let before = usize::try_from(dp.memory_kib("VmRSS") * 1024).unwrap();
 
     for _ in 0..3 {
         let (status, body) = ask(&http, &dp, "DECLARE200MB", false).await;
@@ -208,7 +147,7 @@ async fn oversized_upstream_answers_leave_the_data_planes_memory_bounded() {
         assert_served(&http, &dp).await;
     }
 
-    let peak = dp.status_bytes("VmHWM");
+    let peak = usize::try_from(dp.memory_kib("VmHWM") * 1024).unwrap();
     let growth = peak.saturating_sub(before);
     assert!(
         growth < GROWTH_BOUND,

@@ -4,8 +4,11 @@
 //! either way hands out no extra burst.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use axum::body::{Body, Bytes};
 use axum::response::Response;
+use common::DataPlaneProcess;
 use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane, ServerSettings};
 use llm_proxy_control_plane::store::{NewAssignment, NewConnection, NewModel, NewVirtualKey};
 use secrecy::SecretString;
@@ -14,7 +17,6 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::time::Instant;
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -123,76 +125,19 @@ async fn control_plane(
     (Setup { cp, _dir: dir }, asg.id)
 }
 
-struct DataPlane {
-    _child: tokio::process::Child,
-    addr: SocketAddr,
-    metrics: SocketAddr,
-}
+type DataPlane = DataPlaneProcess;
 
 async fn spawn_data_plane(cp: SocketAddr, redis: &str, node: &str) -> DataPlane {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-proxy-data-plane"))
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .args([
-            "--control-plane",
-            &format!("http://{cp}"),
-            "--node-id",
-            node,
-        ])
-        .env("REDIS_URL", redis)
-        // This test measures shared limiting, not the fail mode: a test machine running other
-        // tests in parallel must not push Redis calls past the budget into local fallback.
-        .env("LLM_PROXY_RATELIMIT_REDIS_BUDGET_MS", "250")
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (addr, metrics) = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            // "llm-proxy data plane listening on ADDR (metrics on ADDR)"
-            if let Some(rest) = line.strip_prefix("llm-proxy data plane listening on ") {
-                let words: Vec<&str> = rest.split_whitespace().collect();
-                let metrics = words[3].trim_end_matches(')');
-                return (words[0].parse().unwrap(), metrics.parse().unwrap());
-            }
-        }
-        panic!("data plane exited before listening");
-    })
-    .await
-    .expect("data plane did not start");
-    // Keep draining stderr so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    DataPlane {
-        _child: child,
-        addr,
-        metrics,
-    }
+    // This test measures shared limiting, not the fail mode: a test machine running other tests
+    // in parallel must not push Redis calls past the budget into local fallback.
+    let args = ["--redis-url", redis, "--ratelimit-redis-budget-ms", "250"];
+    DataPlaneProcess::start(cp, node, &args).await
 }
 
 /// Waits until every data plane serves the alias (its snapshot is applied).
 async fn wait_ready(http: &reqwest::Client, planes: &[DataPlane]) {
-    let deadline = Instant::now() + PATIENCE;
     for plane in planes {
-        loop {
-            let models = http
-                .get(format!("http://{}/v1/models", plane.addr))
-                .bearer_auth(KEY)
-                .send()
-                .await;
-            if let Ok(r) = models
-                && r.status() == 200
-                && r.text().await.unwrap_or_default().contains("limited")
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "data plane {} never got its config",
-                plane.addr
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        plane.wait_serving(http, KEY, "limited").await;
     }
 }
 

@@ -355,6 +355,7 @@ impl DataPlaneProcess {
                 node,
             ])
             .args(args)
+            .env_remove("REDIS_URL")
             .env("RUST_LOG", "warn")
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -392,6 +393,12 @@ impl DataPlaneProcess {
             .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    }
+
+    /// Resets the process's peak resident size (`VmHWM`) to its current one.
+    pub fn reset_peak(&self) {
+        let pid = self.child.id().expect("data plane exited");
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
     }
 
     /// The `/metrics` text of the data plane.
