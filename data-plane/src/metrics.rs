@@ -1,7 +1,7 @@
 //! Prometheus metrics of the data plane (DESIGN §16), served on the metrics port.
 //!
 //! Label sets are bounded: aliases and providers come from the config (never from the client's
-//! text), status is a class (`2xx`, `4xx`, `5xx`), and error kinds and decisions are fixed lists.
+//! text), status is the HTTP status code the gateway answered (a short fixed set), and error kinds and decisions are fixed lists.
 //! Requests refused before routing (no key, unknown alias) carry empty `alias` and `provider`;
 //! a request refused by a rate limit carries the alias and the provider of the last target tried.
 
@@ -25,7 +25,8 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 pub struct RequestLabels {
     pub alias: Arc<str>,
     pub provider: &'static str,
-    pub status: &'static str,
+    /// The exact HTTP status answered (DESIGN §16): operators alert on 429s and 401s separately.
+    pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -242,12 +243,6 @@ impl Metrics {
         duration: Duration,
         upstream: Option<Duration>,
     ) {
-        let status = match status {
-            200..=299 => "2xx",
-            400..=499 => "4xx",
-            500..=599 => "5xx",
-            _ => "other",
-        };
         self.requests
             .get_or_create(&RequestLabels {
                 alias: alias.clone(),

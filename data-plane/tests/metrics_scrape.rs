@@ -544,34 +544,41 @@ async fn data_plane_metrics_show_every_series_after_traffic() {
     })
     .await;
 
-    // Requests by alias, provider and status class.
+    // Requests by alias, provider and exact status.
     let requests = "llm_proxy_requests_total";
     m.assert_type("llm_proxy_requests", "counter");
     assert_eq!(
-        m.value(requests, &[("alias", "chat"), openai, ("status", "2xx")]),
+        m.value(requests, &[("alias", "chat"), openai, ("status", "200")]),
         2.0
     );
     assert_eq!(
-        m.value(requests, &[("alias", "limited"), openai, ("status", "2xx")]),
+        m.value(requests, &[("alias", "limited"), openai, ("status", "200")]),
         limited_ok
     );
     // The refusal by the rate limit happens before an upstream is chosen; whatever provider it
     // is labelled with, it is one 4xx of `limited`.
     assert_eq!(
-        m.sum(requests, &[("alias", "limited"), ("status", "4xx")]),
+        m.sum(requests, &[("alias", "limited"), ("status", "429")]),
         1.0
     );
     assert_eq!(
-        m.value(requests, &[("alias", "broken"), openai, ("status", "5xx")]),
+        m.value(requests, &[("alias", "broken"), openai, ("status", "500")]),
         1.0
     );
     // No key, wrong key, unknown model: one bounded series without alias or provider.
     assert_eq!(
         m.value(
             requests,
-            &[("alias", ""), ("provider", ""), ("status", "4xx")]
+            &[("alias", ""), ("provider", ""), ("status", "401")]
         ),
-        3.0
+        2.0
+    );
+    assert_eq!(
+        m.value(
+            requests,
+            &[("alias", ""), ("provider", ""), ("status", "404")]
+        ),
+        1.0
     );
     assert_eq!(m.sum(requests, &[]), routed + 1.0 + 3.0);
     for sample in m.matching(requests, &[]) {
