@@ -13,7 +13,9 @@ c. `verify-full` against the wrong CA, or with a host name the certificate does 
    with a message saying so (and never the password); `rediss://` with the wrong CA leaves the data
    plane serving in its fail mode, with a warning naming the certificate error and the Redis error
    metrics up, and nothing written to Redis;
-d. `check-config` rejects a bad `sslmode`, an unreadable `sslrootcert` and an unreadable
+d. `verify-ca`, and `require` with `sslrootcert` (as in libpq), check the chain but not the host
+   name;
+e. `check-config` rejects a bad `sslmode`, an unreadable `sslrootcert` and an unreadable
    `--redis-ca-file` without connecting.
 
 The test skips only when a tool the script needs is not installed. Synchronisation is by polling
@@ -392,6 +394,27 @@ def test_verify_full_refuses_a_certificate_it_cannot_trust(services, case):
         log = expect_failure(cp, "error performing TLS handshake", *needles)
         assert not ready(cp.readyz)
         assert services.env["PG_PASSWORD"] not in log
+
+
+def migrate(url):
+    return subprocess.run([str(BIN_DIR / "llm-proxy-control-plane"), "migrate"], capture_output=True, text=True,
+                          timeout=PATIENCE_S, env=dict(os.environ, DATABASE_URL=url))
+
+
+def test_verify_ca_and_require_with_a_root_file_check_the_chain_only(services):
+    db = services.new_database()
+    wrong_host = services.pg_url("verify-full", db, host="wrong-host.invalid") + "&hostaddr=127.0.0.1"
+    # verify-ca: the chain leads to the CA, the host name is not compared.
+    out = migrate(wrong_host.replace("sslmode=verify-full", "sslmode=verify-ca"))
+    assert out.returncode == 0, out.stderr
+    # require + sslrootcert checks the chain, as libpq does: the wrong CA is refused ...
+    with_other_ca = services.pg_url("require", db) + f"&sslrootcert={services.env['TLS_OTHER_CA']}"
+    out = migrate(with_other_ca)
+    assert out.returncode == 1 and "invalid peer certificate: UnknownIssuer" in out.stderr, out.stderr
+    assert services.env["PG_PASSWORD"] not in out.stderr
+    # ... and the right one accepted, whatever the host name.
+    out = migrate(wrong_host.replace("sslmode=verify-full", "sslmode=require"))
+    assert out.returncode == 0, out.stderr
 
 
 def test_rediss_with_the_wrong_ca_falls_back_and_says_why(services):

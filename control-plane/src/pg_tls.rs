@@ -380,7 +380,7 @@ async fn client_config(params: &PgTlsParams) -> Result<ClientConfig, PgTlsError>
         .map_err(|e| PgTlsError::Tls(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    let config = match &params.client_cert {
+    let mut config = match &params.client_cert {
         None => builder.with_no_client_auth(),
         Some((cert_path, key_path)) => {
             let cert_pem = read("sslcert", cert_path).await?;
@@ -403,6 +403,8 @@ async fn client_config(params: &PgTlsParams) -> Result<ClientConfig, PgTlsError>
                 .map_err(|e| bad_file("sslkey", key_path, e))?
         }
     };
+    // What libpq 17 sends: required by servers for `sslnegotiation=direct`, ignored otherwise.
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(config)
 }
 
