@@ -11,7 +11,7 @@ with exactly those arguments and env var names:
     interpolation expanded);
   - values from Secrets, ConfigMaps or the pod (valueFrom), and unset compose variables, become
     valid dummies chosen by name (a real base64 64-byte master key, tokens, postgres://u:p@db/x,
-    redis://r:6379);
+    rediss://r:6380);
   - TLS and master-key file paths (env or flag) become real files made here with openssl (a CA,
     a server certificate for localhost, a client certificate). In the chart, each such path must
     also lie on a volume mount of the container that provides that file.
@@ -107,6 +107,7 @@ class Material:
             "LLM_PROXY_DP_TLS_CA": self.files["ca"],
             "LLM_PROXY_DP_TLS_CERT": self.files["client.crt"],
             "LLM_PROXY_DP_TLS_KEY": self.files["client.key"],
+            "LLM_PROXY_REDIS_CA_FILE": self.files["ca"],
         }.get(name)
 
     def file_for_flag(self, binary, flag):
@@ -116,7 +117,7 @@ class Material:
                      "--tls-client-ca": self.files["ca"]}
         else:
             table = {"--tls-ca": self.files["ca"], "--tls-cert": self.files["client.crt"],
-                     "--tls-key": self.files["client.key"]}
+                     "--tls-key": self.files["client.key"], "--redis-ca-file": self.files["ca"]}
         return table.get(flag)
 
     def dummy(self, name):
@@ -127,7 +128,8 @@ class Material:
         if name == "DATABASE_URL":
             return "postgres://u:p@db/x"
         if name == "REDIS_URL":
-            return "redis://r:6379"
+            # rediss: valid with or without LLM_PROXY_REDIS_CA_FILE (plain redis:// is not).
+            return "rediss://r:6380"
         if name.endswith("_NODE_ID"):
             return "dummy-node"
         return "dummy"

@@ -60,6 +60,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL", env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
+    /// PEM CA bundle for a rediss:// --redis-url (default: Mozilla's roots, compiled in).
+    #[arg(long, value_name = "FILE", env = "LLM_PROXY_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
     /// The data plane's limits (DESIGN §19).
     #[command(flatten)]
     pub limits: LimitFlags,
@@ -102,6 +106,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         limits: args.limits.limits(),
         redis_url: args.redis_url.clone().map(SecretString::from),
+        redis_ca_file: args.redis_ca_file.clone(),
         ratelimit_fail_mode: FailMode::default(),
         ratelimit_redis_budget: RedisLimiterConfig::default().budget,
     })

@@ -166,6 +166,7 @@ async fn mtls_admits_llmctl_and_a_data_plane_with_client_certificates_and_refuse
             ..Default::default()
         },
         redis_url: None,
+        redis_ca_file: None,
         ratelimit_fail_mode: Default::default(),
         ratelimit_redis_budget: Duration::from_millis(5),
     })

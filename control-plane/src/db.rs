@@ -1,7 +1,9 @@
 //! Database access: a deadpool pool of `AsyncPgConnection` (production) or of SQLite behind
 //! diesel-async's `SyncConnectionWrapper` (embedded), embedded migrations for both, and the
-//! Postgres LISTEN connection used for config-change notifications.
+//! Postgres LISTEN connection used for config-change notifications. Every Postgres session is
+//! opened through [`PgTarget`], which honours the URL's `sslmode`/`sslrootcert`/`sslcert`/`sslkey`.
 
+use crate::pg_tls::{PgTarget, PgTlsError};
 use diesel::SqliteConnection;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
@@ -11,6 +13,7 @@ use diesel_async::{SimpleAsyncConnection as _, pooled_connection::deadpool::Pool
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness as _, embed_migrations};
 use futures_util::FutureExt as _;
 use secrecy::{ExposeSecret, SecretString};
+use std::sync::Arc;
 
 pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
 
@@ -29,6 +32,8 @@ pub enum DbError {
         "invalid database-url: must start with postgres://, postgresql:// or sqlite:// (sqlite://relative/path or sqlite:///absolute/path)"
     )]
     BadUrl,
+    #[error(transparent)]
+    Tls(#[from] PgTlsError),
     #[error("cannot connect to the database: {0}")]
     Connect(String),
     #[error("database pool: {0}")]
@@ -67,12 +72,26 @@ pub fn parse_url(url: &SecretString) -> Result<(Backend, SecretString), DbError>
     Err(DbError::BadUrl)
 }
 
+/// Checks a `--database-url` without connecting: its form and, for Postgres, its TLS parameters
+/// (files read, roots loaded). Returns a short description without secrets.
+pub async fn check_url(url: &SecretString) -> Result<String, DbError> {
+    match parse_url(url)? {
+        (Backend::Sqlite, _) => Ok("sqlite".to_owned()),
+        (Backend::Postgres, target) => {
+            let pg = PgTarget::new(&target).await?;
+            Ok(format!("postgres sslmode={}", pg.tls_params().describe()))
+        }
+    }
+}
+
 /// A connection pool on either backend.
 #[derive(Clone)]
 pub enum Database {
     Postgres {
         pool: Pool<AsyncPgConnection>,
-        url: SecretString,
+        /// How to open a session (TLS included); also used outside the pool for the migration
+        /// lock and LISTEN.
+        target: Arc<PgTarget>,
     },
     Sqlite {
         pool: Pool<SqliteConn>,
@@ -113,13 +132,22 @@ impl Database {
         let (backend, target) = parse_url(url)?;
         let db = match backend {
             Backend::Postgres => {
+                let pg = Arc::new(PgTarget::new(&target).await?);
+                let mut config = ManagerConfig::<AsyncPgConnection>::default();
+                let setup = pg.clone();
+                config.custom_setup = Box::new(move |_| {
+                    let pg = setup.clone();
+                    async move { pg.connect().await }.boxed()
+                });
+                // The setup above ignores the manager's URL: it is left empty so that the
+                // password is not kept in a plain String.
                 let manager =
-                    AsyncDieselConnectionManager::<AsyncPgConnection>::new(target.expose_secret());
+                    AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config("", config);
                 let pool = Pool::builder(manager)
                     .max_size(max_connections.max(2))
                     .build()
                     .map_err(|e| DbError::Pool(e.to_string()))?;
-                Database::Postgres { pool, url: target }
+                Database::Postgres { pool, target: pg }
             }
             Backend::Sqlite => {
                 let mut config = ManagerConfig::<SqliteConn>::default();
@@ -160,8 +188,9 @@ impl Database {
     /// that replicas starting together migrate one after the other.
     pub async fn migrate(&self) -> Result<usize, DbError> {
         match self {
-            Database::Postgres { url, .. } => {
-                let mut conn = AsyncPgConnection::establish(url.expose_secret())
+            Database::Postgres { target, .. } => {
+                let mut conn = target
+                    .connect()
                     .await
                     .map_err(|e| DbError::Connect(e.to_string()))?;
                 diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
@@ -196,8 +225,9 @@ impl Database {
     /// A dedicated Postgres session listening on [`CONFIG_CHANNEL`]; `None` on SQLite.
     pub async fn listen_connection(&self) -> Result<Option<AsyncPgConnection>, DbError> {
         match self {
-            Database::Postgres { url, .. } => {
-                let mut conn = AsyncPgConnection::establish(url.expose_secret())
+            Database::Postgres { target, .. } => {
+                let mut conn = target
+                    .connect()
                     .await
                     .map_err(|e| DbError::Connect(e.to_string()))?;
                 diesel::sql_query(format!("LISTEN {CONFIG_CHANNEL}"))

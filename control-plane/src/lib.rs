@@ -13,6 +13,7 @@ pub mod error;
 pub mod hub;
 pub mod ids;
 pub mod master_key;
+pub mod pg_tls;
 pub mod rows;
 pub mod rpc_observer;
 pub mod schema;

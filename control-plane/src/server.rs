@@ -249,11 +249,12 @@ fn check_tokens(settings: &ServerSettings) -> Result<(), ServerError> {
 }
 
 /// Checks the settings without touching the database or binding (`check-config`): tokens,
-/// master key, database URL form and TLS files. Returns a one-line summary (no secrets).
+/// master key, database URL form and its TLS parameters (`sslrootcert` & co. read), TLS files.
+/// Returns a one-line summary (no secrets).
 pub async fn check(settings: &ServerSettings) -> Result<String, ServerError> {
     check_tokens(settings)?;
     let keys = MasterKeys::parse(&settings.master_keys)?;
-    let (backend, _) = crate::db::parse_url(&settings.database_url)?;
+    let database = crate::db::check_url(&settings.database_url).await?;
     let tls = tls_config(&settings.tls).await?;
     let tls_mode = match &tls {
         None => "off",
@@ -267,15 +268,11 @@ pub async fn check(settings: &ServerSettings) -> Result<String, ServerError> {
             .map_err(|e| ServerError::Tls(e.to_string()))?;
     }
     Ok(format!(
-        "listen={} metrics_listen={} database={} master_keys={} active_key_id={} admin_token={} dataplane_token={} tls={tls_mode}",
+        "listen={} metrics_listen={} database={database} master_keys={} active_key_id={} admin_token={} dataplane_token={} tls={tls_mode}",
         settings.listen,
         settings
             .metrics_listen
             .map_or_else(|| "-".to_owned(), |a| a.to_string()),
-        match backend {
-            crate::db::Backend::Postgres => "postgres",
-            crate::db::Backend::Sqlite => "sqlite",
-        },
         keys.key_ids().len(),
         keys.active_key_id(),
         if settings.admin_token.is_some() {

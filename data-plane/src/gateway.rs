@@ -4,14 +4,16 @@
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::ratelimit::redis::{FailMode, RedisLimiter, RedisLimiterConfig};
+use crate::ratelimit::redis_client::{self, RedisClientError};
 use crate::ratelimit::{AnyLimiter, LocalLimiter};
 use crate::server::{self, AppState};
 use crate::sync::{self, ConfigHandle, SyncSettings};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::routing::get;
-use secrecy::{ExposeSecret as _, SecretString};
+use secrecy::SecretString;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -30,6 +32,10 @@ pub enum GatewayError {
     Client(String),
     #[error("invalid --redis-url: {0}")]
     Redis(String),
+    #[error(transparent)]
+    RedisClient(#[from] RedisClientError),
+    #[error("--redis-ca-file (LLM_PROXY_REDIS_CA_FILE) is set without --redis-url")]
+    RedisCaWithoutUrl,
 }
 
 #[derive(Debug)]
@@ -41,6 +47,9 @@ pub struct GatewaySettings {
     pub limits: Limits,
     /// Shared buckets in Redis; `None` = in-process buckets (one data plane only).
     pub redis_url: Option<SecretString>,
+    /// PEM CA bundle that a `rediss://` server's certificate must chain to (instead of the
+    /// compiled-in Mozilla roots).
+    pub redis_ca_file: Option<PathBuf>,
     pub ratelimit_fail_mode: FailMode,
     /// Time budget of one Redis limiter call before the fail mode answers.
     pub ratelimit_redis_budget: Duration,
@@ -110,11 +119,20 @@ impl RunningGateway {
     }
 }
 
-fn limiter(
+/// The Redis client of `--redis-url` (with `--redis-ca-file`); `None` without `--redis-url`.
+async fn redis_client(settings: &GatewaySettings) -> Result<Option<::redis::Client>, GatewayError> {
+    match (&settings.redis_url, &settings.redis_ca_file) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(GatewayError::RedisCaWithoutUrl),
+        (Some(url), ca_file) => Ok(Some(redis_client::client(url, ca_file.as_deref()).await?)),
+    }
+}
+
+async fn limiter(
     settings: &GatewaySettings,
     config: &Arc<ConfigHandle>,
 ) -> Result<AnyLimiter, GatewayError> {
-    let Some(url) = &settings.redis_url else {
+    let Some(client) = redis_client(settings).await? else {
         return Ok(AnyLimiter::Local(LocalLimiter::new()));
     };
     let limiter_config = RedisLimiterConfig {
@@ -123,22 +141,18 @@ fn limiter(
         ..RedisLimiterConfig::default()
     };
     let handle = config.clone();
-    let redis = RedisLimiter::new(url.expose_secret(), limiter_config, move || {
-        handle.live_data_planes()
-    })
-    // The error text of a bad URL does not repeat the URL (it may hold a password).
-    .map_err(|e| GatewayError::Redis(format!("{:?}", e.kind())))?;
+    let redis =
+        RedisLimiter::with_client(client, limiter_config, move || handle.live_data_planes())
+            // The error text does not repeat the URL (it may hold a password).
+            .map_err(|e| GatewayError::Redis(format!("{:?}", e.kind())))?;
     Ok(AnyLimiter::Redis(redis))
 }
 
-/// Checks the settings without binding or connecting (`--check-config`): the Redis URL's form
-/// (the control plane URL and TLS files are checked by [`SyncSettings::endpoint`]). Returns a
-/// one-line summary without secrets.
-pub fn check(settings: &GatewaySettings) -> Result<String, GatewayError> {
-    if let Some(url) = &settings.redis_url {
-        redis::Client::open(url.expose_secret())
-            .map_err(|e| GatewayError::Redis(format!("{:?}", e.kind())))?;
-    }
+/// Checks the settings without binding or connecting (`--check-config`): the Redis URL's form and
+/// its CA file (the control plane URL and TLS files are checked by [`SyncSettings::endpoint`]).
+/// Returns a one-line summary without secrets.
+pub async fn check(settings: &GatewaySettings) -> Result<String, GatewayError> {
+    let redis = redis_client(settings).await?;
     Ok(format!(
         "listen={} metrics_listen={} control_plane={} dataplane_token={} tls={} ratelimit={} fail_mode={:?} max_body_bytes={}",
         settings.listen,
@@ -156,10 +170,17 @@ pub fn check(settings: &GatewaySettings) -> Result<String, GatewayError> {
         } else {
             "off"
         },
-        if settings.redis_url.is_some() {
-            "redis"
-        } else {
-            "in-process"
+        match &redis {
+            None => "in-process".to_owned(),
+            Some(client) => format!(
+                "{}{}",
+                redis_client::describe(client),
+                if settings.redis_ca_file.is_some() {
+                    "+ca-file"
+                } else {
+                    ""
+                }
+            ),
         },
         settings.ratelimit_fail_mode,
         settings.limits.max_body_bytes,
@@ -180,7 +201,7 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     })?;
     let config = ConfigHandle::new();
     let client = server::upstream_client().map_err(|e| GatewayError::Client(e.to_string()))?;
-    let limiter = Arc::new(limiter(&settings, &config)?);
+    let limiter = Arc::new(limiter(&settings, &config).await?);
     let draining = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::new());
     let state = AppState {

@@ -41,6 +41,9 @@ struct Cli {
     /// Redis for rate-limit buckets shared by every data plane (unset: in-process buckets).
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis_url: Option<SecretString>,
+    /// PEM CA bundle for a rediss:// --redis-url (default: Mozilla's roots, compiled in).
+    #[arg(long, env = "LLM_PROXY_REDIS_CA_FILE")]
+    redis_ca_file: Option<PathBuf>,
     /// What to do when Redis is unavailable.
     #[arg(
         long,
@@ -105,13 +108,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         limits: cli.limits.limits(),
         redis_url: cli.redis_url.clone(),
+        redis_ca_file: cli.redis_ca_file.clone(),
         ratelimit_fail_mode: cli.ratelimit_fail_mode,
         ratelimit_redis_budget: Duration::from_millis(cli.ratelimit_redis_budget_ms),
     };
     // Reject a malformed --control-plane URL or token now, not in the background task.
     settings.sync.endpoint()?;
     if cli.check_config {
-        println!("configuration ok: {}", gateway::check(&settings)?);
+        println!("configuration ok: {}", gateway::check(&settings).await?);
         return Ok(());
     }
     let running = gateway::start(settings).await?;

@@ -25,6 +25,7 @@ async fn draining_turns_readiness_off_and_closes_kept_alive_connections() {
             ..Default::default()
         },
         redis_url: None,
+        redis_ca_file: None,
         ratelimit_fail_mode: Default::default(),
         ratelimit_redis_budget: Duration::from_millis(5),
     })

@@ -18,6 +18,7 @@ pub mod any;
 pub mod clock;
 pub mod local;
 pub mod redis;
+pub mod redis_client;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -431,13 +431,22 @@ impl RedisLimiter {
         config: RedisLimiterConfig,
         live_data_planes: impl Fn() -> i64 + Send + Sync + 'static,
     ) -> Result<Self, RedisError> {
+        Self::with_client(Client::open(url)?, config, live_data_planes)
+    }
+
+    /// As [`Self::new`], with a client built by the caller (e.g. `rediss://` with a private CA:
+    /// [`super::redis_client::client`]).
+    pub fn with_client(
+        client: Client,
+        config: RedisLimiterConfig,
+        live_data_planes: impl Fn() -> i64 + Send + Sync + 'static,
+    ) -> Result<Self, RedisError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(RedisError::from((
                 ErrorKind::Client,
                 "the Redis rate limiter must be created within a Tokio runtime",
             )));
         }
-        let client = Client::open(url)?;
         // The manager retries a failed reconnect once; longer outages are the breaker's business.
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))

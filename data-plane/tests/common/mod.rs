@@ -83,6 +83,7 @@ pub fn data_plane_settings(
             ..Default::default()
         },
         redis_url,
+        redis_ca_file: None,
         ratelimit_fail_mode: Default::default(),
         ratelimit_redis_budget: Duration::from_millis(200),
     }
