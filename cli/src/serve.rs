@@ -104,7 +104,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             build: env!("CARGO_PKG_VERSION").to_owned(),
             tls: None,
         },
-        limits: args.limits.limits(),
+        limits: args.limits.limits()?,
         redis_url: args.redis_url.clone().map(SecretString::from),
         redis_ca_file: args.redis_ca_file.clone(),
         ratelimit_fail_mode: FailMode::default(),

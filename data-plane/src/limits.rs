@@ -89,9 +89,36 @@ pub struct LimitFlags {
     pub max_upstream_index: u32,
 }
 
+/// A limit flag with a value that would refuse or cut everything.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --{flag}: must be at least 1")]
+pub struct LimitError {
+    pub flag: &'static str,
+}
+
 impl LimitFlags {
-    pub fn limits(&self) -> Limits {
-        Limits {
+    /// The limits, each checked to be at least 1 (0 would refuse or cut every request).
+    pub fn limits(&self) -> Result<Limits, LimitError> {
+        let positive = [
+            ("max-body-bytes", self.max_body_bytes as u64),
+            ("max-top-level-keys", self.max_top_level_keys as u64),
+            ("header-read-timeout-s", self.header_read_timeout_s),
+            ("body-read-timeout-s", self.body_read_timeout_s),
+            ("idle-timeout-s", self.idle_timeout_s),
+            ("max-connections", self.max_connections as u64),
+            ("max-in-flight", self.max_in_flight as u64),
+            ("http2-max-streams", u64::from(self.http2_max_streams)),
+            (
+                "max-upstream-body-bytes",
+                self.max_upstream_body_bytes as u64,
+            ),
+            ("max-stream-event-bytes", self.max_stream_event_bytes as u64),
+            ("max-upstream-index", u64::from(self.max_upstream_index)),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(LimitError { flag });
+        }
+        Ok(Limits {
             max_body_bytes: self.max_body_bytes,
             max_top_level_keys: self.max_top_level_keys,
             header_read_timeout: Duration::from_secs(self.header_read_timeout_s),
@@ -103,6 +130,29 @@ impl LimitFlags {
             max_upstream_body_bytes: self.max_upstream_body_bytes,
             max_stream_event_bytes: self.max_stream_event_bytes,
             max_upstream_index: self.max_upstream_index,
-        }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        limits: LimitFlags,
+    }
+
+    #[test]
+    fn defaults_match_and_zero_is_refused_by_name() {
+        let flags = Flags::try_parse_from(["dp"]).unwrap();
+        assert_eq!(flags.limits.limits().unwrap(), Limits::default());
+        let flags = Flags::try_parse_from(["dp", "--max-in-flight", "0"]).unwrap();
+        assert_eq!(
+            flags.limits.limits().unwrap_err().to_string(),
+            "invalid --max-in-flight: must be at least 1"
+        );
     }
 }

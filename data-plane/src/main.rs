@@ -106,7 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .load()
             .await?,
         },
-        limits: cli.limits.limits(),
+        limits: cli.limits.limits()?,
         redis_url: cli.redis_url.clone(),
         redis_ca_file: cli.redis_ca_file.clone(),
         ratelimit_fail_mode: cli.ratelimit_fail_mode,
