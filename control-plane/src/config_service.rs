@@ -1,6 +1,7 @@
 //! `ConfigService`: the snapshot stream to data planes and their status reports.
 
 use crate::hub::{PublishedSnapshot, SnapshotHub};
+use crate::readiness::Readiness;
 use crate::store::{Store, now_micros};
 use llm_proxy_proto::v1::config_service_server::ConfigService;
 use llm_proxy_proto::v1::{
@@ -22,6 +23,8 @@ pub struct ConfigApi {
     subscribers: Gauge,
     /// Ends every stream when the server shuts down (graceful shutdown waits for open streams).
     shutdown: watch::Receiver<bool>,
+    /// Status writes wait for the database; streams do not (they wait for a snapshot).
+    readiness: Readiness,
 }
 
 impl ConfigApi {
@@ -31,6 +34,7 @@ impl ConfigApi {
         heartbeat_every: Duration,
         subscribers: Gauge,
         shutdown: watch::Receiver<bool>,
+        readiness: Readiness,
     ) -> Self {
         Self {
             store,
@@ -38,6 +42,24 @@ impl ConfigApi {
             heartbeat_every,
             subscribers,
             shutdown,
+            readiness,
+        }
+    }
+
+    /// Records that `node` subscribed; false (logged) when that cannot be written now. The
+    /// stream is served either way: a data plane needs its config more than the control plane
+    /// needs the bookkeeping, which the next heartbeat retries.
+    async fn record_connected(&self, node: &str, build: &str) -> bool {
+        if let Some(reason) = self.readiness.not_ready_reason() {
+            tracing::debug!(node_id = %node, %reason, "data plane presence not recorded yet");
+            return false;
+        }
+        match self.store.data_plane_connected(node, build).await {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(node_id = %node, error = %err, "cannot record data plane connection; serving its config stream anyway");
+                false
+            }
         }
     }
 }
@@ -113,6 +135,7 @@ async fn stream_config(
     api: ConfigApi,
     request: SubscribeRequest,
     node: String,
+    mut recorded: bool,
     tx: mpsc::Sender<Result<ConfigEvent, Status>>,
 ) {
     api.subscribers.inc();
@@ -128,6 +151,7 @@ async fn stream_config(
         return;
     };
     let accepts_parts = request.accepts_parts;
+    let build = request.build;
     let mut sent = (request.cluster_epoch, request.have_version);
     let delivered = if sent == (first.cluster_epoch.clone(), first.version) {
         tx.send(Ok(heartbeat(&api.hub, Some(&first)))).await.is_ok()
@@ -164,13 +188,15 @@ async fn stream_config(
                 if tx.send(Ok(heartbeat(&api.hub, latest.as_deref()))).await.is_err() {
                     break;
                 }
-                if let Err(err) = api.store.data_plane_seen(&node, true).await {
+                if !recorded {
+                    recorded = api.record_connected(&node, &build).await;
+                } else if let Err(err) = api.store.data_plane_seen(&node, true).await {
                     tracing::warn!(node_id = %node, error = %err, "cannot record data plane heartbeat");
                 }
             }
         }
     }
-    if let Err(err) = api.store.data_plane_seen(&node, false).await {
+    if recorded && let Err(err) = api.store.data_plane_seen(&node, false).await {
         tracing::warn!(node_id = %node, error = %err, "cannot record data plane disconnect");
     }
     tracing::info!(node_id = %node, "data plane unsubscribed");
@@ -186,13 +212,11 @@ impl ConfigService for ConfigApi {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let request = request.into_inner();
         let node = node_id(&request.node_id)?;
-        self.store
-            .data_plane_connected(&node, &request.build)
-            .await?;
+        let recorded = self.record_connected(&node, &request.build).await;
         tracing::info!(node_id = %node, have_version = request.have_version, "data plane subscribed");
         // Small buffer: a slow data plane gets the newest snapshot, not a backlog of old ones.
         let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(stream_config(self.clone(), request, node, tx));
+        tokio::spawn(stream_config(self.clone(), request, node, recorded, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -208,6 +232,7 @@ impl ConfigService for ConfigApi {
             ));
         }
         let error: String = request.error.chars().take(1000).collect();
+        self.readiness.check()?;
         self.store
             .report_status(&node, request.applied_version, &error)
             .await?;

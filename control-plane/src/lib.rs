@@ -13,6 +13,7 @@ pub mod error;
 pub mod hub;
 pub mod ids;
 pub mod master_key;
+pub mod readiness;
 pub mod rows;
 pub mod rpc_observer;
 pub mod schema;

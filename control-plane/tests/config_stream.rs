@@ -258,7 +258,7 @@ struct CpProcess {
     log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
-/// Starts the real `llm-proxy-control-plane` binary; returns once it printed its address.
+/// Starts the real `llm-proxy-control-plane` binary; returns once its `/readyz` answers 200.
 async fn spawn_cp(url: &str, master_key: &str) -> CpProcess {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-proxy-control-plane"))
         .args([
@@ -277,12 +277,16 @@ async fn spawn_cp(url: &str, master_key: &str) -> CpProcess {
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let addr = tokio::time::timeout(PATIENCE, async {
+    let (addr, metrics) = tokio::time::timeout(PATIENCE, async {
         while let Some(line) = lines.next_line().await.unwrap() {
             log.lock().unwrap().push_str(&line);
             log.lock().unwrap().push('\n');
             if let Some(rest) = line.strip_prefix("llm-proxy control plane listening on ") {
-                return rest.split_whitespace().next().unwrap().parse().unwrap();
+                let grpc: std::net::SocketAddr =
+                    rest.split_whitespace().next().unwrap().parse().unwrap();
+                let metrics: std::net::SocketAddr =
+                    rest.rsplit(' ').next().unwrap().parse().unwrap();
+                return (grpc, metrics);
             }
         }
         panic!("control plane exited: {}", log.lock().unwrap());
@@ -296,6 +300,7 @@ async fn spawn_cp(url: &str, master_key: &str) -> CpProcess {
             sink.lock().unwrap().push('\n');
         }
     });
+    common::wait_ready(metrics, PATIENCE).await;
     CpProcess { child, addr, log }
 }
 
@@ -496,7 +501,7 @@ async fn snapshot_of_100k_virtual_keys_passes_the_stream() {
         .await
         .unwrap();
     let build = build_started.elapsed();
-    assert_eq!(rebuilt.virtual_keys.len(), KEYS);
+    assert_eq!(rebuilt.snapshot.virtual_keys.len(), KEYS);
     println!(
         "100k-key snapshot: {:.1} MiB encoded; build from Postgres {build:?}; subscribe-to-received {received:?}; decode {decode:?}",
         encoded as f64 / (1024.0 * 1024.0)

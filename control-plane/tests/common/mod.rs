@@ -137,3 +137,36 @@ pub async fn config_client(addr: std::net::SocketAddr, token: Option<&str>) -> C
     ConfigServiceClient::with_interceptor(channel(addr).await, bearer(token.map(Into::into)))
         .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
 }
+
+/// `GET path` over HTTP/1.0 (the connection closes after the answer): status and body. Enough
+/// for `/readyz` and `/metrics`; `None` when nothing answers.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.ok()?;
+    let status = answer.split_whitespace().nth(1)?.parse().ok()?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_owned());
+    Some((status, body))
+}
+
+/// Polls `/readyz` on `metrics_addr` until it answers 200; panics after `patience`.
+pub async fn wait_ready(metrics_addr: std::net::SocketAddr, patience: Duration) {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let answer = http_get(metrics_addr, "/readyz").await;
+        if matches!(answer, Some((200, _))) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz did not turn 200 within {patience:?}: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
