@@ -25,6 +25,20 @@ pub struct ConfigApi {
     shutdown: watch::Receiver<bool>,
     /// Status writes wait for the database; streams do not (they wait for a snapshot).
     readiness: Readiness,
+    /// Held by every clone, stream tasks included: the receiver learns when all are gone, so a
+    /// shutdown can wait for the streams' last status writes ([`StreamsDone`]).
+    _alive: mpsc::Sender<()>,
+}
+
+/// Resolves once the service and every stream task it spawned have ended.
+#[derive(Debug)]
+pub struct StreamsDone(mpsc::Receiver<()>);
+
+impl StreamsDone {
+    pub async fn wait(mut self) {
+        // Nothing is ever sent: `recv` returns `None` once every sender is dropped.
+        let _ = self.0.recv().await;
+    }
 }
 
 impl ConfigApi {
@@ -35,15 +49,18 @@ impl ConfigApi {
         subscribers: Gauge,
         shutdown: watch::Receiver<bool>,
         readiness: Readiness,
-    ) -> Self {
-        Self {
+    ) -> (Self, StreamsDone) {
+        let (alive, done) = mpsc::channel(1);
+        let api = Self {
             store,
             hub,
             heartbeat_every,
             subscribers,
             shutdown,
             readiness,
-        }
+            _alive: alive,
+        };
+        (api, StreamsDone(done))
     }
 
     /// Records that `node` subscribed; false (logged) when that cannot be written now. The

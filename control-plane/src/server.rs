@@ -5,7 +5,7 @@
 
 use crate::admin::AdminApi;
 use crate::auth::{ExpectedToken, TokenCheck};
-use crate::config_service::ConfigApi;
+use crate::config_service::{ConfigApi, StreamsDone};
 use crate::crypto::{CryptoError, MasterKeys};
 use crate::db::{Database, DbError};
 use crate::error::StoreError;
@@ -41,6 +41,9 @@ pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 /// The flags (and env vars) of the two tokens, as error messages name them.
 pub const ADMIN_TOKEN_FLAG: &str = "--admin-token (LLM_PROXY_ADMIN_TOKEN)";
 pub const DATAPLANE_TOKEN_FLAG: &str = "--dataplane-token (LLM_PROXY_DATAPLANE_TOKEN)";
+
+/// How long a shutdown waits for config streams to record their data plane's disconnection.
+const STREAMS_DONE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long `/readyz` waits for the database before answering 503 (probes time out too).
 const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -173,14 +176,22 @@ pub struct RunningControlPlane {
     pub readiness: Readiness,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    streams_done: StreamsDone,
 }
 
 impl RunningControlPlane {
-    /// Stops accepting calls, ends streams and waits for the servers to finish.
+    /// Stops accepting calls, ends streams and waits for the servers to finish, and (for a
+    /// bounded time) for the streams' last status writes.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
+        }
+        if tokio::time::timeout(STREAMS_DONE_TIMEOUT, self.streams_done.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("config streams still recording their disconnection at shutdown");
         }
     }
 
@@ -438,17 +449,18 @@ pub async fn launch(settings: ServerSettings) -> Result<RunningControlPlane, Ser
         admin_readiness.check()?;
         Ok(req)
     });
+    let (config_api, streams_done) = ConfigApi::new(
+        store.clone(),
+        hub.clone(),
+        settings.heartbeat_every,
+        metrics.subscribers.clone(),
+        shutdown_rx.clone(),
+        readiness.clone(),
+    );
     let config = tonic::service::interceptor::InterceptedService::new(
-        ConfigServiceServer::new(ConfigApi::new(
-            store.clone(),
-            hub.clone(),
-            settings.heartbeat_every,
-            metrics.subscribers.clone(),
-            shutdown_rx.clone(),
-            readiness.clone(),
-        ))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ConfigServiceServer::new(config_api)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         move |req| config_check.check(req),
     );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -574,6 +586,7 @@ pub async fn launch(settings: ServerSettings) -> Result<RunningControlPlane, Ser
         readiness,
         shutdown: shutdown_tx,
         tasks,
+        streams_done,
     })
 }
 

@@ -122,7 +122,7 @@ async fn ciphertext_moved_to_another_row_does_not_decrypt() {
         .await
         .unwrap();
     cp.shutdown().await;
-    assert_eq!(built.undecryptable, [openai_id.clone()]);
+    assert_eq!(built.undecryptable, std::slice::from_ref(openai_id));
     let names: Vec<&str> = built
         .snapshot
         .connections
