@@ -69,6 +69,8 @@ pub struct Cli {
     #[arg(
         long,
         env = "LLM_PROXY_ALLOW_PLAINTEXT",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new(),
         global = true,
         help_heading = GLOBAL
     )]

@@ -94,7 +94,12 @@ struct ServeArgs {
     tls_client_ca: Option<PathBuf>,
     /// Serve gRPC without TLS on a non-loopback --listen address (only on a private network:
     /// the config stream carries decrypted provider credentials).
-    #[arg(long, env = "LLM_PROXY_ALLOW_PLAINTEXT")]
+    #[arg(
+        long,
+        env = "LLM_PROXY_ALLOW_PLAINTEXT",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     allow_plaintext: bool,
 }
 

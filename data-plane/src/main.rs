@@ -75,7 +75,12 @@ struct Cli {
     tls_key: Option<PathBuf>,
     /// Reach a non-loopback control plane over plain http:// (only on a private network: the
     /// config stream carries decrypted provider credentials).
-    #[arg(long, env = "LLM_PROXY_ALLOW_PLAINTEXT")]
+    #[arg(
+        long,
+        env = "LLM_PROXY_ALLOW_PLAINTEXT",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     allow_plaintext: bool,
     /// Check the flags and environment (URLs, TLS files) without connecting or binding; print a
     /// summary and exit 0, or the error and exit 1.
