@@ -1,5 +1,6 @@
 //! `ConfigService`: the snapshot stream to data planes and their status reports.
 
+use crate::error::StoreError;
 use crate::hub::{PublishedSnapshot, SnapshotHub};
 use crate::readiness::Readiness;
 use crate::store::{Store, now_micros};
@@ -71,7 +72,7 @@ impl ConfigApi {
             tracing::debug!(node_id = %node, %reason, "data plane presence not recorded yet");
             return false;
         }
-        match self.store.data_plane_connected(node, build).await {
+        match bounded(self.store.data_plane_connected(node, build)).await {
             Ok(()) => true,
             Err(err) => {
                 tracing::warn!(node_id = %node, error = %err, "cannot record data plane connection; serving its config stream anyway");
@@ -79,6 +80,23 @@ impl ConfigApi {
             }
         }
     }
+}
+
+/// Bound on one data-plane status write made on a stream's behalf: a database that hangs must not
+/// hold up a subscription or its snapshots.
+const STATUS_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn bounded<T>(
+    write: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(STATUS_WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer within {} s",
+                STATUS_WRITE_TIMEOUT.as_secs()
+            )))
+        })
 }
 
 fn node_id(value: &str) -> Result<String, Status> {
@@ -207,13 +225,16 @@ async fn stream_config(
                 }
                 if !recorded {
                     recorded = api.record_connected(&node, &build).await;
-                } else if let Err(err) = api.store.data_plane_seen(&node, true).await {
+                } else if let Err(err) = bounded(api.store.data_plane_seen(&node, true)).await {
                     tracing::warn!(node_id = %node, error = %err, "cannot record data plane heartbeat");
                 }
             }
         }
     }
-    if recorded && let Err(err) = api.store.data_plane_seen(&node, false).await {
+    // An update of the row, if any (a status report may have created it when `recorded` is not).
+    if api.readiness.is_ready()
+        && let Err(err) = bounded(api.store.data_plane_seen(&node, false)).await
+    {
         tracing::warn!(node_id = %node, error = %err, "cannot record data plane disconnect");
     }
     tracing::info!(node_id = %node, "data plane unsubscribed");
