@@ -460,6 +460,16 @@ def self_test(containers, bin_dir, mat, env_names):
             c.files = base.files
             c.env = [(n, v) for n, v in c.env if n != "REDIS_URL"] + [("REDIS_URL", "http://x")]
             cases.append(("an invalid Redis URL", c, "exited 1"))
+        # A container that talks plaintext gRPC off loopback must say so: without the opt-in the
+        # binary refuses to start.
+        plain = next((c for c in containers if c.binary == binary
+                      and any(n == "LLM_PROXY_ALLOW_PLAINTEXT" for n, _ in c.env)), None)
+        if plain is not None:
+            c = copy.deepcopy(plain)
+            c.files = plain.files
+            c.env = [(n, v) for n, v in c.env if n != "LLM_PROXY_ALLOW_PLAINTEXT"]
+            cases.append(("plaintext gRPC off loopback without LLM_PROXY_ALLOW_PLAINTEXT", c,
+                          "refusing plaintext"))
         file_env = next(((n, v) for n, v in base.env if v and mat.file_for_env(n)), None)
         if base.files and file_env:
             c = copy.deepcopy(base)

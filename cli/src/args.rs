@@ -64,6 +64,18 @@ pub struct Cli {
     #[arg(long, env = "LLMCTL_TLS_KEY", global = true, help_heading = GLOBAL, value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
 
+    /// Allow a plaintext `http://` control-plane address that is not loopback (only on a private
+    /// network: the admin token and the calls would cross it in clear).
+    #[arg(
+        long,
+        env = "LLM_PROXY_ALLOW_PLAINTEXT",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new(),
+        global = true,
+        help_heading = GLOBAL
+    )]
+    pub allow_plaintext: bool,
+
     /// Output format.
     #[arg(
         short = 'o',

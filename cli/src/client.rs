@@ -106,10 +106,23 @@ impl ClientTls {
 
 impl Admin {
     /// A client of the control plane at `endpoint` (`http://host:port`; a bare `host:port` means
-    /// plain `http`). The connection is made by the first call.
-    pub fn new(endpoint: &str, token: Option<&str>, tls: ClientTls) -> anyhow::Result<Self> {
+    /// plain `http`). The connection is made by the first call. Plain `http` to a host that is
+    /// not loopback needs `allow_plaintext` (DESIGN §19).
+    pub fn new(
+        endpoint: &str,
+        token: Option<&str>,
+        tls: ClientTls,
+        allow_plaintext: bool,
+    ) -> anyhow::Result<Self> {
         let auth = BearerAuth::new(token)?;
         let endpoint = normalize_endpoint(endpoint);
+        if !allow_plaintext
+            && let Some(host) = llm_proxy_data_plane::sync::plaintext_remote_host(&endpoint)
+        {
+            anyhow::bail!(
+                "refusing plaintext http:// to the control plane at {host} (not loopback): use an https:// --endpoint (with --tls-ca for a private CA), or pass --allow-plaintext (LLM_PROXY_ALLOW_PLAINTEXT) if this network is private"
+            );
+        }
         let mut builder = Endpoint::from_shared(endpoint.clone())
             .with_context(|| format!("invalid control-plane endpoint `{endpoint}`"))?
             .connect_timeout(CONNECT_TIMEOUT)
@@ -282,6 +295,37 @@ mod tests {
         let req = none.call(Request::new(())).unwrap();
         assert!(req.metadata().get("authorization").is_none());
         assert!(BearerAuth::new(Some("bad\u{7f}token")).is_err());
+    }
+
+    #[tokio::test]
+    async fn plaintext_to_a_remote_control_plane_needs_allow_plaintext() {
+        for local in [
+            "http://127.0.0.1:8131",
+            "localhost:8131",
+            "http://[::1]:8131",
+        ] {
+            assert!(Admin::new(local, None, ClientTls::default(), false).is_ok());
+        }
+        for remote in ["http://10.1.2.3:8131", "cp.internal:8131"] {
+            let err = Admin::new(remote, None, ClientTls::default(), false)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.starts_with("refusing plaintext http://") && err.contains("--allow-plaintext"),
+                "{err}"
+            );
+            assert!(Admin::new(remote, None, ClientTls::default(), true).is_ok());
+        }
+        assert!(
+            Admin::new(
+                "https://cp.internal:8131",
+                None,
+                ClientTls::default(),
+                false
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -117,6 +117,15 @@ async fn connection(
             if let Some(key) = unset.iter().find(|k| set_options.contains_key(*k)) {
                 bail!("option `{key}` is given to both --set and --unset");
             }
+            if endpoint.is_some()
+                && credential.api_key.is_none()
+                && credential.api_key_file.is_none()
+            {
+                // The control plane refuses it too; saying so here names the flags to add.
+                bail!(
+                    "--endpoint needs the credential again: add --api-key or --api-key-file (a stored credential is never sent to a new endpoint)"
+                );
+            }
             let request = UpdateConnectionRequest {
                 id,
                 name,

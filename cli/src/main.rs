@@ -42,14 +42,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tls_ca,
         tls_cert,
         tls_key,
+        allow_plaintext,
         output,
         command,
     } = cli;
     if let Command::Serve(args) = command {
-        return serve::run(args).await;
+        return serve::run(args, allow_plaintext).await;
     }
     let tls = ClientTls::read(tls_ca.as_deref(), tls_cert.as_deref(), tls_key.as_deref()).await?;
-    let mut admin = Admin::new(&endpoint, token.as_deref(), tls)?;
+    let mut admin = Admin::new(&endpoint, token.as_deref(), tls, allow_plaintext)?;
     commands::run(&mut admin, output, command).await
 }
 

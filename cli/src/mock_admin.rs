@@ -245,7 +245,12 @@ async fn llmctl(endpoint: &str, args: &[&str]) -> Result<String, String> {
         .chain(args.iter().copied());
     let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
     let result = async {
-        let mut admin = Admin::new(&cli.endpoint, cli.token.as_deref(), Default::default())?;
+        let mut admin = Admin::new(
+            &cli.endpoint,
+            cli.token.as_deref(),
+            Default::default(),
+            cli.allow_plaintext,
+        )?;
         commands::execute(&mut admin, cli.output, cli.command).await
     }
     .await;
@@ -423,4 +428,49 @@ async fn unreachable_control_plane_is_explained() {
         err.starts_with(&format!("cannot reach the control plane at {endpoint}: ")),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn connection_update_of_the_endpoint_needs_the_credential_again() {
+    let (endpoint, _) = start().await;
+    let update = ["connection", "update", "OpenAI", "--token", TOKEN];
+    let new_endpoint = ["--endpoint", "https://collector.example.net"];
+    let args: Vec<&str> = update.iter().chain(&new_endpoint).copied().collect();
+    let err = llmctl(&endpoint, &args).await.unwrap_err();
+    assert!(
+        err.starts_with("--endpoint needs the credential again") && err.contains("--api-key"),
+        "{err}"
+    );
+    // With the credential the call goes out (this mock does not implement updates).
+    let with_key: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--api-key", "sk-new"])
+        .collect();
+    let err = llmctl(&endpoint, &with_key).await.unwrap_err();
+    assert_eq!(err, "unimplemented: not in the mock");
+    // Other fields need no credential.
+    let rename: Vec<&str> = update
+        .iter()
+        .copied()
+        .chain(["--name", "Renamed"])
+        .collect();
+    let err = llmctl(&endpoint, &rename).await.unwrap_err();
+    assert_eq!(err, "unimplemented: not in the mock");
+}
+
+#[tokio::test]
+async fn plaintext_to_a_remote_control_plane_is_refused_unless_allowed() {
+    // Nothing listens there: the refusal must come before any connection attempt.
+    let remote = "http://192.0.2.1:8131";
+    let err = llmctl(remote, &["vkey", "list"]).await.unwrap_err();
+    assert!(
+        err.starts_with("refusing plaintext http:// to the control plane at 192.0.2.1")
+            && err.contains("--allow-plaintext"),
+        "{err}"
+    );
+    let err = llmctl(remote, &["vkey", "list", "--allow-plaintext"])
+        .await
+        .unwrap_err();
+    assert!(err.starts_with("cannot reach the control plane"), "{err}");
 }

@@ -6,13 +6,13 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
+use llm_proxy_control_plane::db::{self, Backend};
 use llm_proxy_control_plane::master_key;
 use llm_proxy_control_plane::server::{self, RunningControlPlane, ServerSettings};
 use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
 use llm_proxy_data_plane::limits::LimitFlags;
 use llm_proxy_data_plane::metrics;
 use llm_proxy_data_plane::process;
-use llm_proxy_data_plane::ratelimit::redis::{FailMode, RedisLimiterConfig};
 use llm_proxy_data_plane::sync::SyncSettings;
 use secrecy::SecretString;
 use std::sync::Arc;
@@ -72,7 +72,7 @@ pub struct ServeArgs {
 /// Runs the all-in-one gateway until interrupted: the control plane on `--grpc-listen` (loopback:
 /// no tokens), the data plane on `--listen` subscribed to it, and one metrics/health listener for
 /// both.
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub async fn run(args: ServeArgs, allow_plaintext: bool) -> anyhow::Result<()> {
     let telemetry = llm_proxy_telemetry::init_from_env("llm-proxy", "warn")?;
     tokio::fs::create_dir_all(&args.data_dir)
         .await
@@ -92,23 +92,27 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             args.data_dir.join("llm-proxy.db").display()
         )),
     };
-    let settings = ServerSettings::new(args.grpc_listen, database_url, master_key);
-    let cp = Arc::new(server::start(settings).await?);
+    let sqlite = matches!(db::parse_url(&database_url), Ok((Backend::Sqlite, _)));
+    let mut settings = ServerSettings::new(args.grpc_listen, database_url, master_key);
+    settings.allow_plaintext = allow_plaintext;
+    // Listens at once; a database server that is down is retried in the background (`/readyz`
+    // answers 503 until it is up). A SQLite file is there at once: wait for it, so that a wrong
+    // master key is reported before the banner.
+    let cp = server::launch(settings).await?;
+    if sqlite {
+        cp.database_ready().await?;
+    }
+    let cp = Arc::new(cp);
+    let sync = SyncSettings::plaintext(
+        format!("http://{}", loopback_of(cp.grpc_addr)),
+        "llmctl-serve",
+    );
     let dp = gateway::start(GatewaySettings {
         listen: args.listen,
-        metrics_listen: None,
-        sync: SyncSettings {
-            control_plane: format!("http://{}", loopback_of(cp.grpc_addr)),
-            token: None,
-            node_id: "llmctl-serve".to_owned(),
-            build: env!("CARGO_PKG_VERSION").to_owned(),
-            tls: None,
-        },
         limits: args.limits.limits()?,
         redis_url: args.redis_url.clone().map(SecretString::from),
         redis_ca_file: args.redis_ca_file.clone(),
-        ratelimit_fail_mode: FailMode::default(),
-        ratelimit_redis_budget: RedisLimiterConfig::default().budget,
+        ..GatewaySettings::on_loopback(sync)
     })
     .await?;
     let dp = Arc::new(dp);
@@ -142,7 +146,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "then point the OpenAI SDK at base_url=\"http://localhost:{}\" with api_key=\"vk-front-1234\"",
         dp.addr.port()
     );
-    process::shutdown_signal().await;
+    let failed = async {
+        match cp.database_ready().await {
+            // Ready: from now on only a signal ends the process.
+            Ok(()) => std::future::pending().await,
+            Err(err) => err,
+        }
+    };
+    let failure = tokio::select! {
+        () = process::shutdown_signal() => None,
+        err = failed => Some(err),
+    };
     eprintln!("shutting down");
     metrics_task.abort();
     match Arc::try_unwrap(dp) {
@@ -155,7 +169,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Flushing spans blocks until the collector answers (bounded by the exporter's timeout).
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
-    Ok(())
+    match failure {
+        Some(err) => Err(err.into()),
+        None => Ok(()),
+    }
 }
 
 /// How to reach a listener from this machine (`0.0.0.0:8132` → `localhost:8132`).
@@ -191,14 +208,14 @@ fn health_router(cp: &Arc<RunningControlPlane>, dp: &Arc<RunningGateway>) -> axu
                 let (cp, dp) = (cp_ready.upgrade(), dp_ready.upgrade());
                 async move {
                     let (Some(cp), Some(dp)) = (cp, dp) else {
-                        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+                        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned());
                     };
-                    match (cp.ready().await, dp.ready()) {
-                        (true, true) => (StatusCode::OK, "ready"),
-                        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable"),
-                        (true, false) => (
+                    match (cp.readiness_check().await, dp.ready()) {
+                        (Ok(()), true) => (StatusCode::OK, "ready".to_owned()),
+                        (Err(reason), _) => (StatusCode::SERVICE_UNAVAILABLE, reason),
+                        (Ok(()), false) => (
                             StatusCode::SERVICE_UNAVAILABLE,
-                            "no config snapshot applied yet",
+                            "no config snapshot applied yet".to_owned(),
                         ),
                     }
                 }

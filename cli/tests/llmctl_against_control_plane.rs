@@ -545,6 +545,37 @@ async fn bad_input_prints_one_line_and_exits_non_zero() {
         assert!(line.contains(field), "{args:?}: {line}");
     }
 
+    // A stored credential never follows its connection to another host.
+    let new_host = ["connection", "update", "OpenAI", "--endpoint"];
+    let line = ctl
+        .fails(&[&new_host[..], &["https://collector.example.net"]].concat())
+        .await;
+    assert!(
+        line.contains("--endpoint") && line.contains("--api-key"),
+        "{line}"
+    );
+    let moved = ctl
+        .json(
+            &[
+                &new_host[..],
+                &["https://gateway.example.net", "--api-key", "sk-new"],
+            ]
+            .concat(),
+        )
+        .await;
+    assert_eq!(moved["endpoint"], "https://gateway.example.net");
+
+    // Plaintext to a control plane that is not on loopback needs --allow-plaintext.
+    let remote = Ctl {
+        endpoint: "http://192.0.2.1:8131".into(),
+        token: None,
+    };
+    let line = remote.fails(&["vkey", "list"]).await;
+    assert!(
+        line.contains("refusing plaintext") && line.contains("--allow-plaintext"),
+        "{line}"
+    );
+
     let unauthenticated = Ctl {
         endpoint: ctl.endpoint.clone(),
         token: Some("wrong-token".into()),

@@ -151,25 +151,10 @@ async fn mtls_admits_llmctl_and_a_data_plane_with_client_certificates_and_refuse
     .load()
     .await
     .unwrap();
-    let dp = gateway::start(GatewaySettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        sync: SyncSettings {
-            control_plane: endpoint.clone(),
-            token: None,
-            node_id: "dp-tls".into(),
-            build: "test".into(),
-            tls,
-        },
-        limits: llm_proxy_data_plane::limits::Limits {
-            max_body_bytes: 64 * 1024,
-            ..Default::default()
-        },
-        redis_url: None,
-        redis_ca_file: None,
-        ratelimit_fail_mode: Default::default(),
-        ratelimit_redis_budget: Duration::from_millis(5),
-    })
+    let dp = gateway::start(GatewaySettings::on_loopback(SyncSettings {
+        tls,
+        ..SyncSettings::plaintext(endpoint.clone(), "dp-tls")
+    }))
     .await
     .unwrap();
     let version = cp.store.current_version().await.unwrap().1;

@@ -1,6 +1,8 @@
 //! `ConfigService`: the snapshot stream to data planes and their status reports.
 
+use crate::error::StoreError;
 use crate::hub::{PublishedSnapshot, SnapshotHub};
+use crate::readiness::Readiness;
 use crate::store::{Store, now_micros};
 use llm_proxy_proto::v1::config_service_server::ConfigService;
 use llm_proxy_proto::v1::{
@@ -22,6 +24,22 @@ pub struct ConfigApi {
     subscribers: Gauge,
     /// Ends every stream when the server shuts down (graceful shutdown waits for open streams).
     shutdown: watch::Receiver<bool>,
+    /// Status writes wait for the database; streams do not (they wait for a snapshot).
+    readiness: Readiness,
+    /// Held by every clone, stream tasks included: the receiver learns when all are gone, so a
+    /// shutdown can wait for the streams' last status writes ([`StreamsDone`]).
+    _alive: mpsc::Sender<()>,
+}
+
+/// Resolves once the service and every stream task it spawned have ended.
+#[derive(Debug)]
+pub struct StreamsDone(mpsc::Receiver<()>);
+
+impl StreamsDone {
+    pub async fn wait(mut self) {
+        // Nothing is ever sent: `recv` returns `None` once every sender is dropped.
+        let _ = self.0.recv().await;
+    }
 }
 
 impl ConfigApi {
@@ -31,15 +49,54 @@ impl ConfigApi {
         heartbeat_every: Duration,
         subscribers: Gauge,
         shutdown: watch::Receiver<bool>,
-    ) -> Self {
-        Self {
+        readiness: Readiness,
+    ) -> (Self, StreamsDone) {
+        let (alive, done) = mpsc::channel(1);
+        let api = Self {
             store,
             hub,
             heartbeat_every,
             subscribers,
             shutdown,
+            readiness,
+            _alive: alive,
+        };
+        (api, StreamsDone(done))
+    }
+
+    /// Records that `node` subscribed; false (logged) when that cannot be written now. The
+    /// stream is served either way: a data plane needs its config more than the control plane
+    /// needs the bookkeeping, which the next heartbeat retries.
+    async fn record_connected(&self, node: &str, build: &str) -> bool {
+        if let Some(reason) = self.readiness.not_ready_reason() {
+            tracing::debug!(node_id = %node, %reason, "data plane presence not recorded yet");
+            return false;
+        }
+        match bounded(self.store.data_plane_connected(node, build)).await {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(node_id = %node, error = %err, "cannot record data plane connection; serving its config stream anyway");
+                false
+            }
         }
     }
+}
+
+/// Bound on one data-plane status write made on a stream's behalf: a database that hangs must not
+/// hold up a subscription or its snapshots.
+const STATUS_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn bounded<T>(
+    write: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(STATUS_WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer within {} s",
+                STATUS_WRITE_TIMEOUT.as_secs()
+            )))
+        })
 }
 
 fn node_id(value: &str) -> Result<String, Status> {
@@ -113,6 +170,7 @@ async fn stream_config(
     api: ConfigApi,
     request: SubscribeRequest,
     node: String,
+    mut recorded: bool,
     tx: mpsc::Sender<Result<ConfigEvent, Status>>,
 ) {
     api.subscribers.inc();
@@ -128,6 +186,7 @@ async fn stream_config(
         return;
     };
     let accepts_parts = request.accepts_parts;
+    let build = request.build;
     let mut sent = (request.cluster_epoch, request.have_version);
     let delivered = if sent == (first.cluster_epoch.clone(), first.version) {
         tx.send(Ok(heartbeat(&api.hub, Some(&first)))).await.is_ok()
@@ -164,13 +223,18 @@ async fn stream_config(
                 if tx.send(Ok(heartbeat(&api.hub, latest.as_deref()))).await.is_err() {
                     break;
                 }
-                if let Err(err) = api.store.data_plane_seen(&node, true).await {
+                if !recorded {
+                    recorded = api.record_connected(&node, &build).await;
+                } else if let Err(err) = bounded(api.store.data_plane_seen(&node, true)).await {
                     tracing::warn!(node_id = %node, error = %err, "cannot record data plane heartbeat");
                 }
             }
         }
     }
-    if let Err(err) = api.store.data_plane_seen(&node, false).await {
+    // An update of the row, if any (a status report may have created it when `recorded` is not).
+    if api.readiness.is_ready()
+        && let Err(err) = bounded(api.store.data_plane_seen(&node, false)).await
+    {
         tracing::warn!(node_id = %node, error = %err, "cannot record data plane disconnect");
     }
     tracing::info!(node_id = %node, "data plane unsubscribed");
@@ -186,13 +250,11 @@ impl ConfigService for ConfigApi {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let request = request.into_inner();
         let node = node_id(&request.node_id)?;
-        self.store
-            .data_plane_connected(&node, &request.build)
-            .await?;
+        let recorded = self.record_connected(&node, &request.build).await;
         tracing::info!(node_id = %node, have_version = request.have_version, "data plane subscribed");
         // Small buffer: a slow data plane gets the newest snapshot, not a backlog of old ones.
         let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(stream_config(self.clone(), request, node, tx));
+        tokio::spawn(stream_config(self.clone(), request, node, recorded, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -208,6 +270,7 @@ impl ConfigService for ConfigApi {
             ));
         }
         let error: String = request.error.chars().take(1000).collect();
+        self.readiness.check()?;
         self.store
             .report_status(&node, request.applied_version, &error)
             .await?;

@@ -129,6 +129,16 @@ async fn establish_sqlite(path: &str) -> diesel::ConnectionResult<SqliteConn> {
 impl Database {
     /// Builds the pool and checks that one connection can be made.
     pub async fn connect(url: &SecretString, max_connections: usize) -> Result<Self, DbError> {
+        let db = Self::open(url, max_connections).await?;
+        db.get()
+            .await
+            .map_err(|e| DbError::Connect(e.to_string()))?;
+        Ok(db)
+    }
+
+    /// Builds the pool without connecting: connections are made when first needed, so a
+    /// control plane can start while its database is down (DESIGN §19).
+    pub async fn open(url: &SecretString, max_connections: usize) -> Result<Self, DbError> {
         let (backend, target) = parse_url(url)?;
         let db = match backend {
             Backend::Postgres => {
@@ -164,9 +174,6 @@ impl Database {
                 Database::Sqlite { pool }
             }
         };
-        db.get()
-            .await
-            .map_err(|e| DbError::Connect(e.to_string()))?;
         Ok(db)
     }
 

@@ -12,9 +12,10 @@ use futures_util::StreamExt as _;
 use llm_proxy_proto::v1::{
     Snapshot, SnapshotAssignment, SnapshotConnection, SnapshotModel, SnapshotVirtualKey,
 };
+use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
 use secrecy::ExposeSecret as _;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -154,19 +155,28 @@ pub struct SnapshotHub {
     current: watch::Sender<Option<Arc<PublishedSnapshot>>>,
     live_data_planes: AtomicI64,
     wake: Notify,
+    /// Connections left out of the latest snapshot because their credential does not decrypt
+    /// (`llm_proxy_cp_undecryptable_credentials`).
+    undecryptable_credentials: Gauge,
 }
 
 impl Default for SnapshotHub {
     fn default() -> Self {
-        Self {
-            current: watch::Sender::new(None),
-            live_data_planes: AtomicI64::new(0),
-            wake: Notify::new(),
-        }
+        Self::new(Gauge::default())
     }
 }
 
 impl SnapshotHub {
+    /// A hub that reports connections left out of its snapshots in `undecryptable_credentials`.
+    pub fn new(undecryptable_credentials: Gauge) -> Self {
+        Self {
+            current: watch::Sender::new(None),
+            live_data_planes: AtomicI64::new(0),
+            wake: Notify::new(),
+            undecryptable_credentials,
+        }
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<Option<Arc<PublishedSnapshot>>> {
         self.current.subscribe()
     }
@@ -185,27 +195,74 @@ impl SnapshotHub {
     }
 }
 
+/// A snapshot and what had to be left out of it.
+#[derive(Debug)]
+pub struct BuiltSnapshot {
+    pub snapshot: Snapshot,
+    /// Ids of the connections left out (with their models and assignments) because their
+    /// credential does not decrypt with this replica's master keys.
+    pub undecryptable: Vec<String>,
+}
+
 /// Builds a snapshot from the database: one consistent read, then decryption in memory.
-pub async fn build_snapshot(store: &Store, live_data_planes: i64) -> Result<Snapshot, StoreError> {
+///
+/// A connection that cannot be used (its credential does not decrypt, e.g. on a replica that
+/// lacks the key another replica wrote it with during a rotation; or its stored options do not
+/// parse) is left out with its models and assignments and logged by id: one bad row must not
+/// stop every later change, a revoked key above all, from reaching the data planes.
+pub async fn build_snapshot(
+    store: &Store,
+    live_data_planes: i64,
+) -> Result<BuiltSnapshot, StoreError> {
     let rows = store.read_config().await?;
     let mut connections = Vec::with_capacity(rows.connections.len());
+    let mut undecryptable = Vec::new();
+    let mut left_out: HashSet<&str> = HashSet::new();
     for row in &rows.connections {
-        let credential = store.decrypt_credential(row)?;
+        let credential = match store.decrypt_credential(row) {
+            Ok(credential) => credential,
+            Err(error) => {
+                tracing::warn!(
+                    connection_id = %row.id,
+                    %error,
+                    "credential does not decrypt with this replica's master keys: connection left out of the snapshot with its models and assignments"
+                );
+                undecryptable.push(row.id.clone());
+                left_out.insert(&row.id);
+                continue;
+            }
+        };
+        let options = match Store::connection_options(row) {
+            Ok(options) => options,
+            Err(error) => {
+                tracing::error!(
+                    connection_id = %row.id,
+                    %error,
+                    "stored options do not parse: connection left out of the snapshot with its models and assignments"
+                );
+                left_out.insert(&row.id);
+                continue;
+            }
+        };
         connections.push(SnapshotConnection {
             id: row.id.clone(),
             name: row.name.clone(),
             provider: row.provider.clone(),
             endpoint: row.endpoint.clone(),
             credential: credential.expose_secret().to_owned(),
-            options: Store::connection_options(row)?.into_iter().collect(),
+            options: options.into_iter().collect(),
         });
     }
-    Ok(Snapshot {
+    let (models, left_out_models): (Vec<_>, Vec<_>) = rows
+        .models
+        .into_iter()
+        .partition(|m| !left_out.contains(m.connection_id.as_str()));
+    let left_out_models: HashSet<String> = left_out_models.into_iter().map(|m| m.id).collect();
+    let snapshot = Snapshot {
         cluster_epoch: rows.cluster_epoch,
         version: rows.version,
         connections,
-        models: rows
-            .models
+        models: models
             .into_iter()
             .map(|m| SnapshotModel {
                 id: m.id,
@@ -229,6 +286,7 @@ pub async fn build_snapshot(store: &Store, live_data_planes: i64) -> Result<Snap
         assignments: rows
             .assignments
             .into_iter()
+            .filter(|a| !left_out_models.contains(&a.model_id))
             .map(|a| SnapshotAssignment {
                 id: a.id,
                 vkey_id: a.vkey_id,
@@ -243,9 +301,12 @@ pub async fn build_snapshot(store: &Store, live_data_planes: i64) -> Result<Snap
         live_data_planes,
         more: false,
         part: 0,
+    };
+    Ok(BuiltSnapshot {
+        snapshot,
+        undecryptable,
     })
 }
-
 /// Keeps `hub` at the database's current version until the process ends.
 pub async fn run_refresher(store: Store, hub: Arc<SnapshotHub>, timings: HubTimings) {
     let local_writes = store.changes();
@@ -287,7 +348,12 @@ async fn refresh(store: &Store, hub: &SnapshotHub) -> Result<(), StoreError> {
         return Ok(());
     }
     let started = Instant::now();
-    let snapshot = build_snapshot(store, live).await?;
+    let BuiltSnapshot {
+        snapshot,
+        undecryptable,
+    } = build_snapshot(store, live).await?;
+    hub.undecryptable_credentials
+        .set(i64::try_from(undecryptable.len()).unwrap_or(i64::MAX));
     let (connections, virtual_keys, assignments) = (
         snapshot.connections.len(),
         snapshot.virtual_keys.len(),
@@ -301,6 +367,7 @@ async fn refresh(store: &Store, hub: &SnapshotHub) -> Result<(), StoreError> {
         assignments,
         parts = published.parts.len(),
         bytes = published.encoded_len(),
+        undecryptable = undecryptable.len(),
         build_ms = started.elapsed().as_millis() as u64,
         "config snapshot built"
     );

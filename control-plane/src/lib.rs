@@ -14,6 +14,7 @@ pub mod hub;
 pub mod ids;
 pub mod master_key;
 pub mod pg_tls;
+pub mod readiness;
 pub mod rows;
 pub mod rpc_observer;
 pub mod schema;

@@ -92,6 +92,15 @@ struct ServeArgs {
     /// PEM CA bundle: turns on mTLS (clients must present a certificate it signed).
     #[arg(long, env = "LLM_PROXY_CP_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
+    /// Serve gRPC without TLS on a non-loopback --listen address (only on a private network:
+    /// the config stream carries decrypted provider credentials).
+    #[arg(
+        long,
+        env = "LLM_PROXY_ALLOW_PLAINTEXT",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    allow_plaintext: bool,
 }
 
 fn database_url(args: DatabaseArgs) -> anyhow::Result<SecretString> {
@@ -117,6 +126,7 @@ async fn settings(args: ServeArgs) -> anyhow::Result<ServerSettings> {
         key: args.tls_key,
         client_ca: args.tls_client_ca,
     };
+    settings.allow_plaintext = args.allow_plaintext;
     Ok(settings)
 }
 
@@ -127,7 +137,8 @@ async fn check_config(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let running = server::start(settings(args).await?).await?;
+    // Listens at once; the database is brought up in the background (`/readyz` says when).
+    let running = server::launch(settings(args).await?).await?;
     eprintln!(
         "llm-proxy control plane listening on {} (gRPC), metrics on {}",
         running.grpc_addr,
@@ -135,10 +146,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .metrics_addr
             .map_or_else(|| "-".to_owned(), |a| a.to_string())
     );
-    shutdown_signal().await;
+    let failed = async {
+        match running.database_ready().await {
+            // Ready: from now on only a signal ends the process.
+            Ok(()) => std::future::pending().await,
+            Err(err) => err,
+        }
+    };
+    let result = tokio::select! {
+        () = shutdown_signal() => Ok(()),
+        err = failed => Err(err),
+    };
     tracing::info!("shutting down");
     running.shutdown().await;
-    Ok(())
+    Ok(result?)
 }
 
 async fn shutdown_signal() {

@@ -1,13 +1,16 @@
-//! Starting a control plane: migrations, master-key check, the gRPC server (admin + config +
-//! health) and the metrics/health HTTP server. Used by the binary, by `llmctl serve` and by tests.
+//! Starting a control plane: the gRPC server (admin + config + health) and the metrics/health
+//! HTTP server, bound first; then, in the background, the database (connect, migrations,
+//! master-key check: see [`crate::readiness`]) and the snapshot hub. Used by the binary, by
+//! `llmctl serve` and by tests.
 
 use crate::admin::AdminApi;
-use crate::auth::TokenCheck;
-use crate::config_service::ConfigApi;
+use crate::auth::{ExpectedToken, TokenCheck};
+use crate::config_service::{ConfigApi, StreamsDone};
 use crate::crypto::{CryptoError, MasterKeys};
 use crate::db::{Database, DbError};
 use crate::error::StoreError;
 use crate::hub::{self, HubTimings, SnapshotHub};
+use crate::readiness::{self, Readiness};
 use crate::rpc_observer::{RpcMetrics, RpcObserverLayer};
 use crate::store::Store;
 use axum::extract::State;
@@ -35,6 +38,16 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 /// tonic's 4 MiB default would refuse those.
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 
+/// The flags (and env vars) of the two tokens, as error messages name them.
+pub const ADMIN_TOKEN_FLAG: &str = "--admin-token (LLM_PROXY_ADMIN_TOKEN)";
+pub const DATAPLANE_TOKEN_FLAG: &str = "--dataplane-token (LLM_PROXY_DATAPLANE_TOKEN)";
+
+/// How long a shutdown waits for config streams to record their data plane's disconnection.
+const STREAMS_DONE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long `/readyz` waits for the database before answering 503 (probes time out too).
+const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{flag} is required when the control plane listens on {listen} (not loopback-only)")]
@@ -42,6 +55,12 @@ pub enum ServerError {
         flag: &'static str,
         listen: SocketAddr,
     },
+    #[error("{flag} is empty (or only whitespace): give a non-empty token")]
+    TokenEmpty { flag: &'static str },
+    #[error(
+        "refusing plaintext gRPC on {listen} (not loopback): give --tls-cert and --tls-key (LLM_PROXY_CP_TLS_CERT, LLM_PROXY_CP_TLS_KEY), or pass --allow-plaintext (LLM_PROXY_ALLOW_PLAINTEXT) if this network is private"
+    )]
+    PlaintextRefused { listen: SocketAddr },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -60,6 +79,9 @@ pub enum ServerError {
     Database(#[from] DbError),
     #[error("master key check failed: {0}")]
     CredentialCheck(StoreError),
+    /// The database bring-up gave up (e.g. the master key opens no stored credential).
+    #[error("{0}")]
+    Startup(String),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -80,6 +102,8 @@ pub struct ServerSettings {
     pub admin_token: Option<SecretString>,
     pub dataplane_token: Option<SecretString>,
     pub tls: TlsFiles,
+    /// Allow plaintext gRPC on a non-loopback `listen` (a private network; DESIGN §19).
+    pub allow_plaintext: bool,
     pub heartbeat_every: Duration,
     pub hub: HubTimings,
     pub max_db_connections: usize,
@@ -95,6 +119,7 @@ impl ServerSettings {
             admin_token: None,
             dataplane_token: None,
             tls: TlsFiles::default(),
+            allow_plaintext: false,
             heartbeat_every: Duration::from_secs(10),
             hub: HubTimings::default(),
             max_db_connections: 16,
@@ -108,6 +133,8 @@ pub struct CpMetrics {
     pub subscribers: Gauge,
     pub config_version: Gauge,
     pub db_pool_connections: Family<Vec<(&'static str, &'static str)>, Gauge>,
+    /// Connections left out of the latest snapshot: their credential does not decrypt here.
+    pub undecryptable_credentials: Gauge,
     pub rpc: RpcMetrics,
 }
 
@@ -128,6 +155,11 @@ impl CpMetrics {
             "Database pool connections by state",
             self.db_pool_connections.clone(),
         );
+        registry.register(
+            "llm_proxy_cp_undecryptable_credentials",
+            "Connections left out of the latest snapshot because their credential does not decrypt with this replica's master keys",
+            self.undecryptable_credentials.clone(),
+        );
         self.rpc.register(registry);
     }
 }
@@ -140,16 +172,26 @@ pub struct RunningControlPlane {
     pub store: Store,
     pub hub: Arc<SnapshotHub>,
     pub metrics: CpMetrics,
+    /// Where the database bring-up stands.
+    pub readiness: Readiness,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    streams_done: StreamsDone,
 }
 
 impl RunningControlPlane {
-    /// Stops accepting calls, ends streams and waits for the servers to finish.
+    /// Stops accepting calls, ends streams and waits for the servers to finish, and (for a
+    /// bounded time) for the streams' last status writes.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
+        }
+        if tokio::time::timeout(STREAMS_DONE_TIMEOUT, self.streams_done.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("config streams still recording their disconnection at shutdown");
         }
     }
 
@@ -160,9 +202,21 @@ impl RunningControlPlane {
         }
     }
 
-    /// `/readyz` of the control plane: the database answers.
+    /// Resolves once the database is connected and migrated, or with the reason the bring-up
+    /// gave up (the control plane then stops serving by itself).
+    pub async fn database_ready(&self) -> Result<(), ServerError> {
+        self.readiness.wait().await.map_err(ServerError::Startup)
+    }
+
+    /// `/readyz` of the control plane: `Err` with the reason until the database is connected and
+    /// migrated, and whenever it does not answer.
+    pub async fn readiness_check(&self) -> Result<(), String> {
+        readiness_check(&self.readiness, &self.store).await
+    }
+
+    /// `/readyz` as a bool (see [`Self::readiness_check`]).
     pub async fn ready(&self) -> bool {
-        self.store.current_version().await.is_ok()
+        self.readiness_check().await.is_ok()
     }
 
     /// Prometheus text of the control plane's metrics.
@@ -187,6 +241,20 @@ fn render(metrics: &CpMetrics, store: &Store) -> String {
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &registry);
     out
+}
+
+async fn readiness_check(readiness: &Readiness, store: &Store) -> Result<(), String> {
+    if let Some(reason) = readiness.not_ready_reason() {
+        return Err(reason);
+    }
+    match tokio::time::timeout(READY_CHECK_TIMEOUT, store.current_version()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!(
+            "database unavailable: no answer within {} s",
+            READY_CHECK_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 async fn read_file(path: &PathBuf) -> Result<Vec<u8>, ServerError> {
@@ -229,19 +297,43 @@ pub async fn migrate(database_url: &SecretString) -> Result<(Database, usize), S
     Ok((db, applied))
 }
 
-fn check_tokens(settings: &ServerSettings) -> Result<(), ServerError> {
-    if settings.listen.ip().is_loopback() {
-        return Ok(());
+/// The tokens' digests: `None` for a token not given. Refuses a blank token, and a missing one
+/// unless the server listens on loopback only.
+fn expected_tokens(
+    settings: &ServerSettings,
+) -> Result<(Option<ExpectedToken>, Option<ExpectedToken>), ServerError> {
+    let expected = |token: Option<&SecretString>, flag: &'static str| {
+        token
+            .map(|t| ExpectedToken::new(t).ok_or(ServerError::TokenEmpty { flag }))
+            .transpose()
+    };
+    let admin = expected(settings.admin_token.as_ref(), ADMIN_TOKEN_FLAG)?;
+    let dataplane = expected(settings.dataplane_token.as_ref(), DATAPLANE_TOKEN_FLAG)?;
+    if !settings.listen.ip().is_loopback() {
+        if admin.is_none() {
+            return Err(ServerError::TokenRequired {
+                flag: ADMIN_TOKEN_FLAG,
+                listen: settings.listen,
+            });
+        }
+        if dataplane.is_none() {
+            return Err(ServerError::TokenRequired {
+                flag: DATAPLANE_TOKEN_FLAG,
+                listen: settings.listen,
+            });
+        }
     }
-    if settings.admin_token.is_none() {
-        return Err(ServerError::TokenRequired {
-            flag: "--admin-token (LLM_PROXY_ADMIN_TOKEN)",
-            listen: settings.listen,
-        });
-    }
-    if settings.dataplane_token.is_none() {
-        return Err(ServerError::TokenRequired {
-            flag: "--dataplane-token (LLM_PROXY_DATAPLANE_TOKEN)",
+    Ok((admin, dataplane))
+}
+
+/// Plaintext gRPC carries the snapshot's decrypted credentials and the tokens: only on loopback,
+/// unless the operator says the network is private.
+fn check_plaintext(
+    settings: &ServerSettings,
+    tls: Option<&ServerTlsConfig>,
+) -> Result<(), ServerError> {
+    if tls.is_none() && !settings.listen.ip().is_loopback() && !settings.allow_plaintext {
+        return Err(ServerError::PlaintextRefused {
             listen: settings.listen,
         });
     }
@@ -252,11 +344,15 @@ fn check_tokens(settings: &ServerSettings) -> Result<(), ServerError> {
 /// master key, database URL form and its TLS parameters (`sslrootcert` & co. read), TLS files.
 /// Returns a one-line summary (no secrets).
 pub async fn check(settings: &ServerSettings) -> Result<String, ServerError> {
-    check_tokens(settings)?;
+    expected_tokens(settings)?;
     let keys = MasterKeys::parse(&settings.master_keys)?;
     let database = crate::db::check_url(&settings.database_url).await?;
     let tls = tls_config(&settings.tls).await?;
+    check_plaintext(settings, tls.as_ref())?;
     let tls_mode = match &tls {
+        None if settings.allow_plaintext && !settings.listen.ip().is_loopback() => {
+            "off (--allow-plaintext)"
+        }
         None => "off",
         Some(_) if settings.tls.client_ca.is_some() => "mtls",
         Some(_) => "on",
@@ -288,26 +384,29 @@ pub async fn check(settings: &ServerSettings) -> Result<String, ServerError> {
     ))
 }
 
-/// Migrates, checks the master key against stored credentials, binds and starts serving.
+/// Binds and starts serving, then waits until the database is connected and migrated (retrying
+/// while it is down, see [`crate::readiness`]). Fails when the settings are invalid, a listener
+/// cannot be bound, or the bring-up gives up (the control plane is then shut down).
 pub async fn start(settings: ServerSettings) -> Result<RunningControlPlane, ServerError> {
-    check_tokens(&settings)?;
+    let running = launch(settings).await?;
+    if let Err(err) = running.database_ready().await {
+        running.shutdown().await;
+        return Err(err);
+    }
+    Ok(running)
+}
+
+/// Binds and starts serving at once; the database is brought up in the background. Until it is
+/// ready, admin calls and status reports answer `Unavailable`, `/readyz` answers 503, and
+/// subscribers wait for the first snapshot. If the bring-up gives up, the servers stop and
+/// [`RunningControlPlane::database_ready`] says why.
+pub async fn launch(settings: ServerSettings) -> Result<RunningControlPlane, ServerError> {
+    let (admin_token, dataplane_token) = expected_tokens(&settings)?;
     let keys = Arc::new(MasterKeys::parse(&settings.master_keys)?);
     let tls = tls_config(&settings.tls).await?;
-    let db = Database::connect(&settings.database_url, settings.max_db_connections).await?;
-    let applied = db.migrate().await?;
-    if applied > 0 {
-        tracing::info!(applied, "database migrations applied");
-    }
-    let store = Store::new(db, keys.clone());
-    let checked = store
-        .verify_credentials()
-        .await
-        .map_err(ServerError::CredentialCheck)?;
-    tracing::info!(
-        connections = checked,
-        active_key_id = %keys.active_key_id(),
-        "master key opens every stored credential"
-    );
+    check_plaintext(&settings, tls.as_ref())?;
+    let db = Database::open(&settings.database_url, settings.max_db_connections).await?;
+    let store = Store::new(db, keys);
 
     let grpc_listener =
         TcpListener::bind(settings.listen)
@@ -333,25 +432,32 @@ pub async fn start(settings: ServerSettings) -> Result<RunningControlPlane, Serv
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let metrics = CpMetrics::default();
-    let hub = Arc::new(SnapshotHub::default());
+    let hub = Arc::new(SnapshotHub::new(metrics.undecryptable_credentials.clone()));
+    let (readiness_tx, readiness) = Readiness::channel();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
-    let admin_check = TokenCheck::new("AdminService", settings.admin_token.as_ref());
-    let config_check = TokenCheck::new("ConfigService", settings.dataplane_token.as_ref());
+    let admin_check = TokenCheck::new("AdminService", admin_token);
+    let config_check = TokenCheck::new("ConfigService", dataplane_token);
+    let admin_readiness = readiness.clone();
     let admin = AdminServiceServer::with_interceptor(AdminApi::new(store.clone()), move |req| {
-        admin_check.check(req)
+        let req = admin_check.check(req)?;
+        // Every admin call needs the database: say why it is not there yet.
+        admin_readiness.check()?;
+        Ok(req)
     });
+    let (config_api, streams_done) = ConfigApi::new(
+        store.clone(),
+        hub.clone(),
+        settings.heartbeat_every,
+        metrics.subscribers.clone(),
+        shutdown_rx.clone(),
+        readiness.clone(),
+    );
     let config = tonic::service::interceptor::InterceptedService::new(
-        ConfigServiceServer::new(ConfigApi::new(
-            store.clone(),
-            hub.clone(),
-            settings.heartbeat_every,
-            metrics.subscribers.clone(),
-            shutdown_rx.clone(),
-        ))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ConfigServiceServer::new(config_api)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         move |req| config_check.check(req),
     );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -390,41 +496,58 @@ pub async fn start(settings: ServerSettings) -> Result<RunningControlPlane, Serv
         }
     }));
 
-    let refresher = tokio::spawn(hub::run_refresher(store.clone(), hub.clone(), settings.hub));
-    let mut refresher_shutdown = shutdown_rx.clone();
+    // The database, then the snapshots: connect and migrate (retrying), then keep the hub at the
+    // database's version until shutdown. A bring-up that gives up stops the servers.
+    let mut database_shutdown = shutdown_rx.clone();
+    let (db_store, db_hub, hub_timings) = (store.clone(), hub.clone(), settings.hub);
+    let stop_everything = shutdown_tx.clone();
     let version_gauge = metrics.config_version.clone();
-    let mut versions = hub.subscribe();
     tasks.push(tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = refresher_shutdown.wait_for(|stop| *stop) => break,
-                changed = versions.changed() => {
-                    if changed.is_err() { break; }
-                    let version = versions.borrow_and_update().as_ref().map_or(0, |s| s.version);
+        let serve = async {
+            if readiness::bring_up(&db_store, &readiness_tx).await.is_err() {
+                let _ = stop_everything.send(true);
+                return;
+            }
+            let mut versions = db_hub.subscribe();
+            let gauge = async move {
+                while versions.changed().await.is_ok() {
+                    let version = versions
+                        .borrow_and_update()
+                        .as_ref()
+                        .map_or(0, |s| s.version);
                     version_gauge.set(version);
                 }
-            }
+            };
+            tokio::join!(
+                hub::run_refresher(db_store.clone(), db_hub, hub_timings),
+                gauge
+            );
+        };
+        tokio::select! {
+            _ = database_shutdown.wait_for(|stop| *stop) => {}
+            () = serve => {}
         }
-        refresher.abort();
     }));
 
     if let Some(listener) = metrics_listener {
-        let state = (metrics.clone(), store.clone());
+        let state = (metrics.clone(), store.clone(), readiness.clone());
         let app = axum::Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route(
                 "/readyz",
-                get(|State((_, store)): State<(CpMetrics, Store)>| async move {
-                    match store.current_version().await {
-                        Ok(_) => (StatusCode::OK, "ready".to_owned()),
-                        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
-                    }
-                }),
+                get(
+                    |State((_, store, readiness)): State<MetricsState>| async move {
+                        match readiness_check(&readiness, &store).await {
+                            Ok(()) => (StatusCode::OK, "ready".to_owned()),
+                            Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
+                        }
+                    },
+                ),
             )
             .route(
                 "/metrics",
                 get(
-                    |State((metrics, store)): State<(CpMetrics, Store)>| async move {
+                    |State((metrics, store, _)): State<MetricsState>| async move {
                         (
                             [(
                                 axum::http::header::CONTENT_TYPE,
@@ -457,10 +580,15 @@ pub async fn start(settings: ServerSettings) -> Result<RunningControlPlane, Serv
         store,
         hub,
         metrics,
+        readiness,
         shutdown: shutdown_tx,
         tasks,
+        streams_done,
     })
 }
+
+/// State of the metrics/health router.
+type MetricsState = (CpMetrics, Store, Readiness);
 
 /// Re-encrypts every stored credential under the first (active) master key.
 pub async fn rotate_master_key(

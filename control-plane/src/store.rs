@@ -396,6 +396,7 @@ macro_rules! backend_queries {
                         }
                     }
                     if let Some(endpoint) = &patch.endpoint {
+                        validate::endpoint_change(&row.endpoint, endpoint, patch.credential.is_some())?;
                         row.endpoint = endpoint.clone();
                     }
                     if let Some(credential) = &patch.credential {
@@ -960,6 +961,15 @@ macro_rules! on_backend {
 /// A data plane counts as live when seen within this window (heartbeats come every ~10 s).
 pub const LIVE_WINDOW_MICROS: i64 = 30_000_000;
 
+/// What [`Store::verify_credentials`] found.
+#[derive(Debug)]
+pub struct CredentialReport {
+    /// Stored connections.
+    pub total: usize,
+    /// Connections whose credential does not decrypt, with why (never the ciphertext).
+    pub undecryptable: Vec<(String, StoreError)>,
+}
+
 /// Validated reads and writes of the config. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -1233,13 +1243,22 @@ impl Store {
         on_backend!(self, rotate_credentials(&keys))
     }
 
-    /// Checks that every stored credential decrypts with the configured keys.
-    pub async fn verify_credentials(&self) -> Result<usize, StoreError> {
+    /// Tries every stored credential against the configured keys: which ones do not decrypt
+    /// (a replica missing a key mid-rotation, or a tampered row). Errors only on the database.
+    pub async fn verify_credentials(&self) -> Result<CredentialReport, StoreError> {
         let rows = self.list_connections().await?;
-        for row in &rows {
-            self.decrypt_credential(row)?;
-        }
-        Ok(rows.len())
+        let undecryptable = rows
+            .iter()
+            .filter_map(|row| {
+                self.decrypt_credential(row)
+                    .err()
+                    .map(|err| (row.id.clone(), err))
+            })
+            .collect();
+        Ok(CredentialReport {
+            total: rows.len(),
+            undecryptable,
+        })
     }
 
     pub async fn data_plane_connected(&self, node_id: &str, build: &str) -> Result<(), StoreError> {

@@ -94,6 +94,21 @@ pub fn endpoint(value: &str) -> Result<String, StoreError> {
     Ok(value.trim_end_matches('/').to_owned())
 }
 
+/// A stored credential is write-only and must not follow its connection to another host
+/// (DESIGN §19): changing the endpoint (`new` differs from `stored`, both normalised by
+/// [`endpoint`]) needs the credential re-supplied in the same update.
+pub fn endpoint_change(stored: &str, new: &str, credential_given: bool) -> Result<(), StoreError> {
+    if new != stored && !credential_given {
+        return Err(StoreError::invalid(
+            "credential",
+            format!(
+                "changing the endpoint (to {new:?}) requires the credential in the same update (llmctl: --api-key or --api-key-file), so that the stored one is never sent to another host"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Option keys each provider understands (DESIGN §16).
 fn known_options(provider: &str) -> &'static [&'static str] {
     match provider {
@@ -304,6 +319,19 @@ mod tests {
             let msg = message(endpoint(bad).unwrap_err());
             assert!(msg.starts_with("invalid endpoint:"), "{bad}: {msg}");
         }
+    }
+
+    #[test]
+    fn a_new_endpoint_needs_the_credential_again() {
+        let stored = "https://api.openai.com";
+        assert!(endpoint_change(stored, stored, false).is_ok());
+        assert!(endpoint_change(stored, "https://evil.example", true).is_ok());
+        let msg = message(endpoint_change(stored, "https://evil.example", false).unwrap_err());
+        assert!(msg.starts_with("invalid credential:"), "{msg}");
+        assert!(
+            msg.contains("--api-key") && msg.contains("endpoint"),
+            "{msg}"
+        );
     }
 
     #[test]

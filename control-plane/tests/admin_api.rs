@@ -883,6 +883,91 @@ async fn bad_input_is_rejected_with_the_field_named(backend: Backend) {
     cp.shutdown().await;
 }
 
+/// The stored credential of the connection named `name`, as the data planes would get it.
+async fn snapshot_connection(
+    cp: &llm_proxy_control_plane::server::RunningControlPlane,
+    name: &str,
+) -> SnapshotConnection {
+    let built = llm_proxy_control_plane::hub::build_snapshot(&cp.store, 0)
+        .await
+        .unwrap();
+    built
+        .snapshot
+        .connections
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap()
+}
+
+async fn changing_the_endpoint_needs_the_credential(backend: Backend) {
+    let db = common::fresh_db(backend).await;
+    let cp = common::start(&db).await;
+    let mut admin = common::admin(&cp, None).await;
+    add_connection(
+        &mut admin,
+        "OpenAI",
+        "openai",
+        "https://api.openai.com",
+        &[],
+    )
+    .await;
+    let before = version(&cp).await;
+
+    // A new host without the credential: refused, nothing written.
+    let status = admin
+        .update_connection(UpdateConnectionRequest {
+            id: "OpenAI".into(),
+            endpoint: Some("https://collector.example.net".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let message = status.message();
+    assert!(message.starts_with("invalid credential:"), "{message}");
+    assert!(
+        message.contains("endpoint") && message.contains("--api-key"),
+        "{message}"
+    );
+    assert!(!message.contains("secret-of-OpenAI"), "{message}");
+    assert_eq!(version(&cp).await, before);
+    let stored = snapshot_connection(&cp, "OpenAI").await;
+    assert_eq!(
+        (stored.endpoint.as_str(), stored.credential.as_str()),
+        ("https://api.openai.com", "secret-of-OpenAI")
+    );
+
+    // The same endpoint (as normalised) is not a change: other fields update without it.
+    admin
+        .update_connection(UpdateConnectionRequest {
+            id: "OpenAI".into(),
+            endpoint: Some("https://api.openai.com/".into()),
+            set_options: options(&[("timeout_s", "30")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // A new host with a new credential: both change together.
+    let updated = admin
+        .update_connection(UpdateConnectionRequest {
+            id: "OpenAI".into(),
+            endpoint: Some("https://gateway.example.net".into()),
+            credential: Some("sk-for-the-new-host".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.endpoint, "https://gateway.example.net");
+    let stored = snapshot_connection(&cp, "OpenAI").await;
+    assert_eq!(
+        (stored.endpoint.as_str(), stored.credential.as_str()),
+        ("https://gateway.example.net", "sk-for-the-new-host")
+    );
+    cp.shutdown().await;
+}
+
 async fn calls_without_the_right_token_are_unauthenticated(backend: Backend) {
     let db = common::fresh_db(backend).await;
     let mut settings = common::settings(&db, &common::new_master_key());
@@ -962,5 +1047,6 @@ on_both_backends!(
     assignments_crud,
     deleting_referenced_rows_needs_force,
     bad_input_is_rejected_with_the_field_named,
+    changing_the_endpoint_needs_the_credential,
     calls_without_the_right_token_are_unauthenticated,
 );

@@ -6,9 +6,7 @@ mod common;
 
 use common::Backend;
 use llm_proxy_proto::v1::*;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tonic::Streaming;
 
 /// Generous bound for "eventually": a failure means the event never came, not that it was slow.
@@ -252,51 +250,100 @@ async fn subscribe_rejects_empty_node_id() {
     cp.shutdown().await;
 }
 
-struct CpProcess {
-    child: tokio::process::Child,
-    addr: std::net::SocketAddr,
-    log: std::sync::Arc<std::sync::Mutex<String>>,
+#[tokio::test(flavor = "multi_thread")]
+async fn subscribe_survives_a_refused_status_write() {
+    use diesel_async::{AsyncConnection as _, RunQueryDsl as _, SimpleAsyncConnection as _};
+    let db = common::fresh_postgres().await;
+    let mut settings = common::settings(&db, &common::new_master_key());
+    settings.heartbeat_every = Duration::from_millis(100);
+    let cp = llm_proxy_control_plane::server::start(settings)
+        .await
+        .unwrap();
+    // From now on the database refuses every write of data-plane status (presence, heartbeats,
+    // applied versions); config reads and writes still work.
+    let mut conn = diesel_async::AsyncPgConnection::establish(&db.url)
+        .await
+        .unwrap();
+    conn.batch_execute(
+        "CREATE FUNCTION refuse_status_writes() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE EXCEPTION 'status writes refused by the test'; END $$; \
+         CREATE TRIGGER refuse_status_writes BEFORE INSERT OR UPDATE ON data_planes \
+           FOR EACH ROW EXECUTE FUNCTION refuse_status_writes();",
+    )
+    .await
+    .unwrap();
+    let mut admin = common::admin(&cp, None).await;
+    admin
+        .create_connection(CreateConnectionRequest {
+            name: "OpenAI".into(),
+            provider: "openai".into(),
+            endpoint: "https://api.openai.com".into(),
+            credential: "sk-x".into(),
+            options: Default::default(),
+        })
+        .await
+        .unwrap();
+    let mut config = common::config_client(cp.grpc_addr, None).await;
+    let status = config
+        .report_status(ReportStatusRequest {
+            node_id: "dp-1".into(),
+            applied_version: 1,
+            error: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        status
+            .message()
+            .contains("status writes refused by the test"),
+        "the database does refuse: {status:?}"
+    );
+
+    // The subscription is served anyway, from the latest snapshot, and keeps receiving changes
+    // and heartbeats (whose status writes fail too).
+    let mut stream = config
+        .subscribe(SubscribeRequest {
+            node_id: "dp-1".into(),
+            build: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let written = cp.store.current_version().await.unwrap().1;
+    let first = snapshot_at_least(&mut stream, written).await;
+    assert_eq!(first.connections.len(), 1);
+    let mut heartbeats = 0;
+    while heartbeats < 3 {
+        if let config_event::Event::Heartbeat(_) = next_event(&mut stream).await {
+            heartbeats += 1;
+        }
+    }
+    admin
+        .create_virtual_key(CreateVirtualKeyRequest {
+            name: "App".into(),
+            key: None,
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    let next = snapshot_at_least(&mut stream, first.version + 1).await;
+    assert_eq!(next.virtual_keys.len(), 1);
+    let recorded: i64 = diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "(SELECT count(*) FROM data_planes)",
+    ))
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(recorded, 0, "no status was written");
+    cp.shutdown().await;
 }
 
-/// Starts the real `llm-proxy-control-plane` binary; returns once it printed its address.
-async fn spawn_cp(url: &str, master_key: &str) -> CpProcess {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-proxy-control-plane"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .env("DATABASE_URL", url)
-        .env("LLM_PROXY_MASTER_KEY", master_key)
-        .env("RUST_LOG", "info,llm_proxy_control_plane=debug")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let addr = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            log.lock().unwrap().push_str(&line);
-            log.lock().unwrap().push('\n');
-            if let Some(rest) = line.strip_prefix("llm-proxy control plane listening on ") {
-                return rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        }
-        panic!("control plane exited: {}", log.lock().unwrap());
-    })
-    .await
-    .expect("control plane did not start");
-    let sink = log.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            sink.lock().unwrap().push_str(&line);
-            sink.lock().unwrap().push('\n');
-        }
-    });
-    CpProcess { child, addr, log }
+/// The real `llm-proxy-control-plane` binary, once its `/readyz` answers 200.
+async fn spawn_cp(url: &str, master_key: &str) -> common::CpProcess {
+    let cp = common::spawn_cp_binary(url, master_key, &[]).await;
+    common::wait_ready(cp.metrics_addr, PATIENCE).await;
+    cp
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -496,7 +543,7 @@ async fn snapshot_of_100k_virtual_keys_passes_the_stream() {
         .await
         .unwrap();
     let build = build_started.elapsed();
-    assert_eq!(rebuilt.virtual_keys.len(), KEYS);
+    assert_eq!(rebuilt.snapshot.virtual_keys.len(), KEYS);
     println!(
         "100k-key snapshot: {:.1} MiB encoded; build from Postgres {build:?}; subscribe-to-received {received:?}; decode {decode:?}",
         encoded as f64 / (1024.0 * 1024.0)

@@ -61,11 +61,13 @@ fn joined(keys: &[&SecretString]) -> SecretString {
 
 async fn snapshot_credentials(db: &common::TestDb, key: &SecretString) -> Vec<(String, String)> {
     let cp = server::start(common::settings(db, key)).await.unwrap();
-    let snapshot = llm_proxy_control_plane::hub::build_snapshot(&cp.store, 0)
+    let built = llm_proxy_control_plane::hub::build_snapshot(&cp.store, 0)
         .await
         .unwrap();
     cp.shutdown().await;
-    let mut creds: Vec<(String, String)> = snapshot
+    assert_eq!(built.undecryptable, Vec::<String>::new());
+    let mut creds: Vec<(String, String)> = built
+        .snapshot
         .connections
         .into_iter()
         .map(|c| (c.name, c.credential))
@@ -104,6 +106,7 @@ async fn ciphertext_moved_to_another_row_does_not_decrypt() {
     let db = database_with_credentials(&key).await;
     let rows = stored_rows(&db).await;
     let (azure_id, _, azure_blob) = &rows[0];
+    let openai_id = &rows[1].0;
     let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
     // Copy Azure's ciphertext into the OpenAI row, as an attacker with DB write access might.
     diesel_async::RunQueryDsl::execute(
@@ -113,7 +116,22 @@ async fn ciphertext_moved_to_another_row_does_not_decrypt() {
     )
     .await
     .unwrap();
-    let err = server::start(common::settings(&db, &key))
+    // The control plane still starts; its snapshots leave out only the row that does not open.
+    let cp = server::start(common::settings(&db, &key)).await.unwrap();
+    let built = llm_proxy_control_plane::hub::build_snapshot(&cp.store, 0)
+        .await
+        .unwrap();
+    cp.shutdown().await;
+    assert_eq!(built.undecryptable, std::slice::from_ref(openai_id));
+    let names: Vec<&str> = built
+        .snapshot
+        .connections
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["Azure"]);
+    // Rotation still needs every row to open.
+    let err = server::rotate_master_key(&db.secret_url(), &key)
         .await
         .unwrap_err();
     let message = err.to_string();

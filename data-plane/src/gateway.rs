@@ -55,6 +55,23 @@ pub struct GatewaySettings {
     pub ratelimit_redis_budget: Duration,
 }
 
+impl GatewaySettings {
+    /// A data plane on a free loopback port without a metrics listener, with in-process buckets
+    /// and the default limits, syncing through `sync` (tests and embedded use set fields after).
+    pub fn on_loopback(sync: SyncSettings) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: None,
+            sync,
+            limits: Limits::default(),
+            redis_url: None,
+            redis_ca_file: None,
+            ratelimit_fail_mode: FailMode::default(),
+            ratelimit_redis_budget: RedisLimiterConfig::default().budget,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct RunningGateway {
     pub addr: SocketAddr,

@@ -5,7 +5,7 @@ use llm_proxy_data_plane::gateway::{self, GatewaySettings};
 use llm_proxy_data_plane::limits::LimitFlags;
 use llm_proxy_data_plane::process;
 use llm_proxy_data_plane::ratelimit::redis::FailMode;
-use llm_proxy_data_plane::sync::{ClientTlsFiles, SyncSettings};
+use llm_proxy_data_plane::sync::{self, ClientTlsFiles, SyncSettings};
 use secrecy::SecretString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -76,6 +76,15 @@ struct Cli {
     /// Client key for mTLS to the control plane.
     #[arg(long, env = "LLM_PROXY_DP_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// Reach a non-loopback control plane over plain http:// (only on a private network: the
+    /// config stream carries decrypted provider credentials).
+    #[arg(
+        long,
+        env = "LLM_PROXY_ALLOW_PLAINTEXT",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    allow_plaintext: bool,
     /// Check the flags and environment (URLs, TLS files) without connecting or binding; print a
     /// summary and exit 0, or the error and exit 1.
     #[arg(long)]
@@ -112,8 +121,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ratelimit_fail_mode: cli.ratelimit_fail_mode,
         ratelimit_redis_budget: Duration::from_millis(cli.ratelimit_redis_budget_ms),
     };
-    // Reject a malformed --control-plane URL or token now, not in the background task.
-    settings.sync.endpoint()?;
+    // Reject a malformed or plaintext-off-loopback --control-plane URL, or a bad token, now, not
+    // in the background task.
+    sync::check_plaintext(&settings.sync.control_plane, cli.allow_plaintext)?;
+    settings.sync.check()?;
     if cli.check_config {
         println!("configuration ok: {}", gateway::check(&settings).await?);
         return Ok(());

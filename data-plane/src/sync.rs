@@ -244,6 +244,14 @@ pub enum SyncError {
     InvalidUrl { url: String, reason: String },
     #[error("invalid data-plane token: it must be printable ASCII")]
     InvalidToken,
+    #[error(
+        "--dataplane-token (LLM_PROXY_DATAPLANE_TOKEN) is empty (or only whitespace): give a non-empty token"
+    )]
+    EmptyToken,
+    #[error(
+        "refusing plaintext http:// to the control plane at {host} (not loopback): use an https:// --control-plane URL with --tls-ca (LLM_PROXY_DP_TLS_CA), or pass --allow-plaintext (LLM_PROXY_ALLOW_PLAINTEXT) if this network is private"
+    )]
+    PlaintextRefused { host: String },
     #[error("cannot connect to the control plane: {0}")]
     Connect(String),
     #[error("control plane refused the config stream: {code:?}: {message}")]
@@ -324,6 +332,18 @@ fn chain(err: &dyn std::error::Error) -> String {
 }
 
 impl SyncSettings {
+    /// A plaintext connection without a token to `control_plane` (a control plane on this
+    /// machine: `llmctl serve`, tests).
+    pub fn plaintext(control_plane: impl Into<String>, node_id: impl Into<String>) -> Self {
+        Self {
+            control_plane: control_plane.into(),
+            token: None,
+            node_id: node_id.into(),
+            build: env!("CARGO_PKG_VERSION").to_owned(),
+            tls: None,
+        }
+    }
+
     /// The tonic endpoint for [`Self::control_plane`]; lets a binary fail fast on a bad URL or
     /// TLS setting before spawning the sync task.
     pub fn endpoint(&self) -> Result<Endpoint, SyncError> {
@@ -346,15 +366,61 @@ impl SyncSettings {
         Ok(endpoint)
     }
 
+    /// Checks the URL, the TLS setting and the token without connecting (a binary calls it to
+    /// fail fast, before the sync task starts).
+    pub fn check(&self) -> Result<(), SyncError> {
+        self.endpoint()?;
+        self.authorization()?;
+        Ok(())
+    }
+
     fn authorization(&self) -> Result<Option<MetadataValue<Ascii>>, SyncError> {
         let Some(token) = &self.token else {
             return Ok(None);
         };
-        let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.expose_secret().trim())
+        // Trimmed as the control plane trims the token it is configured with.
+        let token = token.expose_secret().trim();
+        if token.is_empty() {
+            return Err(SyncError::EmptyToken);
+        }
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
             .parse()
             .map_err(|_| SyncError::InvalidToken)?;
         value.set_sensitive(true);
         Ok(Some(value))
+    }
+}
+
+/// True for `localhost` and loopback addresses (127.0.0.0/8, ::1, and ::ffff:127.x.y.z); any
+/// other name may resolve anywhere.
+fn is_loopback_host(host: &url::Host<&str>) -> bool {
+    match host {
+        url::Host::Domain(name) => name.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// The host of a control-plane URL that would be reached without TLS on a non-loopback address,
+/// `None` for `https://` or a loopback host (or a URL that does not parse, reported elsewhere).
+/// Shared with `llmctl`, which applies the same rule to `--endpoint`.
+pub fn plaintext_remote_host(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url.trim()).ok()?;
+    if parsed.scheme().eq_ignore_ascii_case("https") {
+        return None;
+    }
+    let host = parsed.host()?;
+    (!is_loopback_host(&host)).then(|| host.to_string())
+}
+
+/// Plaintext gRPC to the control plane carries the decrypted provider credentials and the token:
+/// refused off loopback unless `allow_plaintext` says the network is private (DESIGN §19).
+pub fn check_plaintext(control_plane: &str, allow_plaintext: bool) -> Result<(), SyncError> {
+    match plaintext_remote_host(control_plane) {
+        Some(host) if !allow_plaintext => Err(SyncError::PlaintextRefused { host }),
+        _ => Ok(()),
     }
 }
 
@@ -987,7 +1053,58 @@ mod tests {
         s.token = Some(SecretString::from("bad\ntoken-secret"));
         let err = s.authorization().unwrap_err().to_string();
         assert!(!err.contains("token-secret"), "{err}");
+        // Surrounding whitespace (a Secret file's newline) is trimmed, as the control plane does.
+        s.token = Some(SecretString::from(" tok-123\n"));
+        let auth = s.authorization().unwrap().unwrap();
+        assert_eq!(auth.to_str().unwrap(), "Bearer tok-123");
+        for blank in ["", " ", "\n", "\t \r\n"] {
+            s.token = Some(SecretString::from(blank));
+            assert!(matches!(s.check(), Err(SyncError::EmptyToken)), "{blank:?}");
+        }
+        let message = SyncError::EmptyToken.to_string();
+        assert!(message.contains("--dataplane-token (LLM_PROXY_DATAPLANE_TOKEN)"));
+        s.token = None;
+        assert!(s.check().is_ok());
         s.control_plane = "not a url".into();
         assert!(matches!(s.endpoint(), Err(SyncError::InvalidUrl { .. })));
+    }
+
+    #[test]
+    fn plaintext_is_refused_off_loopback_unless_allowed() {
+        for loopback in [
+            "http://127.0.0.1:8131",
+            "http://127.8.9.10:8131",
+            "http://localhost:8131",
+            "http://LOCALHOST",
+            "http://[::1]:8131",
+            "http://[::ffff:127.0.0.1]:8131",
+        ] {
+            assert_eq!(plaintext_remote_host(loopback), None, "{loopback}");
+            assert!(check_plaintext(loopback, false).is_ok());
+        }
+        for remote in [
+            ("http://10.0.0.5:8131", "10.0.0.5"),
+            ("http://control-plane:8131", "control-plane"),
+            ("http://localhost.example.com:8131", "localhost.example.com"),
+            ("http://0.0.0.0:8131", "0.0.0.0"),
+            ("http://[2001:db8::1]:8131", "[2001:db8::1]"),
+        ] {
+            assert_eq!(
+                plaintext_remote_host(remote.0).as_deref(),
+                Some(remote.1),
+                "{}",
+                remote.0
+            );
+            let err = check_plaintext(remote.0, false).unwrap_err().to_string();
+            assert!(
+                err.contains(remote.1)
+                    && err.contains("--allow-plaintext")
+                    && err.contains("https://"),
+                "{err}"
+            );
+            assert!(check_plaintext(remote.0, true).is_ok());
+        }
+        assert!(check_plaintext("https://control-plane:8131", false).is_ok());
+        assert!(check_plaintext("HTTPS://10.0.0.5:8131", false).is_ok());
     }
 }

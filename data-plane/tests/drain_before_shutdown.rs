@@ -10,24 +10,9 @@ use std::time::Duration;
 #[tokio::test]
 async fn draining_turns_readiness_off_and_closes_kept_alive_connections() {
     let dp = gateway::start(GatewaySettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        sync: SyncSettings {
-            // No control plane: draining does not depend on the config.
-            control_plane: "http://127.0.0.1:1".into(),
-            token: None,
-            node_id: "dp-drain".into(),
-            build: "test".into(),
-            tls: None,
-        },
-        limits: llm_proxy_data_plane::limits::Limits {
-            max_body_bytes: 1024,
-            ..Default::default()
-        },
-        redis_url: None,
-        redis_ca_file: None,
-        ratelimit_fail_mode: Default::default(),
-        ratelimit_redis_budget: Duration::from_millis(5),
+        // No control plane: draining does not depend on the config.
+        ..GatewaySettings::on_loopback(SyncSettings::plaintext("http://127.0.0.1:1", "dp-drain"))
     })
     .await
     .unwrap();

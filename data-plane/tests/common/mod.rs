@@ -67,15 +67,6 @@ pub fn data_plane_settings(
     redis_url: Option<SecretString>,
 ) -> GatewaySettings {
     GatewaySettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        sync: SyncSettings {
-            control_plane: format!("http://{}", cp.grpc_addr),
-            token: None,
-            node_id: node_id.into(),
-            build: "test".into(),
-            tls: None,
-        },
         limits: llm_proxy_data_plane::limits::Limits {
             max_body_bytes: 64 * 1024,
             max_upstream_body_bytes: TEST_MAX_UPSTREAM_BODY_BYTES,
@@ -83,9 +74,11 @@ pub fn data_plane_settings(
             ..Default::default()
         },
         redis_url,
-        redis_ca_file: None,
-        ratelimit_fail_mode: Default::default(),
         ratelimit_redis_budget: Duration::from_millis(200),
+        ..GatewaySettings::on_loopback(SyncSettings::plaintext(
+            format!("http://{}", cp.grpc_addr),
+            node_id,
+        ))
     }
 }
 
