@@ -779,10 +779,14 @@ impl Inner {
     }
 }
 
-/// Checks Redis in the background while the breaker is open; closes it on success.
+/// Checks Redis in the background while the breaker is open; closes it on success. A panic in
+/// the probe counts as a failed probe: the breaker must hear back, or no probe would run again.
 fn spawn_probe(inner: Arc<Inner>) {
     tokio::spawn(async move {
-        let result = inner.load_scripts().await;
+        let probe = std::panic::AssertUnwindSafe(inner.load_scripts());
+        let result = futures_util::FutureExt::catch_unwind(probe)
+            .await
+            .unwrap_or_else(|_| Err("the probe panicked".to_owned()));
         if inner.breaker.probe_done(result.is_ok()) {
             bump(&inner.counters.mode_switches);
             inner
