@@ -26,7 +26,8 @@ const GROWTH_BOUND: usize = 4 * CAP + 12 * MIB;
 const WITHIN_SECONDS: Duration = Duration::from_secs(10);
 
 /// An OpenAI-format upstream: garbage for the trigger words, a normal chat completion otherwise.
-async fn mock_upstream() -> SocketAddr {
+/// The mock's base URL (`http://127.0.0.1:<port>`).
+async fn mock_upstream() -> String {
     async fn answer(body: Bytes) -> Response {
         let text = String::from_utf8_lossy(&body);
         let produced = Arc::new(AtomicUsize::new(0));
@@ -51,14 +52,7 @@ async fn mock_upstream() -> SocketAddr {
         }
         response
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, axum::Router::new().fallback(answer))
-            .await
-            .unwrap()
-    });
-    addr
+    common::start_mock(answer, |base_url| base_url).await
 }
 
 async fn spawn_data_plane(cp: SocketAddr) -> DataPlaneProcess {
@@ -113,7 +107,7 @@ async fn oversized_upstream_answers_leave_the_data_planes_memory_bounded() {
     common::add_connections(
         &cp.store,
         "openai",
-        &format!("http://{upstream}"),
+        &upstream,
         [("Mock", "sk-mock".to_owned(), common::options(&[]))],
     )
     .await;

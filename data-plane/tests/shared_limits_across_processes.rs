@@ -28,7 +28,8 @@ fn redis_url() -> String {
 }
 
 /// Answers chat completions (plain or streamed) that each report 50 tokens.
-async fn mock_upstream() -> SocketAddr {
+/// The mock's base URL (`http://127.0.0.1:<port>`).
+async fn mock_upstream() -> String {
     async fn answer(body: Bytes) -> Response {
         let stream = body.windows(13).any(|w| w == b"\"stream\":true");
         let text = if stream {
@@ -51,14 +52,7 @@ async fn mock_upstream() -> SocketAddr {
             .insert("content-type", content_type.parse().unwrap());
         response
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, axum::Router::new().fallback(answer))
-            .await
-            .unwrap()
-    });
-    addr
+    common::start_mock(answer, |base_url| base_url).await
 }
 
 struct Setup {
@@ -67,11 +61,7 @@ struct Setup {
 }
 
 /// A control plane with one key and one assignment (`alias`) with the given limits.
-async fn control_plane(
-    upstream: SocketAddr,
-    tps: Option<i64>,
-    tpm: Option<i64>,
-) -> (Setup, String) {
+async fn control_plane(upstream: &str, tps: Option<i64>, tpm: Option<i64>) -> (Setup, String) {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = ServerSettings::new(
         "127.0.0.1:0".parse().unwrap(),
@@ -86,7 +76,7 @@ async fn control_plane(
         .create_connection(NewConnection {
             name: "Mock".into(),
             provider: "openai".into(),
-            endpoint: format!("http://{upstream}"),
+            endpoint: upstream.to_owned(),
             credential: SecretString::from("sk-mock"),
             options: Default::default(),
         })
@@ -210,7 +200,7 @@ async fn offer_load_while(
 async fn three_data_planes_admit_tps_times_seconds_plus_burst() {
     const TPS: i64 = 20;
     let upstream = mock_upstream().await;
-    let (setup, _) = control_plane(upstream, Some(TPS), None).await;
+    let (setup, _) = control_plane(&upstream, Some(TPS), None).await;
     let redis = redis_url();
     let mut planes = Vec::new();
     for n in 0..3 {
@@ -246,7 +236,7 @@ async fn three_data_planes_admit_tps_times_seconds_plus_burst() {
 async fn three_data_planes_hold_a_token_limit_with_streamed_answers() {
     const TPM: i64 = 6000; // capacity 6000 tokens, refill 100 tokens/s
     let upstream = mock_upstream().await;
-    let (setup, _) = control_plane(upstream, None, Some(TPM)).await;
+    let (setup, _) = control_plane(&upstream, None, Some(TPM)).await;
     let redis = redis_url();
     let mut planes = Vec::new();
     for n in 0..3 {
@@ -341,7 +331,7 @@ async fn redis_down_follows_the_fail_mode_and_sharing_resumes_when_it_is_back() 
     let redis = OwnRedis::start(port, tempfile::tempdir().unwrap()).await;
     let url = redis.url();
     let upstream = mock_upstream().await;
-    let (setup, asg) = control_plane(upstream, Some(1000), None).await;
+    let (setup, asg) = control_plane(&upstream, Some(1000), None).await;
     let mut planes = Vec::new();
     for n in 0..3 {
         planes.push(spawn_data_plane(setup.cp.grpc_addr, &url, &format!("dp-down-{n}")).await);
@@ -466,7 +456,7 @@ async fn flapping_redis_adds_no_burst() {
     let redis = OwnRedis::start(port, tempfile::tempdir().unwrap()).await;
     let url = redis.url();
     let upstream = mock_upstream().await;
-    let (setup, asg) = control_plane(upstream, Some(TPS), None).await;
+    let (setup, asg) = control_plane(&upstream, Some(TPS), None).await;
     let mut planes = Vec::new();
     for n in 0..3 {
         planes.push(spawn_data_plane(setup.cp.grpc_addr, &url, &format!("dp-flap-{n}")).await);

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Writes the fuzz seed corpus (fuzz/corpus/<target>/) from the golden fixtures
+(data-plane/tests/golden/*/*.json): client requests, upstream answers and error bodies, Gemini
+SSE streams, OpenAI SSE streams, and Bedrock event-stream frames encoded as the wire carries them
+(prelude, string headers, CRC32s; AWS event-stream encoding). Stream seeds start with the chunking
+byte the harness reads first. Run by scripts/fuzz.sh; the output is deterministic."""
+import glob
+import hashlib
+import json
+import os
+import struct
+import sys
+import zlib
+
+root = os.path.dirname(os.path.abspath(__file__))
+golden = os.path.join(root, "..", "data-plane", "tests", "golden")
+corpus = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "corpus")
+
+
+def dump(value):
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def header(name, value):
+    name, value = name.encode(), value.encode()
+    return bytes([len(name)]) + name + b"\x07" + struct.pack(">H", len(value)) + value
+
+
+def frame(headers, payload, corrupt=False):
+    encoded = b"".join(header(k, v) for k, v in headers)
+    total = 12 + len(encoded) + len(payload) + 4
+    prelude = struct.pack(">II", total, len(encoded))
+    prelude += struct.pack(">I", zlib.crc32(prelude))
+    message = prelude + encoded + payload
+    crc = zlib.crc32(message) ^ (0xFFFFFFFF if corrupt else 0)
+    return message + struct.pack(">I", crc)
+
+
+def bedrock_frames(events):
+    out = b""
+    for event in events:
+        payload = dump(event.get("payload", {}))
+        if "exception" in event:
+            headers = [(":message-type", "exception"), (":exception-type", event["exception"]),
+                       (":content-type", "application/json")]
+        else:
+            headers = [(":message-type", "event"), (":event-type", event["event"]),
+                       (":content-type", "application/json")]
+        out += frame(headers, payload, event.get("corrupt_crc", False))
+    return out
+
+
+def sse(events, done=False):
+    out = b"".join(b"data: " + dump(e) + b"\r\n\r\n" for e in events)
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+def main():
+    seeds = {"request": [], "sse": [], "event_stream": [], "answer": []}
+    for path in sorted(glob.glob(os.path.join(golden, "*", "*.json"))):
+        provider = os.path.basename(os.path.dirname(path))
+        with open(path) as f:
+            fixture = json.load(f)
+        if "request" in fixture:
+            seeds["request"].append(dump(fixture["request"]))
+        for key in ("answer", "body"):
+            if key in fixture:
+                seeds["answer"].append(dump(fixture[key]))
+        if "openai_answer" in fixture:
+            seeds["answer"].append(dump(fixture["openai_answer"]))
+        if "openai_stream" in fixture:
+            seeds["sse"].append(b"\x07" + sse(fixture["openai_stream"], done=True))
+        if "stream" in fixture:
+            if provider == "google":
+                seeds["sse"].append(b"\x05" + sse(fixture["stream"]))
+            elif provider == "bedrock":
+                seeds["event_stream"].append(b"\x0b" + bedrock_frames(fixture["stream"]))
+    for target, items in seeds.items():
+        directory = os.path.join(corpus, target)
+        os.makedirs(directory, exist_ok=True)
+        for item in items:
+            name = hashlib.sha1(item).hexdigest()
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(item)
+        print(f"seeds.py: {len(items)} seeds for {target}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

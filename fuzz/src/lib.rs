@@ -1,0 +1,206 @@
+//! The fuzz harness: one function per parser family, shared by the cargo-fuzz targets
+//! (`fuzz_targets/`, nightly) and by `data-plane/tests/fuzz_regressions.rs`, which replays every
+//! input under `fuzz/regressions/` on stable in the default test suite.
+//!
+//! Beyond "no panic", each function checks what the gateway promises about its output: a
+//! translated request or answer is JSON, and every streamed event the client gets carries JSON or
+//! `[DONE]`. Limits are set small so that the caps (DESIGN §19) are reached by short inputs;
+//! libFuzzer's `-rss_limit_mb` and `-timeout` catch unbounded memory and superlinear time.
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use llm_proxy_data_plane::body;
+use llm_proxy_data_plane::limits::Limits;
+use llm_proxy_data_plane::providers::bedrock::{converse, error as bedrock_error, stream};
+use llm_proxy_data_plane::providers::google::{self, Api, chat, embeddings};
+use llm_proxy_data_plane::providers::{Dialect, openai_usage, upstream_error};
+use llm_proxy_data_plane::sse::{self, EventSplitter, OpenAiPassthrough, StreamTranslator};
+
+/// Small caps, so that short inputs reach them.
+pub fn limits() -> Limits {
+    Limits {
+        max_top_level_keys: 64,
+        max_stream_event_bytes: 4096,
+        max_upstream_index: 16,
+        ..Limits::default()
+    }
+}
+
+/// A client's request body: the body parser, then every request translator on what it accepts.
+pub fn request(data: &[u8]) {
+    let limits = limits();
+    let Ok(parsed) = body::parse(data, false, limits.max_top_level_keys) else {
+        return;
+    };
+    // OpenAI and Azure: the client's body with `model` rewritten.
+    assert_json(
+        &parsed.object.write(&[("model", "\"remote\"")], &[]),
+        "openai body",
+    );
+    for model in ["gemini-2.5-pro", "gemini-3-flash"] {
+        if let Ok(out) = chat::request(&parsed, model) {
+            assert_json(&out, "gemini request");
+        }
+    }
+    for api in [Api::Gemini, Api::Vertex] {
+        if let Ok((_, out, _)) = embeddings::request(&parsed, api, "text-embedding-005") {
+            assert_json(&out, "embeddings request");
+        }
+    }
+    for model in ["anthropic.claude-sonnet-4", "amazon.nova-pro-v1:0"] {
+        if let Ok(out) = converse::request(&parsed, model) {
+            assert_json(&out, "converse request");
+        }
+    }
+}
+
+/// An upstream SSE body (OpenAI and Azure passthrough, Gemini). The first byte picks how the
+/// rest is cut into chunks, so that events straddle reads in every way.
+pub fn sse(data: &[u8]) {
+    let Some((&cut, body)) = data.split_first() else {
+        return;
+    };
+    let limits = limits();
+    let mut splitter = EventSplitter::new(limits.max_stream_event_bytes);
+    for chunk in chunks(body, cut) {
+        splitter.push(chunk);
+        while let Some(event) = splitter.next_event() {
+            let _ = sse::data_of(&event);
+        }
+        if splitter.overflowed() {
+            break;
+        }
+    }
+    let _ = splitter.finish();
+    for wants_usage in [false, true] {
+        drive(
+            OpenAiPassthrough::new("openai", wants_usage)
+                .with_max_event_bytes(limits.max_stream_event_bytes),
+            body,
+            cut,
+            false,
+        );
+        drive(
+            chat::GeminiStream::new("gemini-2.5-flash", wants_usage).with_limits(&limits),
+            body,
+            cut,
+            true,
+        );
+    }
+}
+
+/// An upstream `application/vnd.amazon.eventstream` body (Bedrock ConverseStream).
+pub fn event_stream(data: &[u8]) {
+    let Some((&cut, body)) = data.split_first() else {
+        return;
+    };
+    let limits = limits();
+    for wants_usage in [false, true] {
+        let translator =
+            stream::ConverseStream::new("claude", Some("req-1"), wants_usage).with_limits(&limits);
+        drive(translator, body, cut, true);
+    }
+}
+
+/// A non-streamed upstream answer, and the same bytes as an error answer, through every
+/// provider's mapping.
+pub fn answer(data: &[u8]) {
+    let limits = limits();
+    let mut ids = HeaderMap::new();
+    ids.insert("x-amzn-requestid", HeaderValue::from_static("req-1"));
+    let _ = openai_usage(data, "openai");
+    if let Ok((out, _)) = chat::answer(data, "gemini-2.5-flash", limits.max_upstream_index) {
+        assert_json(&out, "gemini answer");
+    }
+    for api in [Api::Gemini, Api::Vertex] {
+        let request = body::parse(br#"{"model":"e","input":["a","b"]}"#, true, 64);
+        if let Ok(Ok((_, _, embeddings))) = request.map(|r| embeddings::request(&r, api, "e"))
+            && let Ok((out, _)) = embeddings.translate(data)
+        {
+            assert_json(&out, "embeddings answer");
+        }
+    }
+    if let Ok((out, _)) = converse::answer(data, "claude", Some("req-1")) {
+        assert_json(&out, "converse answer");
+    }
+    let _ = Dialect::OpenAi.translate(&ids, Bytes::copy_from_slice(data), &limits, "openai");
+    // Retry hints are read from headers: the first line of the input doubles as their value.
+    let hint = data.split(|b| *b == b'\n').next().unwrap_or_default();
+    if let Ok(value) = HeaderValue::from_bytes(hint) {
+        for name in ["retry-after", "retry-after-ms", "x-ms-retry-after-ms"] {
+            ids.insert(name, value.clone());
+        }
+    }
+    for status in [400, 401, 403, 404, 408, 424, 429, 500, 503, 529] {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let _ = upstream_error("openai", status, &ids, data);
+        let _ = google::upstream_error(status, data);
+        let _ = bedrock_error::upstream_error(status, &ids, data);
+    }
+    let _ = bedrock_error::exception_error("throttlingException", data);
+}
+
+/// Feeds `body` to `translator` in chunks and checks every event the client would get.
+fn drive<T: StreamTranslator>(mut translator: T, body: &[u8], cut: u8, translated: bool) {
+    let mut out = BytesMut::new();
+    let mut failed = false;
+    for chunk in chunks(body, cut) {
+        if translator.push(chunk, &mut out).is_err() {
+            failed = true;
+            break;
+        }
+        if translator.complete() {
+            break;
+        }
+    }
+    if !failed {
+        let _ = translator.finish(&mut out);
+    }
+    let _ = translator.usage();
+    // Passthrough relays the upstream's events as they are; translated streams write their own.
+    if translated {
+        assert_events(&out);
+    }
+}
+
+/// Cuts `body` into chunks of 1..=`cut`+1 bytes, varying by position.
+fn chunks(body: &[u8], cut: u8) -> impl Iterator<Item = &[u8]> {
+    let mut rest = body;
+    let mut step = usize::from(cut);
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        step = step.wrapping_mul(31).wrapping_add(7) % (usize::from(cut) + 1) + 1;
+        let (head, tail) = rest.split_at(step.min(rest.len()));
+        rest = tail;
+        Some(head)
+    })
+}
+
+fn assert_json(bytes: &[u8], what: &str) {
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+        panic!(
+            "{what} is not JSON ({e}): {}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+}
+
+/// Every event the gateway wrote carries `[DONE]` or JSON.
+fn assert_events(out: &[u8]) {
+    let mut splitter = EventSplitter::new(usize::MAX);
+    splitter.push(out);
+    while let Some(event) = splitter.next_event() {
+        let data = sse::data_of(&event)
+            .unwrap_or_else(|| panic!("event without data: {}", String::from_utf8_lossy(&event)));
+        if data != "[DONE]" {
+            assert_json(data.as_bytes(), "streamed event");
+        }
+    }
+    assert!(
+        splitter.finish().is_none(),
+        "the last event is not terminated: {}",
+        String::from_utf8_lossy(out)
+    );
+}
