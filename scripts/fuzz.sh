@@ -2,9 +2,11 @@
 # Runs the cargo-fuzz targets under fuzz/ for a bounded time each (run by .ci/run): the body
 # parser and request translators (request), the SSE splitter and SSE stream translators (sse), the
 # event-stream decoder and Bedrock stream translator (event_stream), the non-streamed answer and
-# error mappings (answer). Seeds come from the golden fixtures (fuzz/seeds.py) plus the kept
-# findings under fuzz/regressions/<target>/, which the stable test suite also replays
-# (data-plane/tests/fuzz_regressions.rs).
+# error mappings (answer). Each target runs on its corpus, fuzz/corpus/<target>/ (kept in the
+# repository: the golden fixtures' seeds from fuzz/seeds.py plus what earlier runs found, minimised
+# with `cargo +nightly fuzz cmin`), and on the kept findings under fuzz/regressions/<target>/,
+# which the stable test suite also replays (data-plane/tests/fuzz_regressions.rs). New corpus
+# entries a run finds land in fuzz/corpus/<target>/: commit them (after cmin) to keep them.
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]   seconds per target (default 20; env FUZZ_SECONDS)
 #
@@ -35,7 +37,7 @@ fi
 
 scratch=$(mktemp -d /tmp/llm-proxy-fuzz.XXXXXX)
 trap 'rm -rf "$scratch"' EXIT
-python3 fuzz/seeds.py "$scratch/corpus"
+python3 fuzz/seeds.py
 
 # cargo-fuzz's default build: optimised, with debug assertions and overflow checks (an overflow
 # on an upstream's number is a finding). No sanitizer: the gateway's crates forbid unsafe code, and
@@ -44,9 +46,9 @@ fuzz=(--sanitizer none)
 cd fuzz
 cargo +nightly fuzz build "${fuzz[@]}"
 for target in "${targets[@]}"; do
-  mkdir -p "regressions/$target" "$scratch/corpus/$target"
+  mkdir -p "regressions/$target" "corpus/$target"
   echo "fuzz.sh: $target for ${seconds}s" >&2
-  cargo +nightly fuzz run "${fuzz[@]}" "$target" "$scratch/corpus/$target" "regressions/$target" -- \
+  cargo +nightly fuzz run "${fuzz[@]}" "$target" "corpus/$target" "regressions/$target" -- \
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=65536 \
     -print_final_stats=1 2>"$scratch/$target.log" || {
       tail -n 40 "$scratch/$target.log" >&2

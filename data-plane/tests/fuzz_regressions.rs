@@ -1,5 +1,6 @@
 //! Replays every input kept under `fuzz/regressions/<target>/` (findings of `scripts/fuzz.sh`)
-//! through the fuzz harness on stable, so that a fixed finding stays fixed in the default suite.
+//! and `fuzz/corpus/<target>/` (the fuzz corpus) through the fuzz harness on stable, so that a
+//! fixed finding stays fixed in the default suite, also where nightly is not at hand.
 //! The harness is the fuzz crate's own `src/lib.rs`, compiled here as a module.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,9 +9,10 @@ mod harness;
 
 use std::path::PathBuf;
 
-fn replay(target: &str, run: fn(&[u8])) -> usize {
+fn replay(kind: &str, target: &str, run: fn(&[u8])) -> usize {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/regressions")
+        .join("../fuzz")
+        .join(kind)
         .join(target);
     let mut inputs: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -20,6 +22,7 @@ fn replay(target: &str, run: fn(&[u8])) -> usize {
     inputs.sort();
     for path in &inputs {
         let data = std::fs::read(path).unwrap();
+        // Shown by the test runner only when the input fails.
         eprintln!("replaying {}", path.display());
         run(&data);
     }
@@ -27,30 +30,25 @@ fn replay(target: &str, run: fn(&[u8])) -> usize {
 }
 
 #[test]
-fn request_regressions() {
-    assert!(
-        replay("request", harness::request) > 0,
-        "no inputs kept for request"
-    );
+fn request_inputs() {
+    assert!(replay("regressions", "request", harness::request) > 0);
+    assert!(replay("corpus", "request", harness::request) > 0);
 }
 
 #[test]
-fn sse_regressions() {
-    assert!(replay("sse", harness::sse) > 0, "no inputs kept for sse");
+fn sse_inputs() {
+    assert!(replay("regressions", "sse", harness::sse) > 0);
+    assert!(replay("corpus", "sse", harness::sse) > 0);
 }
 
 #[test]
-fn event_stream_regressions() {
-    assert!(
-        replay("event_stream", harness::event_stream) > 0,
-        "no inputs kept for event_stream"
-    );
+fn event_stream_inputs() {
+    assert!(replay("regressions", "event_stream", harness::event_stream) > 0);
+    assert!(replay("corpus", "event_stream", harness::event_stream) > 0);
 }
 
 #[test]
-fn answer_regressions() {
-    assert!(
-        replay("answer", harness::answer) > 0,
-        "no inputs kept for answer"
-    );
+fn answer_inputs() {
+    assert!(replay("regressions", "answer", harness::answer) > 0);
+    assert!(replay("corpus", "answer", harness::answer) > 0);
 }
