@@ -360,7 +360,10 @@ async fn client_config(params: &PgTlsParams) -> Result<ClientConfig, PgTlsError>
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let algorithms = provider.signature_verification_algorithms;
     let verifier: Arc<dyn ServerCertVerifier> = match &params.roots {
-        None => Arc::new(AnyServerCert { algorithms }),
+        None => Arc::new(WithoutHostName {
+            roots: None,
+            algorithms,
+        }),
         Some(roots) => {
             let store = Arc::new(root_store(roots, params.mode).await?);
             if params.mode == SslMode::VerifyFull {
@@ -368,8 +371,8 @@ async fn client_config(params: &PgTlsParams) -> Result<ClientConfig, PgTlsError>
                     .build()
                     .map_err(|e| PgTlsError::Tls(e.to_string()))?
             } else {
-                Arc::new(ChainOnly {
-                    roots: store,
+                Arc::new(WithoutHostName {
+                    roots: Some(store),
                     algorithms,
                 })
             }
@@ -408,57 +411,17 @@ async fn client_config(params: &PgTlsParams) -> Result<ClientConfig, PgTlsError>
     Ok(config)
 }
 
-/// `prefer`/`require` without `sslrootcert`: encrypts, takes the server's certificate as it comes
-/// (libpq's behaviour), but still checks that the server holds that certificate's key.
+/// The modes short of `verify-full`: the host name is never compared (libpq's behaviour). With
+/// `roots` (`verify-ca`, or `prefer`/`require` with `sslrootcert`) the chain must lead to a trusted
+/// root; without (`prefer`/`require` alone) the certificate is taken as it comes. Either way the
+/// handshake signatures are checked, so the server must hold its certificate's key.
 #[derive(Debug)]
-struct AnyServerCert {
+struct WithoutHostName {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for AnyServerCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca` (and `prefer`/`require` with `sslrootcert`): the chain must lead to a trusted root;
-/// the host name is not compared.
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for WithoutHostName {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -467,14 +430,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
