@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use llm_proxy_catalog::Provider;
 use llm_proxy_proto::Timestamp;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -142,25 +144,10 @@ pub enum ConnectionCommand {
     Delete(ForceDeleteArgs),
 }
 
-/// Upstream providers (DESIGN §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Provider {
-    Openai,
-    Azure,
-    Google,
-    Bedrock,
-}
-
-impl Provider {
-    /// The name the API uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Provider::Openai => "openai",
-            Provider::Azure => "azure",
-            Provider::Google => "google",
-            Provider::Bedrock => "bedrock",
-        }
-    }
+/// `--provider`: one of the catalog's providers (DESIGN §5), offered by name in `--help`.
+fn provider_parser() -> impl clap::builder::TypedValueParser<Value = Provider> {
+    clap::builder::PossibleValuesParser::new(Provider::NAMES)
+        .try_map(|name| name.parse::<Provider>())
 }
 
 #[derive(Debug, Args)]
@@ -169,7 +156,7 @@ pub struct ConnectionAddArgs {
     #[arg(long)]
     pub name: String,
     /// Provider protocol.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = provider_parser())]
     pub provider: Provider,
     /// Provider base URL, e.g. https://api.openai.com.
     #[arg(long, value_name = "URL")]

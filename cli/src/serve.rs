@@ -11,11 +11,10 @@ use llm_proxy_control_plane::master_key;
 use llm_proxy_control_plane::server::{self, RunningControlPlane, ServerSettings};
 use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
 use llm_proxy_data_plane::limits::LimitFlags;
-use llm_proxy_data_plane::metrics;
 use llm_proxy_data_plane::process;
 use llm_proxy_data_plane::sync::SyncSettings;
 use secrecy::SecretString;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// Flags of `llmctl serve` (DESIGN §16).
@@ -30,7 +29,7 @@ pub struct ServeArgs {
         long,
         value_name = "ADDR",
         env = "LLM_PROXY_DP_LISTEN",
-        default_value = "0.0.0.0:8132"
+        default_value = gateway::DEFAULT_LISTEN
     )]
     pub listen: SocketAddr,
 
@@ -108,11 +107,10 @@ pub async fn run(args: ServeArgs, allow_plaintext: bool) -> anyhow::Result<()> {
         "llmctl-serve",
     );
     let dp = gateway::start(GatewaySettings {
-        listen: args.listen,
         limits: args.limits.limits()?,
         redis_url: args.redis_url.clone().map(SecretString::from),
         redis_ca_file: args.redis_ca_file.clone(),
-        ..GatewaySettings::on_loopback(sync)
+        ..GatewaySettings::new(args.listen, sync)
     })
     .await?;
     let dp = Arc::new(dp);
@@ -193,47 +191,40 @@ fn loopback_of(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// `/healthz`, `/readyz` (database reachable and a snapshot applied) and `/metrics` of both planes.
-/// Holds only weak references: open scrape connections must not keep the planes from shutting down.
+/// `/readyz` (database reachable and a snapshot applied) and `/metrics` of both planes. Holds
+/// only weak references: open scrape connections must not keep the planes from shutting down.
+struct BothPlanes {
+    cp: Weak<RunningControlPlane>,
+    dp: Weak<RunningGateway>,
+}
+
+impl llm_proxy_telemetry::HealthSource for BothPlanes {
+    async fn readiness(&self) -> Result<String, String> {
+        let (Some(cp), Some(dp)) = (self.cp.upgrade(), self.dp.upgrade()) else {
+            return Err("shutting down".to_owned());
+        };
+        cp.readiness_check().await?;
+        if dp.ready() {
+            Ok("ready".to_owned())
+        } else {
+            Err("no config snapshot applied yet".to_owned())
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let (Some(cp), Some(dp)) = (self.cp.upgrade(), self.dp.upgrade()) else {
+            return String::new();
+        };
+        // One exposition: only the last `# EOF` may stay.
+        let cp_text = cp.render_metrics();
+        let cp_text = cp_text.strip_suffix("# EOF\n").unwrap_or(&cp_text);
+        format!("{cp_text}{}", dp.render_metrics())
+    }
+}
+
 fn health_router(cp: &Arc<RunningControlPlane>, dp: &Arc<RunningGateway>) -> axum::Router {
-    use axum::http::{StatusCode, header};
-    use axum::routing::get;
-    let (cp, dp) = (Arc::downgrade(cp), Arc::downgrade(dp));
-    let (cp_ready, dp_ready) = (cp.clone(), dp.clone());
-    axum::Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let (cp, dp) = (cp_ready.upgrade(), dp_ready.upgrade());
-                async move {
-                    let (Some(cp), Some(dp)) = (cp, dp) else {
-                        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned());
-                    };
-                    match (cp.readiness_check().await, dp.ready()) {
-                        (Ok(()), true) => (StatusCode::OK, "ready".to_owned()),
-                        (Err(reason), _) => (StatusCode::SERVICE_UNAVAILABLE, reason),
-                        (Ok(()), false) => (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "no config snapshot applied yet".to_owned(),
-                        ),
-                    }
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || {
-                let text = match (cp.upgrade(), dp.upgrade()) {
-                    (Some(cp), Some(dp)) => {
-                        // One exposition: only the last `# EOF` may stay.
-                        let cp_text = cp.render_metrics();
-                        let cp_text = cp_text.strip_suffix("# EOF\n").unwrap_or(&cp_text);
-                        format!("{cp_text}{}", dp.render_metrics())
-                    }
-                    _ => String::new(),
-                };
-                async move { ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text) }
-            }),
-        )
+    llm_proxy_telemetry::health_router(Arc::new(BothPlanes {
+        cp: Arc::downgrade(cp),
+        dp: Arc::downgrade(dp),
+    }))
 }

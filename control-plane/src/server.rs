@@ -13,9 +13,6 @@ use crate::hub::{self, HubTimings, SnapshotHub};
 use crate::readiness::{self, Readiness};
 use crate::rpc_observer::{RpcMetrics, RpcObserverLayer};
 use crate::store::Store;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use llm_proxy_proto::v1::admin_service_server::AdminServiceServer;
 use llm_proxy_proto::v1::config_service_server::ConfigServiceServer;
 use prometheus_client::encoding::text::encode;
@@ -32,11 +29,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-
-/// Snapshot parts are ~1 MiB (`hub::SNAPSHOT_PART_BYTES`), but one key with very many assignments
-/// is never split, and a data plane of this version still accepts a whole snapshot in one message;
-/// tonic's 4 MiB default would refuse those.
-pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 
 /// The flags (and env vars) of the two tokens, as error messages name them.
 pub const ADMIN_TOKEN_FLAG: &str = "--admin-token (LLM_PROXY_ADMIN_TOKEN)";
@@ -456,8 +448,8 @@ pub async fn launch(settings: ServerSettings) -> Result<RunningControlPlane, Ser
     );
     let config = tonic::service::interceptor::InterceptedService::new(
         ConfigServiceServer::new(config_api)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(llm_proxy_catalog::MAX_GRPC_MESSAGE_BYTES)
+            .max_encoding_message_size(llm_proxy_catalog::MAX_GRPC_MESSAGE_BYTES),
         move |req| config_check.check(req),
     );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -530,35 +522,11 @@ pub async fn launch(settings: ServerSettings) -> Result<RunningControlPlane, Ser
     }));
 
     if let Some(listener) = metrics_listener {
-        let state = (metrics.clone(), store.clone(), readiness.clone());
-        let app = axum::Router::new()
-            .route("/healthz", get(|| async { "ok" }))
-            .route(
-                "/readyz",
-                get(
-                    |State((_, store, readiness)): State<MetricsState>| async move {
-                        match readiness_check(&readiness, &store).await {
-                            Ok(()) => (StatusCode::OK, "ready".to_owned()),
-                            Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
-                        }
-                    },
-                ),
-            )
-            .route(
-                "/metrics",
-                get(
-                    |State((metrics, store, _)): State<MetricsState>| async move {
-                        (
-                            [(
-                                axum::http::header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            render(&metrics, &store),
-                        )
-                    },
-                ),
-            )
-            .with_state(state);
+        let app = llm_proxy_telemetry::health_router(Arc::new(CpHealth {
+            metrics: metrics.clone(),
+            store: store.clone(),
+            readiness: readiness.clone(),
+        }));
         let mut http_shutdown = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move {
@@ -587,8 +555,24 @@ pub async fn launch(settings: ServerSettings) -> Result<RunningControlPlane, Ser
     })
 }
 
-/// State of the metrics/health router.
-type MetricsState = (CpMetrics, Store, Readiness);
+/// What the control plane's `/readyz` and `/metrics` report.
+struct CpHealth {
+    metrics: CpMetrics,
+    store: Store,
+    readiness: Readiness,
+}
+
+impl llm_proxy_telemetry::HealthSource for CpHealth {
+    async fn readiness(&self) -> Result<String, String> {
+        readiness_check(&self.readiness, &self.store)
+            .await
+            .map(|()| "ready".to_owned())
+    }
+
+    fn metrics(&self) -> String {
+        render(&self.metrics, &self.store)
+    }
+}
 
 /// Re-encrypts every stored credential under the first (active) master key.
 pub async fn rotate_master_key(

@@ -1,9 +1,8 @@
 //! Input validation with messages that name the field and say what is wrong.
 
 use crate::error::StoreError;
+use llm_proxy_catalog::Provider;
 use std::collections::BTreeMap;
-
-pub const PROVIDERS: [&str; 4] = ["openai", "azure", "google", "bedrock"];
 
 const MAX_NAME_LEN: usize = 200;
 
@@ -53,16 +52,12 @@ pub fn looks_like_id(value: &str) -> bool {
         .any(|p| value.starts_with(p) && value.len() == p.len() + 20)
 }
 
+/// A provider name (DESIGN §5), as the catalog spells it.
 pub fn provider(value: &str) -> Result<String, StoreError> {
-    let value = value.trim();
-    if PROVIDERS.contains(&value) {
-        Ok(value.to_owned())
-    } else {
-        Err(StoreError::invalid(
-            "provider",
-            format!("must be one of openai|azure|google|bedrock, got {value:?}"),
-        ))
-    }
+    value
+        .parse::<Provider>()
+        .map(|p| p.as_str().to_owned())
+        .map_err(|e| StoreError::invalid("provider", e.to_string()))
 }
 
 pub fn endpoint(value: &str) -> Result<String, StoreError> {
@@ -109,132 +104,18 @@ pub fn endpoint_change(stored: &str, new: &str, credential_given: bool) -> Resul
     Ok(())
 }
 
-/// Option keys each provider understands (DESIGN §16).
-fn known_options(provider: &str) -> &'static [&'static str] {
-    match provider {
-        "azure" => &["timeout_s", "api_version"],
-        "google" => &[
-            "timeout_s",
-            "api",
-            "auth",
-            "project",
-            "location",
-            "api_version",
-        ],
-        "bedrock" => &["timeout_s", "region", "auth"],
-        _ => &["timeout_s"],
-    }
-}
-
-fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<(), StoreError> {
-    if allowed.contains(&value) {
-        Ok(())
-    } else {
-        Err(StoreError::invalid(
-            "options",
-            format!("{key} must be one of {}, got {value:?}", allowed.join("|")),
-        ))
-    }
-}
-
-/// The region in a `bedrock-runtime[-fips].{region}.amazonaws.com` endpoint.
-fn bedrock_region_of_endpoint(endpoint: &str) -> Option<String> {
-    let host = url::Url::parse(endpoint)
-        .ok()?
-        .host_str()?
-        .to_ascii_lowercase();
-    let rest = host
-        .strip_prefix("bedrock-runtime-fips.")
-        .or_else(|| host.strip_prefix("bedrock-runtime."))?;
-    rest.split('.')
-        .next()
-        .filter(|r| !r.is_empty())
-        .map(str::to_owned)
-}
-
-/// Checks a connection's merged options against its provider and endpoint: on top of
-/// [`options`], a Bedrock endpoint that does not name its region needs `region` (DESIGN §16).
+/// Checks a connection's merged options against its provider and endpoint (the catalog's
+/// validators, DESIGN §16).
 pub fn connection_options(
     provider: &str,
     endpoint: &str,
     options: &BTreeMap<String, String>,
 ) -> Result<(), StoreError> {
-    self::options(provider, options)?;
-    if provider == "bedrock"
-        && !options.contains_key("region")
-        && bedrock_region_of_endpoint(endpoint).is_none()
-    {
-        return Err(StoreError::invalid(
-            "options",
-            format!(
-                "region is required for a bedrock endpoint other than bedrock-runtime.{{region}}.amazonaws.com (got {endpoint:?}); add --set region=us-east-1"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Checks the merged options of a connection of `provider`.
-pub fn options(provider: &str, options: &BTreeMap<String, String>) -> Result<(), StoreError> {
-    let known = known_options(provider);
-    for (key, value) in options {
-        if !known.contains(&key.as_str()) {
-            return Err(StoreError::invalid(
-                "options",
-                format!(
-                    "unknown option {key:?} for provider {provider}; known: {}",
-                    known.join(", ")
-                ),
-            ));
-        }
-        let value = value.trim();
-        if value.is_empty() {
-            return Err(StoreError::invalid(
-                "options",
-                format!("{key} must not be empty"),
-            ));
-        }
-        match key.as_str() {
-            "timeout_s" => {
-                let ok = value
-                    .parse::<f64>()
-                    .is_ok_and(|t| t.is_finite() && t > 0.0 && t <= 3600.0);
-                if !ok {
-                    return Err(StoreError::invalid(
-                        "options",
-                        format!(
-                            "timeout_s must be a number of seconds in (0, 3600], got {value:?}"
-                        ),
-                    ));
-                }
-            }
-            "api" => one_of(key, value, &["gemini", "vertex"])?,
-            "auth" if provider == "google" => {
-                one_of(key, value, &["api_key", "bearer", "service_account"])?
-            }
-            "auth" => one_of(key, value, &["bearer", "sigv4"])?,
-            "api_version" if provider == "azure" => {
-                let is_date = value.len() >= 10
-                    && value.as_bytes()[..10].iter().enumerate().all(|(i, b)| {
-                        if i == 4 || i == 7 {
-                            *b == b'-'
-                        } else {
-                            b.is_ascii_digit()
-                        }
-                    });
-                if value != "v1" && !is_date {
-                    return Err(StoreError::invalid(
-                        "options",
-                        format!(
-                            "api_version must be v1 or a dated version such as 2024-10-21, got {value:?}"
-                        ),
-                    ));
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(())
+    let provider = provider
+        .parse::<Provider>()
+        .map_err(|e| StoreError::invalid("provider", e.to_string()))?;
+    llm_proxy_catalog::validate_connection_options(provider, endpoint, options)
+        .map_err(|e| StoreError::invalid("options", e.to_string()))
 }
 
 pub fn remote(value: &str) -> Result<String, StoreError> {
@@ -366,19 +247,22 @@ mod tests {
         assert!(connection_options("openai", "http://127.0.0.1:9000", &none).is_ok());
     }
 
+    const EP: &str = "https://example.com";
+    const BEDROCK: &str = "https://bedrock-runtime.us-east-1.amazonaws.com";
+
     #[test]
     fn options_are_checked_per_provider() {
         let opts = |k: &str, v: &str| BTreeMap::from([(k.to_owned(), v.to_owned())]);
-        assert!(options("azure", &opts("api_version", "2024-10-21")).is_ok());
-        assert!(options("azure", &opts("api_version", "v1")).is_ok());
-        assert!(options("azure", &opts("api_version", "latest")).is_err());
-        assert!(options("google", &opts("api", "vertex")).is_ok());
-        let msg = message(options("google", &opts("api", "palm")).unwrap_err());
+        assert!(connection_options("azure", EP, &opts("api_version", "2024-10-21")).is_ok());
+        assert!(connection_options("azure", EP, &opts("api_version", "v1")).is_ok());
+        assert!(connection_options("azure", EP, &opts("api_version", "latest")).is_err());
+        assert!(connection_options("google", EP, &opts("api", "vertex")).is_ok());
+        let msg = message(connection_options("google", EP, &opts("api", "palm")).unwrap_err());
         assert!(msg.contains("api must be one of gemini|vertex"), "{msg}");
-        let msg = message(options("openai", &opts("region", "x")).unwrap_err());
+        let msg = message(connection_options("openai", EP, &opts("region", "x")).unwrap_err());
         assert!(msg.contains("unknown option \"region\""), "{msg}");
-        assert!(options("bedrock", &opts("timeout_s", "0")).is_err());
-        assert!(options("bedrock", &opts("timeout_s", "2.5")).is_ok());
+        assert!(connection_options("bedrock", BEDROCK, &opts("timeout_s", "0")).is_err());
+        assert!(connection_options("bedrock", BEDROCK, &opts("timeout_s", "2.5")).is_ok());
     }
 
     #[test]

@@ -8,9 +8,7 @@ use crate::ratelimit::redis_client::{self, RedisClientError};
 use crate::ratelimit::{AnyLimiter, LocalLimiter};
 use crate::server::{self, AppState};
 use crate::sync::{self, ConfigHandle, SyncSettings};
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::routing::get;
+
 use secrecy::SecretString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +36,13 @@ pub enum GatewayError {
     RedisCaWithoutUrl,
 }
 
+/// Default address of the OpenAI-compatible API (DESIGN §3).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8132";
+/// Default address of `/metrics`, `/healthz`, `/readyz` (DESIGN §3).
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9132";
+/// Default control-plane URL (DESIGN §3).
+pub const DEFAULT_CONTROL_PLANE: &str = "http://127.0.0.1:8131";
+
 #[derive(Debug)]
 pub struct GatewaySettings {
     pub listen: SocketAddr,
@@ -56,19 +61,27 @@ pub struct GatewaySettings {
 }
 
 impl GatewaySettings {
-    /// A data plane on a free loopback port without a metrics listener, with in-process buckets
-    /// and the default limits, syncing through `sync` (tests and embedded use set fields after).
-    pub fn on_loopback(sync: SyncSettings) -> Self {
+    /// A data plane on `listen` with the DESIGN defaults: no metrics listener, in-process
+    /// buckets, the default limits and fail mode, syncing through `sync` (callers set the
+    /// fields their flags change).
+    pub fn new(listen: SocketAddr, sync: SyncSettings) -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen,
             metrics_listen: None,
             sync,
             limits: Limits::default(),
             redis_url: None,
             redis_ca_file: None,
             ratelimit_fail_mode: FailMode::default(),
-            ratelimit_redis_budget: RedisLimiterConfig::default().budget,
+            ratelimit_redis_budget: Duration::from_millis(
+                crate::ratelimit::redis::DEFAULT_BUDGET_MS,
+            ),
         }
+    }
+
+    /// A data plane on a free loopback port (tests and embedded use).
+    pub fn on_loopback(sync: SyncSettings) -> Self {
+        Self::new(SocketAddr::from(([127, 0, 0, 1], 0)), sync)
     }
 }
 
@@ -252,45 +265,12 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     if let Some(metrics_listen) = settings.metrics_listen {
         let listener = bind(metrics_listen).await?;
         metrics_addr = listener.local_addr().ok();
-        let app = axum::Router::new()
-            .route("/healthz", get(|| async { "ok" }))
-            .route(
-                "/readyz",
-                get(
-                    |State((config, _, draining, _)): State<MetricsState>| async move {
-                        if draining.load(Ordering::Acquire) {
-                            return (StatusCode::SERVICE_UNAVAILABLE, "draining".to_owned());
-                        }
-                        match config.current() {
-                            Some(c) => (
-                                StatusCode::OK,
-                                format!("ready (config version {})", c.version),
-                            ),
-                            None => (
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "no config snapshot applied yet".to_owned(),
-                            ),
-                        }
-                    },
-                ),
-            )
-            .route(
-                "/metrics",
-                get(
-                    |State((config, limiter, _, metrics)): State<MetricsState>| async move {
-                        (
-                            [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-                            metrics.render(&config, &limiter),
-                        )
-                    },
-                ),
-            )
-            .with_state((
-                config.clone(),
-                limiter.clone(),
-                draining.clone(),
-                metrics.clone(),
-            ));
+        let app = llm_proxy_telemetry::health_router(Arc::new(DpHealth {
+            config: config.clone(),
+            limiter: limiter.clone(),
+            draining: draining.clone(),
+            metrics: metrics.clone(),
+        }));
         others.push(tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, app).await {
                 tracing::error!(error = %err, "data plane metrics server failed");
@@ -311,10 +291,26 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     })
 }
 
-/// State of the metrics/health router.
-type MetricsState = (
-    Arc<ConfigHandle>,
-    Arc<AnyLimiter>,
-    Arc<AtomicBool>,
-    Arc<Metrics>,
-);
+/// What a data plane's `/readyz` and `/metrics` report.
+struct DpHealth {
+    config: Arc<ConfigHandle>,
+    limiter: Arc<AnyLimiter>,
+    draining: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+}
+
+impl llm_proxy_telemetry::HealthSource for DpHealth {
+    async fn readiness(&self) -> Result<String, String> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err("draining".to_owned());
+        }
+        match self.config.current() {
+            Some(c) => Ok(format!("ready (config version {})", c.version)),
+            None => Err("no config snapshot applied yet".to_owned()),
+        }
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.render(&self.config, &self.limiter)
+    }
+}

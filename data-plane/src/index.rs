@@ -25,53 +25,7 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Upstream timeout when a connection has no (valid) `timeout_s` option.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// Upstream provider family of a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Provider {
-    OpenAi,
-    Azure,
-    Google,
-    Bedrock,
-}
-
-impl Provider {
-    /// The name used in the API and the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::OpenAi => "openai",
-            Self::Azure => "azure",
-            Self::Google => "google",
-            Self::Bedrock => "bedrock",
-        }
-    }
-}
-
-impl fmt::Display for Provider {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown provider {0:?}: expected openai|azure|google|bedrock")]
-pub struct UnknownProvider(pub String);
-
-impl std::str::FromStr for Provider {
-    type Err = UnknownProvider;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "openai" => Ok(Self::OpenAi),
-            "azure" => Ok(Self::Azure),
-            "google" => Ok(Self::Google),
-            "bedrock" => Ok(Self::Bedrock),
-            _ => Err(UnknownProvider(s.to_owned())),
-        }
-    }
-}
+pub use llm_proxy_catalog::{ConnectionOption, DEFAULT_UPSTREAM_TIMEOUT, Provider};
 
 /// A provider connection. `Debug` redacts the credential (via [`SecretString`]).
 #[derive(Debug)]
@@ -83,14 +37,14 @@ pub struct ConnectionEntry {
     pub endpoint: String,
     pub credential: SecretString,
     pub options: BTreeMap<String, String>,
-    /// From option `timeout_s` (seconds, fractional allowed); [`DEFAULT_TIMEOUT`] otherwise.
+    /// From option `timeout_s` (seconds, fractional allowed); [`DEFAULT_UPSTREAM_TIMEOUT`] otherwise.
     pub timeout: Duration,
 }
 
 impl ConnectionEntry {
     /// A provider option (`--set key=value`).
-    pub fn option(&self, key: &str) -> Option<&str> {
-        self.options.get(key).map(String::as_str)
+    pub fn option(&self, option: ConnectionOption) -> Option<&str> {
+        self.options.get(option.name()).map(String::as_str)
     }
 }
 
@@ -531,18 +485,13 @@ impl fmt::Debug for ConfigIndex {
 }
 
 fn parse_timeout(conn_id: &str, options: &BTreeMap<String, String>) -> Duration {
-    let Some(raw) = options.get("timeout_s") else {
-        return DEFAULT_TIMEOUT;
+    let Some(raw) = options.get(ConnectionOption::TimeoutS.name()) else {
+        return DEFAULT_UPSTREAM_TIMEOUT;
     };
-    match raw.trim().parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs > 0.0 => Duration::try_from_secs_f64(secs)
-            .unwrap_or(DEFAULT_TIMEOUT)
-            .max(Duration::from_millis(1)),
-        _ => {
-            tracing::warn!(connection_id = %conn_id, timeout_s = %raw, "invalid timeout_s option; using the default of 600 s");
-            DEFAULT_TIMEOUT
-        }
-    }
+    llm_proxy_catalog::timeout_s(raw).unwrap_or_else(|err| {
+        tracing::warn!(connection_id = %conn_id, error = %err, "invalid timeout_s option; using the default of 600 s");
+        DEFAULT_UPSTREAM_TIMEOUT
+    })
 }
 
 fn connection_entry(c: SnapshotConnection) -> Result<ConnectionEntry, String> {
@@ -1162,7 +1111,7 @@ mod tests {
             .target(0)
             .unwrap()
             .connection;
-        assert_eq!(b.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(b.timeout, DEFAULT_UPSTREAM_TIMEOUT);
         let opts = |v: &str| BTreeMap::from([("timeout_s".to_owned(), v.to_owned())]);
         assert_eq!(parse_timeout("c", &opts("30")), Duration::from_secs(30));
         assert_eq!(
@@ -1170,7 +1119,11 @@ mod tests {
             Duration::from_millis(250)
         );
         for bad in ["abc", "-1", "0", "NaN", "inf", ""] {
-            assert_eq!(parse_timeout("c", &opts(bad)), DEFAULT_TIMEOUT, "{bad}");
+            assert_eq!(
+                parse_timeout("c", &opts(bad)),
+                DEFAULT_UPSTREAM_TIMEOUT,
+                "{bad}"
+            );
         }
     }
 

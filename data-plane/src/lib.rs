@@ -5,9 +5,11 @@
 //! the call to the provider adapter in [`providers`].
 
 pub mod body;
+pub mod clock;
 pub mod errors;
 pub mod front_door;
 pub mod gateway;
+pub mod inbound;
 pub mod index;
 pub mod limits;
 pub mod metrics;
@@ -18,3 +20,4 @@ pub mod server;
 pub mod sse;
 pub mod sync;
 pub mod trace;
+pub mod usage;

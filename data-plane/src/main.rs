@@ -19,20 +19,20 @@ use std::time::Duration;
 )]
 struct Cli {
     /// HTTP listen address of the OpenAI-compatible API.
-    #[arg(long, env = "LLM_PROXY_DP_LISTEN", default_value = "0.0.0.0:8132")]
+    #[arg(long, env = "LLM_PROXY_DP_LISTEN", default_value = gateway::DEFAULT_LISTEN)]
     listen: SocketAddr,
     /// HTTP listen address for /metrics, /healthz and /readyz.
     #[arg(
         long,
         env = "LLM_PROXY_DP_METRICS_LISTEN",
-        default_value = "0.0.0.0:9132"
+        default_value = gateway::DEFAULT_METRICS_LISTEN
     )]
     metrics_listen: SocketAddr,
     /// Control plane gRPC URL (https:// with the TLS flags).
     #[arg(
         long,
         env = "LLM_PROXY_CONTROL_PLANE",
-        default_value = "http://127.0.0.1:8131"
+        default_value = gateway::DEFAULT_CONTROL_PLANE
     )]
     control_plane: String,
     /// Bearer token for the control plane's config stream.
@@ -53,7 +53,11 @@ struct Cli {
     )]
     ratelimit_fail_mode: FailMode,
     /// Milliseconds one Redis limiter call may take before the fail mode answers.
-    #[arg(long, env = "LLM_PROXY_RATELIMIT_REDIS_BUDGET_MS", default_value_t = 5)]
+    #[arg(
+        long,
+        env = "LLM_PROXY_RATELIMIT_REDIS_BUDGET_MS",
+        default_value_t = llm_proxy_data_plane::ratelimit::redis::DEFAULT_BUDGET_MS
+    )]
     ratelimit_redis_budget_ms: u64,
     #[command(flatten)]
     limits: LimitFlags,

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 /// `Content-Type` of the exposition: prometheus-client writes OpenMetrics text (`# EOF`, counters
 /// typed without their `_total` suffix), which the classic text parser would misread.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const CONTENT_TYPE: &str = llm_proxy_telemetry::METRICS_CONTENT_TYPE;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {

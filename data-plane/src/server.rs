@@ -3,15 +3,17 @@
 
 use crate::body::{self, ParsedRequest};
 use crate::errors::ApiError;
+use crate::inbound::InboundRequest;
 use crate::index::{ConfigIndex, KeyEntry, Target};
 use crate::limits::Limits;
 use crate::metrics::{LimitResult, Metrics, UpstreamErrorKind};
 use crate::providers::capped::{self, CappedReadError};
-use crate::providers::{self, CallContext, Operation, Upstreams, Usage};
+use crate::providers::{self, CallContext, Operation, Upstreams};
 use crate::ratelimit::{AnyLimiter, Decision, LimitSpec, RateLimiter as _, Reservation};
 use crate::sse::StreamEnd;
 use crate::sync::ConfigHandle;
 use crate::trace::TraceContext;
+use crate::usage::Usage;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
@@ -220,28 +222,14 @@ async fn collect_body(body: Body, limit: usize, declared: Option<u64>) -> Result
 
 async fn chat(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    handle(
-        state,
-        parts.headers,
-        body,
-        Operation::ChatCompletions,
-        None,
-        None,
-    )
-    .await
+    let inbound = InboundRequest::openai(Operation::ChatCompletions);
+    handle(state, parts.headers, body, inbound).await
 }
 
 async fn embeddings(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    handle(
-        state,
-        parts.headers,
-        body,
-        Operation::Embeddings,
-        None,
-        None,
-    )
-    .await
+    let inbound = InboundRequest::openai(Operation::Embeddings);
+    handle(state, parts.headers, body, inbound).await
 }
 
 #[derive(serde::Deserialize)]
@@ -257,15 +245,8 @@ async fn azure_chat(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    handle(
-        state,
-        parts.headers,
-        body,
-        Operation::ChatCompletions,
-        Some(alias),
-        query.api_version,
-    )
-    .await
+    let inbound = InboundRequest::azure(Operation::ChatCompletions, alias, query.api_version);
+    handle(state, parts.headers, body, inbound).await
 }
 
 async fn azure_embeddings(
@@ -275,15 +256,8 @@ async fn azure_embeddings(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    handle(
-        state,
-        parts.headers,
-        body,
-        Operation::Embeddings,
-        Some(alias),
-        query.api_version,
-    )
-    .await
+    let inbound = InboundRequest::azure(Operation::Embeddings, alias, query.api_version);
+    handle(state, parts.headers, body, inbound).await
 }
 
 async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
@@ -376,10 +350,103 @@ impl StreamEnd for SettleOnEnd {
     }
 }
 
+/// How much of a failed attempt's TPM reservation to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    /// Nothing was generated (refused before sending, connect error, error status): release it.
+    Nothing,
+    /// The upstream may have generated (and billed) an answer the gateway could not read: keep
+    /// the estimate.
+    Estimate,
+}
+
+/// Why one upstream attempt failed, and everything the one failure path
+/// ([`attempt`]) needs to record, settle and answer it.
+struct UpstreamFailure {
+    error: ApiError,
+    /// `llm_proxy_upstream_errors_total{kind}`; `None` when no upstream was called.
+    kind: Option<UpstreamErrorKind>,
+    settle: Settle,
+    /// Whether a pool may try its next target: only when the upstream cannot have started on the
+    /// request (connect error) or said it failed (5xx).
+    failover: bool,
+}
+
+impl UpstreamFailure {
+    /// The adapter refused to build the call (bad request for this provider, bad connection
+    /// config, no token).
+    fn not_sent(error: ApiError) -> Self {
+        Self {
+            error,
+            kind: None,
+            settle: Settle::Nothing,
+            failover: false,
+        }
+    }
+
+    fn connect(error: ApiError) -> Self {
+        Self {
+            error,
+            kind: Some(UpstreamErrorKind::Connect),
+            settle: Settle::Nothing,
+            failover: true,
+        }
+    }
+
+    fn timeout(error: ApiError) -> Self {
+        Self {
+            error,
+            kind: Some(UpstreamErrorKind::Timeout),
+            settle: Settle::Estimate,
+            failover: false,
+        }
+    }
+
+    /// A transport error after sending, an unreadable or untranslatable answer, a stream that
+    /// broke before its first event.
+    fn invalid_answer(error: ApiError) -> Self {
+        Self {
+            error,
+            kind: Some(UpstreamErrorKind::InvalidResponse),
+            settle: Settle::Estimate,
+            failover: false,
+        }
+    }
+
+    /// The upstream answered an error status.
+    fn status(status: StatusCode, error: ApiError) -> Self {
+        let server = status.is_server_error();
+        Self {
+            error,
+            kind: Some(if server {
+                UpstreamErrorKind::Status5xx
+            } else {
+                UpstreamErrorKind::Status4xx
+            }),
+            settle: Settle::Nothing,
+            failover: server,
+        }
+    }
+}
+
+/// A successful upstream call.
+enum Answer {
+    /// The whole answer, translated, with the usage it reported.
+    Complete {
+        response: Response,
+        usage: Option<Usage>,
+    },
+    /// A stream: its reservation went with it and is settled when it ends.
+    Streaming(Response),
+}
+
+/// The outcome of one attempt on one target.
 enum Attempt {
-    Done(Response),
-    /// A connect error or 5xx: the pool may try its next target.
-    Retryable(ApiError),
+    Answered(Response),
+    /// Failed; the client gets this error in its dialect's shape.
+    Failed(ApiError),
+    /// Failed in a way that lets the pool try its next target.
+    Failover(ApiError),
 }
 
 /// What a request learned on its way, for its span and metrics.
@@ -458,16 +525,14 @@ async fn handle(
     state: AppState,
     headers: HeaderMap,
     body: Body,
-    operation: Operation,
-    path_alias: Option<String>,
-    client_api_version: Option<String>,
+    inbound: InboundRequest,
 ) -> Response {
     let started = Instant::now();
     let request_id = request_id(&headers);
     // Never a secret here: the key's id, not the key; the model names, not the credentials.
     let span = tracing::info_span!(
         "request",
-        otel.name = operation.span_name(),
+        otel.name = inbound.operation.span_name(),
         otel.kind = "server",
         otel.status_code = Empty,
         request_id = request_id.to_str().unwrap_or_default(),
@@ -492,21 +557,12 @@ async fn handle(
         provider: "",
         upstream: None,
     };
-    let result = handle_inner(
-        &state,
-        &headers,
-        body,
-        operation,
-        path_alias,
-        client_api_version,
-        trace,
-        &mut record,
-    )
-    .instrument(span)
-    .await;
+    let result = handle_inner(&state, &headers, body, &inbound, trace, &mut record)
+        .instrument(span)
+        .await;
     let mut response = match result {
         Ok(response) => response,
-        Err(err) => err.into_response(),
+        Err(err) => inbound.dialect.error_response(err),
     };
     let status = response.status();
     // Signed: OpenTelemetry has no unsigned integers (u64 would be exported as text).
@@ -541,14 +597,11 @@ fn closing_if_draining(state: &AppState, mut response: Response) -> Response {
     response
 }
 
-#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename the list
 async fn handle_inner(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
-    operation: Operation,
-    path_alias: Option<String>,
-    client_api_version: Option<String>,
+    inbound: &InboundRequest,
     trace: TraceContext,
     record: &mut RequestRecord,
 ) -> Result<Response, ApiError> {
@@ -556,11 +609,9 @@ async fn handle_inner(
     let key = authenticate(&index, headers)?;
     record.span.record("vkey_id", key.id());
     let body = read_body(body, headers, &state.limits, &state.metrics).await?;
+    let path_alias = inbound.path_alias.as_deref();
     let request = body::parse(&body, path_alias.is_none(), state.limits.max_top_level_keys)?;
-    let alias = path_alias
-        .as_deref()
-        .or(request.model.as_deref())
-        .unwrap_or_default();
+    let alias = path_alias.or(request.model.as_deref()).unwrap_or_default();
     let pool = key
         .pool(alias)
         .ok_or_else(|| ApiError::model_not_found(alias))?;
@@ -573,10 +624,7 @@ async fn handle_inner(
     let mut last_error: Option<ApiError> = None;
     for target in pool.attempt_order(rand::random()) {
         // Labelled with its provider even when the limit refuses it.
-        record.routed(
-            &target,
-            providers::provider_name(target.connection.provider),
-        );
+        record.routed(&target, target.connection.provider.as_str());
         let spec = limit_spec(&target);
         let (decision, reservation) = state
             .limiter
@@ -603,20 +651,24 @@ async fn handle_inner(
             continue;
         }
         let ctx = CallContext {
-            operation,
+            operation: inbound.operation,
             target: &target,
             request: &request,
-            client_api_version: client_api_version.as_deref(),
+            client_api_version: inbound.client_api_version.as_deref(),
             trace,
         };
         state.metrics.ratelimit_decision(LimitResult::Allowed);
         let limit_headers = decision.headers();
-        match call_upstream(state, &ctx, reservation, estimate, record).await {
-            Attempt::Done(mut response) => {
+        match attempt(state, &ctx, reservation, estimate, record).await {
+            Attempt::Answered(mut response) => {
                 attach_headers(&mut response, limit_headers);
                 return Ok(response);
             }
-            Attempt::Retryable(err) => {
+            Attempt::Failed(mut err) => {
+                err.headers.extend(limit_headers);
+                return Err(err);
+            }
+            Attempt::Failover(err) => {
                 tracing::debug!(assignment = %target.assignment_id, status = %err.status, "upstream failed; trying the next target");
                 last_error = Some(err);
             }
@@ -638,30 +690,66 @@ async fn handle_inner(
     ))
 }
 
-async fn settle(state: &AppState, reservation: Option<Reservation>, actual: u64) {
-    if let Some(reservation) = reservation {
-        state.limiter.settle(reservation, actual).await;
-    }
-}
-
-async fn call_upstream(
+/// One attempt on one target, and the one place that settles its reservation and records its
+/// outcome: the call itself ([`call_upstream`]) only says what happened.
+async fn attempt(
     state: &AppState,
     ctx: &CallContext<'_>,
     reservation: Option<Reservation>,
     estimate: u64,
     record: &mut RequestRecord,
 ) -> Attempt {
+    let provider = ctx.target.connection.provider.as_str();
+    let mut reservation = reservation;
+    let (outcome, settle_at) =
+        match call_upstream(state, ctx, &mut reservation, estimate, record).await {
+            Ok(Answer::Complete { response, usage }) => {
+                if let Some(usage) = &usage {
+                    record.usage(&state.metrics, usage);
+                }
+                let actual = usage.map_or(estimate, |u| u.total());
+                (Attempt::Answered(response), actual)
+            }
+            // The stream holds the reservation now (`reservation` is `None`).
+            Ok(Answer::Streaming(response)) => (Attempt::Answered(response), 0),
+            Err(failure) => {
+                if let Some(kind) = failure.kind {
+                    state.metrics.upstream_error(provider, kind);
+                }
+                let settle_at = match failure.settle {
+                    Settle::Nothing => 0,
+                    Settle::Estimate => estimate,
+                };
+                let outcome = if failure.failover {
+                    Attempt::Failover(failure.error)
+                } else {
+                    Attempt::Failed(failure.error)
+                };
+                (outcome, settle_at)
+            }
+        };
+    if let Some(reservation) = reservation {
+        state.limiter.settle(reservation, settle_at).await;
+    }
+    outcome
+}
+
+/// Calls the target's upstream and reads or relays its answer. It neither settles nor counts:
+/// a failure says what it means ([`UpstreamFailure`]) and [`attempt`] acts on it. A stream takes
+/// the reservation out of `reservation`, to settle it when it ends.
+async fn call_upstream(
+    state: &AppState,
+    ctx: &CallContext<'_>,
+    reservation: &mut Option<Reservation>,
+    estimate: u64,
+    record: &mut RequestRecord,
+) -> Result<Answer, UpstreamFailure> {
     let connection = &ctx.target.connection;
-    let provider = providers::provider_name(connection.provider);
-    let metrics = &state.metrics;
-    let outbound = match providers::build(ctx, &state.upstreams).await {
-        Ok(outbound) => outbound,
-        Err(err) => {
-            settle(state, reservation, 0).await;
-            return Attempt::Done(err.into_response());
-        }
-    };
-    let dialect = outbound.dialect;
+    let provider = connection.provider.as_str();
+    let outbound = providers::build(ctx, &state.upstreams)
+        .await
+        .map_err(UpstreamFailure::not_sent)?;
+    let wire = outbound.wire;
     let mut request = state
         .upstreams
         .client
@@ -687,38 +775,29 @@ async fn call_upstream(
         // Only a failure to connect is safe to retry on the next target: once the request is
         // sent, the upstream may already be generating (and billing) the answer.
         Ok(Err(err)) if err.is_connect() => {
-            metrics.upstream_error(provider, UpstreamErrorKind::Connect);
-            settle(state, reservation, 0).await;
-            return Attempt::Retryable(ApiError::upstream_unreachable(provider, error_text(err)));
+            return Err(UpstreamFailure::connect(ApiError::upstream_unreachable(
+                provider,
+                error_text(err),
+            )));
         }
         Err(_) => {
-            metrics.upstream_error(provider, UpstreamErrorKind::Timeout);
-            settle(state, reservation, estimate).await;
-            return Attempt::Done(ApiError::upstream_timeout(provider, timeout).into_response());
+            return Err(UpstreamFailure::timeout(ApiError::upstream_timeout(
+                provider, timeout,
+            )));
         }
         Ok(Err(err)) if err.is_timeout() => {
-            metrics.upstream_error(provider, UpstreamErrorKind::Timeout);
-            settle(state, reservation, estimate).await;
-            return Attempt::Done(ApiError::upstream_timeout(provider, timeout).into_response());
+            return Err(UpstreamFailure::timeout(ApiError::upstream_timeout(
+                provider, timeout,
+            )));
         }
         Ok(Err(err)) => {
-            metrics.upstream_error(provider, UpstreamErrorKind::InvalidResponse);
-            settle(state, reservation, estimate).await;
-            return Attempt::Done(
-                ApiError::upstream_unreachable(provider, error_text(err)).into_response(),
-            );
+            return Err(UpstreamFailure::invalid_answer(
+                ApiError::upstream_unreachable(provider, error_text(err)),
+            ));
         }
     };
     let status = response.status();
     if !status.is_success() {
-        metrics.upstream_error(
-            provider,
-            if status.is_server_error() {
-                UpstreamErrorKind::Status5xx
-            } else {
-                UpstreamErrorKind::Status4xx
-            },
-        );
         let headers = response.headers().clone();
         // Bounded like the answer itself: an upstream may send an error head and stall, or an
         // endless body (only its start is read, for the message).
@@ -728,19 +807,14 @@ async fn call_upstream(
         )
         .await
         .unwrap_or_default();
-        settle(state, reservation, 0).await;
-        let err = dialect.error(provider, status, &headers, &body);
-        return if status.is_server_error() {
-            Attempt::Retryable(err)
-        } else {
-            Attempt::Done(err.into_response())
-        };
+        let err = wire.error(provider, status, &headers, &body);
+        return Err(UpstreamFailure::status(status, err));
     }
     let request_ids = request_ids(response.headers());
     if streaming {
         let on_end = Box::new(SettleOnEnd {
             limiter: state.limiter.clone(),
-            reservation,
+            reservation: reservation.take(),
             estimate,
             metrics: state.metrics.clone(),
             span: record.span.clone(),
@@ -748,7 +822,8 @@ async fn call_upstream(
             alias: record.alias.clone(),
             provider,
         });
-        let body = match dialect
+        // A stream that fails before its first event was settled through `on_end`.
+        let body = wire
             .stream(
                 &request_ids,
                 response.bytes_stream(),
@@ -759,13 +834,7 @@ async fn call_upstream(
                 &state.limits,
             )
             .await
-        {
-            Ok(body) => body,
-            Err(err) => {
-                metrics.upstream_error(provider, UpstreamErrorKind::InvalidResponse);
-                return Attempt::Done(err.into_response());
-            }
-        };
+            .map_err(UpstreamFailure::invalid_answer)?;
         let mut out = Response::new(body);
         let headers = out.headers_mut();
         headers.insert(
@@ -774,50 +843,27 @@ async fn call_upstream(
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         headers.extend(request_ids);
-        return Attempt::Done(out);
+        return Ok(Answer::Streaming(out));
     }
     // Capped: a declared length over the cap is refused unread, an undeclared one when it
     // passes the cap (DESIGN §19).
     let body = capped::read_capped(response, state.limits.max_upstream_body_bytes).await;
     record.upstream = Some(sent_at.elapsed());
-    let body = match body {
-        Ok(body) => body,
-        Err(CappedReadError::Http(err)) if err.is_timeout() => {
-            metrics.upstream_error(provider, UpstreamErrorKind::Timeout);
-            settle(state, reservation, estimate).await;
-            return Attempt::Done(ApiError::upstream_timeout(provider, timeout).into_response());
+    let body = body.map_err(|err| match err {
+        CappedReadError::Http(err) if err.is_timeout() => {
+            UpstreamFailure::timeout(ApiError::upstream_timeout(provider, timeout))
         }
-        Err(CappedReadError::Http(err)) => {
-            metrics.upstream_error(provider, UpstreamErrorKind::InvalidResponse);
-            settle(state, reservation, estimate).await;
-            return Attempt::Done(
-                ApiError::upstream_bad_answer(provider, error_text(err)).into_response(),
-            );
-        }
-        Err(too_large) => {
-            metrics.upstream_error(provider, UpstreamErrorKind::InvalidResponse);
-            settle(state, reservation, estimate).await;
-            return Attempt::Done(
-                ApiError::upstream_bad_answer(
-                    provider,
-                    format_args!("{too_large} (--max-upstream-body-bytes)"),
-                )
-                .into_response(),
-            );
-        }
-    };
-    let (body, usage) = match dialect.translate(&request_ids, body, &state.limits, provider) {
-        Ok(translated) => translated,
-        Err(err) => {
-            metrics.upstream_error(provider, UpstreamErrorKind::InvalidResponse);
-            settle(state, reservation, estimate).await;
-            return Attempt::Done(err.into_response());
-        }
-    };
-    if let Some(usage) = &usage {
-        record.usage(metrics, usage);
-    }
-    settle(state, reservation, usage.map_or(estimate, |u| u.total())).await;
+        CappedReadError::Http(err) => UpstreamFailure::invalid_answer(
+            ApiError::upstream_bad_answer(provider, error_text(err)),
+        ),
+        too_large => UpstreamFailure::invalid_answer(ApiError::upstream_bad_answer(
+            provider,
+            format_args!("{too_large} (--max-upstream-body-bytes)"),
+        )),
+    })?;
+    let (body, usage) = wire
+        .translate(&request_ids, body, &state.limits, provider)
+        .map_err(UpstreamFailure::invalid_answer)?;
     let mut out = Response::new(Body::from(body));
     *out.status_mut() = StatusCode::OK;
     let headers = out.headers_mut();
@@ -826,7 +872,10 @@ async fn call_upstream(
         HeaderValue::from_static("application/json"),
     );
     headers.extend(request_ids);
-    Attempt::Done(out)
+    Ok(Answer::Complete {
+        response: out,
+        usage,
+    })
 }
 
 /// The upstream's request ids, passed on for support requests. The upstream's `x-request-id`

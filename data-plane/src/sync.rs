@@ -25,13 +25,6 @@ use tokio::sync::watch;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-/// Largest config message accepted. A copy of
-/// `llm_proxy_control_plane::server::MAX_MESSAGE_BYTES` (a snapshot part holding one key with very
-/// many assignments, or a whole snapshot from a control plane that does not split, can exceed
-/// tonic's 4 MiB default); copied so the data plane does not depend on the
-/// control-plane crate.
-pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
-
 /// Snapshot parts with more entries than this are indexed on a blocking thread.
 const INLINE_BUILD_MAX_ENTRIES: usize = 2_000;
 
@@ -517,8 +510,8 @@ async fn session(
             }
             Ok(req)
         })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(llm_proxy_catalog::MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(llm_proxy_catalog::MAX_GRPC_MESSAGE_BYTES);
 
     let held = handle.current();
     let (cluster_epoch, have_version) = held

@@ -13,8 +13,9 @@ use llm_proxy_data_plane::body;
 use llm_proxy_data_plane::limits::Limits;
 use llm_proxy_data_plane::providers::bedrock::{converse, error as bedrock_error, stream};
 use llm_proxy_data_plane::providers::google::{self, Api, chat, embeddings};
-use llm_proxy_data_plane::providers::{Dialect, openai_usage, upstream_error};
-use llm_proxy_data_plane::sse::{self, EventSplitter, OpenAiPassthrough, StreamTranslator};
+use llm_proxy_data_plane::providers::openai::stream::OpenAiPassthrough;
+use llm_proxy_data_plane::providers::{WireFormat, openai_usage, upstream_error};
+use llm_proxy_data_plane::sse::{self, EventSplitter, StreamTranslator};
 
 /// Small caps, so that short inputs reach them.
 pub fn limits() -> Limits {
@@ -123,7 +124,7 @@ pub fn answer(data: &[u8]) {
     if let Ok((out, _)) = converse::answer(data, "claude", Some("req-1")) {
         assert_json(&out, "converse answer");
     }
-    let _ = Dialect::OpenAi.translate(&ids, Bytes::copy_from_slice(data), &limits, "openai");
+    let _ = WireFormat::OpenAi.translate(&ids, Bytes::copy_from_slice(data), &limits, "openai");
     // Retry hints are read from headers: the first line of the input doubles as their value.
     let hint = data.split(|b| *b == b'\n').next().unwrap_or_default();
     if let Ok(value) = HeaderValue::from_bytes(hint) {

@@ -5,6 +5,10 @@
 //! The two outputs are filtered separately: `RUST_LOG=warn` quiets the logs without turning off
 //! the request spans sent to the collector.
 
+mod health;
+
+pub use health::{HealthSource, METRICS_CONTENT_TYPE, health_router};
+
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState, TracerProvider as _,
 };

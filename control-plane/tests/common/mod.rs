@@ -135,7 +135,7 @@ pub async fn admin(cp: &RunningControlPlane, token: Option<&str>) -> Admin {
 
 pub async fn config_client(addr: std::net::SocketAddr, token: Option<&str>) -> Config {
     ConfigServiceClient::with_interceptor(channel(addr).await, bearer(token.map(Into::into)))
-        .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(llm_proxy_catalog::MAX_GRPC_MESSAGE_BYTES)
 }
 
 /// `GET path` over HTTP/1.0 (the connection closes after the answer): status and body. Enough

@@ -16,10 +16,13 @@
 //! the Foundry models endpoint reject it, so it is only added there. Streams without a usage
 //! chunk settle their token reservation with the estimate.
 
-use super::{CallContext, Dialect, Outbound, openai_format_body};
+use super::{CallContext, Outbound, WireFormat, openai_format_body};
 use crate::errors::ApiError;
 use axum::http::{HeaderName, HeaderValue};
+use llm_proxy_catalog::{ConnectionOption, Provider};
 use secrecy::ExposeSecret as _;
+
+const PROVIDER: &str = Provider::Azure.as_str();
 
 pub const DEFAULT_API_VERSION: &str = "2024-05-01-preview";
 
@@ -47,11 +50,11 @@ fn with_segments(
     api_version: Option<&str>,
 ) -> Result<String, ApiError> {
     let mut url = url::Url::parse(base).map_err(|_| {
-        ApiError::upstream_bad_answer("azure", "the connection's endpoint is not a valid URL")
+        ApiError::upstream_bad_answer(PROVIDER, "the connection's endpoint is not a valid URL")
     })?;
     {
         let mut path = url.path_segments_mut().map_err(|_| {
-            ApiError::upstream_bad_answer("azure", "the connection's endpoint cannot take a path")
+            ApiError::upstream_bad_answer(PROVIDER, "the connection's endpoint cannot take a path")
         })?;
         path.pop_if_empty();
         for segment in segments {
@@ -70,7 +73,7 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
     let connection = &ctx.target.connection;
     let model = &ctx.target.model;
     let endpoint = connection.endpoint.trim_end_matches('/');
-    let configured = connection.options.get("api_version").map(String::as_str);
+    let configured = connection.option(ConnectionOption::ApiVersion);
     let op = ctx.operation.path();
     // An endpoint pasted with its `/openai/v1` path means the v1 API.
     let v1 = configured == Some("v1") || (configured.is_none() && endpoint.ends_with("/openai/v1"));
@@ -112,7 +115,7 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
     if !credential.is_empty() {
         let mut value = HeaderValue::from_str(credential).map_err(|_| {
             ApiError::upstream_bad_answer(
-                "azure",
+                PROVIDER,
                 "the connection's credential is not a valid header value",
             )
         })?;
@@ -123,7 +126,7 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
         url,
         headers,
         body: openai_format_body(ctx, model_in_body, stream_usage),
-        dialect: Dialect::OpenAi,
+        wire: WireFormat::OpenAi,
     })
 }
 

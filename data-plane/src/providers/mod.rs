@@ -13,6 +13,7 @@ use crate::errors::ApiError;
 use crate::index::{Provider, Target};
 use crate::limits::Limits;
 use crate::sse::{self, StreamEnd};
+use crate::usage::Usage;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use serde::Deserialize;
@@ -59,12 +60,14 @@ pub struct Outbound {
     pub url: String,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub body: Vec<u8>,
-    pub dialect: Dialect,
+    pub wire: WireFormat,
 }
 
-/// The format the upstream answers in, and so what the gateway does with the answer.
+/// The upstream's wire format: how the provider is called and answers, and so what the gateway
+/// does with the answer. Separate from the inbound dialect ([`crate::inbound::InboundDialect`]),
+/// which says how the client's request and answer look.
 #[derive(Debug)]
-pub enum Dialect {
+pub enum WireFormat {
     /// OpenAI's format (OpenAI, Azure): relayed as it is.
     OpenAi,
     Google(google::Answer),
@@ -90,7 +93,7 @@ impl Upstreams {
     }
 }
 
-impl Dialect {
+impl WireFormat {
     /// A non-streamed answer in OpenAI's format, and its token usage. `ids` are the upstream's
     /// request-id headers. An answer that is not JSON is refused, also when relayed as it is: the
     /// gateway never passes on an answer it could not account for (DESIGN §19).
@@ -102,14 +105,14 @@ impl Dialect {
         provider: &str,
     ) -> Result<(Bytes, Option<Usage>), ApiError> {
         match self {
-            Dialect::OpenAi => {
+            WireFormat::OpenAi => {
                 let usage = openai_usage(&body, provider)?;
                 Ok((body, usage))
             }
-            Dialect::Google(answer) => answer
+            WireFormat::Google(answer) => answer
                 .translate(&body, limits)
                 .map(|(body, usage)| (Bytes::from(body), usage)),
-            Dialect::Bedrock(answer) => answer
+            WireFormat::Bedrock(answer) => answer
                 .translate(ids, &body)
                 .map(|(body, usage)| (Bytes::from(body), usage)),
         }
@@ -124,9 +127,9 @@ impl Dialect {
         body: &[u8],
     ) -> ApiError {
         match self {
-            Dialect::OpenAi => upstream_error(provider, status, headers, body),
-            Dialect::Google(_) => google::upstream_error(status, body),
-            Dialect::Bedrock(_) => bedrock::error::upstream_error(status, headers, body),
+            WireFormat::OpenAi => upstream_error(provider, status, headers, body),
+            WireFormat::Google(_) => google::upstream_error(status, body),
+            WireFormat::Bedrock(_) => bedrock::error::upstream_error(status, headers, body),
         }
     }
 
@@ -150,21 +153,21 @@ impl Dialect {
     {
         match self {
             // Relayed as it comes: nothing to decide before the first byte.
-            Dialect::OpenAi => Ok(axum::body::Body::from_stream(sse::relay(
+            WireFormat::OpenAi => Ok(axum::body::Body::from_stream(sse::relay(
                 upstream,
-                sse::OpenAiPassthrough::new(provider, client_wants_usage)
+                openai::stream::OpenAiPassthrough::new(provider, client_wants_usage)
                     .with_max_event_bytes(limits.max_stream_event_bytes),
                 idle_timeout,
                 provider,
                 on_end,
             ))),
-            Dialect::Google(answer) => {
+            WireFormat::Google(answer) => {
                 let translator =
                     google::chat::GeminiStream::new(answer.model(), client_wants_usage)
                         .with_limits(limits);
                 primed_body(upstream, translator, idle_timeout, provider, on_end).await
             }
-            Dialect::Bedrock(answer) => {
+            WireFormat::Bedrock(answer) => {
                 let translator = bedrock::stream::ConverseStream::new(
                     &answer.model,
                     bedrock::request_id(ids),
@@ -202,15 +205,6 @@ where
             on_end.finished(translator.usage(), false);
             Err(err)
         }
-    }
-}
-
-pub fn provider_name(provider: Provider) -> &'static str {
-    match provider {
-        Provider::OpenAi => "openai",
-        Provider::Azure => "azure",
-        Provider::Google => "google",
-        Provider::Bedrock => "bedrock",
     }
 }
 
@@ -252,29 +246,6 @@ fn stream_options_with_usage(request: &ParsedRequest<'_>) -> String {
         Some(object) => String::from_utf8(object.write(&[("include_usage", "true")], &[]))
             .unwrap_or_else(|_| r#"{"include_usage":true}"#.to_owned()),
         None => r#"{"include_usage":true}"#.to_owned(),
-    }
-}
-
-/// Token usage as OpenAI reports it.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-pub struct Usage {
-    #[serde(default)]
-    pub prompt_tokens: u64,
-    #[serde(default)]
-    pub completion_tokens: u64,
-    #[serde(default)]
-    pub total_tokens: u64,
-}
-
-impl Usage {
-    /// The total the upstream reported, else prompt + completion (saturating: the counts come
-    /// from the upstream).
-    pub fn total(&self) -> u64 {
-        if self.total_tokens > 0 {
-            self.total_tokens
-        } else {
-            self.prompt_tokens.saturating_add(self.completion_tokens)
-        }
     }
 }
 
@@ -502,15 +473,5 @@ mod tests {
             assert_eq!(err.code.as_deref(), Some("upstream_invalid_response"));
             assert!(err.message.contains("azure"), "{}", err.message);
         }
-    }
-
-    #[test]
-    fn usage_totals_saturate() {
-        let usage = Usage {
-            prompt_tokens: u64::MAX,
-            completion_tokens: 5,
-            total_tokens: 0,
-        };
-        assert_eq!(usage.total(), u64::MAX);
     }
 }

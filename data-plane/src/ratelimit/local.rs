@@ -17,7 +17,8 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use super::{Clock, Decision, LimitSpec, MonotonicClock, RateLimiter, Reservation};
+use super::{Decision, LimitSpec, RateLimiter, Reservation};
+use crate::clock::{Clock, MonotonicClock};
 
 /// Number of shards (a power of two); enough that two cores rarely meet on one lock.
 const SHARDS: usize = 32;
@@ -485,7 +486,7 @@ impl<C: Clock> RateLimiter for LocalLimiter<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ratelimit::ManualClock;
+    use crate::clock::ManualClock;
 
     const MS: Duration = Duration::from_millis(1);
 

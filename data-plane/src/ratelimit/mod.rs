@@ -15,7 +15,6 @@
 //! limiter (one `EVALSHA` in `acquire`, one in `settle`).
 
 pub mod any;
-pub mod clock;
 pub mod local;
 pub mod redis;
 pub mod redis_client;
@@ -27,7 +26,6 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 
 pub use any::AnyLimiter;
-pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use local::{BucketLevels, LocalLimiter};
 
 /// The limits of one assignment. `None` means unlimited.

@@ -310,6 +310,9 @@ impl fmt::Display for FailMode {
     }
 }
 
+/// Default time budget of one acquire, in milliseconds (`--ratelimit-redis-budget-ms`).
+pub const DEFAULT_BUDGET_MS: u64 = 5;
+
 /// Settings of a [`RedisLimiter`]. `Default` gives the production values.
 #[derive(Debug, Clone)]
 pub struct RedisLimiterConfig {
@@ -340,7 +343,7 @@ impl Default for RedisLimiterConfig {
     fn default() -> Self {
         Self {
             fail_mode: FailMode::Local,
-            budget: Duration::from_millis(5),
+            budget: Duration::from_millis(DEFAULT_BUDGET_MS),
             settle_budget: Duration::from_millis(50),
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(1),

@@ -12,15 +12,15 @@
 
 use crate::body::ParsedRequest;
 use crate::errors::ApiError;
-use crate::providers::Usage;
 use crate::providers::openai_request::{
     self as openai, Content, ContentPart, ResponseFormat, ToolChoice, get, unsupported,
 };
+use crate::usage::Usage;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::collections::HashSet;
 
-const PROVIDER: &str = "bedrock";
+const PROVIDER: &str = llm_proxy_catalog::Provider::Bedrock.as_str();
 
 const MAPPED: &[&str] = &[
     "model",

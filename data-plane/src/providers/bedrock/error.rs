@@ -10,7 +10,7 @@ use crate::errors::ApiError;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde_json::Value;
 
-const PROVIDER: &str = "bedrock";
+const PROVIDER: &str = llm_proxy_catalog::Provider::Bedrock.as_str();
 
 /// Exceptions that mean the signature or token itself was refused.
 const CREDENTIAL_EXCEPTIONS: &[&str] = &[

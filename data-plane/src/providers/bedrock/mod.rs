@@ -11,14 +11,15 @@ pub mod converse;
 pub mod error;
 pub mod stream;
 
-use super::{CallContext, Dialect, Operation, Outbound};
+use super::{CallContext, Operation, Outbound, WireFormat};
 use crate::errors::ApiError;
 use crate::index::ConnectionEntry;
-use crate::providers::Usage;
+use crate::usage::Usage;
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use llm_proxy_catalog::{BedrockAuth, Choice as _, ConnectionOption};
 use secrecy::{ExposeSecret as _, SecretString};
 use std::time::SystemTime;
 
@@ -58,28 +59,23 @@ pub fn access_keys(credential: &str) -> Option<AccessKeys<'_>> {
 }
 
 pub fn auth_of(connection: &ConnectionEntry, credential: &str) -> Auth {
-    match connection.option("auth") {
-        Some("sigv4") => Auth::SigV4,
-        Some("bearer") => Auth::Bearer,
-        _ if access_keys(credential).is_some() => Auth::SigV4,
-        _ => Auth::Bearer,
+    match connection
+        .option(ConnectionOption::Auth)
+        .and_then(BedrockAuth::parse)
+    {
+        Some(BedrockAuth::SigV4) => Auth::SigV4,
+        Some(BedrockAuth::Bearer) => Auth::Bearer,
+        None if access_keys(credential).is_some() => Auth::SigV4,
+        None => Auth::Bearer,
     }
 }
 
 /// The region: the `region` option, else the `bedrock-runtime[-fips].{region}.amazonaws.com` host.
 pub fn region_of(connection: &ConnectionEntry) -> Option<String> {
-    if let Some(region) = connection.option("region") {
-        return Some(region.to_owned());
+    match connection.option(ConnectionOption::Region) {
+        Some(region) => Some(region.to_owned()),
+        None => llm_proxy_catalog::bedrock_region_of_endpoint(&connection.endpoint),
     }
-    let host = url::Url::parse(&connection.endpoint)
-        .ok()?
-        .host_str()?
-        .to_ascii_lowercase();
-    let rest = host
-        .strip_prefix("bedrock-runtime-fips.")
-        .or_else(|| host.strip_prefix("bedrock-runtime."))?;
-    let region = rest.split('.').next()?;
-    (!region.is_empty()).then(|| region.to_owned())
 }
 
 /// Percent-encodes a model id as one path segment (everything but RFC 3986 unreserved bytes),
@@ -240,7 +236,7 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
         url,
         headers,
         body,
-        dialect: Dialect::Bedrock(Answer {
+        wire: WireFormat::Bedrock(Answer {
             model: model.to_owned(),
         }),
     })

@@ -15,15 +15,15 @@ use super::converse::{TokenUsage, completion_id, finish_reason, now_unix};
 use super::error::exception_error;
 use crate::errors::ApiError;
 use crate::limits::Limits;
-use crate::providers::Usage;
 use crate::sse::{self, ChunkWriter, StreamTranslator};
+use crate::usage::Usage;
 use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
 use aws_smithy_types::event_stream::{HeaderValue, Message};
 use bytes::{Buf as _, BytesMut};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-const PROVIDER: &str = "bedrock";
+const PROVIDER: &str = llm_proxy_catalog::Provider::Bedrock.as_str();
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]

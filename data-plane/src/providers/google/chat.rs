@@ -15,17 +15,17 @@ use super::error::google_error;
 use crate::body::ParsedRequest;
 use crate::errors::ApiError;
 use crate::limits::Limits;
-use crate::providers::Usage;
 use crate::providers::openai_request::{
     self as openai, Content, ContentPart, ResponseFormat, ToolChoice, get, unsupported,
 };
 use crate::sse::{self, ChunkWriter, EventSplitter, StreamTranslator};
+use crate::usage::Usage;
 use bytes::BytesMut;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 
-const PROVIDER: &str = "google";
+const PROVIDER: &str = llm_proxy_catalog::Provider::Google.as_str();
 
 /// Separates a tool call's id from the Gemini thought signature carried with it.
 pub const THOUGHT_SIGNATURE_SEPARATOR: &str = "__thought__";

@@ -6,12 +6,12 @@
 use super::Api;
 use crate::body::ParsedRequest;
 use crate::errors::ApiError;
-use crate::providers::Usage;
 use crate::providers::openai_request::{self as openai, get, unsupported};
+use crate::usage::Usage;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-const PROVIDER: &str = "google";
+const PROVIDER: &str = llm_proxy_catalog::Provider::Google.as_str();
 
 #[derive(Debug)]
 pub struct EmbeddingsAnswer {

@@ -9,7 +9,7 @@ use crate::errors::ApiError;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use serde_json::Value;
 
-const PROVIDER: &str = "google";
+const PROVIDER: &str = llm_proxy_catalog::Provider::Google.as_str();
 
 /// Reasons (`ErrorInfo.reason`) that mean the connection's credential was refused.
 const CREDENTIAL_REASONS: &[&str] = &[

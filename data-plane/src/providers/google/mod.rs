@@ -20,14 +20,15 @@ pub mod embeddings;
 pub mod error;
 pub mod service_account;
 
-use super::{CallContext, Dialect, Operation, Outbound, Upstreams};
+use super::{CallContext, Operation, Outbound, Upstreams, WireFormat};
 use crate::errors::ApiError;
 use crate::index::ConnectionEntry;
-use crate::providers::Usage;
+use crate::usage::Usage;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use llm_proxy_catalog::{Choice as _, ConnectionOption, GoogleApi, GoogleAuth};
 use secrecy::ExposeSecret as _;
 
-const PROVIDER: &str = "google";
+const PROVIDER: &str = llm_proxy_catalog::Provider::Google.as_str();
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -52,11 +53,14 @@ fn host_of(endpoint: &str) -> String {
 /// The auth mode of a connection (DESIGN §16): the `auth` option, else a service account for a
 /// JSON credential, an API key for `AIza…` and `AQ.…` keys, a Bearer token otherwise.
 pub fn auth_of(connection: &ConnectionEntry, credential: &str) -> Auth {
-    match connection.option("auth") {
-        Some("api_key") => return Auth::ApiKey,
-        Some("bearer") => return Auth::Bearer,
-        Some("service_account") => return Auth::ServiceAccount,
-        _ => {}
+    match connection
+        .option(ConnectionOption::Auth)
+        .and_then(GoogleAuth::parse)
+    {
+        Some(GoogleAuth::ApiKey) => return Auth::ApiKey,
+        Some(GoogleAuth::Bearer) => return Auth::Bearer,
+        Some(GoogleAuth::ServiceAccount) => return Auth::ServiceAccount,
+        None => {}
     }
     let credential = credential.trim_start();
     if service_account::looks_like_json(credential) {
@@ -80,10 +84,13 @@ fn is_express_key(credential: &str) -> bool {
 /// `aiplatform`, the key is an `AQ.` express key or the credential a service account, else the
 /// Gemini API.
 pub fn api_of(connection: &ConnectionEntry, credential: &str) -> Api {
-    match connection.option("api") {
-        Some("vertex") => return Api::Vertex,
-        Some("gemini") => return Api::Gemini,
-        _ => {}
+    match connection
+        .option(ConnectionOption::Api)
+        .and_then(GoogleApi::parse)
+    {
+        Some(GoogleApi::Vertex) => return Api::Vertex,
+        Some(GoogleApi::Gemini) => return Api::Gemini,
+        None => {}
     }
     let vertex = host_of(&connection.endpoint).contains("aiplatform")
         || is_express_key(credential)
@@ -128,10 +135,12 @@ pub fn route(
                 .and_then(|mut segments| segments.next_back().map(|last| last.starts_with("v1")))
         })
         .unwrap_or(false);
-    let version = connection.option("api_version").unwrap_or(match api {
-        Api::Gemini => "v1beta",
-        Api::Vertex => "v1",
-    });
+    let version = connection
+        .option(ConnectionOption::ApiVersion)
+        .unwrap_or(match api {
+            Api::Gemini => "v1beta",
+            Api::Vertex => "v1",
+        });
     let base = if has_version {
         endpoint.to_owned()
     } else {
@@ -149,14 +158,14 @@ pub fn route(
                 None
             } else {
                 connection
-                    .option("project")
+                    .option(ConnectionOption::Project)
                     .or(service_account_project.filter(|_| auth == Auth::ServiceAccount))
             };
             match project {
                 Some(project) => {
                     let host = host_of(endpoint);
                     let location = connection
-                        .option("location")
+                        .option(ConnectionOption::Location)
                         .or_else(|| location_of_host(&host))
                         .unwrap_or("global");
                     format!(
@@ -282,7 +291,7 @@ pub async fn build(ctx: &CallContext<'_>, upstreams: &Upstreams) -> Result<Outbo
         url,
         headers: vec![auth_header],
         body,
-        dialect: Dialect::Google(answer),
+        wire: WireFormat::Google(answer),
     })
 }
 

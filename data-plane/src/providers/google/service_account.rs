@@ -5,8 +5,8 @@
 //! refreshed shortly before they expire; one refresh runs at a time per account, the other
 //! requests wait for its result instead of each exchanging their own JWT.
 
+use crate::clock::{Clock, MonotonicClock};
 use crate::errors::ApiError;
-use crate::ratelimit::{Clock, MonotonicClock};
 use axum::http::{HeaderValue, StatusCode};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use secrecy::{ExposeSecret as _, SecretString};
@@ -241,7 +241,7 @@ impl AccountTokens {
                 ))
                 .map_err(|_| {
                     ApiError::upstream_bad_answer(
-                        "google",
+                        super::PROVIDER,
                         "the token endpoint returned an access token that is not a valid header value",
                     )
                 })?;
@@ -301,7 +301,7 @@ pub async fn exchange(
         .await
         .map_err(|e| {
             ApiError::upstream_unreachable(
-                "google",
+                super::PROVIDER,
                 format!("token endpoint {}: {}", account.token_uri, e.without_url()),
             )
         })?;
@@ -310,11 +310,11 @@ pub async fn exchange(
         .await
         .map_err(|e| match e {
             crate::providers::capped::CappedReadError::Http(e) => ApiError::upstream_unreachable(
-                "google",
+                super::PROVIDER,
                 format!("token endpoint {}: {}", account.token_uri, e.without_url()),
             ),
             too_large => ApiError::upstream_bad_answer(
-                "google",
+                super::PROVIDER,
                 format!("token endpoint {}: {too_large}", account.token_uri),
             ),
         })?;
@@ -400,7 +400,7 @@ impl TokenCache {
         let mut accounts = self
             .accounts
             .lock()
-            .map_err(|_| ApiError::upstream_bad_answer("google", "token cache poisoned"))?;
+            .map_err(|_| ApiError::upstream_bad_answer(super::PROVIDER, "token cache poisoned"))?;
         if let Some(tokens) = accounts.get(&digest) {
             return Ok(tokens.clone());
         }
@@ -424,7 +424,7 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ratelimit::ManualClock;
+    use crate::clock::ManualClock;
 
     fn exchanged(token: &str, seconds: u64) -> Result<Exchanged, ApiError> {
         Ok(Exchanged {

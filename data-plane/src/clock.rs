@@ -1,5 +1,5 @@
-//! Time source for the in-process limiter: a monotonic clock in production and a manually advanced
-//! one in tests, so bucket arithmetic can be tested exactly, without sleeps.
+//! Time source for the in-process limiter and the token caches: a monotonic clock in production
+//! and a manually advanced one in tests, so time arithmetic can be tested exactly, without sleeps.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,7 +1,9 @@
 //! OpenAI and OpenAI-compatible upstreams: the client's body with `model` set to the remote name,
 //! `Authorization: Bearer` with the connection's key, path `/v1/...` unless the endpoint has a path.
 
-use super::{CallContext, Dialect, Outbound, openai_format_body};
+pub mod stream;
+
+use super::{CallContext, Outbound, WireFormat, openai_format_body};
 use crate::errors::ApiError;
 use axum::http::{HeaderName, HeaderValue, header};
 use secrecy::ExposeSecret as _;
@@ -41,7 +43,7 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
         url: url(&target.connection.endpoint, ctx.operation.path()),
         headers: bearer(credential)?.into_iter().collect(),
         body: openai_format_body(ctx, &target.model.remote, true),
-        dialect: Dialect::OpenAi,
+        wire: WireFormat::OpenAi,
     })
 }
 

@@ -1,0 +1,59 @@
+//! The inbound side of a request: which API dialect the client speaks (how its request, errors
+//! and answers look) and what it asked for. The upstream side is [`crate::providers::WireFormat`];
+//! DESIGN §17 adds dialects on both sides, and any inbound dialect may meet any wire format.
+
+use crate::errors::ApiError;
+use crate::providers::Operation;
+use axum::response::{IntoResponse as _, Response};
+
+/// How the client's request arrived, and so how errors and answers must look to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundDialect {
+    /// OpenAI's chat completions and embeddings (also on the Azure-style deployment routes): the
+    /// body is OpenAI's, errors are OpenAI's `{"error": {...}}`.
+    OpenAi,
+}
+
+impl InboundDialect {
+    /// The error as this dialect's clients expect it.
+    pub fn error_response(self, error: ApiError) -> Response {
+        match self {
+            InboundDialect::OpenAi => error.into_response(),
+        }
+    }
+}
+
+/// What one request asks for, as its route and path said it (the body is read later, once its
+/// key was accepted).
+#[derive(Debug)]
+pub struct InboundRequest {
+    pub dialect: InboundDialect,
+    pub operation: Operation,
+    /// The alias named in the path (Azure-style `/openai/deployments/{alias}/…`); otherwise the
+    /// body's `model` names it.
+    pub path_alias: Option<String>,
+    /// `api-version` from the query of an Azure-style route.
+    pub client_api_version: Option<String>,
+}
+
+impl InboundRequest {
+    /// An OpenAI-style request that names its model in the body.
+    pub fn openai(operation: Operation) -> Self {
+        Self {
+            dialect: InboundDialect::OpenAi,
+            operation,
+            path_alias: None,
+            client_api_version: None,
+        }
+    }
+
+    /// An Azure-style request: the alias is the path's deployment.
+    pub fn azure(operation: Operation, alias: String, api_version: Option<String>) -> Self {
+        Self {
+            dialect: InboundDialect::OpenAi,
+            operation,
+            path_alias: Some(alias),
+            client_api_version: api_version,
+        }
+    }
+}
