@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Gateway overhead benchmark (not a test; DESIGN §15). A fast local mock upstream
-# (data-plane/examples/mock_upstream.rs) is driven with oha directly, through nginx `proxy_pass`
+# (`llm-proxy-mock-upstream --bench`, mock-upstream/src/bench.rs) is driven with oha directly, through nginx `proxy_pass`
 # (the floor: keep-alive upstream, one worker) and through llm-proxy as deployed (control plane +
 # data plane processes, virtual-key auth, one assignment, Redis limiter with a limit that never
 # rejects): fixed rates (500 and 2000 req/s) and maximum throughput, non-streamed and streamed.
@@ -65,10 +65,10 @@ PY
 if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
   command -v cargo >/dev/null || die "needs cargo (or BENCH_NO_BUILD=1 with the binaries built)"
   say "building (release)"
-  cargo build --release -q -p llm-proxy-control-plane -p llm-proxy-data-plane -p llmctl --bins --examples
+  cargo build --release -q -p llm-proxy-control-plane -p llm-proxy-data-plane -p llmctl -p llm-proxy-mock-upstream --bins --examples
 fi
 bin=${CARGO_TARGET_DIR:-$root/target}/release
-for b in llm-proxy-control-plane llm-proxy-data-plane llmctl examples/mock_upstream examples/ttfb; do
+for b in llm-proxy-control-plane llm-proxy-data-plane llmctl llm-proxy-mock-upstream examples/ttfb; do
   [[ -x $bin/$b ]] || die "missing $bin/$b (build it, or unset BENCH_NO_BUILD)"
 done
 
@@ -130,7 +130,7 @@ cpu_ticks() { # pids...: utime+stime summed (clock ticks; fields 14 and 15 of /p
 status_kib() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"; } # pid field
 
 start_mock() {
-  taskset -c "$load_core" "$bin/examples/mock_upstream" "127.0.0.1:$mock_port" \
+  taskset -c "$load_core" "$bin/llm-proxy-mock-upstream" "127.0.0.1:$mock_port" --bench \
     --chunk-delay-ms "$chunk_delay_ms" --delay-ms "$delay_ms" 2>"$work/mock.log" &
   mock_pid=$!; pids+=("$mock_pid")
   wait_ok mock "http://127.0.0.1:$mock_port/v1/chat/completions"

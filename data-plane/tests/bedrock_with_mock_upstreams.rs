@@ -374,7 +374,7 @@ fn percent_decode(segment: &str) -> Option<String> {
 }
 
 async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
-    let recorded = Recorded::read(request).await;
+    let recorded = Recorded::read(request).await.unwrap();
     let n = mock.next_id.fetch_add(1, Ordering::SeqCst);
     let request_id = format!("6f2d1c1e-3b7a-4c2e-9d41-{n:012x}");
     mock.seen.lock().unwrap().push(Call {
@@ -732,7 +732,7 @@ fn converse_stream(request: &Value, produced: &Arc<AtomicUsize>) -> Response {
     if text.contains("HUGEFRAME") {
         return Response::builder()
             .header("content-type", "application/vnd.amazon.eventstream")
-            .body(common::lazy_body(
+            .body(llm_proxy_mock_upstream::lazy_body(
                 HUGE_FRAME_PRELUDE,
                 0,
                 200 * 1024 * 1024,

@@ -32,16 +32,17 @@ async fn mock_upstream() -> String {
         let text = String::from_utf8_lossy(&body);
         let produced = Arc::new(AtomicUsize::new(0));
         let (content_type, body, declared) = if text.contains("DECLARE200MB") {
-            let body = common::lazy_body(b"{\"id\":\"", b'a', 200 * MIB, produced);
+            let body = llm_proxy_mock_upstream::lazy_body(b"{\"id\":\"", b'a', 200 * MIB, produced);
             ("application/json", body, Some(200 * MIB))
         } else if text.contains("UNDECLARED200MB") {
-            let body = common::lazy_body(b"{\"id\":\"", b'a', 200 * MIB, produced);
+            let body = llm_proxy_mock_upstream::lazy_body(b"{\"id\":\"", b'a', 200 * MIB, produced);
             ("application/json", body, None)
         } else if text.contains("LINE50MB") {
-            let body = common::lazy_body(b"data: {\"id\":\"", b'a', 50 * MIB, produced);
+            let body =
+                llm_proxy_mock_upstream::lazy_body(b"data: {\"id\":\"", b'a', 50 * MIB, produced);
             ("text/event-stream", body, None)
         } else {
-            let answer = common::chat_completion("m").to_string();
+            let answer = llm_proxy_mock_upstream::openai::chat_completion("m").to_string();
             ("application/json", Body::from(answer), None)
         };
         let mut response = Response::new(body);

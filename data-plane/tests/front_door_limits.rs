@@ -8,7 +8,8 @@ mod common;
 
 use axum::extract::State;
 use axum::response::IntoResponse as _;
-use common::{DataPlaneProcess, PATIENCE, chat_completion};
+use common::{DataPlaneProcess, PATIENCE};
+use llm_proxy_mock_upstream::openai::chat_completion;
 use serde_json::Value;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -5,289 +5,25 @@
 
 mod common;
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use common::{PATIENCE, Recorded, chat_completion, control_plane_settings, openai_error};
+use common::{PATIENCE, Recorded, control_plane_settings};
 use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane, ServerSettings};
 use llm_proxy_control_plane::store::{
     NewAssignment, NewConnection, NewModel, NewVirtualKey, VirtualKeyPatch,
 };
 use llm_proxy_data_plane::gateway::RunningGateway;
+use llm_proxy_mock_upstream::MockUpstream;
+use llm_proxy_mock_upstream::openai::{AZURE_KEY, OPENAI_KEY};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::sync::oneshot;
 
-const OPENAI_KEY: &str = "sk-upstream-openai-0123456789";
-const AZURE_KEY: &str = "azure-upstream-key-abcdef";
 const CLIENT_KEY: &str = "vk-front-1234";
 
-#[derive(Clone, Default)]
-struct Mock {
-    /// `http://127.0.0.1:<port>`.
-    base: String,
-    seen: Arc<Mutex<Vec<Recorded>>>,
-    /// Fired when a slow stream's body is dropped (the gateway closed the connection).
-    stream_dropped: Arc<Mutex<Option<oneshot::Sender<()>>>>,
-    /// A `HOLDME` request signals `held` on arrival and answers only after `release`.
-    held: Arc<tokio::sync::Notify>,
-    release: Arc<tokio::sync::Notify>,
-    /// Bytes of the oversized bodies (`DECLARE200MB`, `UNDECLARED200MB`, `LINE50MB`,
-    /// `ENDLESSERROR`) handed to the connection so far: what the gateway made the mock send.
-    produced: Arc<AtomicUsize>,
-}
-
-const MIB: usize = 1024 * 1024;
-
-fn sse(events: &[Value], done: bool) -> String {
-    let mut out = String::new();
-    for e in events {
-        out.push_str("data: ");
-        out.push_str(&e.to_string());
-        out.push_str("\n\n");
-    }
-    if done {
-        out.push_str("data: [DONE]\n\n");
-    }
-    out
-}
-
-fn stream_events(model: &str, include_usage: bool, azure: bool) -> Vec<Value> {
-    let usage = if include_usage {
-        json!(null)
-    } else {
-        Value::Null
-    };
-    let mut events = Vec::new();
-    if azure {
-        events.push(json!({"choices": [], "created": 0, "id": "", "model": "", "object": "",
-            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {"hate": {"filtered": false, "severity": "safe"}}}]}));
-    }
-    let chunk = |delta: Value, finish: Value| {
-        let mut c = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1755137933, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-        if include_usage {
-            c["usage"] = usage.clone();
-        }
-        c
-    };
-    events.push(chunk(
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-    ));
-    events.push(chunk(json!({"content": "Hi"}), Value::Null));
-    events.push(chunk(json!({"content": " there"}), Value::Null));
-    events.push(chunk(json!({}), json!("stop")));
-    if include_usage {
-        events.push(json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1755137933, "model": model,
-            "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}));
-    }
-    events
-}
-
-struct DropSignal(Option<oneshot::Sender<()>>);
-impl Drop for DropSignal {
-    fn drop(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
-    let recorded = Recorded::read(request).await;
-    mock.seen.lock().unwrap().push(recorded.clone());
-    let Recorded {
-        path,
-        query,
-        headers,
-        body,
-        ..
-    } = recorded;
-    let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let text = json.to_string();
-    let azure = path.starts_with("/openai/deployments/");
-    if azure {
-        if headers.get("api-key").and_then(|v| v.to_str().ok()) != Some(AZURE_KEY) {
-            return (StatusCode::UNAUTHORIZED, [("content-type", "application/json")],
-                json!({"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong API endpoint."}}).to_string()).into_response();
-        }
-        if !query
-            .as_deref()
-            .unwrap_or_default()
-            .contains("api-version=")
-        {
-            return (
-                StatusCode::NOT_FOUND,
-                json!({"error": {"code": "404", "message": "Resource not found"}}).to_string(),
-            )
-                .into_response();
-        }
-        let version = query.as_deref().unwrap_or_default();
-        if json.get("stream_options").is_some()
-            && version.contains("api-version=2024-05-01-preview")
-        {
-            return (StatusCode::BAD_REQUEST, [("content-type", "application/json")],
-                json!({"error": {"message": "Unrecognized request argument supplied: stream_options", "type": "invalid_request_error", "param": null, "code": null}}).to_string()).into_response();
-        }
-        if path.contains("/deployments/missing/") {
-            return (StatusCode::NOT_FOUND, [("content-type", "application/json")],
-                json!({"error": {"code": "DeploymentNotFound", "message": "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again."}}).to_string()).into_response();
-        }
-        if text.contains("BLOCKME") {
-            return (StatusCode::BAD_REQUEST, [("content-type", "application/json")],
-                json!({"error": {"message": "The response was filtered due to the prompt triggering Azure OpenAI's content management policy.", "type": null, "param": "prompt", "code": "content_filter", "status": 400,
-                    "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {"jailbreak": {"filtered": true, "detected": true}}}}}).to_string()).into_response();
-        }
-        if text.contains("RATELIMITME") {
-            return (StatusCode::TOO_MANY_REQUESTS, [("content-type", "application/json"), ("retry-after", "7"), ("retry-after-ms", "6500")],
-                json!({"error": {"code": "429", "message": "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-05-01-preview have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 7 seconds."}}).to_string()).into_response();
-        }
-    } else if headers.get("authorization").and_then(|v| v.to_str().ok())
-        != Some(&format!("Bearer {OPENAI_KEY}"))
-    {
-        return openai_error(
-            StatusCode::UNAUTHORIZED,
-            "Incorrect API key provided: sk-up***789.",
-            "invalid_request_error",
-            "invalid_api_key",
-        );
-    }
-    let model = json["model"].as_str().unwrap_or("unknown").to_owned();
-    if text.contains("HOLDME") {
-        mock.held.notify_one();
-        mock.release.notified().await;
-    }
-    if text.contains("SLOWHEAD") {
-        std::future::pending::<()>().await;
-    }
-    if let Some(response) = garbage_answer(&mock, &text) {
-        return response;
-    }
-    if path.ends_with("/embeddings") {
-        let base64 = json["encoding_format"] == "base64";
-        let vector = [0.25f32, -0.5, 1.0];
-        let embedding = if base64 {
-            use base64::Engine as _;
-            let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
-            json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-        } else {
-            json!(vector)
-        };
-        return (StatusCode::OK, [("content-type", "application/json")],
-            json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": embedding}],
-                   "model": model, "usage": {"prompt_tokens": 7, "total_tokens": 7}}).to_string()).into_response();
-    }
-    if json["stream"] == true {
-        let include_usage = json["stream_options"]["include_usage"] == true;
-        let events = stream_events(&model, include_usage, azure);
-        if text.contains("SLOWSTREAM") {
-            let first = format!("data: {}\n\n", events[0]);
-            let guard = DropSignal(mock.stream_dropped.lock().unwrap().take());
-            let stream = futures_util::stream::unfold((0, guard), move |(i, guard)| {
-                let first = first.clone();
-                async move {
-                    if i == 0 {
-                        Some((Ok::<_, std::io::Error>(Bytes::from(first)), (1, guard)))
-                    } else {
-                        std::future::pending::<()>().await;
-                        None
-                    }
-                }
-            });
-            return Response::builder()
-                .header("content-type", "text/event-stream; charset=utf-8")
-                .body(Body::from_stream(stream))
-                .unwrap();
-        }
-        return Response::builder()
-            .header("content-type", "text/event-stream; charset=utf-8")
-            .header("x-request-id", "req_0b2a28d2d6414b5a94c1c7933cf7c1a6")
-            .body(Body::from(sse(&events, true)))
-            .unwrap();
-    }
-    let mut answer = chat_completion(&model);
-    if azure {
-        answer["prompt_filter_results"] =
-            json!([{"prompt_index": 0, "content_filter_results": {}}]);
-    }
-    (
-        StatusCode::OK,
-        [
-            ("content-type", "application/json"),
-            ("x-request-id", "req_abc"),
-        ],
-        answer.to_string(),
-    )
-        .into_response()
-}
-
-/// The upstream garbage of DESIGN §19, by trigger word: a 200 that is not JSON, a stream that
-/// ends without `[DONE]`, a 200 declaring 200 MB (and sending them if read), 200 MB without a
-/// declared length, a 50 MB SSE line, an error answer with an endless body.
-fn garbage_answer(mock: &Mock, text: &str) -> Option<Response> {
-    let produced = mock.produced.clone();
-    let answer = |status: StatusCode, content_type: &str, body: Body| {
-        Response::builder()
-            .status(status)
-            .header("content-type", content_type)
-            .body(body)
-            .unwrap()
-    };
-    Some(if text.contains("NOTJSON") {
-        answer(
-            StatusCode::OK,
-            "text/html",
-            Body::from("<html><body>upstream proxy error</body></html>"),
-        )
-    } else if text.contains("TRUNCATEME") {
-        let mut events = stream_events("gpt-4-turbo-preview", true, false);
-        events.truncate(3);
-        answer(
-            StatusCode::OK,
-            "text/event-stream",
-            Body::from(sse(&events, false)),
-        )
-    } else if text.contains("UNDECLARED200MB") {
-        answer(
-            StatusCode::OK,
-            "application/json",
-            common::lazy_body(b"{\"id\":\"", b'a', 200 * MIB, produced),
-        )
-    } else if text.contains("DECLARE200MB") {
-        let mut response = answer(
-            StatusCode::OK,
-            "application/json",
-            common::lazy_body(b"{\"id\":\"", b'a', 200 * MIB, produced),
-        );
-        response
-            .headers_mut()
-            .insert("content-length", (200 * MIB).into());
-        response
-    } else if text.contains("LINE50MB") {
-        answer(
-            StatusCode::OK,
-            "text/event-stream",
-            common::lazy_body(b"data: {\"id\":\"", b'a', 50 * MIB, produced),
-        )
-    } else if text.contains("ENDLESSERROR") {
-        answer(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            common::lazy_body(b"the upstream is melting: ", b'a', 200 * MIB, produced),
-        )
-    } else {
-        return None;
-    })
-}
-
 struct Fixture {
-    mock: Mock,
+    mock: MockUpstream,
     cp: RunningControlPlane,
     cp_settings: fn(&Fixture) -> ServerSettings,
     master_key: SecretString,
@@ -303,13 +39,7 @@ impl Fixture {
     }
 
     fn last(&self) -> Recorded {
-        self.mock
-            .seen
-            .lock()
-            .unwrap()
-            .last()
-            .cloned()
-            .expect("the mock saw no request")
+        self.mock.last().expect("the mock saw no request")
     }
 
     async fn post(&self, path: &str, key: &str, body: &str) -> reqwest::Response {
@@ -322,11 +52,7 @@ async fn fixture() -> Fixture {
 }
 
 async fn fixture_with(redis_url: Option<SecretString>) -> Fixture {
-    let mock = common::start_mock(mock_handler, |base| Mock {
-        base,
-        ..Mock::default()
-    })
-    .await;
+    let mock = MockUpstream::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (cp, master_key) = common::start_control_plane(dir.path()).await;
     let store = &cp.store;
@@ -788,8 +514,7 @@ async fn disabling_a_key_or_deleting_an_assignment_applies_without_restart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn client_disconnect_mid_stream_closes_the_upstream_connection() {
     let f = fixture().await;
-    let (tx, rx) = oneshot::channel();
-    *f.mock.stream_dropped.lock().unwrap() = Some(tx);
+    let dropped = f.mock.state.clone();
     let mut response = f
         .post("/v1/chat/completions", CLIENT_KEY, r#"{"model":"gpt-4","stream":true,"messages":[{"role":"user","content":"SLOWSTREAM"}]}"#)
         .await;
@@ -801,10 +526,9 @@ async fn client_disconnect_mid_stream_closes_the_upstream_connection() {
         .unwrap();
     assert!(first.starts_with(b"data: "));
     drop(response);
-    tokio::time::timeout(PATIENCE, rx)
+    tokio::time::timeout(PATIENCE, dropped.stream_dropped.notified())
         .await
-        .expect("the upstream stream was not closed after the client left")
-        .unwrap();
+        .expect("the upstream stream was not closed after the client left");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -880,8 +604,7 @@ async fn the_data_plane_serves_while_the_control_plane_is_down_and_reconnects() 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_drains_in_flight_requests() {
     let f = fixture().await;
-    let held = f.mock.held.clone();
-    let release = f.mock.release.clone();
+    let mock = f.mock.state.clone();
     let (http, url) = (f.http.clone(), format!("{}/v1/chat/completions", f.base));
     let in_flight = tokio::spawn(async move {
         http.post(url)
@@ -890,7 +613,7 @@ async fn shutdown_drains_in_flight_requests() {
             .send()
             .await
     });
-    tokio::time::timeout(PATIENCE, held.notified())
+    tokio::time::timeout(PATIENCE, mock.held.notified())
         .await
         .expect("request never reached the mock");
     let Fixture { dp, cp, .. } = f;
@@ -906,7 +629,7 @@ async fn shutdown_drains_in_flight_requests() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    release.notify_one();
+    mock.release.notify_one();
     let response = tokio::time::timeout(PATIENCE, in_flight)
         .await
         .unwrap()
@@ -1026,6 +749,7 @@ const WITHIN_SECONDS: Duration = Duration::from_secs(10);
 
 /// Bytes the mock may hand out for an answer the gateway refuses early: the gateway's cap
 /// (1 MiB in tests) plus what the two sockets' buffers hold, far below the 50 and 200 MB offered.
+const MIB: usize = 1024 * 1024;
 const PRODUCED_BOUND: usize = 32 * MIB;
 
 fn chat(content: &str, stream: bool) -> String {
@@ -1124,7 +848,7 @@ async fn oversized_answers_are_refused_without_buffering_them() {
         )),
         "{message}"
     );
-    let produced = f.mock.produced.swap(0, Ordering::Relaxed);
+    let produced = f.mock.state.produced.swap(0, Ordering::Relaxed);
     assert!(produced < PRODUCED_BOUND, "the mock sent {produced} bytes");
     f.assert_next_request_served().await;
 
@@ -1138,7 +862,7 @@ async fn oversized_answers_are_refused_without_buffering_them() {
             .contains("exceeds the limit of 1048576 bytes (--max-upstream-body-bytes)"),
         "{error}"
     );
-    let produced = f.mock.produced.swap(0, Ordering::Relaxed);
+    let produced = f.mock.state.produced.swap(0, Ordering::Relaxed);
     assert!(
         (common::TEST_MAX_UPSTREAM_BODY_BYTES..PRODUCED_BOUND).contains(&produced),
         "the mock sent {produced} bytes"
@@ -1159,7 +883,7 @@ async fn oversized_answers_are_refused_without_buffering_them() {
         "the message is cut: {} bytes",
         message.len()
     );
-    let produced = f.mock.produced.swap(0, Ordering::Relaxed);
+    let produced = f.mock.state.produced.swap(0, Ordering::Relaxed);
     assert!(produced < PRODUCED_BOUND, "the mock sent {produced} bytes");
     f.assert_next_request_served().await;
 }
@@ -1182,7 +906,7 @@ async fn a_50_mb_sse_line_ends_the_stream_with_an_error_event() {
         "nothing of the line is relayed: {} bytes",
         text.len()
     );
-    let produced = f.mock.produced.load(Ordering::Relaxed);
+    let produced = f.mock.state.produced.load(Ordering::Relaxed);
     assert!(produced < PRODUCED_BOUND, "the mock sent {produced} bytes");
     f.assert_next_request_served().await;
 }

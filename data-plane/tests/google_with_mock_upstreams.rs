@@ -133,7 +133,7 @@ fn unauthenticated() -> Response {
 }
 
 async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
-    let recorded = Recorded::read(request).await;
+    let recorded = Recorded::read(request).await.unwrap();
     mock.seen.lock().unwrap().push(recorded.clone());
     if recorded.path == "/token" {
         return token_endpoint(&mock, &recorded).await;

@@ -10,10 +10,11 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use common::{PATIENCE, Recorded, chat_completion, openai_error};
+use common::{PATIENCE, Recorded};
 use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane};
 use llm_proxy_control_plane::store::{NewAssignment, NewConnection, NewModel, NewVirtualKey};
 use llm_proxy_data_plane::gateway::{self, RunningGateway};
+use llm_proxy_mock_upstream::openai::{chat_completion, openai_error};
 use llm_proxy_proto::v1::admin_service_client::AdminServiceClient;
 use llm_proxy_proto::v1::{CreateConnectionRequest, GetRequest, ListConnectionsRequest};
 use secrecy::SecretString;
@@ -294,7 +295,7 @@ fn chat_stream(model: &str, include_usage: bool) -> String {
 }
 
 async fn openai_mock(State(mock): State<Mock>, request: Request) -> Response {
-    let recorded = Recorded::read(request).await;
+    let recorded = Recorded::read(request).await.unwrap();
     mock.hits.fetch_add(1, Ordering::SeqCst);
     if recorded.header("authorization") != Some(&format!("Bearer {}", mock.credential)) {
         return openai_error(

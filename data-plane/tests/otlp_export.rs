@@ -148,7 +148,7 @@ fn hex(bytes: &[u8]) -> String {
 type Seen = Arc<Mutex<Vec<Recorded>>>;
 
 async fn openai_mock(State(seen): State<Seen>, request: Request) -> Response {
-    let recorded = Recorded::read(request).await;
+    let recorded = Recorded::read(request).await.unwrap();
     seen.lock().unwrap().push(recorded);
     common::json_response(
         StatusCode::OK,

@@ -4,10 +4,8 @@
 // Each test crate uses a part of it.
 #![allow(dead_code)]
 
-use axum::body::Bytes;
-use axum::extract::Request;
 use axum::handler::Handler;
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane, ServerSettings};
 use llm_proxy_control_plane::store::{
@@ -189,39 +187,7 @@ pub async fn post_json(
 // ---------------------------------------------------------------------------------------------
 // The recording mock upstream
 
-/// A request exactly as the mock received it.
-#[derive(Debug, Clone)]
-pub struct Recorded {
-    pub method: Method,
-    /// Raw, still percent-encoded.
-    pub path: String,
-    pub query: Option<String>,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-impl Recorded {
-    /// Takes `request` apart, reading its whole body.
-    pub async fn read(request: Request) -> Self {
-        let (parts, body) = request.into_parts();
-        let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-        Self {
-            method: parts.method,
-            path: parts.uri.path().to_owned(),
-            query: parts.uri.query().map(str::to_owned),
-            headers: parts.headers,
-            body,
-        }
-    }
-
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap()
-    }
-
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(|v| v.to_str().unwrap())
-    }
-}
+pub use llm_proxy_mock_upstream::Recorded;
 
 /// Serves `handler` for every route on a new local port; its state is what `state` makes of the
 /// port's base URL (`http://127.0.0.1:<port>`), and is returned.
@@ -238,57 +204,6 @@ where
         .with_state(state.clone());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     state
-}
-
-/// A body of `prefix` then `total - prefix.len()` bytes of `fill`, produced 64 KiB at a time
-/// only as the reader pulls them (never all in memory); `produced` counts the bytes handed out.
-pub fn lazy_body(
-    prefix: &'static [u8],
-    fill: u8,
-    total: usize,
-    produced: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) -> axum::body::Body {
-    const PIECE: usize = 64 * 1024;
-    let piece = Bytes::from(vec![fill; PIECE]);
-    let rest = total.saturating_sub(prefix.len());
-    let pieces = std::iter::once(Bytes::from_static(prefix))
-        .chain((0..rest.div_ceil(PIECE)).map(move |i| {
-            let len = PIECE.min(rest - i * PIECE);
-            piece.slice(..len)
-        }))
-        .map(move |piece| {
-            produced.fetch_add(piece.len(), std::sync::atomic::Ordering::Relaxed);
-            Ok::<_, std::convert::Infallible>(piece)
-        });
-    axum::body::Body::from_stream(futures_util::stream::iter(pieces))
-}
-
-/// OpenAI's error body with `status`.
-pub fn openai_error(
-    status: StatusCode,
-    message: &str,
-    kind: &str,
-    code: impl Into<Value>,
-) -> Response {
-    let code: Value = code.into();
-    (
-        status,
-        [("content-type", "application/json")],
-        serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
-            .to_string(),
-    )
-        .into_response()
-}
-
-/// An OpenAI chat completion from `model` (8 prompt, 9 completion tokens).
-pub fn chat_completion(model: &str) -> Value {
-    serde_json::json!({
-        "id": "chatcmpl-B9x1", "object": "chat.completion", "created": 1755133833, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!", "refusal": null, "annotations": []},
-                     "logprobs": null, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 8, "completion_tokens": 9, "total_tokens": 17},
-        "service_tier": "default", "system_fingerprint": null
-    })
 }
 
 /// `body` as JSON with the given content type.

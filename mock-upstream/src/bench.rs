@@ -1,18 +1,12 @@
-//! A fast local stand-in for an OpenAI upstream, for benchmarks (`scripts/bench.sh`): answers every
-//! POST with a fixed chat completion, or an SSE stream of four events when the body asks for
-//! `"stream": true`. The stream's first event is sent at once and each later one after
-//! `--chunk-delay-ms`, so that time to first byte and total time differ; `--delay-ms` delays every
-//! answer (streamed or not) before its headers.
-//!
-//! Usage: `mock_upstream 127.0.0.1:9000 [--delay-ms 0] [--chunk-delay-ms 2]`
-//!
-//! It runs on one thread: the benchmark pins it to the load generator's core.
+//! The benchmark mode (`llm-proxy-mock-upstream --bench`, `scripts/bench.sh`): the same OpenAI
+//! chat completion for every POST, or a stream of four events when the body asks for
+//! `"stream": true`, with nothing recorded or checked, so that the mock costs the load
+//! generator's core as little as possible. The stream's first event is sent at once and each
+//! later one after `chunk_delay`, so that time to first byte and total time differ.
 
 use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::Response;
-use axum::serve::ListenerExt as _;
-use clap::Parser;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -26,24 +20,12 @@ const EVENTS: [&str; 4] = [
     "data: [DONE]\n\n",
 ];
 
-#[derive(Debug, Parser)]
-#[command(about = "Fast mock OpenAI upstream for benchmarks")]
-struct Args {
-    /// Address to listen on.
-    #[arg(default_value = "127.0.0.1:9000")]
-    listen: String,
-    /// Fixed delay before every answer, in milliseconds.
-    #[arg(long, default_value_t = 0)]
-    delay_ms: u64,
-    /// Delay between the events of a streamed answer, in milliseconds.
-    #[arg(long, default_value_t = 2)]
-    chunk_delay_ms: u64,
-}
-
 #[derive(Debug, Clone, Copy)]
-struct Timing {
-    delay: Duration,
-    chunk_delay: Duration,
+pub struct Timing {
+    /// Before every answer's headers.
+    pub delay: Duration,
+    /// Between the events of a streamed answer.
+    pub chunk_delay: Duration,
 }
 
 /// Whether a JSON body has `"stream": true` at any level (tolerates whitespace around the colon;
@@ -63,7 +45,8 @@ fn wants_stream(body: &[u8]) -> bool {
     false
 }
 
-async fn answer(timing: Timing, body: Bytes) -> Response {
+/// The fixed answer to `body`: a chat completion, or its stream when the body asks for one.
+pub async fn answer(timing: Timing, body: Bytes) -> Response {
     if !timing.delay.is_zero() {
         tokio::time::sleep(timing.delay).await;
     }
@@ -89,26 +72,6 @@ async fn answer(timing: Timing, body: Bytes) -> Response {
         header::HeaderValue::from_static(content_type),
     );
     response
-}
-
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> std::io::Result<()> {
-    let args = Args::parse();
-    let timing = Timing {
-        delay: Duration::from_millis(args.delay_ms),
-        chunk_delay: Duration::from_millis(args.chunk_delay_ms),
-    };
-    // No Nagle: the SSE events are small writes, and waiting for the client's delayed ACK would
-    // hold each one back by up to 40 ms.
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await?
-        .tap_io(|tcp| {
-            if let Err(err) = tcp.set_nodelay(true) {
-                eprintln!("mock_upstream: cannot set TCP_NODELAY: {err}");
-            }
-        });
-    let app = axum::Router::new().fallback(move |body: Bytes| answer(timing, body));
-    axum::serve(listener, app).await
 }
 
 #[cfg(test)]

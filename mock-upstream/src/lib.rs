@@ -1,0 +1,196 @@
+//! One faithful mock of every upstream the gateway calls (DESIGN §14): OpenAI and Azure OpenAI
+//! ([`openai`]), Google AI Studio and Vertex AI ([`google`]), AWS Bedrock Runtime ([`bedrock`]).
+//! The Rust tests start it in process ([`MockUpstream::start`]); the e2e suite and the benchmark
+//! run the `llm-proxy-mock-upstream` binary.
+//!
+//! It records every request exactly as received (method, raw percent-encoded path, query,
+//! headers, body), authenticates like the provider (API keys, Azure `api-key`, Google API keys,
+//! Bearer tokens and service-account JWT exchanges, Bedrock API keys and AWS Signature V4
+//! recomputed independently of the signer, see [`sigv4`]), and answers with the providers'
+//! documented or captured shapes: where each comes from is recorded in `fixtures/README.md`.
+//!
+//! One server serves every provider: the request path tells them apart (`/model/…` is Bedrock,
+//! a `:method` suffix or `/token` is Google, the rest is OpenAI-shaped). Words in the request
+//! body steer the misbehaviours tests need (see each module: `RATELIMITME`, `HOLDME`,
+//! `NOTJSON`, …); tests observe them through [`MockState`].
+
+pub mod bench;
+pub mod openai;
+mod recorded;
+
+pub use recorded::Recorded;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse as _, Response};
+use serde_json::Value;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::Notify;
+
+/// What tests observe and steer: the recorded requests and the hooks of the slow behaviours.
+#[derive(Debug, Default)]
+pub struct MockState {
+    seen: Mutex<Vec<Recorded>>,
+    /// Numbers the request ids the mock answers with.
+    next_id: AtomicU64,
+    /// A `HOLDME` request signals `held` on arrival and answers only after `release`.
+    pub held: Notify,
+    pub release: Notify,
+    /// Signalled when a `SLOWSTREAM` answer's body is dropped (the gateway closed the connection).
+    pub stream_dropped: Notify,
+    /// Bytes of the oversized bodies handed to the connection so far: what the gateway made the
+    /// mock send.
+    pub produced: Arc<AtomicUsize>,
+}
+
+impl MockState {
+    fn record(&self, request: Recorded) {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(request);
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Forgets the recorded requests.
+    pub fn clear(&self) {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// A fresh request id (a number, for the providers' own formats).
+    pub fn next_request_number(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::SeqCst)
+    }
+}
+
+/// A mock upstream serving on a local port.
+#[derive(Debug, Clone)]
+pub struct MockUpstream {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    pub state: Arc<MockState>,
+}
+
+impl MockUpstream {
+    /// Serves on a free loopback port until the runtime ends.
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let state = Arc::new(MockState::default());
+        let app = router(state.clone());
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "test server: lives as long as the runtime"
+        )]
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { base, state })
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests()
+    }
+
+    /// The last request received, if any.
+    pub fn last(&self) -> Option<Recorded> {
+        self.state.requests().pop()
+    }
+}
+
+/// The mock's whole HTTP surface over `state`: `/__mock/requests` (GET: the recorded requests as
+/// JSON, DELETE: forget them) and every provider's API.
+pub fn router(state: Arc<MockState>) -> Router {
+    Router::new().fallback(dispatch).with_state(state)
+}
+
+/// Which provider a path belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Provider {
+    OpenAi,
+    Control,
+}
+
+fn provider_of(path: &str) -> Provider {
+    if path == "/__mock/requests" {
+        Provider::Control
+    } else {
+        Provider::OpenAi
+    }
+}
+
+async fn dispatch(State(state): State<Arc<MockState>>, request: Request) -> Response {
+    let recorded = match Recorded::read(request).await {
+        Ok(recorded) => recorded,
+        Err(err) => return (StatusCode::BAD_REQUEST, err).into_response(),
+    };
+    match provider_of(&recorded.path) {
+        Provider::Control => control(&state, &recorded.method),
+        Provider::OpenAi => {
+            state.record(recorded.clone());
+            openai::answer(&state, recorded).await
+        }
+    }
+}
+
+fn control(state: &MockState, method: &Method) -> Response {
+    match *method {
+        Method::GET => {
+            let requests: Vec<Value> = state.requests().iter().map(Recorded::to_json).collect();
+            json_response(StatusCode::OK, &Value::Array(requests))
+        }
+        Method::DELETE => {
+            state.clear();
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+    }
+}
+
+/// `body` as `application/json` with `status`.
+pub fn json_response(status: StatusCode, body: &Value) -> Response {
+    (
+        status,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// A body of `prefix` then `total - prefix.len()` bytes of `fill`, produced 64 KiB at a time
+/// only as the reader pulls them (never all in memory); `produced` counts the bytes handed out.
+pub fn lazy_body(
+    prefix: &'static [u8],
+    fill: u8,
+    total: usize,
+    produced: Arc<AtomicUsize>,
+) -> Body {
+    const PIECE: usize = 64 * 1024;
+    let piece = Bytes::from(vec![fill; PIECE]);
+    let rest = total.saturating_sub(prefix.len());
+    let pieces = std::iter::once(Bytes::from_static(prefix))
+        .chain((0..rest.div_ceil(PIECE)).map(move |i| {
+            let len = PIECE.min(rest - i * PIECE);
+            piece.slice(..len)
+        }))
+        .map(move |piece| {
+            produced.fetch_add(piece.len(), Ordering::Relaxed);
+            Ok::<_, Infallible>(piece)
+        });
+    Body::from_stream(futures_util::stream::iter(pieces))
+}
