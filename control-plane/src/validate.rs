@@ -34,7 +34,7 @@ pub fn connection_name(value: &str) -> Result<String, StoreError> {
     if name.contains('/') {
         return Err(StoreError::invalid(
             "name",
-            format!("connection names must not contain '/', got {name:?}"),
+            format!("must not contain '/' (it separates CONNECTION/MODEL), got {name:?}"),
         ));
     }
     if looks_like_id(&name) {
@@ -102,7 +102,7 @@ pub fn endpoint_change(stored: &str, new: &str, credential_given: bool) -> Resul
         return Err(StoreError::invalid(
             "credential",
             format!(
-                "changing the endpoint (to {new:?}) requires the credential in the same update (llmctl: --api-key or --api-key-file), so that the stored one is never sent to another host"
+                "must be given again to change the endpoint (to {new:?}), with llmctl's --api-key or --api-key-file, so that the stored one is never sent to another host"
             ),
         ));
     }
@@ -131,7 +131,7 @@ fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<(), StoreError> {
         Ok(())
     } else {
         Err(StoreError::invalid(
-            "options",
+            "option",
             format!("{key} must be one of {}, got {value:?}", allowed.join("|")),
         ))
     }
@@ -165,7 +165,7 @@ pub fn connection_options(
         && bedrock_region_of_endpoint(endpoint).is_none()
     {
         return Err(StoreError::invalid(
-            "options",
+            "option",
             format!(
                 "region is required for a bedrock endpoint other than bedrock-runtime.{{region}}.amazonaws.com (got {endpoint:?}); add --set region=us-east-1"
             ),
@@ -174,15 +174,16 @@ pub fn connection_options(
     Ok(())
 }
 
-/// Checks the merged options of a connection of `provider`.
+/// Checks the merged options of a connection of `provider`. Errors name the field `option`
+/// followed by the key ("option timeout_s must be ..."), the way users type them (`--set KEY=`).
 pub fn options(provider: &str, options: &BTreeMap<String, String>) -> Result<(), StoreError> {
     let known = known_options(provider);
     for (key, value) in options {
         if !known.contains(&key.as_str()) {
             return Err(StoreError::invalid(
-                "options",
+                "option",
                 format!(
-                    "unknown option {key:?} for provider {provider}; known: {}",
+                    "{key:?} is unknown for provider {provider}; known: {}",
                     known.join(", ")
                 ),
             ));
@@ -190,7 +191,7 @@ pub fn options(provider: &str, options: &BTreeMap<String, String>) -> Result<(),
         let value = value.trim();
         if value.is_empty() {
             return Err(StoreError::invalid(
-                "options",
+                "option",
                 format!("{key} must not be empty"),
             ));
         }
@@ -201,7 +202,7 @@ pub fn options(provider: &str, options: &BTreeMap<String, String>) -> Result<(),
                     .is_ok_and(|t| t.is_finite() && t > 0.0 && t <= 3600.0);
                 if !ok {
                     return Err(StoreError::invalid(
-                        "options",
+                        "option",
                         format!(
                             "timeout_s must be a number of seconds in (0, 3600], got {value:?}"
                         ),
@@ -224,7 +225,7 @@ pub fn options(provider: &str, options: &BTreeMap<String, String>) -> Result<(),
                     });
                 if value != "v1" && !is_date {
                     return Err(StoreError::invalid(
-                        "options",
+                        "option",
                         format!(
                             "api_version must be v1 or a dated version such as 2024-10-21, got {value:?}"
                         ),
@@ -298,7 +299,10 @@ mod tests {
     fn provider_must_be_known() {
         assert_eq!(provider("azure").unwrap(), "azure");
         let msg = message(provider("anthropic").unwrap_err());
-        assert!(msg.starts_with("invalid provider:"), "{msg}");
+        assert_eq!(
+            msg,
+            "provider must be one of openai|azure|google|bedrock, got \"anthropic\""
+        );
         assert!(msg.contains("openai|azure|google|bedrock"), "{msg}");
     }
 
@@ -317,7 +321,7 @@ mod tests {
             "https://u:p@h.com",
         ] {
             let msg = message(endpoint(bad).unwrap_err());
-            assert!(msg.starts_with("invalid endpoint:"), "{bad}: {msg}");
+            assert!(msg.starts_with("endpoint must "), "{bad}: {msg}");
         }
     }
 
@@ -327,10 +331,9 @@ mod tests {
         assert!(endpoint_change(stored, stored, false).is_ok());
         assert!(endpoint_change(stored, "https://evil.example", true).is_ok());
         let msg = message(endpoint_change(stored, "https://evil.example", false).unwrap_err());
-        assert!(msg.starts_with("invalid credential:"), "{msg}");
-        assert!(
-            msg.contains("--api-key") && msg.contains("endpoint"),
-            "{msg}"
+        assert_eq!(
+            msg,
+            "credential must be given again to change the endpoint (to \"https://evil.example\"), with llmctl's --api-key or --api-key-file, so that the stored one is never sent to another host"
         );
     }
 
@@ -354,7 +357,7 @@ mod tests {
             )
             .unwrap_err(),
         );
-        assert!(msg.contains("region is required"), "{msg}");
+        assert!(msg.starts_with("option region is required"), "{msg}");
         assert!(
             connection_options(
                 "bedrock",
@@ -374,9 +377,12 @@ mod tests {
         assert!(options("azure", &opts("api_version", "latest")).is_err());
         assert!(options("google", &opts("api", "vertex")).is_ok());
         let msg = message(options("google", &opts("api", "palm")).unwrap_err());
-        assert!(msg.contains("api must be one of gemini|vertex"), "{msg}");
+        assert_eq!(msg, "option api must be one of gemini|vertex, got \"palm\"");
         let msg = message(options("openai", &opts("region", "x")).unwrap_err());
-        assert!(msg.contains("unknown option \"region\""), "{msg}");
+        assert_eq!(
+            msg,
+            "option \"region\" is unknown for provider openai; known: timeout_s"
+        );
         assert!(options("bedrock", &opts("timeout_s", "0")).is_err());
         assert!(options("bedrock", &opts("timeout_s", "2.5")).is_ok());
     }
@@ -387,7 +393,10 @@ mod tests {
         assert_eq!(name("name", " a ").unwrap(), "a");
         assert!(connection_name("a/b").is_err());
         assert!(connection_name("conn-abcdefghijklmnopqrst").is_err());
-        assert!(positive("tps", 0).unwrap_err().to_string().contains("tps"));
+        assert_eq!(
+            positive("tps", 0).unwrap_err().to_string(),
+            "tps must be a positive integer, got 0"
+        );
         assert!(positive("tpm", -5).is_err());
         assert!(alias("gpt 4").is_err());
     }
