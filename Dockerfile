@@ -2,6 +2,7 @@
 #
 # One image holding the three llm-proxy binaries in /usr/local/bin:
 #   llm-proxy-control-plane, llm-proxy-data-plane, llmctl
+# and `llm-proxy`, a symlink to llmctl (the name the Thai seed guide uses: `llm-proxy serve`).
 #
 #   docker build -t llm-proxy .
 #
@@ -47,6 +48,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
  && for bin in llm-proxy-control-plane llm-proxy-data-plane llmctl; do \
         objcopy --strip-debug "target/release/$bin" "/out/bin/$bin"; \
     done \
+ && ln -s llmctl /out/bin/llm-proxy \
  && install -d -m 0775 /out/data
 
 # ---------------------------------------------------------------------------------------------

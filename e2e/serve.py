@@ -37,8 +37,8 @@ class Gateway:
         self.deadline = deadline
 
     def llmctl(self, *args):
-        """Runs `llmctl --endpoint <this gateway's gRPC> ARGS...`; fails the test unless it succeeds."""
-        out = subprocess.run([LLMCTL, "--endpoint", f"http://127.0.0.1:{self.grpc_port}", *args],
+        """Runs `llmctl --server <this gateway's gRPC> ARGS...`; fails the test unless it succeeds."""
+        out = subprocess.run([LLMCTL, "--server", f"http://127.0.0.1:{self.grpc_port}", *args],
                              capture_output=True, text=True, timeout=PATIENCE_S)
         assert out.returncode == 0, f"llmctl {args}: {out.stderr}"
         return out.stdout

@@ -104,7 +104,7 @@ class Cluster:
     def llmctl(self, cp, *args):
         env = dict(os.environ, LLMCTL_TOKEN=self.env["LLMCTL_TOKEN"], LLMCTL_TLS_CA=self.env["LLMCTL_TLS_CA"],
                    LLMCTL_TLS_CERT=self.env["LLMCTL_TLS_CERT"], LLMCTL_TLS_KEY=self.env["LLMCTL_TLS_KEY"])
-        out = subprocess.run([str(BIN_DIR / "llmctl"), "--endpoint", self.env[f"{cp.upper()}_GRPC_URL"], "-o", "json", *args],
+        out = subprocess.run([str(BIN_DIR / "llmctl"), "--server", self.env[f"{cp.upper()}_GRPC_URL"], "-o", "json", *args],
                              capture_output=True, text=True, timeout=PATIENCE_S, env=env)
         assert out.returncode == 0, f"llmctl via {cp} {args}: {out.stderr}"
         return json.loads(out.stdout)

@@ -265,7 +265,7 @@ def data_plane(services, control_plane_url, redis_ca):
 
 
 def llmctl(grpc_url, *args):
-    out = subprocess.run([str(BIN_DIR / "llmctl"), "--endpoint", grpc_url, "-o", "json", *args],
+    out = subprocess.run([str(BIN_DIR / "llmctl"), "--server", grpc_url, "-o", "json", *args],
                          capture_output=True, text=True, timeout=PATIENCE_S)
     assert out.returncode == 0, f"llmctl {args}: {out.stderr}"
     return json.loads(out.stdout) if out.stdout.strip() else None

@@ -195,7 +195,7 @@ start_cp() { # log file
   done
   die "the control plane did not become ready; see $1"
 }
-ctl() { "$bin/llmctl" --endpoint "http://127.0.0.1:$cp_port" "$@" >/dev/null; }
+ctl() { "$bin/llmctl" --server "http://127.0.0.1:$cp_port" "$@" >/dev/null; }
 
 start_dp() { # log file: the data plane on the proxy core, Redis limiter, no per-request logs
   LLM_PROXY_DP_SHUTDOWN_GRACE_S=2 LLM_PROXY_LOG_FORMAT=json RUST_LOG=warn,llm_proxy_data_plane::sync=info taskset -c "$proxy_core" \

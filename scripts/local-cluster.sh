@@ -11,7 +11,7 @@
 #
 # Then:   set -a; . .local-cluster/cluster.env; set +a
 #         llmctl connection add --name Mock --provider openai --endpoint "$MOCK_UPSTREAM_URL" --api-key sk-mock
-#         (llmctl reads LLMCTL_ENDPOINT, LLMCTL_TOKEN and LLMCTL_TLS_CA/CERT/KEY from cluster.env)
+#         (llmctl reads LLMCTL_SERVER, LLMCTL_TOKEN and LLMCTL_TLS_CA/CERT/KEY from cluster.env)
 #         curl "$PROXY_URL/v1/models" -H "authorization: Bearer vk-..."
 #
 # Settings (environment):
@@ -327,7 +327,7 @@ EOF
   cat <<EOF
 Use it:
   set -a; . $CLUSTER_DIR/cluster.env; set +a
-  $BIN_DIR/llmctl connection list     # LLMCTL_ENDPOINT/TOKEN/TLS_* come from cluster.env
+  $BIN_DIR/llmctl connection list     # LLMCTL_SERVER/TOKEN/TLS_* come from cluster.env
 Status: CLUSTER_DIR=$CLUSTER_DIR $0 status
 Stop it: CLUSTER_DIR=$CLUSTER_DIR $0 stop
 EOF
@@ -485,7 +485,7 @@ cmd_start() {
         "TLS_CA=$CERTS/ca.crt" \
         "TLS_CERT=$CERTS/admin.crt" \
         "TLS_KEY=$CERTS/admin.key" \
-        "LLMCTL_ENDPOINT=$CP1_GRPC_URL" \
+        "LLMCTL_SERVER=$CP1_GRPC_URL" \
         "LLMCTL_TOKEN=$admin_token" \
         "LLMCTL_TLS_CA=$CERTS/ca.crt" \
         "LLMCTL_TLS_CERT=$CERTS/admin.crt" \

@@ -197,7 +197,7 @@ impl Choice for BedrockAuth {
 /// Why a connection's options were refused. Messages name the option and the bad value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OptionError {
-    #[error("unknown option {key:?} for provider {provider}; known: {known}")]
+    #[error("{key:?} is unknown for provider {provider}; known: {known}")]
     Unknown {
         key: String,
         provider: Provider,
@@ -359,7 +359,7 @@ mod tests {
         let err = validate_option(Provider::OpenAi, "region", "us-east-1").unwrap_err();
         assert_eq!(
             err.to_string(),
-            r#"unknown option "region" for provider openai; known: timeout_s"#
+            r#""region" is unknown for provider openai; known: timeout_s"#
         );
         assert!(validate_option(Provider::Bedrock, "region", "us-east-1").is_ok());
         assert_eq!(

@@ -15,10 +15,13 @@ use time::format_description::well_known::Rfc3339;
 use crate::serve::ServeArgs;
 
 /// Default address of the control plane's gRPC API.
-pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:8131";
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8131";
 
-/// Clap id of the global control-plane `--endpoint`. It differs from the id of the provider
-/// `--endpoint` of `connection add|update` so that the two never exchange values.
+/// The old name of `LLMCTL_SERVER`, still read when `LLMCTL_SERVER` is unset (DESIGN §3).
+pub const LEGACY_SERVER_ENV: &str = "LLMCTL_ENDPOINT";
+
+/// Clap id of the global `--server`. It differs from the id of the provider `--endpoint` of
+/// `connection add|update` so that the two never exchange values.
 const CP_ENDPOINT_ID: &str = "cp_endpoint";
 
 /// Help section of the flags that work with every command.
@@ -28,20 +31,22 @@ const GLOBAL: &str = "Global options";
 #[derive(Debug, Parser)]
 #[command(name = "llmctl", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Address of the control plane's gRPC API.
+    /// Address of the control plane's gRPC API [default: http://127.0.0.1:8131].
     ///
-    /// In `connection add|update`, `--endpoint` is the provider's URL: there, give the control
-    /// plane's address before the subcommand or through LLMCTL_ENDPOINT.
+    /// Also accepted: `--endpoint URL` before the subcommand and the env var LLMCTL_ENDPOINT (the
+    /// old names). In `connection add|update`, `--endpoint` is the provider's URL.
     #[arg(
-        long = "endpoint",
+        long = "server",
+        // The old flag name; `connection add|update` keep `--endpoint` for the provider's URL
+        // (see ControlPlaneEndpointSlot).
+        alias = "endpoint",
         help_heading = GLOBAL,
         id = CP_ENDPOINT_ID,
-        env = "LLMCTL_ENDPOINT",
-        default_value = DEFAULT_ENDPOINT,
+        env = "LLMCTL_SERVER",
         value_name = "URL",
         global = true
     )]
-    pub endpoint: String,
+    pub server: Option<String>,
 
     /// Admin token, sent as `authorization: Bearer <token>`.
     #[arg(
@@ -91,6 +96,21 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The control plane's address: `--server` / `--endpoint` / LLMCTL_SERVER, else
+    /// LLMCTL_ENDPOINT, else the default.
+    pub fn server(&self) -> String {
+        self.server_with(std::env::var(LEGACY_SERVER_ENV).ok())
+    }
+
+    fn server_with(&self, legacy_env: Option<String>) -> String {
+        self.server
+            .clone()
+            .or(legacy_env.filter(|v| !v.trim().is_empty()))
+            .unwrap_or_else(|| DEFAULT_SERVER.to_owned())
+    }
 }
 
 /// How results are printed on stdout.
@@ -203,14 +223,21 @@ pub struct CredentialArgs {
     pub api_key_file: Option<PathBuf>,
 }
 
-/// Occupies the global `--endpoint`'s id in `connection add|update`, whose own `--endpoint` is
-/// the provider's URL: clap does not propagate a global argument into a command that already has
-/// an argument with its id, so the two `--endpoint` never collide. The control-plane address can
-/// still be given there with the hidden `--control-plane` (or before the subcommand, or through
-/// LLMCTL_ENDPOINT); the value itself is read from [`Cli::endpoint`].
+/// Occupies the global `--server`'s id in `connection add|update`, whose own `--endpoint` is
+/// the provider's URL: clap does not propagate a global argument (nor its `--endpoint` alias)
+/// into a command that already has an argument with its id, so the two `--endpoint` never
+/// collide. `--server` (or the hidden old `--control-plane`) still works there; the value is
+/// read from [`Cli::server`].
 #[derive(Debug, Args)]
 pub struct ControlPlaneEndpointSlot {
-    #[arg(long = "control-plane", id = CP_ENDPOINT_ID, value_name = "URL", hide = true)]
+    /// Address of the control plane's gRPC API (see the global `--server`).
+    #[arg(
+        long = "server",
+        alias = "control-plane",
+        id = CP_ENDPOINT_ID,
+        value_name = "URL",
+        help_heading = GLOBAL
+    )]
     pub value: Option<String>,
 }
 
@@ -544,20 +571,60 @@ mod tests {
             "list",
             "-o",
             "json",
-            "--endpoint",
+            "--server",
             "http://cp:8131",
             "--token",
             "t",
         ])
         .unwrap();
         assert_eq!(cli.output, OutputFormat::Json);
-        assert_eq!(cli.endpoint, "http://cp:8131");
+        assert_eq!(cli.server.as_deref(), Some("http://cp:8131"));
         assert_eq!(cli.token.as_deref(), Some("t"));
 
         let cli =
             Cli::try_parse_from(["llmctl", "-o", "json", "--token", "t", "dataplanes"]).unwrap();
         assert_eq!(cli.output, OutputFormat::Json);
         assert_eq!(cli.token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn server_and_its_old_name_endpoint_select_the_control_plane() {
+        for flag in ["--server", "--endpoint"] {
+            let cli =
+                Cli::try_parse_from(["llmctl", flag, "http://cp:8131", "vkey", "list"]).unwrap();
+            assert_eq!(cli.server.as_deref(), Some("http://cp:8131"), "{flag}");
+        }
+        // The flag wins over LLMCTL_ENDPOINT, which wins over the default.
+        let flagged =
+            Cli::try_parse_from(["llmctl", "--server", "http://a:1", "dataplanes"]).unwrap();
+        assert_eq!(flagged.server_with(Some("http://b:2".into())), "http://a:1");
+        let bare = Cli::try_parse_from(["llmctl", "dataplanes"]).unwrap();
+        assert_eq!(bare.server_with(Some("http://b:2".into())), "http://b:2");
+        assert_eq!(bare.server_with(Some(" ".into())), DEFAULT_SERVER);
+        assert_eq!(bare.server_with(None), DEFAULT_SERVER);
+    }
+
+    #[test]
+    fn connection_add_takes_server_beside_the_provider_endpoint() {
+        let cli = Cli::try_parse_from([
+            "llmctl",
+            "connection",
+            "add",
+            "--server",
+            "http://cp:8131",
+            "--name",
+            "n",
+            "--provider",
+            "openai",
+            "--endpoint",
+            "https://api.openai.com",
+        ])
+        .unwrap();
+        assert_eq!(cli.server.as_deref(), Some("http://cp:8131"));
+        let Command::Connection(ConnectionCommand::Add(add)) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(add.endpoint, "https://api.openai.com");
     }
 
     #[test]
@@ -580,7 +647,7 @@ mod tests {
             "json",
         ])
         .unwrap();
-        assert_eq!(cli.endpoint, "http://cp:8131");
+        assert_eq!(cli.server.as_deref(), Some("http://cp:8131"));
         assert_eq!(cli.output, OutputFormat::Json);
         let Command::Connection(ConnectionCommand::Add(add)) = cli.command else {
             panic!("wrong command");
@@ -597,7 +664,7 @@ mod tests {
             "https://example.test",
         ])
         .unwrap();
-        assert_ne!(cli.endpoint, "https://example.test");
+        assert_eq!(cli.server, None);
         let Command::Connection(ConnectionCommand::Update(update)) = cli.command else {
             panic!("wrong command");
         };

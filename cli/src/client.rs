@@ -120,16 +120,16 @@ impl Admin {
             && let Some(host) = llm_proxy_data_plane::sync::plaintext_remote_host(&endpoint)
         {
             anyhow::bail!(
-                "refusing plaintext http:// to the control plane at {host} (not loopback): use an https:// --endpoint (with --tls-ca for a private CA), or pass --allow-plaintext (LLM_PROXY_ALLOW_PLAINTEXT) if this network is private"
+                "refusing plaintext http:// to the control plane at {host} (not loopback): use an https:// --server (with --tls-ca for a private CA), or pass --allow-plaintext (LLM_PROXY_ALLOW_PLAINTEXT) if this network is private"
             );
         }
         let mut builder = Endpoint::from_shared(endpoint.clone())
-            .with_context(|| format!("invalid control-plane endpoint `{endpoint}`"))?
+            .with_context(|| format!("invalid control-plane address (--server) `{endpoint}`"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT);
         if tls.is_set() && !endpoint.starts_with("https://") {
             anyhow::bail!(
-                "--tls-ca/--tls-cert need an https:// control-plane endpoint, got `{endpoint}`"
+                "--tls-ca/--tls-cert need an https:// control-plane address (--server), got `{endpoint}`"
             );
         }
         if endpoint.starts_with("https://") {
@@ -218,14 +218,16 @@ pub fn error_chain(err: &(dyn StdError + 'static)) -> String {
     }
 }
 
-/// `invalid argument: tps must be a positive integer, got 0`.
+/// The server's message as it stands (`tps must be a positive integer, got 0`,
+/// `connection "nope" not found`): the control plane writes each as a sentence naming the field or
+/// the resource, so the code's words in front would only repeat it. An empty message falls back
+/// to the code's words.
 pub fn status_line(status: &Status, has_token: bool) -> String {
-    let what = code_words(status.code());
     let message = status.message().trim();
     let mut line = if message.is_empty() {
-        what.to_owned()
+        code_words(status.code()).to_owned()
     } else {
-        format!("{what}: {message}")
+        message.to_owned()
     };
     if status.code() == Code::Unauthenticated && !has_token {
         line.push_str(" (no admin token given: use --token or LLMCTL_TOKEN)");
@@ -262,23 +264,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn status_lines_are_code_words_and_message() {
+    fn status_lines_are_the_message_or_else_the_code_words() {
         let status = Status::invalid_argument("tps must be a positive integer, got 0");
         assert_eq!(
             status_line(&status, true),
-            "invalid argument: tps must be a positive integer, got 0"
+            "tps must be a positive integer, got 0"
         );
         assert_eq!(
-            status_line(&Status::not_found("no connection `x`"), true),
-            "not found: no connection `x`"
+            status_line(&Status::not_found(" connection \"x\" not found\n"), true),
+            "connection \"x\" not found"
         );
         assert_eq!(
             status_line(&Status::failed_precondition(""), true),
             "failed precondition"
         );
-        assert!(
-            status_line(&Status::unauthenticated("missing token"), false)
-                .starts_with("unauthenticated: missing token (no admin token given")
+        assert_eq!(
+            status_line(
+                &Status::unauthenticated("invalid token for AdminService"),
+                false
+            ),
+            "invalid token for AdminService (no admin token given: use --token or LLMCTL_TOKEN)"
+        );
+        assert_eq!(
+            status_line(
+                &Status::unauthenticated("invalid token for AdminService"),
+                true
+            ),
+            "invalid token for AdminService"
         );
     }
 

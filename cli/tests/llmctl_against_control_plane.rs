@@ -1,13 +1,20 @@
-//! The real `llmctl` binary against a real control plane on Postgres: the README's provider setup
-//! (DESIGN §4), list/get/update/delete, JSON output and one-line errors.
+//! The real `llmctl` binary (and its second name, `llm-proxy`) against a real control plane on
+//! Postgres: the README's provider setup (DESIGN §4), list/get/update/delete, JSON output, the
+//! control plane's address (`--server` and its old names, DESIGN §3) and the exact error lines.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
 use llm_proxy_control_plane::crypto::MasterKeys;
 use llm_proxy_control_plane::server::{self, RunningControlPlane, ServerSettings};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::Value;
 use std::process::Output;
+
+const LLMCTL: &str = env!("CARGO_BIN_EXE_llmctl");
+const LLM_PROXY: &str = env!("CARGO_BIN_EXE_llm-proxy");
+
+/// Nothing listens on the discard port: a control-plane address that must not be the one used.
+const NOWHERE: &str = "http://127.0.0.1:9";
 
 fn postgres_base_url() -> String {
     std::env::var("TEST_DATABASE_URL")
@@ -37,30 +44,61 @@ async fn control_plane(admin_token: Option<&str>) -> RunningControlPlane {
     server::start(settings).await.unwrap()
 }
 
+/// Runs `exe ARGS` with `env` and none of llmctl's variables from the test's own environment.
+async fn run_exe(exe: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(exe);
+    for var in [
+        "LLMCTL_SERVER",
+        "LLMCTL_ENDPOINT",
+        "LLMCTL_TOKEN",
+        "LLM_PROXY_ALLOW_PLAINTEXT",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied()).args(args);
+    cmd.output().await.unwrap()
+}
+
+/// stdout of a run that must have succeeded.
+fn stdout_of(out: Output, args: &[&str]) -> String {
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The single stderr line of a run that must have failed with `code`.
+fn error_line_of(out: Output, code: i32, args: &[&str]) -> String {
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line on stderr, got {stderr:?}");
+    lines[0].to_owned()
+}
+
 struct Ctl {
-    endpoint: String,
+    server: String,
     token: Option<String>,
 }
 
 impl Ctl {
-    async fn run(&self, args: &[&str]) -> Output {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_llmctl"));
-        cmd.env("LLMCTL_ENDPOINT", &self.endpoint)
-            .env_remove("LLMCTL_TOKEN")
-            .args(args);
-        if let Some(token) = &self.token {
-            cmd.env("LLMCTL_TOKEN", token);
+    fn new(cp: &RunningControlPlane, token: Option<&str>) -> Self {
+        Self {
+            server: format!("http://{}", cp.grpc_addr),
+            token: token.map(str::to_owned),
         }
-        cmd.output().await.unwrap()
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        let mut env = vec![("LLMCTL_SERVER", self.server.as_str())];
+        if let Some(token) = &self.token {
+            env.push(("LLMCTL_TOKEN", token));
+        }
+        run_exe(LLMCTL, &env, args).await
     }
 
     /// Runs a command that must succeed; returns stdout.
     async fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args).await;
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert!(out.status.success(), "llmctl {args:?} failed: {stderr}");
-        stdout
+        stdout_of(self.run(args).await, args)
     }
 
     async fn json(&self, args: &[&str]) -> Value {
@@ -70,16 +108,15 @@ impl Ctl {
         serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
     }
 
-    /// Runs a command that must fail; returns its single stderr line.
+    /// Runs a command that the control plane (or llmctl itself) must refuse: exit code 1 and
+    /// exactly one line on stderr, returned.
     async fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args).await;
-        assert!(!out.status.success(), "llmctl {args:?} should fail");
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        let lines: Vec<&str> = stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "one line on stderr, got {stderr:?}");
-        assert!(lines[0].starts_with("error"), "{stderr}");
-        assert!(!stderr.contains("Status {"), "no debug dump: {stderr}");
-        lines[0].to_owned()
+        error_line_of(self.run(args).await, 1, args)
+    }
+
+    /// Runs a command that clap must refuse: exit code 2 and one line on stderr, returned.
+    async fn usage_error(&self, args: &[&str]) -> String {
+        error_line_of(self.run(args).await, 2, args)
     }
 }
 
@@ -90,10 +127,7 @@ fn id_of(value: &Value) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn readme_provider_setup_and_crud_through_llmctl() {
     let cp = control_plane(None).await;
-    let ctl = Ctl {
-        endpoint: format!("http://{}", cp.grpc_addr),
-        token: None,
-    };
+    let ctl = Ctl::new(&cp, None);
 
     // Table output prints the new ID prominently.
     let out = ctl
@@ -116,6 +150,10 @@ async fn readme_provider_setup_and_crud_through_llmctl() {
         .unwrap_or_else(|| panic!("no ID in {out:?}"))
         .trim_end_matches(|c: char| !c.is_alphanumeric())
         .to_owned();
+    assert_eq!(
+        out.lines().next(),
+        Some(format!("created connection {openai_id} (OpenAI-Main)").as_str())
+    );
     assert!(!out.contains("sk-proj-abc123"));
 
     let azure = ctl
@@ -179,6 +217,13 @@ async fn readme_provider_setup_and_crud_through_llmctl() {
         ])
         .await;
     assert_eq!(vertex["options"]["location"], "us-central1");
+    // The file's content went to the control plane as the credential, its final newline trimmed.
+    let stored = cp.store.get_connection("Vertex").await.unwrap();
+    let credential = cp.store.decrypt_credential(&stored).unwrap();
+    assert_eq!(
+        credential.expose_secret(),
+        std::fs::read_to_string(&sa).unwrap().trim_end_matches('\n')
+    );
 
     let gpt = ctl
         .json(&[
@@ -383,13 +428,20 @@ async fn readme_provider_setup_and_crud_through_llmctl() {
         20
     );
 
-    ctl.ok(&["unassign", &id_of(&asg)]).await;
-    let gone = ctl.fails(&["assignment", "get", &id_of(&asg)]).await;
-    assert!(gone.contains("not found"), "{gone}");
+    assert_eq!(
+        ctl.json(&["unassign", &id_of(&asg)]).await,
+        serde_json::json!({"id": id_of(&asg), "deleted": true})
+    );
+    assert_eq!(
+        ctl.fails(&["assignment", "get", &id_of(&asg)]).await,
+        format!("error: assignment {:?} not found", id_of(&asg))
+    );
 
     // Referenced rows need --force.
-    let refused = ctl.fails(&["connection", "delete", "Azure-East"]).await;
-    assert!(refused.contains("--force"), "{refused}");
+    assert_eq!(
+        ctl.fails(&["connection", "delete", "Azure-East"]).await,
+        "error: connection \"Azure-East\" still has 1 model(s) (gpt-4o); delete them first or pass --force to delete them and their assignments"
+    );
     ctl.ok(&["connection", "delete", "Azure-East", "--force"])
         .await;
     ctl.ok(&["model", "delete", "gemini-vertex"]).await;
@@ -408,26 +460,28 @@ async fn readme_provider_setup_and_crud_through_llmctl() {
     cp.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_input_prints_one_line_and_exits_non_zero() {
-    let cp = control_plane(Some("admin-secret-token")).await;
-    let ctl = Ctl {
-        endpoint: format!("http://{}", cp.grpc_addr),
-        token: Some("admin-secret-token".into()),
-    };
-    ctl.ok(&[
+/// `connection add --name NAME --provider openai --endpoint URL --api-key sk-x`.
+fn openai_connection<'a>(name: &'a str, endpoint: &'a str) -> Vec<&'a str> {
+    vec![
         "connection",
         "add",
         "--name",
-        "OpenAI",
+        name,
         "--provider",
         "openai",
         "--endpoint",
-        "https://api.openai.com",
+        endpoint,
         "--api-key",
         "sk-x",
-    ])
-    .await;
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_error_is_one_exact_line() {
+    let cp = control_plane(Some("admin-secret-token")).await;
+    let ctl = Ctl::new(&cp, Some("admin-secret-token"));
+    ctl.ok(&openai_connection("OpenAI", "https://api.openai.com"))
+        .await;
     ctl.ok(&[
         "model",
         "add",
@@ -441,55 +495,38 @@ async fn bad_input_prints_one_line_and_exits_non_zero() {
     .await;
     ctl.ok(&["vkey", "add", "--name", "App", "--key", "vk-app-123456"])
         .await;
+    let assign = |extra: &'static [&'static str]| {
+        let mut args = vec!["assign", "--vkey-id", "App", "--model-id", "gpt-4"];
+        args.extend_from_slice(extra);
+        args
+    };
 
-    let cases: [(&[&str], &str); 7] = [
+    // Refused by the control plane (exit code 1): its message is the whole line.
+    // `--tps` is parsed by clap as any integer, so 0 and negative values reach the server,
+    // which judges them.
+    let refused: Vec<(Vec<&str>, &str)> = vec![
         (
-            &[
-                "connection",
-                "add",
-                "--name",
-                "X",
-                "--provider",
-                "anthropic",
-                "--endpoint",
-                "https://x.com",
-                "--api-key",
-                "k",
-            ],
-            "provider",
+            assign(&["--tps", "0"]),
+            "error: tps must be a positive integer, got 0",
         ),
         (
-            &[
-                "connection",
-                "add",
-                "--name",
-                "X",
-                "--provider",
-                "openai",
-                "--endpoint",
-                "not-a-url",
-                "--api-key",
-                "k",
-            ],
-            "endpoint",
+            assign(&["--tps", "5", "--burst", "-1"]),
+            "error: burst must be a positive integer, got -1",
         ),
         (
-            &[
-                "connection",
-                "add",
-                "--name",
-                "OpenAI",
-                "--provider",
-                "openai",
-                "--endpoint",
-                "https://x.com",
-                "--api-key",
-                "k",
-            ],
-            "OpenAI",
+            assign(&["--tpm", "0"]),
+            "error: tpm must be a positive integer, got 0",
         ),
         (
-            &[
+            assign(&["--burst", "10"]),
+            "error: burst needs tps: it is the capacity of the requests-per-second bucket",
+        ),
+        (
+            vec!["connection", "get", "nope"],
+            "error: connection \"nope\" not found",
+        ),
+        (
+            vec![
                 "model",
                 "add",
                 "--conn-id",
@@ -499,96 +536,280 @@ async fn bad_input_prints_one_line_and_exits_non_zero() {
                 "--remote",
                 "r",
             ],
-            "missing-conn",
+            "error: connection \"missing-conn\" not found",
         ),
         (
-            &[
-                "assign",
-                "--vkey-id",
-                "App",
-                "--model-id",
-                "gpt-4",
-                "--tps",
-                "0",
-            ],
-            "tps",
+            openai_connection("OpenAI", "https://x.com"),
+            "error: a connection named \"OpenAI\" already exists",
         ),
         (
-            &[
-                "assign",
-                "--vkey-id",
-                "App",
-                "--model-id",
-                "gpt-4",
-                "--tps",
-                "5",
-                "--burst",
-                "-1",
-            ],
-            "burst",
+            vec!["vkey", "add", "--name", "App"],
+            "error: a virtual key named \"App\" already exists",
         ),
         (
-            &[
-                "assign",
-                "--vkey-id",
-                "App",
-                "--model-id",
-                "gpt-4",
-                "--tpm",
-                "0",
-            ],
-            "tpm",
+            openai_connection("X", "not-a-url"),
+            "error: endpoint must be an absolute http(s) URL such as https://api.openai.com, got \"not-a-url\"",
         ),
-    ];
-    for (args, field) in cases {
-        let line = ctl.fails(args).await;
-        assert!(line.contains(field), "{args:?}: {line}");
-    }
-
-    // A stored credential never follows its connection to another host.
-    let new_host = ["connection", "update", "OpenAI", "--endpoint"];
-    let line = ctl
-        .fails(&[&new_host[..], &["https://collector.example.net"]].concat())
-        .await;
-    assert!(
-        line.contains("--endpoint") && line.contains("--api-key"),
-        "{line}"
-    );
-    let moved = ctl
-        .json(
-            &[
-                &new_host[..],
-                &["https://gateway.example.net", "--api-key", "sk-new"],
+        (
+            [
+                openai_connection("X", "https://x.com"),
+                vec!["--set", "region=us-east-1"],
             ]
             .concat(),
-        )
+            "error: option \"region\" is unknown for provider openai; known: timeout_s",
+        ),
+        // Checked by llmctl before any call: a stored credential never follows its connection
+        // to another host.
+        (
+            vec![
+                "connection",
+                "update",
+                "OpenAI",
+                "--endpoint",
+                "https://collector.example.net",
+            ],
+            "error: --endpoint needs the credential again: add --api-key or --api-key-file (a stored credential is never sent to a new endpoint)",
+        ),
+    ];
+    for (args, line) in refused {
+        assert_eq!(ctl.fails(&args).await, line, "{args:?}");
+    }
+
+    // Refused by clap (exit code 2), before anything is sent.
+    let usage: Vec<(Vec<&str>, &str)> = vec![
+        (
+            assign(&["--tps", "fast"]),
+            "error: invalid value 'fast' for '--tps <N>': invalid digit found in string",
+        ),
+        (
+            vec![
+                "connection",
+                "add",
+                "--name",
+                "X",
+                "--provider",
+                "anthropic",
+                "--endpoint",
+                "https://x.com",
+            ],
+            "error: invalid value 'anthropic' for '--provider <PROVIDER>' [possible values: openai, azure, google, bedrock]",
+        ),
+    ];
+    for (args, line) in usage {
+        assert_eq!(ctl.usage_error(&args).await, line, "{args:?}");
+    }
+
+    let moved = ctl
+        .json(&[
+            "connection",
+            "update",
+            "OpenAI",
+            "--endpoint",
+            "https://gateway.example.net",
+            "--api-key",
+            "sk-new",
+        ])
         .await;
     assert_eq!(moved["endpoint"], "https://gateway.example.net");
 
-    // Plaintext to a control plane that is not on loopback needs --allow-plaintext.
+    // The admin token: wrong, or missing. Neither line shows a token.
+    let wrong = Ctl::new(&cp, Some("wrong-token"));
+    assert_eq!(
+        wrong.fails(&["connection", "list"]).await,
+        "error: invalid token for AdminService"
+    );
+    let missing = Ctl::new(&cp, None);
+    assert_eq!(
+        missing.fails(&["vkey", "list"]).await,
+        "error: AdminService requires an `authorization: Bearer <token>` header (no admin token given: use --token or LLMCTL_TOKEN)"
+    );
+    cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn control_planes_out_of_reach_are_explained_in_one_line() {
+    // Refused before any connection attempt.
     let remote = Ctl {
-        endpoint: "http://192.0.2.1:8131".into(),
+        server: "http://192.0.2.1:8131".into(),
         token: None,
     };
-    let line = remote.fails(&["vkey", "list"]).await;
+    assert_eq!(
+        remote.fails(&["vkey", "list"]).await,
+        "error: refusing plaintext http:// to the control plane at 192.0.2.1 (not loopback): use an https:// --server (with --tls-ca for a private CA), or pass --allow-plaintext (LLM_PROXY_ALLOW_PLAINTEXT) if this network is private"
+    );
+    let allowed = remote.fails(&["vkey", "list", "--allow-plaintext"]).await;
     assert!(
-        line.contains("refusing plaintext") && line.contains("--allow-plaintext"),
-        "{line}"
+        allowed.starts_with("error: cannot reach the control plane at http://192.0.2.1:8131: "),
+        "{allowed}"
     );
 
-    let unauthenticated = Ctl {
-        endpoint: ctl.endpoint.clone(),
-        token: Some("wrong-token".into()),
-    };
-    let line = unauthenticated.fails(&["connection", "list"]).await;
-    assert!(line.contains("unauthenticated"), "{line}");
-    assert!(!line.contains("wrong-token") && !line.contains("admin-secret-token"));
-
-    let unreachable = Ctl {
-        endpoint: "http://127.0.0.1:9".into(),
+    let nowhere = Ctl {
+        server: NOWHERE.into(),
         token: None,
     };
-    let line = unreachable.fails(&["vkey", "list"]).await;
-    assert!(line.contains("127.0.0.1:9"), "{line}");
+    let line = nowhere.fails(&["vkey", "list"]).await;
+    // The rest is the operating system's words for the refusal.
+    assert!(
+        line.starts_with("error: cannot reach the control plane at http://127.0.0.1:9: "),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn generated_and_chosen_keys_in_json() {
+    let cp = control_plane(None).await;
+    let ctl = Ctl::new(&cp, None);
+    let generated = ctl.json(&["vkey", "add", "--name", "Frontend-App"]).await;
+    assert!(generated["key"].as_str().unwrap().starts_with("vk-"));
+    assert_eq!(generated["expires_at"], Value::Null);
+
+    let out = ctl
+        .ok(&[
+            "-o",
+            "json",
+            "vkey",
+            "add",
+            "--name",
+            "Chosen",
+            "--key",
+            "vk-chosen-secret",
+            "--expires-at",
+            "2026-12-31T23:59:59Z",
+        ])
+        .await;
+    assert!(!out.contains("vk-chosen-secret"));
+    let chosen: Value = serde_json::from_str(&out).unwrap();
+    assert!(chosen.get("key").is_none());
+    assert_eq!(chosen["expires_at"], "2026-12-31T23:59:59Z");
+    cp.shutdown().await;
+}
+
+/// Environment variables given to one run.
+type Env<'a> = &'a [(&'a str, &'a str)];
+
+/// The names of the virtual keys that `exe ARGS -o json vkey list` prints.
+async fn vkey_names(exe: &str, env: Env<'_>, args: &[&str]) -> Vec<String> {
+    let args = [args, &["-o", "json", "vkey", "list"]].concat();
+    let stdout = stdout_of(run_exe(exe, env, &args).await, &args);
+    let list: Value = serde_json::from_str(&stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_flag_and_its_old_names_select_the_control_plane() {
+    let cp = control_plane(None).await;
+    let ctl = Ctl::new(&cp, None);
+    ctl.ok(&["vkey", "add", "--name", "Marker", "--key", "vk-marker-1234"])
+        .await;
+    let url = ctl.server.as_str();
+    let marker = vec!["Marker".to_owned()];
+
+    // Each way of naming the control plane reaches it; where two are given, the other one
+    // points nowhere, so only the winner can have answered.
+    let ways: [(Env, &[&str]); 7] = [
+        (&[], &["--server", url]),
+        (&[("LLMCTL_SERVER", url)], &[]),
+        (&[], &["--endpoint", url]),
+        (&[("LLMCTL_ENDPOINT", url)], &[]),
+        (&[("LLMCTL_SERVER", NOWHERE)], &["--server", url]),
+        (&[("LLMCTL_SERVER", NOWHERE)], &["--endpoint", url]),
+        (&[("LLMCTL_SERVER", url), ("LLMCTL_ENDPOINT", NOWHERE)], &[]),
+    ];
+    for (env, args) in ways {
+        assert_eq!(
+            vkey_names(LLMCTL, env, args).await,
+            marker,
+            "{env:?} {args:?}"
+        );
+    }
+    // After the subcommand too.
+    let after = ["vkey", "list", "-o", "json", "--server", url];
+    let list: Value = serde_json::from_str(&stdout_of(
+        run_exe(LLMCTL, &[("LLMCTL_SERVER", NOWHERE)], &after).await,
+        &after,
+    ))
+    .unwrap();
+    assert_eq!(list[0]["name"], "Marker");
+
+    // In `connection add`, `--endpoint` stays the provider's URL, whichever way the control
+    // plane is named.
+    let add = |name: &'static str| openai_connection(name, "https://api.openai.com");
+    let cases: [(Env, Vec<&str>); 4] = [
+        (&[("LLMCTL_SERVER", url)], add("ViaEnv")),
+        (&[("LLMCTL_ENDPOINT", url)], add("ViaOldEnv")),
+        (
+            &[],
+            [&["--server", url][..], &add("ViaServerFirst")].concat(),
+        ),
+        (
+            &[],
+            [&["--endpoint", url][..], &add("ViaEndpointFirst")].concat(),
+        ),
+    ];
+    for (env, args) in &cases {
+        let args = [&["-o", "json"][..], args].concat();
+        let out = stdout_of(run_exe(LLMCTL, env, &args).await, &args);
+        let created: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(created["endpoint"], "https://api.openai.com", "{args:?}");
+    }
+    let inside = [add("ViaServerInside"), vec!["--server", url, "-o", "json"]].concat();
+    let out = stdout_of(run_exe(LLMCTL, &[], &inside).await, &inside);
+    let created: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(created["endpoint"], "https://api.openai.com");
+    assert_eq!(
+        ctl.json(&["connection", "list"])
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn llm_proxy_is_llmctl_under_the_seed_guide_name() {
+    let cp = control_plane(None).await;
+    let ctl = Ctl::new(&cp, None);
+    let env = [("LLMCTL_SERVER", ctl.server.as_str())];
+
+    let add = openai_connection("OpenAI-Main", "https://api.openai.com");
+    let out = stdout_of(run_exe(LLM_PROXY, &env, &add).await, &add);
+    assert!(
+        out.starts_with("created connection conn-") && out.contains("(OpenAI-Main)"),
+        "{out}"
+    );
+    let list = ["connection", "list"];
+    let table = stdout_of(run_exe(LLM_PROXY, &env, &list).await, &list);
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|row| row.contains("OpenAI-Main")),
+        "{table}"
+    );
+    // The same data through llmctl.
+    assert_eq!(
+        ctl.json(&["connection", "get", "OpenAI-Main"]).await["endpoint"],
+        "https://api.openai.com"
+    );
+    let get = ["connection", "get", "nope"];
+    assert_eq!(
+        error_line_of(run_exe(LLM_PROXY, &env, &get).await, 1, &get),
+        "error: connection \"nope\" not found"
+    );
+
+    // Help shows the name it was invoked as.
+    let help = ["serve", "--help"];
+    let text = stdout_of(run_exe(LLM_PROXY, &[], &help).await, &help);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("Usage: llm-proxy serve ")),
+        "{text}"
+    );
     cp.shutdown().await;
 }

@@ -93,10 +93,11 @@ async fn control_plane(pki: &Pki, mtls: bool) -> RunningControlPlane {
 async fn llmctl(endpoint: &str, tls: &[(&str, &Path)], args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_llmctl"));
     cmd.env_remove("LLMCTL_TOKEN")
+        .env_remove("LLMCTL_ENDPOINT")
         .env_remove("LLMCTL_TLS_CA")
         .env_remove("LLMCTL_TLS_CERT")
         .env_remove("LLMCTL_TLS_KEY")
-        .env("LLMCTL_ENDPOINT", endpoint);
+        .env("LLMCTL_SERVER", endpoint);
     for (flag, path) in tls {
         cmd.arg(flag).arg(path);
     }

@@ -23,12 +23,12 @@ pub fn timestamp(micros: i64) -> Timestamp {
 
 fn micros(field: &'static str, ts: &Timestamp) -> Result<i64, StoreError> {
     if !(0..1_000_000_000).contains(&ts.nanos) {
-        return Err(StoreError::invalid(field, "nanos out of range"));
+        return Err(StoreError::invalid(field, "has nanos out of range"));
     }
     ts.seconds
         .checked_mul(1_000_000)
         .and_then(|s| s.checked_add(i64::from(ts.nanos / 1000)))
-        .ok_or_else(|| StoreError::invalid(field, "timestamp out of range"))
+        .ok_or_else(|| StoreError::invalid(field, "is out of range"))
 }
 
 fn connection(row: ConnectionRow) -> Result<Connection, StoreError> {
@@ -294,7 +294,7 @@ impl AdminService for AdminApi {
             if req.expires_at.is_some() {
                 return Err(StoreError::invalid(
                     "expires_at",
-                    "cannot both set and clear the expiry",
+                    "cannot be set and cleared in one update",
                 )
                 .into());
             }
@@ -373,7 +373,7 @@ impl AdminService for AdminApi {
         let limit = |field: &'static str, value: Option<i64>, clear: bool| match (value, clear) {
             (Some(_), true) => Err(StoreError::invalid(
                 field,
-                "cannot both set and clear the limit",
+                "cannot be set and cleared in one update",
             )),
             (Some(v), false) => Ok(Some(Some(v))),
             (None, true) => Ok(Some(None)),

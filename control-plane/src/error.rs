@@ -7,8 +7,10 @@ use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Bad input; `field` is the request field (and CLI flag) at fault.
-    #[error("invalid {field}: {reason}")]
+    /// Bad input; `field` is the request field (and CLI flag) at fault, and `reason` completes
+    /// the sentence that starts with it ("tps" + "must be a positive integer, got 0"): the
+    /// message is printed as is by llmctl, so it reads as one plain sentence.
+    #[error("{field} {reason}")]
     Invalid { field: &'static str, reason: String },
     #[error("{kind} {reference:?} not found")]
     NotFound {

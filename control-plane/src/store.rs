@@ -142,7 +142,7 @@ fn check_limits(tps: Option<i64>, burst: Option<i64>) -> Result<(), StoreError> 
     if burst.is_some() && tps.is_none() {
         return Err(StoreError::invalid(
             "burst",
-            "needs tps: burst is the capacity of the requests-per-second bucket",
+            "needs tps: it is the capacity of the requests-per-second bucket",
         ));
     }
     Ok(())
@@ -266,7 +266,7 @@ macro_rules! backend_queries {
                         Err(StoreError::invalid(
                             field,
                             format!(
-                                "model name {r:?} is ambiguous: {}; use CONNECTION/MODEL or the ID",
+                                "{r:?} is ambiguous: {}; use CONNECTION/MODEL or the ID",
                                 names.join(", ")
                             ),
                         ))

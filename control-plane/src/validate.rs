@@ -33,7 +33,7 @@ pub fn connection_name(value: &str) -> Result<String, StoreError> {
     if name.contains('/') {
         return Err(StoreError::invalid(
             "name",
-            format!("connection names must not contain '/', got {name:?}"),
+            format!("must not contain '/' (it separates CONNECTION/MODEL), got {name:?}"),
         ));
     }
     if looks_like_id(&name) {
@@ -97,7 +97,7 @@ pub fn endpoint_change(stored: &str, new: &str, credential_given: bool) -> Resul
         return Err(StoreError::invalid(
             "credential",
             format!(
-                "changing the endpoint (to {new:?}) requires the credential in the same update (llmctl: --api-key or --api-key-file), so that the stored one is never sent to another host"
+                "must be given again to change the endpoint (to {new:?}), with llmctl's --api-key or --api-key-file, so that the stored one is never sent to another host"
             ),
         ));
     }
@@ -115,7 +115,9 @@ pub fn connection_options(
         .parse::<Provider>()
         .map_err(|e| StoreError::invalid("provider", e.to_string()))?;
     llm_proxy_catalog::validate_connection_options(provider, endpoint, options)
-        .map_err(|e| StoreError::invalid("options", e.to_string()))
+        // Field `option`, then the catalog's sentence that starts with the key: "option timeout_s
+        // must be ...", the way users type it (`--set KEY=`).
+        .map_err(|e| StoreError::invalid("option", e.to_string()))
 }
 
 pub fn remote(value: &str) -> Result<String, StoreError> {
@@ -179,7 +181,10 @@ mod tests {
     fn provider_must_be_known() {
         assert_eq!(provider("azure").unwrap(), "azure");
         let msg = message(provider("anthropic").unwrap_err());
-        assert!(msg.starts_with("invalid provider:"), "{msg}");
+        assert_eq!(
+            msg,
+            "provider must be one of openai|azure|google|bedrock, got \"anthropic\""
+        );
         assert!(msg.contains("openai|azure|google|bedrock"), "{msg}");
     }
 
@@ -198,7 +203,7 @@ mod tests {
             "https://u:p@h.com",
         ] {
             let msg = message(endpoint(bad).unwrap_err());
-            assert!(msg.starts_with("invalid endpoint:"), "{bad}: {msg}");
+            assert!(msg.starts_with("endpoint must "), "{bad}: {msg}");
         }
     }
 
@@ -208,10 +213,9 @@ mod tests {
         assert!(endpoint_change(stored, stored, false).is_ok());
         assert!(endpoint_change(stored, "https://evil.example", true).is_ok());
         let msg = message(endpoint_change(stored, "https://evil.example", false).unwrap_err());
-        assert!(msg.starts_with("invalid credential:"), "{msg}");
-        assert!(
-            msg.contains("--api-key") && msg.contains("endpoint"),
-            "{msg}"
+        assert_eq!(
+            msg,
+            "credential must be given again to change the endpoint (to \"https://evil.example\"), with llmctl's --api-key or --api-key-file, so that the stored one is never sent to another host"
         );
     }
 
@@ -235,7 +239,7 @@ mod tests {
             )
             .unwrap_err(),
         );
-        assert!(msg.contains("region is required"), "{msg}");
+        assert!(msg.starts_with("option region is required"), "{msg}");
         assert!(
             connection_options(
                 "bedrock",
@@ -258,9 +262,12 @@ mod tests {
         assert!(connection_options("azure", EP, &opts("api_version", "latest")).is_err());
         assert!(connection_options("google", EP, &opts("api", "vertex")).is_ok());
         let msg = message(connection_options("google", EP, &opts("api", "palm")).unwrap_err());
-        assert!(msg.contains("api must be one of gemini|vertex"), "{msg}");
+        assert_eq!(msg, "option api must be one of gemini|vertex, got \"palm\"");
         let msg = message(connection_options("openai", EP, &opts("region", "x")).unwrap_err());
-        assert!(msg.contains("unknown option \"region\""), "{msg}");
+        assert_eq!(
+            msg,
+            "option \"region\" is unknown for provider openai; known: timeout_s"
+        );
         assert!(connection_options("bedrock", BEDROCK, &opts("timeout_s", "0")).is_err());
         assert!(connection_options("bedrock", BEDROCK, &opts("timeout_s", "2.5")).is_ok());
     }
@@ -271,7 +278,10 @@ mod tests {
         assert_eq!(name("name", " a ").unwrap(), "a");
         assert!(connection_name("a/b").is_err());
         assert!(connection_name("conn-abcdefghijklmnopqrst").is_err());
-        assert!(positive("tps", 0).unwrap_err().to_string().contains("tps"));
+        assert_eq!(
+            positive("tps", 0).unwrap_err().to_string(),
+            "tps must be a positive integer, got 0"
+        );
         assert!(positive("tpm", -5).is_err());
         assert!(alias("gpt 4").is_err());
     }

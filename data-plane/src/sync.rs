@@ -398,7 +398,7 @@ fn is_loopback_host(host: &url::Host<&str>) -> bool {
 
 /// The host of a control-plane URL that would be reached without TLS on a non-loopback address,
 /// `None` for `https://` or a loopback host (or a URL that does not parse, reported elsewhere).
-/// Shared with `llmctl`, which applies the same rule to `--endpoint`.
+/// Shared with `llmctl`, which applies the same rule to `--server`.
 pub fn plaintext_remote_host(url: &str) -> Option<String> {
     let parsed = url::Url::parse(url.trim()).ok()?;
     if parsed.scheme().eq_ignore_ascii_case("https") {
