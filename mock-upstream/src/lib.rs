@@ -14,7 +14,9 @@
 //! body steer the misbehaviours tests need (see each module: `RATELIMITME`, `HOLDME`,
 //! `NOTJSON`, …); tests observe them through [`MockState`].
 
+pub mod bedrock;
 pub mod bench;
+pub mod google;
 pub mod openai;
 mod recorded;
 
@@ -123,12 +125,18 @@ pub fn router(state: Arc<MockState>) -> Router {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Provider {
     OpenAi,
+    Google,
+    Bedrock,
     Control,
 }
 
 fn provider_of(path: &str) -> Provider {
     if path == "/__mock/requests" {
         Provider::Control
+    } else if path.starts_with("/model/") {
+        Provider::Bedrock
+    } else if google::is_google_path(path) {
+        Provider::Google
     } else {
         Provider::OpenAi
     }
@@ -144,6 +152,14 @@ async fn dispatch(State(state): State<Arc<MockState>>, request: Request) -> Resp
         Provider::OpenAi => {
             state.record(recorded.clone());
             openai::answer(&state, recorded).await
+        }
+        Provider::Google => {
+            state.record(recorded.clone());
+            google::answer(&state, recorded).await
+        }
+        Provider::Bedrock => {
+            state.record(recorded.clone());
+            bedrock::answer(&state, recorded).await
         }
     }
 }
