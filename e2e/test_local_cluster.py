@@ -52,12 +52,12 @@ def poll(what, check, timeout=PATIENCE_S, interval=0.02):
 
 def ensure_binaries():
     needed = [BIN_DIR / "llm-proxy-control-plane", BIN_DIR / "llm-proxy-data-plane", BIN_DIR / "llmctl",
-              BIN_DIR / "examples" / "mock_upstream"]
+              BIN_DIR / "llm-proxy-mock-upstream"]
     if all(p.exists() for p in needed):
         return
     if BIN_DIR != DEFAULT_BIN_DIR or not shutil.which("cargo"):
-        pytest.fail(f"missing {[str(p) for p in needed if not p.exists()]}: run `cargo build --bins --examples`")
-    subprocess.run(["cargo", "build", "-q", "--bins", "--example", "mock_upstream"], cwd=ROOT, check=True, timeout=900)
+        pytest.fail(f"missing {[str(p) for p in needed if not p.exists()]}: run `cargo build --bins`")
+    subprocess.run(["cargo", "build", "-q", "--bins"], cwd=ROOT, check=True, timeout=900)
 
 
 class Cluster:

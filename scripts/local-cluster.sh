@@ -18,8 +18,8 @@
 #   CLUSTER_DIR            state dir: certs, secrets, per-process env files, logs, pids, cluster.env
 #                          (default ./.local-cluster)
 #   BIN_DIR                llm-proxy-control-plane, llm-proxy-data-plane, llmctl and
-#                          examples/mock_upstream (default target/debug of this repo; build them
-#                          with `cargo build --bins --examples`)
+#                          llm-proxy-mock-upstream (default target/debug of this repo; build them
+#                          with `cargo build --bins`)
 #   CLUSTER_DATABASE_URL   Postgres for the control planes (default: a fresh database, dropped
 #                          again by `stop`, created on postgres://postgres@127.0.0.1:5432; the
 #                          server is CLUSTER_PG_ADMIN_URL)
@@ -28,7 +28,7 @@
 #   CLUSTER_BASE_PORT      use ports BASE..BASE+11 instead of free ports picked at random
 #   CLUSTER_BIND           listen address of every process (default 127.0.0.1; 0.0.0.0 is fine too:
 #                          the admin and data-plane tokens are always set)
-#   CLUSTER_MOCK_UPSTREAM  1 (default): also start examples/mock_upstream, a fast OpenAI mock, and
+#   CLUSTER_MOCK_UPSTREAM  1 (default): also start llm-proxy-mock-upstream --bench, a fast OpenAI mock, and
 #                          put its URL in cluster.env as MOCK_UPSTREAM_URL; 0: don't
 #   CLUSTER_READY_TIMEOUT  seconds `start` waits for /readyz (default 60)
 #   LLM_PROXY_DP_SHUTDOWN_GRACE_S, LLM_PROXY_RATELIMIT_FAIL_MODE, LLM_PROXY_RATELIMIT_REDIS_BUDGET_MS,
@@ -73,7 +73,7 @@ expected_exe() {
     cp*) echo llm-proxy-control-plane ;;
     dp*) echo llm-proxy-data-plane ;;
     nginx) echo nginx ;;
-    mock) echo mock_upstream ;;
+    mock) echo llm-proxy-mock-upstream ;;
   esac
 }
 
@@ -343,11 +343,11 @@ cmd_start() {
   command -v curl >/dev/null || die "curl not found (apt-get install -y curl)"
   local exe
   for exe in llm-proxy-control-plane llm-proxy-data-plane llmctl; do
-    [[ -x $BIN_DIR/$exe ]] || die "$BIN_DIR/$exe missing: build with \`cargo build --bins --examples\` (or set BIN_DIR)"
+    [[ -x $BIN_DIR/$exe ]] || die "$BIN_DIR/$exe missing: build with \`cargo build --bins\` (or set BIN_DIR)"
   done
   local mock=${CLUSTER_MOCK_UPSTREAM:-1}
-  if [[ $mock == 1 && ! -x $BIN_DIR/examples/mock_upstream ]]; then
-    die "$BIN_DIR/examples/mock_upstream missing: build with \`cargo build --examples\` (or CLUSTER_MOCK_UPSTREAM=0)"
+  if [[ $mock == 1 && ! -x $BIN_DIR/llm-proxy-mock-upstream ]]; then
+    die "$BIN_DIR/llm-proxy-mock-upstream missing: build with \`cargo build --bins\` (or CLUSTER_MOCK_UPSTREAM=0)"
   fi
 
   rm -rf "$PIDS" "$LOGS" "$ENVS" "$CLUSTER_DIR/nginx" "$CLUSTER_DIR/cluster.env" "$CLUSTER_DIR/state"
@@ -375,7 +375,7 @@ cmd_start() {
   if [[ $mock == 1 ]]; then
     MOCK_UPSTREAM_URL=http://127.0.0.1:$MOCK_PORT
     write_env mock
-    launch mock "$BIN_DIR/examples/mock_upstream" "127.0.0.1:$MOCK_PORT"
+    launch mock "$BIN_DIR/llm-proxy-mock-upstream" "127.0.0.1:$MOCK_PORT" --bench
   fi
 
   local n port metrics

@@ -67,10 +67,10 @@ else
   cargo test --workspace --no-fail-fast "$@" || status=$?
 fi
 
-# End to end: the real binaries driven by the official OpenAI Python SDK.
-# (The workspace test build above also built target/debug/llmctl for the CLI's tests.)
+# End to end: the real binaries (and the mock upstream, llm-proxy-mock-upstream) driven by the
+# official OpenAI Python SDK. The workspace test build above built most of them already.
 if [[ $# -eq 0 ]]; then
-  [[ -x target/debug/llmctl ]] || cargo build -p llmctl
+  cargo build -q --workspace --bins
   if ! python3 -c 'import openai, pytest, httpx' >/dev/null 2>&1; then
     python3 -m pip install -q -r e2e/requirements.txt
   fi
