@@ -8,6 +8,10 @@ mod args;
 mod client;
 mod commands;
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the mock admin server lives as long as the test's runtime"
+)]
 mod mock_admin;
 mod render;
 mod serve;

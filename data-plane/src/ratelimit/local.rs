@@ -483,6 +483,10 @@ impl<C: Clock> RateLimiter for LocalLimiter<C> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "test tasks end with the test's runtime"
+)]
 mod tests {
     use super::*;
     use crate::ratelimit::ManualClock;
