@@ -25,7 +25,9 @@
 # Split deployments give the command instead: `llm-proxy-control-plane serve`,
 # `llm-proxy-data-plane` (see docker-compose.yml and charts/llm-proxy).
 
-ARG RUST_VERSION=1.95
+# The full version, the one rust-toolchain.toml pins: with another, rustup in the builder would
+# download that toolchain first.
+ARG RUST_VERSION=1.95.0
 # The three base images must share one Debian release (the binaries link against its glibc).
 ARG DEBIAN_RELEASE=bookworm
 ARG DISTROLESS_IMAGE=gcr.io/distroless/cc-debian12:nonroot

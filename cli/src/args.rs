@@ -179,6 +179,10 @@ pub struct ConnectionAddArgs {
     #[arg(long, value_parser = provider_parser())]
     pub provider: Provider,
     /// Provider base URL, e.g. https://api.openai.com.
+    #[allow(
+        rustdoc::bare_urls,
+        reason = "this text is the --help line, where <...> would show"
+    )]
     #[arg(long, value_name = "URL")]
     pub endpoint: String,
     #[command(flatten)]

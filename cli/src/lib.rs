@@ -4,7 +4,7 @@
 //!
 //! Errors end the process with exit code 1 and exactly one `error: ...` line on stderr; clap's
 //! usage errors keep clap's format and exit code 2. Usage lines show the name the program was
-//! invoked as (clap takes it from argv[0]); `--version` says `llmctl` under either name.
+//! invoked as (clap takes it from `argv[0]`); `--version` says `llmctl` under either name.
 
 mod args;
 mod client;

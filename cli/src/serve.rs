@@ -119,6 +119,10 @@ pub async fn run(args: ServeArgs, allow_plaintext: bool) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
     let metrics_addr = metrics.local_addr()?;
     let app = health_router(&cp, &dp);
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the handle is aborted when the gateway stops"
+    )]
     let metrics_task = tokio::spawn(async move {
         let _ = axum::serve(metrics, app).await;
     });

@@ -254,6 +254,10 @@ impl ConfigService for ConfigApi {
         tracing::info!(node_id = %node, have_version = request.have_version, "data plane subscribed");
         // Small buffer: a slow data plane gets the newest snapshot, not a backlog of old ones.
         let (tx, rx) = mpsc::channel(2);
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "the task owns the stream's sender and ends when the data plane drops the stream"
+        )]
         tokio::spawn(stream_config(self.clone(), request, node, recorded, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }

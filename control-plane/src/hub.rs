@@ -311,7 +311,10 @@ pub async fn build_snapshot(
 pub async fn run_refresher(store: Store, hub: Arc<SnapshotHub>, timings: HubTimings) {
     let local_writes = store.changes();
     let remote_writes = Arc::new(Notify::new());
-    tokio::spawn(listen_for_notifications(
+    // Owned by this future: the LISTEN session ends with the refresher (at shutdown) rather than
+    // holding a database connection in a process that goes on (llmctl serve, tests).
+    let mut listener = tokio::task::JoinSet::new();
+    listener.spawn(listen_for_notifications(
         store.clone(),
         remote_writes.clone(),
     ));

@@ -189,6 +189,10 @@ async fn attempt(store: &Store) -> Result<(), AttemptError> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "test tasks end with the test's runtime"
+)]
 mod tests {
     use super::*;
 

@@ -476,6 +476,10 @@ pub async fn launch(settings: ServerSettings) -> Result<RunningControlPlane, Ser
         .add_service(admin)
         .add_service(config);
     let mut grpc_shutdown = shutdown_rx.clone();
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the handle is kept in RunningControlPlane and joined at shutdown"
+    )]
     tasks.push(tokio::spawn(async move {
         let stop = async move {
             let _ = grpc_shutdown.wait_for(|stop| *stop).await;
@@ -494,6 +498,10 @@ pub async fn launch(settings: ServerSettings) -> Result<RunningControlPlane, Ser
     let (db_store, db_hub, hub_timings) = (store.clone(), hub.clone(), settings.hub);
     let stop_everything = shutdown_tx.clone();
     let version_gauge = metrics.config_version.clone();
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the handle is kept in RunningControlPlane and joined at shutdown"
+    )]
     tasks.push(tokio::spawn(async move {
         let serve = async {
             if readiness::bring_up(&db_store, &readiness_tx).await.is_err() {
@@ -528,6 +536,10 @@ pub async fn launch(settings: ServerSettings) -> Result<RunningControlPlane, Ser
             readiness: readiness.clone(),
         }));
         let mut http_shutdown = shutdown_rx.clone();
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "the handle is kept in RunningControlPlane and joined at shutdown"
+        )]
         tasks.push(tokio::spawn(async move {
             let stop = async move {
                 let _ = http_shutdown.wait_for(|stop| *stop).await;

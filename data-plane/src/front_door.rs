@@ -587,6 +587,10 @@ impl hyper::body::Body for GuardedBody {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    #![allow(
+        clippy::disallowed_methods,
+        reason = "test tasks end with the test's runtime"
+    )]
     use super::*;
     use axum::routing::get;
     use futures_util::StreamExt as _;

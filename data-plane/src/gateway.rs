@@ -253,6 +253,10 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
 
     let app = server::router(state);
     let stop = shutdown_rx.clone();
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the handle is kept in RunningGateway and joined at shutdown"
+    )]
     let server = tokio::spawn(crate::front_door::serve(
         listener,
         app,
@@ -271,6 +275,10 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
             draining: draining.clone(),
             metrics: metrics.clone(),
         }));
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "the handle is kept in RunningGateway and aborted at shutdown"
+        )]
         others.push(tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, app).await {
                 tracing::error!(error = %err, "data plane metrics server failed");

@@ -26,6 +26,10 @@ pub async fn shutdown_signal() {
 /// return it should never make — that is logged, counted in `llm_proxy_task_restarts_total{task}`,
 /// and the task is started again after a backoff (1 s doubling to 30 s; back to 1 s once a run
 /// lasted a minute). Aborting the returned handle stops the task too: it runs inside it.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the handle goes to the caller, who aborts it to stop the task"
+)]
 pub fn supervise<F, Fut>(
     task: &'static str,
     metrics: FrontDoorMetrics,

@@ -345,6 +345,10 @@ impl StreamEnd for SettleOnEnd {
         if let Some(reservation) = reservation {
             // An aborted stream without a usage chunk keeps its estimate.
             let actual = usage.map_or(estimate, |u| u.total());
+            #[allow(
+                clippy::disallowed_methods,
+                reason = "runs from Drop, which cannot await; the settle is bounded by the limiter's own timeouts"
+            )]
             tokio::spawn(async move { limiter.settle(reservation, actual).await });
         }
     }

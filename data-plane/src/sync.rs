@@ -440,6 +440,10 @@ impl Backoff {
 
 /// Starts the sync task. It runs until the returned handle is aborted (or the settings are
 /// invalid: that is logged at error and the task ends; check [`SyncSettings::endpoint`] first).
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the handle goes to the caller, who aborts it to stop the task"
+)]
 pub fn spawn(settings: SyncSettings, handle: Arc<ConfigHandle>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(run(settings, handle))
 }
@@ -813,6 +817,10 @@ fn apply_index(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "test tasks end with the test's runtime"
+)]
 mod tests {
     use super::*;
 

@@ -2,6 +2,10 @@
 //! `/readyz` says 503 (load balancers move away) and every response carries `Connection: close`
 //! (kept-alive client connections end after their current request instead of being cut).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test tasks end with the test's runtime"
+)]
 
 use llm_proxy_data_plane::gateway::{self, GatewaySettings};
 use llm_proxy_data_plane::sync::SyncSettings;

@@ -3,6 +3,10 @@
 //! `--max-connections` is answered 503 `overloaded`, and HTTP/2 clients get the stream limit.
 //! Config comes from an in-process control plane; the upstream is a mock that can hold requests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test tasks end with the test's runtime"
+)]
 
 mod common;
 

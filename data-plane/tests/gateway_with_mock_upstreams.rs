@@ -2,6 +2,10 @@
 //! they receive (path, query, headers, body) and answer with faithful bodies and SSE streams.
 //! Config comes from a real control plane (SQLite) through the real config stream.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test tasks end with the test's runtime"
+)]
 
 mod common;
 

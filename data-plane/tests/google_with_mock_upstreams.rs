@@ -5,6 +5,10 @@
 //! and a token endpoint that verifies the service-account JWT with the fixture's public key.
 //! Config comes from a real control plane (SQLite) through the real config stream.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test tasks end with the test's runtime"
+)]
 
 mod common;
 

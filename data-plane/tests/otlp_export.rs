@@ -3,6 +3,10 @@
 //! the upstream saw that span as its parent. No secret appears in the exported spans, the logs
 //! (JSON, at debug/trace level) or `/metrics`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test tasks end with the test's runtime"
+)]
 
 mod common;
 

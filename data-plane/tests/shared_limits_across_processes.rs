@@ -3,6 +3,10 @@
 //! they keep answering (fail mode `local`), then share again once it is back; and such a switch
 //! either way hands out no extra burst.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test tasks end with the test's runtime"
+)]
 
 mod common;
 

@@ -6,7 +6,7 @@
 //! It records every request exactly as received (method, raw percent-encoded path, query,
 //! headers, body), authenticates like the provider (API keys, Azure `api-key`, Google API keys,
 //! Bearer tokens and service-account JWT exchanges, Bedrock API keys and AWS Signature V4
-//! recomputed independently of the signer, see [`sigv4`]), and answers with the providers'
+//! recomputed independently of the signer, see the `sigv4` module), and answers with the providers'
 //! documented or captured shapes: where each comes from is recorded in `fixtures/README.md`.
 //!
 //! One server serves every provider: the request path tells them apart (`/model/…` is Bedrock,

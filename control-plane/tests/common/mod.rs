@@ -1,6 +1,10 @@
 //! Shared helpers for the control plane's integration tests: a fresh database per test (a new
 //! schema in the machine's Postgres, or a SQLite file), a started control plane and clients.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test tasks end with the test's runtime"
+)]
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
 use llm_proxy_control_plane::crypto::MasterKeys;

@@ -334,7 +334,7 @@ impl<C: Clock> fmt::Debug for LocalLimiter<C> {
 }
 
 impl<C: Clock> LocalLimiter<C> {
-    /// A limiter reading time from `clock` (a [`super::ManualClock`] in tests).
+    /// A limiter reading time from `clock` (a [`crate::clock::ManualClock`] in tests).
     pub fn with_clock(clock: C) -> Self {
         let shards = (0..SHARDS)
             .map(|_| {
@@ -484,6 +484,10 @@ impl<C: Clock> RateLimiter for LocalLimiter<C> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "test tasks end with the test's runtime"
+)]
 mod tests {
     use super::*;
     use crate::clock::ManualClock;

@@ -38,7 +38,7 @@
 //!   to a replica that missed writes) thus resumes near the level the data planes knew. An
 //!   existing bucket ignores the hint, and a data plane that knows nothing of an assignment (new,
 //!   or idle until its buckets were full and evicted) still creates it full;
-//! - breaker probes are due on a wall-clock grid ([`Breaker`]), so the data planes go back to
+//! - breaker probes are due on a wall-clock grid (`Breaker`), so the data planes go back to
 //!   Redis together: one still on its local share while the others are back would admit that
 //!   share on top of the shared rate, for up to a cooldown if the clocks disagree.
 //!
@@ -137,7 +137,7 @@ local function save(key, b)
 end
 "#;
 
-/// The acquire script (after [`LUA_PRELUDE`]).
+/// The acquire script (after `LUA_PRELUDE`).
 ///
 /// `KEYS[1]`, `KEYS[2]`: request and token bucket. `ARGV[1]`, `ARGV[2]`: request capacity and rate
 /// per second (`''` = requests not limited); `ARGV[3]`, `ARGV[4]`: token capacity and rate per
@@ -198,7 +198,7 @@ if tok then out[4] = remaining(tok); out[5] = until_full(tok) end
 return out
 "#;
 
-/// The settle script (after [`LUA_PRELUDE`]).
+/// The settle script (after `LUA_PRELUDE`).
 ///
 /// `KEYS[1]`: token bucket. `ARGV[1]`: tokens to add back (`reserved − actual`, negative when the
 /// call used more); `ARGV[2]`, `ARGV[3]`: capacity and rate at reservation time (used only if the
@@ -472,6 +472,10 @@ impl RedisLimiter {
         });
         // Connect and load the scripts now, so the first requests find both ready.
         let warm = Arc::clone(&inner);
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "a one-shot warm-up bounded by the probe timeout; nothing waits for it, a failure only means the first request loads the scripts"
+        )]
         tokio::spawn(async move {
             if let Err(reason) = warm.load_scripts().await {
                 tracing::debug!(%reason, "Redis rate limiter warm-up failed; will retry on use");
@@ -785,6 +789,10 @@ impl Inner {
 /// Checks Redis in the background while the breaker is open; closes it on success. A panic in
 /// the probe counts as a failed probe: the breaker must hear back, or no probe would run again.
 fn spawn_probe(inner: Arc<Inner>) {
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "a one-shot probe bounded by the probe timeout; it reports through the breaker, panics included"
+    )]
     tokio::spawn(async move {
         let probe = std::panic::AssertUnwindSafe(inner.load_scripts());
         let result = futures_util::FutureExt::catch_unwind(probe)
@@ -1056,7 +1064,7 @@ const LEASE_SHARD_CAPACITY: usize = 1024;
 /// bucket, 50 ms of its refill and 1000 requests; 1 (one call per request, exact to the
 /// request) for small limits and for token-limited (TPM) assignments, whose reservations are
 /// per-request estimates. The lease actually taken is also capped by the demand this data plane
-/// saw for the assignment in the last lease window (see [`Leases::take`]), so a quiet data plane
+/// saw for the assignment in the last lease window (see `Leases::take`), so a quiet data plane
 /// never strands more than it was using. The shared bucket is never overdrawn: leased tokens are
 /// taken from it up front, and unused ones expire, which can only under-admit.
 pub fn lease_size(spec: &LimitSpec) -> u32 {
@@ -1314,6 +1322,10 @@ impl DenyCache {
 mod tests {
     //! Against the real Redis at `TEST_REDIS_URL` (scripts/test.sh starts one if needed). Every
     //! test uses fresh random assignment ids, so tests run in parallel without sharing keys.
+    #![allow(
+        clippy::disallowed_methods,
+        reason = "test tasks end with the test's runtime"
+    )]
 
     use std::collections::HashMap;
     use std::net::SocketAddr;

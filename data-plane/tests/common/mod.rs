@@ -3,6 +3,10 @@
 //! stream, and the plumbing of a mock upstream that records every request it receives.
 // Each test crate uses a part of it.
 #![allow(dead_code)]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test tasks end with the test's runtime"
+)]
 
 use axum::handler::Handler;
 use axum::http::StatusCode;

@@ -422,6 +422,10 @@ impl TokenCache {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "test tasks end with the test's runtime"
+)]
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
