@@ -1,12 +1,14 @@
-//! Every read and write of the config, written once and compiled for both backends.
-//!
-//! The queries live in `backend_queries!`, instantiated for `AsyncPgConnection` and for the SQLite
-//! wrapper: one body, the same behaviour on both. Each write is one transaction that validates its
-//! references, changes rows and bumps `config_state.version` (plus `pg_notify` on Postgres, which
-//! is delivered to every replica on commit).
+//! The diesel query bodies behind [`Store`](super::Store), written once in `backend_queries!` and
+//! compiled for `AsyncPgConnection` (`pg`) and for the SQLite wrapper (`sqlite`): one body, the
+//! same behaviour on both. Kept apart from the facade so the SQL can be read as one piece, next to
+//! how a row stores what it holds (options as JSON, the credential sealed to its row).
 
+use super::{
+    AssignmentPatch, ConfigRows, ConnectionPatch, ModelPatch, NewAssignment, NewConnection,
+    NewModel, NewVirtualKey, VirtualKeyPatch, Written, check_limits, now_micros,
+};
 use crate::crypto::{Location, MasterKeys};
-use crate::db::{CONFIG_CHANNEL, Database, DbConn, SqliteConn};
+use crate::db::{CONFIG_CHANNEL, SqliteConn};
 use crate::error::StoreError;
 use crate::ids;
 use crate::rows::{AssignmentRow, ConnectionRow, DataPlaneRow, ModelRow, VirtualKeyRow};
@@ -19,20 +21,11 @@ use diesel::sql_types::Text;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::Notify;
-
-pub fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
 
 const CREDENTIAL_AT: (&str, &str) = ("connections", "credential");
 
-fn credential_location(row_id: &str) -> Location<'_> {
+/// Where a connection's credential is sealed (table, column and row), so it decrypts only there.
+pub(super) fn credential_location(row_id: &str) -> Location<'_> {
     Location {
         table: CREDENTIAL_AT.0,
         column: CREDENTIAL_AT.1,
@@ -40,92 +33,7 @@ fn credential_location(row_id: &str) -> Location<'_> {
     }
 }
 
-pub struct NewConnection {
-    pub name: String,
-    pub provider: String,
-    pub endpoint: String,
-    pub credential: SecretString,
-    pub options: BTreeMap<String, String>,
-}
-
-#[derive(Default)]
-pub struct ConnectionPatch {
-    pub name: Option<String>,
-    pub endpoint: Option<String>,
-    pub credential: Option<SecretString>,
-    pub set_options: BTreeMap<String, String>,
-    pub unset_options: Vec<String>,
-}
-
-pub struct NewModel {
-    pub connection: String,
-    pub name: String,
-    pub remote: String,
-    pub deployment: Option<String>,
-}
-
-#[derive(Default)]
-pub struct ModelPatch {
-    pub name: Option<String>,
-    pub remote: Option<String>,
-    /// `Some(None)` clears the deployment.
-    pub deployment: Option<Option<String>>,
-}
-
-pub struct NewVirtualKey {
-    pub name: String,
-    pub key: Option<SecretString>,
-    pub expires_at: Option<i64>,
-}
-
-#[derive(Default)]
-pub struct VirtualKeyPatch {
-    pub name: Option<String>,
-    pub enabled: Option<bool>,
-    /// `Some(None)` removes the expiry.
-    pub expires_at: Option<Option<i64>>,
-}
-
-#[derive(Default)]
-pub struct NewAssignment {
-    pub vkey: String,
-    pub model: String,
-    pub alias: Option<String>,
-    pub tps: Option<i64>,
-    pub burst: Option<i64>,
-    pub tpm: Option<i64>,
-    pub weight: Option<i64>,
-}
-
-#[derive(Default)]
-pub struct AssignmentPatch {
-    pub alias: Option<String>,
-    /// `Some(None)` removes the limit.
-    pub tps: Option<Option<i64>>,
-    pub burst: Option<Option<i64>>,
-    pub tpm: Option<Option<i64>>,
-    pub weight: Option<i64>,
-}
-
-/// Everything a snapshot is built from, read in one transaction.
-#[derive(Debug)]
-pub struct ConfigRows {
-    pub cluster_epoch: String,
-    pub version: i64,
-    pub connections: Vec<ConnectionRow>,
-    pub models: Vec<ModelRow>,
-    pub virtual_keys: Vec<VirtualKeyRow>,
-    pub assignments: Vec<AssignmentRow>,
-}
-
-/// A write's result and the config version it produced.
-#[derive(Debug)]
-pub struct Written<T> {
-    pub value: T,
-    pub version: i64,
-}
-
-fn parse_options(row: &ConnectionRow) -> Result<BTreeMap<String, String>, StoreError> {
+pub(super) fn parse_options(row: &ConnectionRow) -> Result<BTreeMap<String, String>, StoreError> {
     serde_json::from_str(&row.options).map_err(|e| {
         StoreError::Database(format!(
             "connections.options of {} is not a JSON object: {e}",
@@ -136,16 +44,6 @@ fn parse_options(row: &ConnectionRow) -> Result<BTreeMap<String, String>, StoreE
 
 fn options_json(options: &BTreeMap<String, String>) -> Result<String, StoreError> {
     serde_json::to_string(options).map_err(|e| StoreError::Database(e.to_string()))
-}
-
-fn check_limits(tps: Option<i64>, burst: Option<i64>) -> Result<(), StoreError> {
-    if burst.is_some() && tps.is_none() {
-        return Err(StoreError::invalid(
-            "burst",
-            "needs tps: it is the capacity of the requests-per-second bucket",
-        ));
-    }
-    Ok(())
 }
 
 fn reference<'a>(field: &'static str, value: &'a str) -> Result<&'a str, StoreError> {
@@ -159,7 +57,7 @@ fn reference<'a>(field: &'static str, value: &'a str) -> Result<&'a str, StoreEr
 
 macro_rules! backend_queries {
     ($module:ident, $conn:ty, $is_postgres:expr) => {
-        mod $module {
+        pub(super) mod $module {
             use super::*;
 
             type Conn = $conn;
@@ -947,361 +845,3 @@ macro_rules! backend_queries {
 
 backend_queries!(pg, AsyncPgConnection, true);
 backend_queries!(sqlite, SqliteConn, false);
-
-/// Runs one backend function with a pooled connection of whichever backend is configured.
-macro_rules! on_backend {
-    ($self:ident, $op:ident ( $($arg:expr),* $(,)? )) => {{
-        match $self.db.get().await? {
-            DbConn::Postgres(mut conn) => pg::$op(&mut conn, $($arg),*).await,
-            DbConn::Sqlite(mut conn) => sqlite::$op(&mut conn, $($arg),*).await,
-        }
-    }};
-}
-
-/// A data plane counts as live when seen within this window (heartbeats come every ~10 s).
-pub const LIVE_WINDOW_MICROS: i64 = 30_000_000;
-
-/// What [`Store::verify_credentials`] found.
-#[derive(Debug)]
-pub struct CredentialReport {
-    /// Stored connections.
-    pub total: usize,
-    /// Connections whose credential does not decrypt, with why (never the ciphertext).
-    pub undecryptable: Vec<(String, StoreError)>,
-}
-
-/// Validated reads and writes of the config. Cheap to clone.
-#[derive(Clone)]
-pub struct Store {
-    db: Database,
-    keys: Arc<MasterKeys>,
-    changed: Arc<Notify>,
-}
-
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("db", &self.db).finish()
-    }
-}
-
-impl Store {
-    pub fn new(db: Database, keys: Arc<MasterKeys>) -> Self {
-        Self {
-            db,
-            keys,
-            changed: Arc::new(Notify::new()),
-        }
-    }
-
-    pub fn database(&self) -> &Database {
-        &self.db
-    }
-
-    pub fn master_keys(&self) -> &MasterKeys {
-        &self.keys
-    }
-
-    /// Woken after every local write (bursts collapse into one stored permit).
-    pub fn changes(&self) -> Arc<Notify> {
-        self.changed.clone()
-    }
-
-    fn written<T>(&self, result: Result<Written<T>, StoreError>) -> Result<Written<T>, StoreError> {
-        if result.is_ok() {
-            self.changed.notify_one();
-        }
-        result
-    }
-
-    pub async fn current_version(&self) -> Result<(String, i64), StoreError> {
-        on_backend!(self, current_version())
-    }
-
-    pub async fn create_connection(
-        &self,
-        mut input: NewConnection,
-    ) -> Result<Written<ConnectionRow>, StoreError> {
-        input.name = validate::connection_name(&input.name)?;
-        input.provider = validate::provider(&input.provider)?;
-        input.endpoint = validate::endpoint(&input.endpoint)?;
-        validate::connection_options(&input.provider, &input.endpoint, &input.options)?;
-        let keys = self.keys.clone();
-        let result = on_backend!(self, create_connection(&keys, &input));
-        self.written(result)
-    }
-
-    pub async fn get_connection(&self, r: &str) -> Result<ConnectionRow, StoreError> {
-        on_backend!(self, get_connection(r))
-    }
-
-    pub async fn list_connections(&self) -> Result<Vec<ConnectionRow>, StoreError> {
-        on_backend!(self, list_connections())
-    }
-
-    pub async fn update_connection(
-        &self,
-        r: &str,
-        mut patch: ConnectionPatch,
-    ) -> Result<Written<ConnectionRow>, StoreError> {
-        if let Some(name) = &patch.name {
-            patch.name = Some(validate::connection_name(name)?);
-        }
-        if let Some(endpoint) = &patch.endpoint {
-            patch.endpoint = Some(validate::endpoint(endpoint)?);
-        }
-        let keys = self.keys.clone();
-        let result = on_backend!(self, update_connection(&keys, r, &patch));
-        self.written(result)
-    }
-
-    pub async fn delete_connection(
-        &self,
-        r: &str,
-        force: bool,
-    ) -> Result<Written<String>, StoreError> {
-        let result = on_backend!(self, delete_connection(r, force));
-        self.written(result)
-    }
-
-    pub async fn create_model(&self, mut input: NewModel) -> Result<Written<ModelRow>, StoreError> {
-        input.name = validate::name("name", &input.name)?;
-        if validate::looks_like_id(&input.name) {
-            return Err(StoreError::invalid(
-                "name",
-                "looks like a resource ID; pick another name",
-            ));
-        }
-        input.remote = validate::remote(&input.remote)?;
-        input.deployment = input
-            .deployment
-            .as_deref()
-            .map(validate::deployment)
-            .transpose()?;
-        let result = on_backend!(self, create_model(&input));
-        self.written(result)
-    }
-
-    pub async fn get_model(&self, r: &str) -> Result<ModelRow, StoreError> {
-        on_backend!(self, get_model(r))
-    }
-
-    pub async fn list_models(&self, connection: Option<&str>) -> Result<Vec<ModelRow>, StoreError> {
-        on_backend!(self, list_models(connection))
-    }
-
-    pub async fn update_model(
-        &self,
-        r: &str,
-        mut patch: ModelPatch,
-    ) -> Result<Written<ModelRow>, StoreError> {
-        if let Some(name) = &patch.name {
-            patch.name = Some(validate::name("name", name)?);
-        }
-        if let Some(remote) = &patch.remote {
-            patch.remote = Some(validate::remote(remote)?);
-        }
-        if let Some(Some(deployment)) = &patch.deployment {
-            patch.deployment = Some(Some(validate::deployment(deployment)?));
-        }
-        let result = on_backend!(self, update_model(r, &patch));
-        self.written(result)
-    }
-
-    pub async fn delete_model(&self, r: &str, force: bool) -> Result<Written<String>, StoreError> {
-        let result = on_backend!(self, delete_model(r, force));
-        self.written(result)
-    }
-
-    pub async fn create_vkey(
-        &self,
-        mut input: NewVirtualKey,
-    ) -> Result<Written<(VirtualKeyRow, Option<SecretString>)>, StoreError> {
-        input.name = validate::name("name", &input.name)?;
-        if validate::looks_like_id(&input.name) {
-            return Err(StoreError::invalid(
-                "name",
-                "looks like a resource ID; pick another name",
-            ));
-        }
-        if let Some(key) = &input.key {
-            validate::user_key(key.expose_secret())?;
-        }
-        let result = on_backend!(self, create_vkey(&input));
-        self.written(result)
-    }
-
-    pub async fn get_vkey(&self, r: &str) -> Result<VirtualKeyRow, StoreError> {
-        on_backend!(self, get_vkey(r))
-    }
-
-    pub async fn list_vkeys(&self) -> Result<Vec<VirtualKeyRow>, StoreError> {
-        on_backend!(self, list_vkeys())
-    }
-
-    pub async fn update_vkey(
-        &self,
-        r: &str,
-        mut patch: VirtualKeyPatch,
-    ) -> Result<Written<VirtualKeyRow>, StoreError> {
-        if let Some(name) = &patch.name {
-            patch.name = Some(validate::name("name", name)?);
-        }
-        let result = on_backend!(self, update_vkey(r, &patch));
-        self.written(result)
-    }
-
-    pub async fn delete_vkey(&self, r: &str) -> Result<Written<String>, StoreError> {
-        let result = on_backend!(self, delete_vkey(r));
-        self.written(result)
-    }
-
-    pub async fn create_assignment(
-        &self,
-        mut input: NewAssignment,
-    ) -> Result<Written<AssignmentRow>, StoreError> {
-        input.alias = input.alias.as_deref().map(validate::alias).transpose()?;
-        input.tps = input
-            .tps
-            .map(|v| validate::positive("tps", v))
-            .transpose()?;
-        input.burst = input
-            .burst
-            .map(|v| validate::positive("burst", v))
-            .transpose()?;
-        input.tpm = input
-            .tpm
-            .map(|v| validate::positive("tpm", v))
-            .transpose()?;
-        input.weight = input
-            .weight
-            .map(|v| validate::positive("weight", v))
-            .transpose()?;
-        check_limits(input.tps, input.burst)?;
-        let result = on_backend!(self, create_assignment(&input));
-        self.written(result)
-    }
-
-    pub async fn get_assignment(&self, r: &str) -> Result<AssignmentRow, StoreError> {
-        on_backend!(self, get_assignment(r))
-    }
-
-    pub async fn list_assignments(
-        &self,
-        vkey: Option<&str>,
-        model: Option<&str>,
-    ) -> Result<Vec<AssignmentRow>, StoreError> {
-        on_backend!(self, list_assignments(vkey, model))
-    }
-
-    pub async fn update_assignment(
-        &self,
-        r: &str,
-        mut patch: AssignmentPatch,
-    ) -> Result<Written<AssignmentRow>, StoreError> {
-        if let Some(alias) = &patch.alias {
-            patch.alias = Some(validate::alias(alias)?);
-        }
-        for (field, value) in [
-            ("tps", patch.tps),
-            ("burst", patch.burst),
-            ("tpm", patch.tpm),
-        ] {
-            if let Some(Some(v)) = value {
-                validate::positive(field, v)?;
-            }
-        }
-        if let Some(weight) = patch.weight {
-            validate::positive("weight", weight)?;
-        }
-        let result = on_backend!(self, update_assignment(r, &patch));
-        self.written(result)
-    }
-
-    pub async fn delete_assignment(&self, r: &str) -> Result<Written<String>, StoreError> {
-        let result = on_backend!(self, delete_assignment(r));
-        self.written(result)
-    }
-
-    pub async fn read_config(&self) -> Result<ConfigRows, StoreError> {
-        on_backend!(self, read_config())
-    }
-
-    /// Decrypts one stored credential (for snapshots).
-    pub fn decrypt_credential(&self, row: &ConnectionRow) -> Result<SecretString, StoreError> {
-        Ok(self
-            .keys
-            .decrypt(credential_location(&row.id), &row.credential)?)
-    }
-
-    pub fn connection_options(row: &ConnectionRow) -> Result<BTreeMap<String, String>, StoreError> {
-        parse_options(row)
-    }
-
-    /// Re-encrypts every credential under the active master key; returns how many.
-    pub async fn rotate_credentials(&self) -> Result<usize, StoreError> {
-        let keys = self.keys.clone();
-        on_backend!(self, rotate_credentials(&keys))
-    }
-
-    /// Tries every stored credential against the configured keys: which ones do not decrypt
-    /// (a replica missing a key mid-rotation, or a tampered row). Errors only on the database.
-    pub async fn verify_credentials(&self) -> Result<CredentialReport, StoreError> {
-        let rows = self.list_connections().await?;
-        let undecryptable = rows
-            .iter()
-            .filter_map(|row| {
-                self.decrypt_credential(row)
-                    .err()
-                    .map(|err| (row.id.clone(), err))
-            })
-            .collect();
-        Ok(CredentialReport {
-            total: rows.len(),
-            undecryptable,
-        })
-    }
-
-    pub async fn data_plane_connected(&self, node_id: &str, build: &str) -> Result<(), StoreError> {
-        let row = DataPlaneRow {
-            node_id: node_id.to_owned(),
-            build: build.to_owned(),
-            applied_version: 0,
-            last_seen: now_micros(),
-            connected: true,
-            error: String::new(),
-        };
-        on_backend!(self, upsert_data_plane(&row))
-    }
-
-    pub async fn data_plane_seen(&self, node_id: &str, connected: bool) -> Result<(), StoreError> {
-        on_backend!(self, touch_data_plane(node_id, now_micros(), connected))
-    }
-
-    pub async fn report_status(
-        &self,
-        node_id: &str,
-        applied_version: i64,
-        error: &str,
-    ) -> Result<(), StoreError> {
-        on_backend!(
-            self,
-            report_status(node_id, applied_version, error, now_micros())
-        )
-    }
-
-    pub async fn list_data_planes(&self) -> Result<Vec<DataPlaneRow>, StoreError> {
-        on_backend!(self, list_data_planes())
-    }
-
-    pub async fn count_live_data_planes(&self) -> Result<i64, StoreError> {
-        on_backend!(
-            self,
-            count_live_data_planes(now_micros() - LIVE_WINDOW_MICROS)
-        )
-    }
-
-    /// True when a data plane row counts as connected right now.
-    pub fn is_live(row: &DataPlaneRow) -> bool {
-        row.connected && row.last_seen >= now_micros() - LIVE_WINDOW_MICROS
-    }
-}
