@@ -19,6 +19,7 @@ pub mod bench;
 pub mod google;
 pub mod openai;
 mod recorded;
+pub mod sigv4;
 
 pub use recorded::Recorded;
 
@@ -158,6 +159,8 @@ async fn dispatch(State(state): State<Arc<MockState>>, request: Request) -> Resp
             google::answer(&state, recorded).await
         }
         Provider::Bedrock => {
+            // The id is chosen before recording, so tests can compare it with the gateway's.
+            let recorded = bedrock::with_request_id(&state, recorded);
             state.record(recorded.clone());
             bedrock::answer(&state, recorded).await
         }

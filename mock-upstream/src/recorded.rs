@@ -16,6 +16,9 @@ pub struct Recorded {
     pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The request id the mock answers with, when the provider's module assigns one before
+    /// answering (Bedrock's `x-amzn-RequestId`): what tests compare the gateway's ids with.
+    pub request_id: Option<String>,
 }
 
 impl Recorded {
@@ -31,6 +34,7 @@ impl Recorded {
             query: parts.uri.query().map(str::to_owned),
             headers: parts.headers,
             body,
+            request_id: None,
         })
     }
 
@@ -63,6 +67,7 @@ impl Recorded {
             "query": self.query,
             "headers": headers,
             "body": String::from_utf8_lossy(&self.body),
+            "request_id": self.request_id,
         })
     }
 }
