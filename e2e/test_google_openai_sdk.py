@@ -22,7 +22,7 @@ import pytest
 
 from serve import ROOT, llmctl_serve
 
-SERVICE_ACCOUNT = ROOT / "data-plane" / "tests" / "fixtures" / "google" / "test-service-account.json"
+SERVICE_ACCOUNT = ROOT / "mock-upstream" / "fixtures" / "google" / "test-service-account.json"
 STUDIO_KEY = "AIzaSyE2e-0123456789abcdefghijklmnopqr"  # 39 characters, like a real AI Studio key
 BAD_STUDIO_KEY = "AIzaSyE2e-revoked-456789abcdefghijklmn"
 ACCESS_TOKEN = "ya29.e2e-token"

@@ -1,9 +1,10 @@
-//! The data plane end to end against a mock Google server (Gemini API, Vertex AI and the OAuth
-//! token endpoint) that records exactly what it receives (method, path, query, headers, body)
-//! and answers with faithful Google bodies: `GenerateContentResponse`s, `\r\n\r\n`-separated SSE
-//! without `[DONE]`, `batchEmbedContents` / `predict` answers, google.rpc errors with `details`,
-//! and a token endpoint that verifies the service-account JWT with the fixture's public key.
-//! Config comes from a real control plane (SQLite) through the real config stream.
+//! The data plane end to end against the mock Google server of `llm-proxy-mock-upstream` (Gemini
+//! API, Vertex AI and the OAuth token endpoint), which records exactly what it receives (method,
+//! path, query, headers, body) and answers with faithful Google bodies: `GenerateContentResponse`s,
+//! `\r\n\r\n`-separated SSE without `[DONE]`, `batchEmbedContents` / `predict` answers,
+//! google.rpc errors with `details`, and a token endpoint that verifies the service-account JWT
+//! with the fixture's public key. Config comes from a real control plane (SQLite) through the real
+//! config stream.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(
     clippy::disallowed_methods,
@@ -12,569 +13,29 @@
 
 mod common;
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::body::Bytes;
 use axum::http::{Method, StatusCode};
-use axum::response::Response;
 use base64::Engine as _;
 use common::{PATIENCE, Recorded, options, sse_data};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use llm_proxy_control_plane::server::RunningControlPlane;
 use llm_proxy_data_plane::gateway::RunningGateway;
+use llm_proxy_mock_upstream::MockUpstream;
+use llm_proxy_mock_upstream::google::{
+    COLD_SA_EMAIL, EXPRESS_KEY, FOREVER_SA_EMAIL, GEMINI_KEY, SA_EMAIL, SA_KEY_ID,
+    SERVICE_ACCOUNT_JSON, THOUGHT_SIGNATURE, TokenBook, VERTEX_TOKEN, vector,
+};
 use serde_json::{Value, json};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::Notify;
+use std::sync::atomic::Ordering;
 
 const CLIENT_KEY: &str = "vk-google-front-5678";
-/// AI Studio keys are `AIzaSy` + 33 characters.
-const GEMINI_KEY: &str = "AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUvW";
+/// An AI Studio key the mock refuses.
 const REVOKED_KEY: &str = "AIzaSyRevokedRevokedRevokedRevoked00000";
-const EXPRESS_KEY: &str = "AQ.Ab8RN6JexpressModeKey0123456789abcdefghijklmnopq";
-const VERTEX_TOKEN: &str = "ya29.xxx";
-const SA_EMAIL: &str = "gateway@llm-proxy-test.iam.gserviceaccount.com";
-const COLD_SA_EMAIL: &str = "gateway-cold@llm-proxy-test.iam.gserviceaccount.com";
-/// The token endpoint answers this account's exchanges with `expires_in: u64::MAX`.
-const FOREVER_SA_EMAIL: &str = "gateway-forever@llm-proxy-test.iam.gserviceaccount.com";
-const SA_KEY_ID: &str = "0123456789abcdef0123456789abcdef01234567";
-const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
-const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-/// Real signatures are base64 and contain `+`, `/` and `=`.
-const THOUGHT_SIGNATURE: &str = "CiQB0e2Kb+3x/Qk9T1hvdWdodFNpZ25hdHVyZQ==";
-const SERVICE_ACCOUNT_JSON: &str = include_str!("fixtures/google/test-service-account.json");
-const SERVICE_ACCOUNT_PUBLIC_KEY: &str =
-    include_str!("fixtures/google/test-service-account.pub.pem");
-
-// ---------------------------------------------------------------------------------------------
-// The mock Google server
-
-/// The fake `oauth2.googleapis.com/token`.
-#[derive(Default)]
-struct TokenEndpoint {
-    /// The `iss` of each accepted assertion; the n-th got the token `ya29.mock-<n>`.
-    issued: Mutex<Vec<String>>,
-    /// Why refused exchanges were refused.
-    refused: Mutex<Vec<String>>,
-    /// When set, the first exchange signals `arrived` and answers only after `release`.
-    hold_first: AtomicBool,
-    arrived: Notify,
-    release: Notify,
-}
-
-#[derive(Clone)]
-struct Mock {
-    /// `http://127.0.0.1:<port>`.
-    base: String,
-    seen: Arc<Mutex<Vec<Recorded>>>,
-    token: Arc<TokenEndpoint>,
-}
-
-impl Mock {
-    fn token_url(&self) -> String {
-        format!("{}/token", self.base)
-    }
-
-    fn issued(&self) -> Vec<String> {
-        self.token.issued.lock().unwrap().clone()
-    }
-
-    fn refused(&self) -> Vec<String> {
-        self.token.refused.lock().unwrap().clone()
-    }
-
-    fn access_token_is_valid(&self, token: &str) -> bool {
-        if token == VERTEX_TOKEN {
-            return true;
-        }
-        let issued = self.token.issued.lock().unwrap().len();
-        (1..=issued).any(|n| token == format!("ya29.mock-{n}"))
-    }
-}
-
-fn json_response(status: StatusCode, body: &Value) -> Response {
-    common::json_response(status, "application/json; charset=UTF-8", body)
-}
-
-/// A google.rpc error body as the Gemini API and Vertex AI send it.
-fn google_error(status: StatusCode, rpc_status: &str, message: &str, details: Value) -> Response {
-    let mut error = json!({"code": status.as_u16(), "message": message, "status": rpc_status});
-    if details != Value::Null {
-        error["details"] = details;
-    }
-    json_response(status, &json!({ "error": error }))
-}
-
-fn invalid_argument(message: &str) -> Response {
-    google_error(
-        StatusCode::BAD_REQUEST,
-        "INVALID_ARGUMENT",
-        message,
-        Value::Null,
-    )
-}
-
-fn api_key_invalid(key: &str) -> Response {
-    // The real message does not quote the key; this one does, so that a gateway relaying the
-    // provider's message to its client would be caught leaking it.
-    google_error(
-        StatusCode::BAD_REQUEST,
-        "INVALID_ARGUMENT",
-        &format!("API key not valid. Please pass a valid API key. (got {key})"),
-        json!([{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
-                "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}}]),
-    )
-}
-
-fn unauthenticated() -> Response {
-    google_error(
-        StatusCode::UNAUTHORIZED,
-        "UNAUTHENTICATED",
-        "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.",
-        json!([{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "ACCESS_TOKEN_TYPE_UNSUPPORTED",
-                "metadata": {"service": "aiplatform.googleapis.com",
-                             "method": "google.cloud.aiplatform.v1.PredictionService.GenerateContent"}}]),
-    )
-}
-
-async fn mock_handler(State(mock): State<Mock>, request: Request) -> Response {
-    let recorded = Recorded::read(request).await.unwrap();
-    mock.seen.lock().unwrap().push(recorded.clone());
-    if recorded.path == "/token" {
-        return token_endpoint(&mock, &recorded).await;
-    }
-    if recorded.method != Method::POST {
-        return google_error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "METHOD_NOT_ALLOWED",
-            "method not allowed",
-            Value::Null,
-        );
-    }
-    let path = recorded.path.as_str();
-    let (api, key_header) = (
-        if path.starts_with("/v1beta/models/") {
-            "gemini"
-        } else if path.starts_with("/v1/publishers/google/models/") {
-            "vertex-express"
-        } else if path.starts_with("/v1/projects/") && path.contains("/publishers/google/models/") {
-            "vertex-project"
-        } else {
-            return google_error(
-                StatusCode::NOT_FOUND,
-                "NOT_FOUND",
-                &format!("no route for {path}"),
-                Value::Null,
-            );
-        },
-        recorded.header("x-goog-api-key"),
-    );
-    let bearer = recorded
-        .header("authorization")
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match api {
-        "gemini" if key_header != Some(GEMINI_KEY) => {
-            return api_key_invalid(key_header.unwrap_or_default());
-        }
-        "vertex-express" if key_header != Some(EXPRESS_KEY) => {
-            return api_key_invalid(key_header.unwrap_or_default());
-        }
-        "vertex-project" if !bearer.is_some_and(|t| mock.access_token_is_valid(t)) => {
-            return unauthenticated();
-        }
-        _ => {}
-    }
-    if recorded.header("content-type") != Some("application/json") {
-        return invalid_argument("Invalid JSON payload: expected application/json");
-    }
-    let Some((resource, method)) = path.rsplit_once(':') else {
-        return google_error(StatusCode::NOT_FOUND, "NOT_FOUND", "no method", Value::Null);
-    };
-    let model = resource.rsplit('/').next().unwrap_or_default().to_owned();
-    let Ok(request) = serde_json::from_slice::<Value>(&recorded.body) else {
-        return invalid_argument("Invalid JSON payload received.");
-    };
-    let vertex = api != "gemini";
-    match method {
-        "generateContent" => {
-            if let Err(message) = check_generate_request(&request) {
-                return invalid_argument(&message);
-            }
-            generate_content(&request, &model, vertex)
-        }
-        "streamGenerateContent" => {
-            if let Err(message) = check_generate_request(&request) {
-                return invalid_argument(&message);
-            }
-            if recorded.query.as_deref() != Some("alt=sse") {
-                // Without alt=sse Google streams a JSON array instead of SSE.
-                return json_response(StatusCode::OK, &json!([answer_text(&model, vertex)]));
-            }
-            stream_generate_content(&request, &model)
-        }
-        "batchEmbedContents" if api == "gemini" => batch_embed_contents(&request, &model),
-        "predict" if vertex => predict(&request),
-        _ => google_error(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            &format!("method {method} not found"),
-            Value::Null,
-        ),
-    }
-}
-
-/// What the Gemini API itself refuses: unknown top-level fields, roles other than user/model,
-/// no contents.
-fn check_generate_request(request: &Value) -> Result<(), String> {
-    const FIELDS: &[&str] = &[
-        "contents",
-        "systemInstruction",
-        "tools",
-        "toolConfig",
-        "safetySettings",
-        "generationConfig",
-        "cachedContent",
-        "labels",
-    ];
-    let Some(object) = request.as_object() else {
-        return Err("Invalid JSON payload received.".to_owned());
-    };
-    if let Some(unknown) = object.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(format!(
-            "Invalid JSON payload received. Unknown name \"{unknown}\": Cannot find field."
-        ));
-    }
-    let contents = object
-        .get("contents")
-        .and_then(Value::as_array)
-        .filter(|c| !c.is_empty())
-        .ok_or("* GenerateContentRequest.contents: contents is not specified\n")?;
-    if contents
-        .iter()
-        .any(|c| !matches!(c["role"].as_str(), Some("user" | "model")))
-    {
-        return Err("Please use a valid role: user, model.".to_owned());
-    }
-    Ok(())
-}
-
-fn usage_metadata(vertex: bool) -> Value {
-    let mut usage = json!({
-        "promptTokenCount": 15, "candidatesTokenCount": 6, "thoughtsTokenCount": 40,
-        "cachedContentTokenCount": 5, "totalTokenCount": 61,
-        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 15}],
-        "cacheTokensDetails": [{"modality": "TEXT", "tokenCount": 5}],
-        "candidatesTokensDetails": [{"modality": "TEXT", "tokenCount": 6}]
-    });
-    if vertex {
-        usage["trafficType"] = json!("ON_DEMAND");
-    }
-    usage
-}
-
-fn with_vertex_fields(mut answer: Value, vertex: bool) -> Value {
-    if vertex {
-        answer["createTime"] = json!("2025-08-14T09:03:53.412345Z");
-    }
-    answer
-}
-
-/// A text answer after some thinking (§3.3).
-fn answer_text(model: &str, vertex: bool) -> Value {
-    with_vertex_fields(
-        json!({
-            "candidates": [{
-                "content": {"role": "model", "parts": [
-                    {"text": "Let me check the weather in Paris...", "thought": true},
-                    {"text": "It is 21°C.", "thoughtSignature": "EjQKMgG7Pa1Vw=="}]},
-                "finishReason": "STOP",
-                "index": 0,
-                "safetyRatings": [{"category": "HARM_CATEGORY_HARASSMENT", "probability": "NEGLIGIBLE"}],
-                "avgLogprobs": -0.12
-            }],
-            "usageMetadata": usage_metadata(vertex),
-            "modelVersion": model,
-            "responseId": "Il0taoSYJ5Cez7"
-        }),
-        vertex,
-    )
-}
-
-/// A candidate whose `index` would size a 64 GB vector if believed.
-fn huge_index_answer(model: &str) -> Value {
-    json!({
-        "candidates": [{"content": {"parts": [{"text": "It is"}], "role": "model"},
-                        "finishReason": "STOP", "index": 4_000_000_000u64}],
-        "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9},
-        "modelVersion": model, "responseId": "r-huge"
-    })
-}
-
-fn generate_content(request: &Value, model: &str, vertex: bool) -> Response {
-    let text = request.to_string();
-    if text.contains("HUGEINDEX") {
-        return json_response(StatusCode::OK, &huge_index_answer(model));
-    }
-    if text.contains("RATELIMITME") {
-        return google_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "RESOURCE_EXHAUSTED",
-            "You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.",
-            json!([
-                {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
-                    "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
-                    "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
-                    "quotaDimensions": {"location": "global", "model": model}, "quotaValue": "10"}]},
-                {"@type": "type.googleapis.com/google.rpc.Help", "links": [{
-                    "description": "Learn more about Gemini API quotas",
-                    "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
-                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}
-            ]),
-        );
-    }
-    let answered_tool = request["contents"]
-        .as_array()
-        .and_then(|c| c.last())
-        .and_then(|last| last["parts"].as_array())
-        .is_some_and(|parts| parts.iter().any(|p| p.get("functionResponse").is_some()));
-    if request.get("tools").is_some() && !answered_tool {
-        // Gemini 2.5 with thinking signs its function calls; finishReason stays STOP.
-        return json_response(
-            StatusCode::OK,
-            &json!({
-                "candidates": [{
-                    "content": {"role": "model", "parts": [{
-                        "functionCall": {"id": "fc_7", "name": "get_weather", "args": {"city": "Paris"}},
-                        "thoughtSignature": THOUGHT_SIGNATURE}]},
-                    "finishReason": "STOP",
-                    "index": 0
-                }],
-                "usageMetadata": {"promptTokenCount": 42, "candidatesTokenCount": 8,
-                                  "thoughtsTokenCount": 20, "totalTokenCount": 70},
-                "modelVersion": model,
-                "responseId": "tool-1"
-            }),
-        );
-    }
-    if answered_tool {
-        return json_response(
-            StatusCode::OK,
-            &json!({
-                "candidates": [{
-                    "content": {"role": "model", "parts": [{"text": "It is 21°C in Paris."}]},
-                    "finishReason": "STOP",
-                    "index": 0
-                }],
-                "usageMetadata": {"promptTokenCount": 60, "candidatesTokenCount": 7, "totalTokenCount": 67},
-                "modelVersion": model,
-                "responseId": "tool-2"
-            }),
-        );
-    }
-    json_response(StatusCode::OK, &answer_text(model, vertex))
-}
-
-/// `\r\n\r\n`-separated events, no `[DONE]` (§3.4), sent in small pieces so that event
-/// terminators and UTF-8 characters straddle chunks.
-fn stream_generate_content(request: &Value, model: &str) -> Response {
-    if request.to_string().contains("HUGEINDEX") {
-        let event = huge_index_answer(model);
-        return Response::builder()
-            .header("content-type", "text/event-stream")
-            .body(Body::from(format!("data: {event}\r\n\r\n")))
-            .unwrap();
-    }
-    let first = json!({
-        "candidates": [{"content": {"parts": [{"text": "It is"}], "role": "model"}, "index": 0}],
-        "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9},
-        "modelVersion": model, "responseId": "r1"
-    });
-    if request.get("tools").is_some() {
-        // A function call arrives whole in one event; older models send no call id.
-        let event = json!({
-            "candidates": [{"content": {"role": "model", "parts": [
-                {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]},
-                "finishReason": "STOP", "index": 0}],
-            "usageMetadata": {"promptTokenCount": 42, "candidatesTokenCount": 8, "totalTokenCount": 50},
-            "modelVersion": model, "responseId": "r2"
-        });
-        return Response::builder()
-            .header("content-type", "text/event-stream")
-            .body(Body::from(format!("data: {event}\r\n\r\n")))
-            .unwrap();
-    }
-    let last = if request.to_string().contains("BREAKME") {
-        json!({"error": {"code": 503, "message": "The model is overloaded. Please try again later.",
-                         "status": "UNAVAILABLE"}})
-    } else {
-        json!({
-            "candidates": [{"content": {"parts": [{"text": " 21°C."}], "role": "model"},
-                            "finishReason": "STOP", "index": 0}],
-            "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 5,
-                              "thoughtsTokenCount": 12, "totalTokenCount": 26},
-            "modelVersion": model, "responseId": "r1"
-        })
-    };
-    let mut text = Vec::new();
-    // TRUNCATEME: the upstream closes before the event with the finishReason.
-    let events = if request.to_string().contains("TRUNCATEME") {
-        vec![first]
-    } else {
-        vec![first, last]
-    };
-    for event in events {
-        text.extend_from_slice(format!("data: {event}\r\n\r\n").as_bytes());
-    }
-    let pieces: Vec<Result<Bytes, std::convert::Infallible>> = text
-        .chunks(7)
-        .map(|piece| Ok(Bytes::copy_from_slice(piece)))
-        .collect();
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .body(Body::from_stream(futures_util::stream::iter(pieces)))
-        .unwrap()
-}
-
-/// The embedding of the `i`-th input: exact in float32.
-fn vector(i: usize) -> Vec<f64> {
-    vec![0.25, -0.5, 1.0 + i as f64]
-}
-
-fn batch_embed_contents(request: &Value, model: &str) -> Response {
-    let Some(requests) = request["requests"].as_array() else {
-        return invalid_argument("* BatchEmbedContentsRequest.requests: requests is required");
-    };
-    let expected_model = format!("models/{model}");
-    if requests
-        .iter()
-        .any(|r| r["model"] != expected_model.as_str())
-    {
-        return invalid_argument(&format!(
-            "* BatchEmbedContentsRequest.requests: model must be {expected_model}"
-        ));
-    }
-    let embeddings: Vec<Value> = (0..requests.len())
-        .map(|i| json!({ "values": vector(i) }))
-        .collect();
-    json_response(StatusCode::OK, &json!({ "embeddings": embeddings }))
-}
-
-/// Vertex `:predict` for text-embedding models: one token per word.
-fn predict(request: &Value) -> Response {
-    let Some(instances) = request["instances"].as_array() else {
-        return invalid_argument("instances is required");
-    };
-    let mut characters = 0;
-    let predictions: Vec<Value> = instances
-        .iter()
-        .enumerate()
-        .map(|(i, instance)| {
-            let content = instance["content"].as_str().unwrap_or_default();
-            characters += content.chars().filter(|c| !c.is_whitespace()).count();
-            json!({"embeddings": {"values": vector(i), "statistics": {
-                "token_count": content.split_whitespace().count(), "truncated": false}}})
-        })
-        .collect();
-    json_response(
-        StatusCode::OK,
-        &json!({"predictions": predictions, "metadata": {"billableCharacterCount": characters}}),
-    )
-}
-
-/// Checks a JWT-bearer token request (§4.2); returns the assertion's issuer.
-fn verify_token_request(recorded: &Recorded, token_url: &str) -> Result<String, String> {
-    if recorded.method != Method::POST {
-        return Err(format!("method {}", recorded.method));
-    }
-    if recorded.header("content-type") != Some("application/x-www-form-urlencoded") {
-        return Err(format!(
-            "content-type {:?}",
-            recorded.header("content-type")
-        ));
-    }
-    let form: Vec<(String, String)> = url::form_urlencoded::parse(&recorded.body)
-        .into_owned()
-        .collect();
-    let names: Vec<&str> = form.iter().map(|(k, _)| k.as_str()).collect();
-    if names != ["grant_type", "assertion"] {
-        return Err(format!("form fields {names:?}"));
-    }
-    if form[0].1 != JWT_BEARER {
-        return Err(format!("grant_type {}", form[0].1));
-    }
-    let key = DecodingKey::from_rsa_pem(SERVICE_ACCOUNT_PUBLIC_KEY.as_bytes()).unwrap();
-    let mut validation = Validation::new(Algorithm::RS256);
-    validation.set_audience(&[token_url]);
-    validation.set_required_spec_claims(&["exp", "iat", "iss", "aud"]);
-    let jwt = jsonwebtoken::decode::<Value>(&form[1].1, &key, &validation)
-        .map_err(|e| format!("invalid JWT: {e}"))?;
-    if jwt.header.kid.as_deref() != Some(SA_KEY_ID) {
-        return Err(format!("kid {:?}", jwt.header.kid));
-    }
-    if jwt.header.typ.as_deref() != Some("JWT") {
-        return Err(format!("typ {:?}", jwt.header.typ));
-    }
-    let claims = &jwt.claims;
-    if claims["scope"] != SCOPE {
-        return Err(format!("scope {}", claims["scope"]));
-    }
-    let (iat, exp) = (claims["iat"].as_u64(), claims["exp"].as_u64());
-    if !matches!((iat, exp), (Some(iat), Some(exp)) if exp.checked_sub(iat) == Some(3600)) {
-        return Err(format!("iat {iat:?} exp {exp:?}"));
-    }
-    let iss = claims["iss"].as_str().unwrap_or_default();
-    if ![SA_EMAIL, COLD_SA_EMAIL, FOREVER_SA_EMAIL].contains(&iss) {
-        return Err(format!("iss {iss}"));
-    }
-    Ok(iss.to_owned())
-}
-
-async fn token_endpoint(mock: &Mock, recorded: &Recorded) -> Response {
-    let iss = match verify_token_request(recorded, &mock.token_url()) {
-        Ok(iss) => iss,
-        Err(reason) => {
-            mock.token.refused.lock().unwrap().push(reason);
-            // A test waiting for the held exchange proceeds (and fails on the refusal).
-            mock.token.arrived.notify_one();
-            return json_response(
-                StatusCode::BAD_REQUEST,
-                &json!({"error": "invalid_grant", "error_description": "Invalid JWT Signature."}),
-            );
-        }
-    };
-    let expires_in = if iss == FOREVER_SA_EMAIL {
-        json!(u64::MAX)
-    } else {
-        json!(3599)
-    };
-    let n = {
-        let mut issued = mock.token.issued.lock().unwrap();
-        issued.push(iss);
-        issued.len()
-    };
-    if n == 1 && mock.token.hold_first.load(Ordering::SeqCst) {
-        mock.token.arrived.notify_one();
-        mock.token.release.notified().await;
-    }
-    json_response(
-        StatusCode::OK,
-        &json!({"access_token": format!("ya29.mock-{n}"), "expires_in": expires_in, "token_type": "Bearer"}),
-    )
-}
-
-async fn start_mock() -> Mock {
-    common::start_mock(mock_handler, |base| Mock {
-        base,
-        seen: Arc::default(),
-        token: Arc::default(),
-    })
-    .await
-}
 
 // ---------------------------------------------------------------------------------------------
 // Control plane + data plane
 
 struct Fixture {
-    mock: Mock,
+    mock: MockUpstream,
     cp: RunningControlPlane,
     dp: RunningGateway,
     http: reqwest::Client,
@@ -590,24 +51,23 @@ impl Fixture {
     /// Every request the mock saw except token exchanges.
     fn model_calls(&self) -> Vec<Recorded> {
         self.mock
-            .seen
-            .lock()
-            .unwrap()
-            .iter()
+            .requests()
+            .into_iter()
             .filter(|r| r.path != "/token")
-            .cloned()
             .collect()
     }
 
     fn token_calls(&self) -> Vec<Recorded> {
         self.mock
-            .seen
-            .lock()
-            .unwrap()
-            .iter()
+            .requests()
+            .into_iter()
             .filter(|r| r.path == "/token")
-            .cloned()
             .collect()
+    }
+
+    /// The mock token endpoint's issued and refused exchanges.
+    fn tokens(&self) -> &TokenBook {
+        &self.mock.state.google_tokens
     }
 
     fn last(&self) -> Recorded {
@@ -633,7 +93,8 @@ fn service_account_json(token_url: &str, client_email: &str) -> String {
 }
 
 async fn fixture() -> Fixture {
-    let mock = start_mock().await;
+    let mock = MockUpstream::start().await.unwrap();
+    let token_url = format!("{}/token", mock.base);
     let dir = tempfile::tempdir().unwrap();
     let (cp, _) = common::start_control_plane(dir.path()).await;
     let store = &cp.store;
@@ -665,17 +126,17 @@ async fn fixture() -> Fixture {
         ),
         (
             "Vertex-SA",
-            service_account_json(&mock.token_url(), SA_EMAIL),
+            service_account_json(&token_url, SA_EMAIL),
             options(&vertex_location),
         ),
         (
             "Vertex-SA-Cold",
-            service_account_json(&mock.token_url(), COLD_SA_EMAIL),
+            service_account_json(&token_url, COLD_SA_EMAIL),
             options(&vertex_location),
         ),
         (
             "Vertex-SA-Forever",
-            service_account_json(&mock.token_url(), FOREVER_SA_EMAIL),
+            service_account_json(&token_url, FOREVER_SA_EMAIL),
             options(&vertex_location),
         ),
     ];
@@ -1022,14 +483,14 @@ async fn vertex_service_account_exchanges_a_signed_jwt_once_and_reuses_the_token
             response.status(),
             200,
             "refused exchanges: {:?}",
-            f.mock.refused()
+            f.tokens().refused()
         );
         let answer: Value = response.json().await.unwrap();
         assert_translated_text_answer(&answer, "gemini-2.5-flash");
     }
-    assert_eq!(f.mock.refused(), Vec::<String>::new());
+    assert_eq!(f.tokens().refused(), Vec::<String>::new());
     assert_eq!(
-        f.mock.issued(),
+        f.tokens().issued(),
         [SA_EMAIL],
         "one exchange, for the connection's account"
     );
@@ -1055,7 +516,7 @@ async fn vertex_service_account_exchanges_a_signed_jwt_once_and_reuses_the_token
 async fn concurrent_requests_on_a_cold_service_account_share_one_token_exchange() {
     const REQUESTS: usize = 20;
     let f = fixture().await;
-    f.mock.token.hold_first.store(true, Ordering::SeqCst);
+    f.tokens().hold_first.store(true, Ordering::SeqCst);
     let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let url = format!("{}/v1/chat/completions", f.base);
     let mut tasks = Vec::new();
@@ -1097,10 +558,10 @@ async fn concurrent_requests_on_a_cold_service_account_share_one_token_exchange(
     })
     .await
     .expect("the requests were not all sent");
-    tokio::time::timeout(PATIENCE, f.mock.token.arrived.notified())
+    tokio::time::timeout(PATIENCE, f.tokens().arrived.notified())
         .await
         .expect("no token exchange reached the token endpoint");
-    f.mock.token.release.notify_one();
+    f.tokens().release.notify_one();
 
     for task in tasks {
         let response = tokio::time::timeout(PATIENCE, task)
@@ -1111,14 +572,14 @@ async fn concurrent_requests_on_a_cold_service_account_share_one_token_exchange(
             response.status(),
             200,
             "refused exchanges: {:?}",
-            f.mock.refused()
+            f.tokens().refused()
         );
         let answer: Value = response.json().await.unwrap();
         assert_eq!(answer["choices"][0]["message"]["content"], "It is 21°C.");
     }
-    assert_eq!(f.mock.refused(), Vec::<String>::new());
+    assert_eq!(f.tokens().refused(), Vec::<String>::new());
     assert_eq!(
-        f.mock.issued(),
+        f.tokens().issued(),
         [COLD_SA_EMAIL],
         "exactly one token exchange for {REQUESTS} concurrent requests"
     );
@@ -1446,10 +907,14 @@ async fn a_token_endpoint_answering_a_huge_expires_in_neither_panics_nor_stalls(
             status,
             200,
             "refused exchanges: {:?}: {body}",
-            f.mock.refused()
+            f.tokens().refused()
         );
         assert_translated_text_answer(&serde_json::from_str(&body).unwrap(), "gemini-2.5-flash");
     }
-    assert_eq!(f.mock.issued(), [FOREVER_SA_EMAIL], "the token is reused");
+    assert_eq!(
+        f.tokens().issued(),
+        [FOREVER_SA_EMAIL],
+        "the token is reused"
+    );
     f.assert_next_request_served().await;
 }

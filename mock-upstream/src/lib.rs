@@ -48,6 +48,8 @@ pub struct MockState {
     /// Bytes of the oversized bodies handed to the connection so far: what the gateway made the
     /// mock send.
     pub produced: Arc<AtomicUsize>,
+    /// Google's token endpoint: the tokens it issued and the exchanges it refused.
+    pub google_tokens: google::TokenBook,
 }
 
 impl MockState {
