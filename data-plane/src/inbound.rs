@@ -3,8 +3,32 @@
 //! DESIGN §17 adds dialects on both sides, and any inbound dialect may meet any wire format.
 
 use crate::errors::ApiError;
-use crate::providers::Operation;
 use axum::response::{IntoResponse as _, Response};
+
+/// What the client asks for (the OpenAI operation); every dialect maps its routes onto these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    ChatCompletions,
+    Embeddings,
+}
+
+impl Operation {
+    /// Name of the request span (the OpenAI operation).
+    pub fn span_name(self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "chat.completions",
+            Operation::Embeddings => "embeddings",
+        }
+    }
+
+    /// The OpenAI path suffix, shared by OpenAI and Azure.
+    pub fn path(self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "chat/completions",
+            Operation::Embeddings => "embeddings",
+        }
+    }
+}
 
 /// How the client's request arrived, and so how errors and answers must look to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

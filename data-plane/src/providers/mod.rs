@@ -10,6 +10,7 @@ pub mod openai_request;
 
 use crate::body::ParsedRequest;
 use crate::errors::ApiError;
+pub use crate::inbound::Operation;
 use crate::index::{Provider, Target};
 use crate::limits::Limits;
 use crate::sse::{self, StreamEnd};
@@ -18,30 +19,6 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use serde::Deserialize;
 use std::time::Duration;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    ChatCompletions,
-    Embeddings,
-}
-
-impl Operation {
-    /// Name of the request span (the OpenAI operation).
-    pub fn span_name(self) -> &'static str {
-        match self {
-            Operation::ChatCompletions => "chat.completions",
-            Operation::Embeddings => "embeddings",
-        }
-    }
-
-    /// The OpenAI path suffix, shared by OpenAI and Azure.
-    pub fn path(self) -> &'static str {
-        match self {
-            Operation::ChatCompletions => "chat/completions",
-            Operation::Embeddings => "embeddings",
-        }
-    }
-}
 
 /// Everything an adapter needs to build one upstream call.
 #[derive(Debug)]
