@@ -42,7 +42,15 @@ impl Provider {
     ];
 
     /// The names of [`Provider::ALL`], as the API, the database and `llmctl` spell them.
-    pub const NAMES: [&'static str; 4] = ["openai", "azure", "google", "bedrock"];
+    pub const NAMES: [&'static str; Provider::ALL.len()] = {
+        let mut names = [""; Provider::ALL.len()];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = Provider::ALL[i].as_str();
+            i += 1;
+        }
+        names
+    };
 
     /// The name used in the API, the database, metrics and messages.
     pub const fn as_str(self) -> &'static str {
@@ -79,7 +87,7 @@ impl fmt::Display for Provider {
 
 /// A provider name that is not one of [`Provider::NAMES`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("must be one of openai|azure|google|bedrock, got {0:?}")]
+#[error("must be one of {names}, got {0:?}", names = Provider::NAMES.join("|"))]
 pub struct UnknownProvider(pub String);
 
 impl FromStr for Provider {
@@ -338,6 +346,22 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn every_provider_is_in_all() {
+        // The match stops compiling when a provider is added; the assert then makes sure `ALL`
+        // (and so `NAMES`, the parser and `llmctl --provider`) lists it.
+        for provider in Provider::ALL {
+            let position = match provider {
+                Provider::OpenAi => 0,
+                Provider::Azure => 1,
+                Provider::Google => 2,
+                Provider::Bedrock => 3,
+            };
+            assert_eq!(Provider::ALL[position], provider);
+        }
+        assert_eq!(Provider::ALL.len(), 4);
     }
 
     #[test]
