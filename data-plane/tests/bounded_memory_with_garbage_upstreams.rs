@@ -6,12 +6,10 @@
 
 mod common;
 
-use axum::body::{Body, Bytes};
-use axum::response::Response;
 use common::DataPlaneProcess;
+use llm_proxy_mock_upstream::MockUpstream;
+use llm_proxy_mock_upstream::openai::OPENAI_KEY;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 const KEY: &str = "vk-bounded-memory-1234";
@@ -25,35 +23,11 @@ const GROWTH_BOUND: usize = 4 * CAP + 12 * MIB;
 /// Bound on each answer: they take milliseconds; seconds would mean a stall.
 const WITHIN_SECONDS: Duration = Duration::from_secs(10);
 
-/// An OpenAI-format upstream: garbage for the trigger words, a normal chat completion otherwise.
+/// The OpenAI-format mock upstream: the garbage of DESIGN §19 for its trigger words
+/// (`DECLARE200MB`, `UNDECLARED200MB`, `LINE50MB`), a normal chat completion otherwise.
 /// The mock's base URL (`http://127.0.0.1:<port>`).
 async fn mock_upstream() -> String {
-    async fn answer(body: Bytes) -> Response {
-        let text = String::from_utf8_lossy(&body);
-        let produced = Arc::new(AtomicUsize::new(0));
-        let (content_type, body, declared) = if text.contains("DECLARE200MB") {
-            let body = llm_proxy_mock_upstream::lazy_body(b"{\"id\":\"", b'a', 200 * MIB, produced);
-            ("application/json", body, Some(200 * MIB))
-        } else if text.contains("UNDECLARED200MB") {
-            let body = llm_proxy_mock_upstream::lazy_body(b"{\"id\":\"", b'a', 200 * MIB, produced);
-            ("application/json", body, None)
-        } else if text.contains("LINE50MB") {
-            let body =
-                llm_proxy_mock_upstream::lazy_body(b"data: {\"id\":\"", b'a', 50 * MIB, produced);
-            ("text/event-stream", body, None)
-        } else {
-            let answer = llm_proxy_mock_upstream::openai::chat_completion("m").to_string();
-            ("application/json", Body::from(answer), None)
-        };
-        let mut response = Response::new(body);
-        let headers = response.headers_mut();
-        headers.insert("content-type", content_type.parse().unwrap());
-        if let Some(length) = declared {
-            headers.insert("content-length", length.into());
-        }
-        response
-    }
-    common::start_mock(answer, |base_url| base_url).await
+    MockUpstream::start().await.unwrap().base
 }
 
 async fn spawn_data_plane(cp: SocketAddr) -> DataPlaneProcess {
@@ -109,7 +83,7 @@ async fn oversized_upstream_answers_leave_the_data_planes_memory_bounded() {
         &cp.store,
         "openai",
         &upstream,
-        [("Mock", "sk-mock".to_owned(), common::options(&[]))],
+        [("Mock", OPENAI_KEY.to_owned(), common::options(&[]))],
     )
     .await;
     common::add_models_for_key(&cp.store, "Memory", KEY, &[("Mock", "m", "m")]).await;

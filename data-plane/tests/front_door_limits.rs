@@ -10,13 +10,10 @@
 
 mod common;
 
-use axum::extract::State;
-use axum::response::IntoResponse as _;
 use common::{DataPlaneProcess, PATIENCE};
-use llm_proxy_mock_upstream::openai::chat_completion;
+use llm_proxy_mock_upstream::MockUpstream;
+use llm_proxy_mock_upstream::openai::OPENAI_KEY;
 use serde_json::Value;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -25,24 +22,12 @@ const KEY: &str = "vk-front-door-0123456789";
 const ALIAS: &str = "gpt-test";
 const CHAT: &str = r#"{"model":"gpt-test","messages":[{"role":"user","content":"hi"}]}"#;
 
-/// An OpenAI-compatible upstream that holds every request until `release` has a permit for it.
-#[derive(Clone)]
-struct Upstream {
-    base: String,
-    arrived: Arc<AtomicUsize>,
-    release: Arc<tokio::sync::Semaphore>,
-}
-
-async fn upstream(State(up): State<Upstream>) -> axum::response::Response {
-    up.arrived.fetch_add(1, Ordering::SeqCst);
-    up.release.acquire().await.unwrap().forget();
-    axum::Json(chat_completion("gpt-test-remote")).into_response()
-}
-
 struct Setup {
     _dir: tempfile::TempDir,
     cp: llm_proxy_control_plane::server::RunningControlPlane,
-    upstream: Upstream,
+    /// The mock upstream: it holds requests while its gate has no permit
+    /// (`upstream.state.gate`); the requests that arrived are `upstream.requests()`.
+    upstream: MockUpstream,
     http: reqwest::Client,
 }
 
@@ -51,17 +36,12 @@ struct Setup {
 async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let (cp, _) = common::start_control_plane(dir.path()).await;
-    let upstream = common::start_mock(upstream, |base| Upstream {
-        base,
-        arrived: Arc::new(AtomicUsize::new(0)),
-        release: Arc::new(tokio::sync::Semaphore::new(1_000_000)),
-    })
-    .await;
+    let upstream = MockUpstream::start().await.unwrap();
     common::add_connections(
         &cp.store,
         "openai",
         &upstream.base,
-        [("Mock", "sk-mock".to_owned(), common::options(&[]))],
+        [("Mock", OPENAI_KEY.to_owned(), common::options(&[]))],
     )
     .await;
     common::add_models_for_key(&cp.store, "App", KEY, &[("Mock", ALIAS, "gpt-test-remote")]).await;
@@ -289,7 +269,7 @@ async fn past_max_in_flight_requests_get_503_overloaded_while_in_flight_ones_com
     let plane = start_plane(&setup, &["--max-in-flight", "3"]).await;
     let url = format!("http://{}/v1/chat/completions", plane.addr);
     // Hold every request at the upstream.
-    setup.upstream.release.forget_permits(usize::MAX);
+    setup.upstream.state.gate.forget_permits(usize::MAX);
     let held: Vec<_> = (0..3)
         .map(|_| {
             let (http, url) = (setup.http.clone(), url.clone());
@@ -297,7 +277,7 @@ async fn past_max_in_flight_requests_get_503_overloaded_while_in_flight_ones_com
         })
         .collect();
     let deadline = Instant::now() + PATIENCE;
-    while setup.upstream.arrived.load(Ordering::SeqCst) < 3 {
+    while setup.upstream.requests().len() < 3 {
         assert!(Instant::now() < deadline, "held requests never arrived");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -316,7 +296,7 @@ async fn past_max_in_flight_requests_get_503_overloaded_while_in_flight_ones_com
         2.0
     );
     // The held ones complete, and their slots are free again.
-    setup.upstream.release.add_permits(1_000);
+    setup.upstream.state.gate.add_permits(1_000);
     for request in held {
         let response = request.await.unwrap();
         assert_eq!(response.status(), 200);
@@ -325,7 +305,7 @@ async fn past_max_in_flight_requests_get_503_overloaded_while_in_flight_ones_com
     }
     let after = common::post_json(&setup.http, url, KEY, CHAT).await;
     assert_eq!(after.status(), 200);
-    assert_eq!(setup.upstream.arrived.load(Ordering::SeqCst), 4);
+    assert_eq!(setup.upstream.requests().len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,29 +6,23 @@
 
 mod common;
 
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::StatusCode;
-use axum::response::Response;
-use common::{PATIENCE, Recorded};
+use common::PATIENCE;
 use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane};
 use llm_proxy_control_plane::store::{NewAssignment, NewConnection, NewModel, NewVirtualKey};
 use llm_proxy_data_plane::gateway::{self, RunningGateway};
-use llm_proxy_mock_upstream::openai::{chat_completion, openai_error};
+use llm_proxy_mock_upstream::MockUpstream;
 use llm_proxy_proto::v1::admin_service_client::AdminServiceClient;
 use llm_proxy_proto::v1::{CreateConnectionRequest, GetRequest, ListConnectionsRequest};
 use secrecy::SecretString;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const CLIENT_KEY: &str = "vk-metrics-scrape-client-key-7c1e9a";
 const WRONG_KEY: &str = "vk-attacker-wrong-key-3b8d";
-const OPENAI_KEY: &str = "sk-metrics-upstream-openai-55aa01";
-const BROKEN_KEY: &str = "sk-metrics-upstream-broken-77cc02";
+const OPENAI_KEY: &str = llm_proxy_mock_upstream::openai::OPENAI_KEY;
+const BROKEN_KEY: &str = llm_proxy_mock_upstream::openai::OPENAI_SECOND_KEY;
 const UNKNOWN_MODEL: &str = "attacker-chosen-xyz";
 
 // ---------------------------------------------------------------------------------------------
@@ -248,93 +242,8 @@ async fn scrape_until(
 // ---------------------------------------------------------------------------------------------
 // Mock OpenAI upstreams
 
-#[derive(Clone)]
-struct Mock {
-    /// `http://127.0.0.1:<port>`.
-    base: String,
-    /// The credential the mock expects as `Authorization: Bearer`.
-    credential: &'static str,
-    /// Answers every authenticated request with OpenAI's 500.
-    broken: bool,
-    hits: Arc<AtomicUsize>,
-}
-
-/// An OpenAI chat stream; with `include_usage`, every chunk has `"usage": null` and a last
-/// chunk without choices carries the usage (12 prompt, 3 completion tokens).
-fn chat_stream(model: &str, include_usage: bool) -> String {
-    let chunk = |delta: Value, finish: Value| {
-        let mut c = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1755137933,
-            "model": model, "system_fingerprint": "fp_1", "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
-        if include_usage {
-            c["usage"] = Value::Null;
-        }
-        c
-    };
-    let mut events = vec![
-        chunk(
-            json!({"role": "assistant", "content": "", "refusal": null}),
-            Value::Null,
-        ),
-        chunk(json!({"content": "Hi"}), Value::Null),
-        chunk(json!({"content": " there"}), Value::Null),
-        chunk(json!({}), json!("stop")),
-    ];
-    if include_usage {
-        events.push(
-            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1755137933,
-            "model": model, "system_fingerprint": "fp_1", "choices": [],
-            "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}),
-        );
-    }
-    let mut out = String::new();
-    for e in events {
-        out.push_str(&format!("data: {e}\n\n"));
-    }
-    out.push_str("data: [DONE]\n\n");
-    out
-}
-
-async fn openai_mock(State(mock): State<Mock>, request: Request) -> Response {
-    let recorded = Recorded::read(request).await.unwrap();
-    mock.hits.fetch_add(1, Ordering::SeqCst);
-    if recorded.header("authorization") != Some(&format!("Bearer {}", mock.credential)) {
-        return openai_error(
-            StatusCode::UNAUTHORIZED,
-            "Incorrect API key provided.",
-            "invalid_request_error",
-            json!("invalid_api_key"),
-        );
-    }
-    if mock.broken {
-        return openai_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "The server had an error while processing your request. Sorry about that!",
-            "server_error",
-            Value::Null,
-        );
-    }
-    let body = recorded.json();
-    let model = body["model"].as_str().unwrap_or("unknown").to_owned();
-    if body["stream"] == true {
-        let include_usage = body["stream_options"]["include_usage"] == true;
-        return Response::builder()
-            .header("content-type", "text/event-stream; charset=utf-8")
-            .header("x-request-id", "req_stream_1")
-            .body(Body::from(chat_stream(&model, include_usage)))
-            .unwrap();
-    }
-    common::json_response(StatusCode::OK, "application/json", &chat_completion(&model))
-}
-
-async fn start_openai_mock(credential: &'static str, broken: bool) -> Mock {
-    common::start_mock(openai_mock, |base| Mock {
-        base,
-        credential,
-        broken,
-        hits: Arc::default(),
-    })
-    .await
-}
+/// The remote model of the broken connection: the mock answers it with OpenAI's 500.
+const BROKEN_REMOTE: &str = llm_proxy_mock_upstream::openai::SERVER_ERROR_MODEL;
 
 // ---------------------------------------------------------------------------------------------
 // Planes with their metrics listeners
@@ -359,7 +268,7 @@ fn redis_url() -> String {
 
 /// Two OpenAI connections (one healthy, one answering 500), a key with the aliases `chat`,
 /// `limited` (1 request per second, burst 1) and `broken`.
-async fn configure(cp: &RunningControlPlane, ok: &Mock, broken: &Mock) {
+async fn configure(cp: &RunningControlPlane, ok: &MockUpstream, broken: &MockUpstream) {
     let store = &cp.store;
     for (name, mock, credential) in [
         ("OpenAI-Main", ok, OPENAI_KEY),
@@ -378,7 +287,7 @@ async fn configure(cp: &RunningControlPlane, ok: &Mock, broken: &Mock) {
     }
     for (connection, name, remote) in [
         ("OpenAI-Main", "gpt-4o-mini", "gpt-4o-mini-2024-07-18"),
-        ("OpenAI-Broken", "gpt-4o-broken", "gpt-4o"),
+        ("OpenAI-Broken", "gpt-4o-broken", BROKEN_REMOTE),
     ] {
         store
             .create_model(NewModel {
@@ -422,8 +331,8 @@ async fn configure(cp: &RunningControlPlane, ok: &Mock, broken: &Mock) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn data_plane_metrics_show_every_series_after_traffic() {
-    let ok = start_openai_mock(OPENAI_KEY, false).await;
-    let broken = start_openai_mock(BROKEN_KEY, true).await;
+    let ok = MockUpstream::start().await.unwrap();
+    let broken = MockUpstream::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (cp, _master_key) = common::start_control_plane(dir.path()).await;
     configure(&cp, &ok, &broken).await;
@@ -500,7 +409,7 @@ async fn data_plane_metrics_show_every_series_after_traffic() {
         "broken upstream gave {}",
         response.status()
     );
-    assert_eq!(broken.hits.load(Ordering::SeqCst), 1);
+    assert_eq!(broken.requests().len(), 1);
 
     // Refused before routing: no key, a wrong key, an unknown model.
     let response = http

@@ -10,11 +10,9 @@
 
 mod common;
 
-use axum::extract::{Request, State};
-use axum::http::StatusCode;
-use axum::response::Response;
-use common::{PATIENCE, Recorded};
+use common::PATIENCE;
 use llm_proxy_control_plane::store::{NewAssignment, NewModel, NewVirtualKey};
+use llm_proxy_mock_upstream::MockUpstream;
 use llm_proxy_telemetry::{LogFormat, OtlpSettings, TelemetrySettings};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -32,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 const CLIENT_KEY: &str = "vk-otlp-client-secret-5f1c9a";
-const PROVIDER_KEY: &str = "sk-provider-secret-7d2e4b";
+const PROVIDER_KEY: &str = llm_proxy_mock_upstream::openai::OPENAI_KEY;
 const CLIENT_TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN_ID: &str = "00f067aa0ba902b7";
 
@@ -149,24 +147,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-type Seen = Arc<Mutex<Vec<Recorded>>>;
-
-async fn openai_mock(State(seen): State<Seen>, request: Request) -> Response {
-    let recorded = Recorded::read(request).await.unwrap();
-    seen.lock().unwrap().push(recorded);
-    common::json_response(
-        StatusCode::OK,
-        "application/json",
-        &json!({
-            "id": "chatcmpl-otlp", "object": "chat.completion", "created": 1755133833,
-            "model": "gpt-4o-2024-08-06",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!", "refusal": null},
-                         "logprobs": null, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
-        }),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn request_span_reaches_the_collector_with_its_attributes_and_no_secret() {
     // The collector.
@@ -201,18 +181,11 @@ async fn request_span_reaches_the_collector_with_its_attributes_and_no_secret() 
     // A gateway with one OpenAI connection.
     let dir = tempfile::tempdir().unwrap();
     let (cp, master_key) = common::start_control_plane(dir.path()).await;
-    let seen: Seen = Arc::default();
-    let mock_url = Arc::new(Mutex::new(String::new()));
-    common::start_mock(openai_mock, |base| {
-        *mock_url.lock().unwrap() = base;
-        seen.clone()
-    })
-    .await;
-    let mock_url = mock_url.lock().unwrap().clone();
+    let mock = MockUpstream::start().await.unwrap();
     common::add_connections(
         &cp.store,
         "openai",
-        &mock_url,
+        &mock.base,
         [("OpenAI", PROVIDER_KEY.to_owned(), common::options(&[]))],
     )
     .await;
@@ -257,7 +230,10 @@ async fn request_span_reaches_the_collector_with_its_attributes_and_no_secret() 
             format!("00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"),
         )
         .header("x-request-id", "client-req-42")
-        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}))
+        // `usage-9-3`: the mock answers with 9 prompt and 3 completion tokens.
+        .json(
+            &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi usage-9-3"}]}),
+        )
         .send()
         .await
         .unwrap();
@@ -296,7 +272,7 @@ async fn request_span_reaches_the_collector_with_its_attributes_and_no_secret() 
     }
 
     // The upstream's parent is the exported span.
-    let sent = seen.lock().unwrap().last().cloned().unwrap();
+    let sent = mock.last().unwrap();
     assert_eq!(
         sent.header("traceparent").unwrap(),
         format!("00-{CLIENT_TRACE_ID}-{}-01", hex(&span.span_id))

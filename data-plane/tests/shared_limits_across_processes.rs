@@ -10,11 +10,11 @@
 
 mod common;
 
-use axum::body::{Body, Bytes};
-use axum::response::Response;
 use common::DataPlaneProcess;
 use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane, ServerSettings};
 use llm_proxy_control_plane::store::{NewAssignment, NewConnection, NewModel, NewVirtualKey};
+use llm_proxy_mock_upstream::MockUpstream;
+use llm_proxy_mock_upstream::openai::OPENAI_KEY;
 use secrecy::SecretString;
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -31,32 +31,13 @@ fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
-/// Answers chat completions (plain or streamed) that each report 50 tokens.
-/// The mock's base URL (`http://127.0.0.1:<port>`).
+/// The remote model: the mock's chat completions, plain or streamed, each report 40 prompt and
+/// 10 completion tokens, [`TOKENS_PER_ANSWER`] in all.
+const REMOTE_MODEL: &str = "usage-40-10";
+
+/// The mock upstream's base URL (`http://127.0.0.1:<port>`).
 async fn mock_upstream() -> String {
-    async fn answer(body: Bytes) -> Response {
-        let stream = body.windows(13).any(|w| w == b"\"stream\":true");
-        let text = if stream {
-            format!(
-                "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"hi\"}},\"finish_reason\":\"stop\"}}]}}\n\ndata: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{{\"prompt_tokens\":40,\"completion_tokens\":10,\"total_tokens\":{TOKENS_PER_ANSWER}}}}}\n\ndata: [DONE]\n\n"
-            )
-        } else {
-            format!(
-                "{{\"id\":\"c\",\"object\":\"chat.completion\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"hi\"}},\"finish_reason\":\"stop\"}}],\"usage\":{{\"prompt_tokens\":40,\"completion_tokens\":10,\"total_tokens\":{TOKENS_PER_ANSWER}}}}}"
-            )
-        };
-        let mut response = Response::new(Body::from(text));
-        let content_type = if stream {
-            "text/event-stream"
-        } else {
-            "application/json"
-        };
-        response
-            .headers_mut()
-            .insert("content-type", content_type.parse().unwrap());
-        response
-    }
-    common::start_mock(answer, |base_url| base_url).await
+    MockUpstream::start().await.unwrap().base
 }
 
 struct Setup {
@@ -81,7 +62,7 @@ async fn control_plane(upstream: &str, tps: Option<i64>, tpm: Option<i64>) -> (S
             name: "Mock".into(),
             provider: "openai".into(),
             endpoint: upstream.to_owned(),
-            credential: SecretString::from("sk-mock"),
+            credential: SecretString::from(OPENAI_KEY),
             options: Default::default(),
         })
         .await
@@ -90,7 +71,7 @@ async fn control_plane(upstream: &str, tps: Option<i64>, tpm: Option<i64>) -> (S
         .create_model(NewModel {
             connection: "Mock".into(),
             name: "m".into(),
-            remote: "m".into(),
+            remote: REMOTE_MODEL.into(),
             deployment: None,
         })
         .await

@@ -12,7 +12,14 @@
 //! One server serves every provider: the request path tells them apart (`/model/…` is Bedrock,
 //! a `:method` suffix or `/token` is Google, the rest is OpenAI-shaped). Words in the request
 //! body steer the misbehaviours tests need (see each module: `RATELIMITME`, `HOLDME`,
-//! `NOTJSON`, …); tests observe them through [`MockState`].
+//! `NOTJSON`, …); tests observe them through [`MockState`]. The remote model name the gateway
+//! sends steers the OpenAI answers' contents: `server-error` answers OpenAI's 500, `usage-P-C`
+//! reports P prompt and C completion tokens (see [`openai`]).
+//!
+//! Every provider request, once recorded, passes [`MockState::gate`]: a semaphore with a very
+//! large number of permits, so that a test can hold requests at the mock
+//! (`mock.state.gate.forget_permits(usize::MAX)`) and let them go (`add_permits(n)`); the
+//! requests that arrived meanwhile are in [`MockUpstream::requests`].
 
 pub mod bedrock;
 pub mod bench;
@@ -20,6 +27,8 @@ pub mod google;
 pub mod openai;
 mod recorded;
 pub mod sigv4;
+#[cfg(test)]
+mod steering_tests;
 
 pub use recorded::Recorded;
 
@@ -32,7 +41,7 @@ use serde_json::Value;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 /// What tests observe and steer: the recorded requests and the hooks of the slow behaviours.
 #[derive(Debug, Default)]
@@ -50,6 +59,37 @@ pub struct MockState {
     pub produced: Arc<AtomicUsize>,
     /// Google's token endpoint: the tokens it issued and the exchanges it refused.
     pub google_tokens: google::TokenBook,
+    /// Every provider request waits here for a permit after it is recorded (and gives it back
+    /// at once). Take the permits away to hold requests, add some to release them.
+    pub gate: RequestGate,
+}
+
+/// The semaphore of [`MockState::gate`]: it starts with [`Semaphore::MAX_PERMITS`] permits, so
+/// requests pass until a test takes them away (`forget_permits`), and pass again once it adds
+/// some (`add_permits`).
+#[derive(Debug)]
+pub struct RequestGate(Semaphore);
+
+impl Default for RequestGate {
+    fn default() -> Self {
+        Self(Semaphore::new(Semaphore::MAX_PERMITS))
+    }
+}
+
+impl std::ops::Deref for RequestGate {
+    type Target = Semaphore;
+
+    fn deref(&self) -> &Semaphore {
+        &self.0
+    }
+}
+
+impl RequestGate {
+    /// Waits until a permit is available (it is given back at once).
+    async fn pass(&self) {
+        // Closed only if a test closed it: then nothing is held any more.
+        drop(self.0.acquire().await);
+    }
 }
 
 impl MockState {
@@ -154,16 +194,19 @@ async fn dispatch(State(state): State<Arc<MockState>>, request: Request) -> Resp
         Provider::Control => control(&state, &recorded.method),
         Provider::OpenAi => {
             state.record(recorded.clone());
+            state.gate.pass().await;
             openai::answer(&state, recorded).await
         }
         Provider::Google => {
             state.record(recorded.clone());
+            state.gate.pass().await;
             google::answer(&state, recorded).await
         }
         Provider::Bedrock => {
             // The id is chosen before recording, so tests can compare it with the gateway's.
             let recorded = bedrock::with_request_id(&state, recorded);
             state.record(recorded.clone());
+            state.gate.pass().await;
             bedrock::answer(&state, recorded).await
         }
     }

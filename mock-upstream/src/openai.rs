@@ -7,6 +7,16 @@
 //! (Azure content filter 400), `HOLDME` (wait for [`MockState::release`]), `SLOWHEAD` (never
 //! answer), `SLOWSTREAM` (one event, then nothing), and the upstream garbage of DESIGN §19:
 //! `NOTJSON`, `TRUNCATEME`, `DECLARE200MB`, `UNDECLARED200MB`, `LINE50MB`, `ENDLESSERROR`.
+//!
+//! The remote model name the gateway sends steers the contents of an authenticated answer:
+//! `server-error` answers OpenAI's 500 (`server_error`, as [`server_error`]), and `usage-P-C`
+//! (e.g. `usage-40-10`) makes the chat completion, and the usage chunk of a stream, report P
+//! prompt and C completion tokens instead of the defaults (8 + 9, 12 + 3 streamed). A test whose
+//! model name is asserted elsewhere can put `usage-P-C` in a message instead: the first one
+//! anywhere in the request body counts.
+//!
+//! Both [`OPENAI_KEY`] and [`OPENAI_SECOND_KEY`] are accepted, for tests needing two distinct
+//! credentials.
 
 use crate::{MockState, Recorded, json_response, lazy_body};
 use axum::body::{Body, Bytes};
@@ -17,6 +27,8 @@ use std::sync::Arc;
 
 /// The OpenAI key the mock accepts.
 pub const OPENAI_KEY: &str = "sk-upstream-openai-0123456789";
+/// A second OpenAI key the mock accepts (for two connections with distinct credentials).
+pub const OPENAI_SECOND_KEY: &str = "sk-upstream-openai-second-9876543210";
 /// The Azure `api-key` the mock accepts.
 pub const AZURE_KEY: &str = "azure-upstream-key-abcdef";
 
@@ -161,9 +173,7 @@ pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
             return (StatusCode::TOO_MANY_REQUESTS, [("content-type", "application/json"), ("retry-after", "7"), ("retry-after-ms", "6500")],
                 json!({"error": {"code": "429", "message": "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-05-01-preview have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 7 seconds."}}).to_string()).into_response();
         }
-    } else if headers.get("authorization").and_then(|v| v.to_str().ok())
-        != Some(&format!("Bearer {OPENAI_KEY}"))
-    {
+    } else if !accepted_bearer(headers.get("authorization").and_then(|v| v.to_str().ok())) {
         return openai_error(
             StatusCode::UNAUTHORIZED,
             "Incorrect API key provided: sk-up***789.",
@@ -172,6 +182,9 @@ pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
         );
     }
     let model = json["model"].as_str().unwrap_or("unknown").to_owned();
+    if model == SERVER_ERROR_MODEL {
+        return server_error();
+    }
     if text.contains("HOLDME") {
         mock.held.notify_one();
         mock.release.notified().await;
@@ -199,6 +212,7 @@ pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
     if json["stream"] == true {
         let include_usage = json["stream_options"]["include_usage"] == true;
         let events = stream_events(&model, include_usage, azure);
+        let events = with_requested_usage(events, &text);
         if text.contains("SLOWSTREAM") {
             let first = format!("data: {}\n\n", events[0]);
             let guard = DropSignal(mock.clone());
@@ -221,6 +235,9 @@ pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
         );
     }
     let mut answer = chat_completion(&model);
+    if let Some(usage) = requested_usage(&text) {
+        answer["usage"] = usage;
+    }
     if azure {
         answer["prompt_filter_results"] =
             json!([{"prompt_index": 0, "content_filter_results": {}}]);
@@ -289,4 +306,54 @@ fn garbage_answer(mock: &MockState, text: &str) -> Option<Response> {
     } else {
         return None;
     })
+}
+
+/// The remote model name answered with OpenAI's 500.
+pub const SERVER_ERROR_MODEL: &str = "server-error";
+
+/// Whether `authorization` is `Bearer` with one of the OpenAI keys the mock accepts.
+fn accepted_bearer(authorization: Option<&str>) -> bool {
+    authorization
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .is_some_and(|key| key == OPENAI_KEY || key == OPENAI_SECOND_KEY)
+}
+
+/// OpenAI's 500 (`server_error`, with its usual message).
+pub fn server_error() -> Response {
+    openai_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "The server had an error while processing your request. Sorry about that!",
+        "server_error",
+        Value::Null,
+    )
+}
+
+/// The usage object asked for by the first `usage-P-C` in `text` (P prompt, C completion
+/// tokens), if any.
+pub fn requested_usage(text: &str) -> Option<Value> {
+    fn number(text: &str) -> Option<(u64, &str)> {
+        let end = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        Some((text[..end].parse().ok()?, &text[end..]))
+    }
+    text.match_indices("usage-").find_map(|(at, marker)| {
+        let (prompt, rest) = number(&text[at + marker.len()..])?;
+        let (completion, _) = number(rest.strip_prefix('-')?)?;
+        Some(json!({
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }))
+    })
+}
+
+/// `events` with the usage of the last chunk carrying one replaced by [`requested_usage`].
+fn with_requested_usage(mut events: Vec<Value>, text: &str) -> Vec<Value> {
+    if let Some(usage) = requested_usage(text)
+        && let Some(last) = events.iter_mut().rev().find(|e| e["usage"].is_object())
+    {
+        last["usage"] = usage;
+    }
+    events
 }

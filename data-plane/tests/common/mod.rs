@@ -1,6 +1,6 @@
 //! The harness shared by the `*_with_mock_upstreams` tests: a control plane on SQLite in a
 //! temporary directory, a data plane that takes its config from it through the real config
-//! stream, and the plumbing of a mock upstream that records every request it receives.
+//! stream, and helpers around the one mock upstream (`llm_proxy_mock_upstream::MockUpstream`).
 // Each test crate uses a part of it.
 #![allow(dead_code)]
 #![allow(
@@ -8,9 +8,6 @@
     reason = "test tasks end with the test's runtime"
 )]
 
-use axum::handler::Handler;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use llm_proxy_control_plane::server::{self as cp_server, RunningControlPlane, ServerSettings};
 use llm_proxy_control_plane::store::{
     NewAssignment, NewConnection, NewModel, NewVirtualKey, Store,
@@ -18,7 +15,6 @@ use llm_proxy_control_plane::store::{
 use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
 use llm_proxy_data_plane::sync::SyncSettings;
 use secrecy::SecretString;
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -189,31 +185,9 @@ pub async fn post_json(
 }
 
 // ---------------------------------------------------------------------------------------------
-// The recording mock upstream
+// The mock upstream (`llm_proxy_mock_upstream::MockUpstream`)
 
 pub use llm_proxy_mock_upstream::Recorded;
-
-/// Serves `handler` for every route on a new local port; its state is what `state` makes of the
-/// port's base URL (`http://127.0.0.1:<port>`), and is returned.
-pub async fn start_mock<S, H, T>(handler: H, state: impl FnOnce(String) -> S) -> S
-where
-    S: Clone + Send + Sync + 'static,
-    H: Handler<T, S>,
-    T: 'static,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let state = state(format!("http://{}", listener.local_addr().unwrap()));
-    let app = axum::Router::new()
-        .fallback(handler)
-        .with_state(state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    state
-}
-
-/// `body` as JSON with the given content type.
-pub fn json_response(status: StatusCode, content_type: &'static str, body: &Value) -> Response {
-    (status, [("content-type", content_type)], body.to_string()).into_response()
-}
 
 // ---------------------------------------------------------------------------------------------
 // Assertions
