@@ -813,4 +813,14 @@ mod tests {
         );
         assert!(check_generate_request(&json!({"contents": []})).is_err());
     }
+
+    #[test]
+    fn embeddings_keep_the_requested_dimensions_and_missing_models_are_not_found() {
+        assert_eq!(truncated(vector(1), &json!(2)), [0.25, -0.5]);
+        assert_eq!(truncated(vector(0), &Value::Null), vector(0));
+        let response = model_not_found(MISSING_MODEL, "generateContent", false);
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let blocked = blocked_prompt(MISSING_MODEL, "streamGenerateContent", Some("alt=sse"));
+        assert_eq!(blocked.headers()["content-type"], "text/event-stream");
+    }
 }

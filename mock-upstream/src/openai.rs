@@ -350,3 +350,17 @@ fn weather_call_answer(model: &str, request: &Value) -> Response {
     }
     event_stream(Body::from(sse(&events, true)), None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_declared_get_weather_function_gets_a_tool_call() {
+        let weather = json!({"tools": [{"type": "function", "function": {"name": "get_weather"}}]});
+        assert!(wants_weather_call(&weather));
+        let other = json!({"tools": [{"type": "function", "function": {"name": "f"}}]});
+        assert!(!wants_weather_call(&other));
+        assert!(!wants_weather_call(&json!({"messages": []})));
+    }
+}
