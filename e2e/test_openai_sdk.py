@@ -1,102 +1,25 @@
 """The seed's flow end to end: `llmctl serve`, the four `llmctl` setup commands, then the official
-OpenAI Python SDK against the gateway, with a local mock standing in for api.openai.com."""
+OpenAI Python SDK against the gateway, with the mock upstream (`llm-proxy-mock-upstream`, see
+mock_upstream.py) standing in for api.openai.com."""
 
-import base64
 import json
-import struct
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
 import pytest
 
+from mock_upstream import mock_upstream
 from serve import llmctl_serve
 
-UPSTREAM_KEY = "sk-upstream-e2e-0123456789"
+# The OpenAI key the mock upstream accepts (the mock-upstream crate's openai::OPENAI_KEY).
+UPSTREAM_KEY = "sk-upstream-openai-0123456789"
 CLIENT_KEY = "vk-front-1234"
-
-
-class MockOpenAI(BaseHTTPRequestHandler):
-    """Answers like api.openai.com and records what it received."""
-
-    seen = []
-
-    def log_message(self, *args):
-        pass
-
-    def send_json(self, status, payload, headers=()):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("x-request-id", "req_0b2a28d2d6414b5a94c1c7933cf7c1a6")
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        MockOpenAI.seen.append((self.path, dict(self.headers), body))
-        if self.headers.get("authorization") != f"Bearer {UPSTREAM_KEY}":
-            return self.send_json(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
-        if self.path == "/v1/embeddings":
-            vector = [0.25, -0.5, 1.0]
-            if body.get("encoding_format") == "base64":
-                embedding = base64.b64encode(struct.pack("<3f", *vector)).decode()
-            else:
-                embedding = vector
-            return self.send_json(200, {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": embedding}],
-                                        "model": body["model"], "usage": {"prompt_tokens": 2, "total_tokens": 2}})
-        if self.path != "/v1/chat/completions":
-            return self.send_json(404, {"error": {"message": "not found", "type": "invalid_request_error", "param": None, "code": None}})
-        model = body["model"]
-        wants_tools = bool(body.get("tools"))
-        if not body.get("stream"):
-            message = {"role": "assistant", "content": "Hello from the mock!", "refusal": None}
-            finish = "stop"
-            if wants_tools:
-                message = {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]}
-                finish = "tool_calls"
-            return self.send_json(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1755133833, "model": model,
-                                        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-                                        "usage": {"prompt_tokens": 8, "completion_tokens": 9, "total_tokens": 17}})
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        base = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1755137933, "model": model}
-        if wants_tools:
-            deltas = [
-                ({"role": "assistant", "content": None, "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}, None),
-                ({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}, None),
-                ({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}, None),
-                ({}, "tool_calls"),
-            ]
-        else:
-            deltas = [({"role": "assistant", "content": ""}, None), ({"content": "Hello"}, None), ({"content": " world"}, None), ({}, "stop")]
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream; charset=utf-8")
-        self.end_headers()
-        for delta, finish in deltas:
-            chunk = dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
-            if include_usage:
-                chunk["usage"] = None
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            self.wfile.flush()
-        if include_usage:
-            usage = dict(base, choices=[], usage={"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15})
-            self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
-        self.close_connection = True
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), MockOpenAI)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    upstream_url = f"http://127.0.0.1:{upstream.server_address[1]}"
-    try:
+    with mock_upstream() as upstream:
+        upstream_url = upstream.url
         with llmctl_serve(tmp_path_factory.mktemp("openai-e2e")) as gw:
             # The seed's four setup commands, names for IDs.
             gw.llmctl("connection", "add", "--name", "OpenAI-Main", "--provider", "openai",
@@ -109,25 +32,24 @@ def gateway(tmp_path_factory):
             gw.llmctl("assign", "--vkey-id", "Frontend-App", "--model-id", "gpt-4-turbo", "--alias", "slow-lane", "--tps", "1")
             client = openai.OpenAI(api_key=CLIENT_KEY, base_url=f"http://localhost:{gw.api_port}", max_retries=0)
             gw.wait_for_aliases(client, {"gpt-4", "embed", "slow-lane"})
-            yield {"client": client, "api_port": gw.api_port}
-    finally:
-        upstream.shutdown()
+            yield {"client": client, "api_port": gw.api_port, "upstream": upstream}
 
 
 def test_chat(gateway):
     answer = gateway["client"].chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hello!"}])
-    assert answer.choices[0].message.content == "Hello from the mock!"
+    assert answer.choices[0].message.content == "Hello!"
     assert answer.usage.total_tokens == 17
-    path, headers, body = MockOpenAI.seen[-1]
+    seen = gateway["upstream"].requests()[-1]
+    path, headers, body = seen["path"], seen["headers"], seen["body"]
     assert path == "/v1/chat/completions" and body["model"] == "gpt-4-turbo-preview"
     assert CLIENT_KEY not in json.dumps(headers)
 
 
 def test_stream_without_usage(gateway):
     chunks = list(gateway["client"].chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}], stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello world"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hi there"
     assert all(c.choices for c in chunks), "no usage-only chunk when the client did not ask"
-    assert MockOpenAI.seen[-1][2]["stream_options"]["include_usage"] is True
+    assert gateway["upstream"].requests()[-1]["body"]["stream_options"]["include_usage"] is True
 
 
 def test_stream_with_usage(gateway):
@@ -149,7 +71,7 @@ def test_embeddings_base64_default_and_float(gateway):
     client = gateway["client"]
     default = client.embeddings.create(model="embed", input="hello")
     assert default.data[0].embedding == [0.25, -0.5, 1.0]
-    assert MockOpenAI.seen[-1][2]["encoding_format"] == "base64"
+    assert gateway["upstream"].requests()[-1]["body"]["encoding_format"] == "base64"
     floats = client.embeddings.create(model="embed", input="hello", encoding_format="float")
     assert floats.data[0].embedding == [0.25, -0.5, 1.0]
 

@@ -24,7 +24,6 @@ with deadlines; nothing asserts on timing."""
 import base64
 import contextlib
 import glob
-import http.server
 import json
 import os
 import secrets
@@ -32,12 +31,13 @@ import shlex
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from mock_upstream import MOCK_BIN, mock_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "tls-services.sh"
@@ -63,11 +63,8 @@ README_VALUES = {
     "redis_ca": "/etc/llm-proxy/redis-ca/ca.crt",
 }
 
-UPSTREAM_ANSWER = {
-    "id": "chatcmpl-tls", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10},
-}
+# The OpenAI key the mock upstream accepts (the mock-upstream crate's openai::OPENAI_KEY).
+UPSTREAM_KEY = "sk-upstream-openai-0123456789"
 
 
 def poll(what, check, timeout=PATIENCE_S, interval=0.05):
@@ -96,28 +93,12 @@ def missing_tools():
 
 
 def ensure_binaries():
-    needed = [BIN_DIR / name for name in ("llm-proxy-control-plane", "llm-proxy-data-plane", "llmctl")]
+    needed = [BIN_DIR / name for name in ("llm-proxy-control-plane", "llm-proxy-data-plane", "llmctl")] + [MOCK_BIN]
     if all(p.exists() for p in needed):
         return
     if BIN_DIR != DEFAULT_BIN_DIR or not shutil.which("cargo"):
         pytest.fail(f"missing {[str(p) for p in needed if not p.exists()]}: run `cargo build --bins`")
     subprocess.run(["cargo", "build", "-q", "--bins"], cwd=ROOT, check=True, timeout=900)
-
-
-class Upstream(http.server.BaseHTTPRequestHandler):
-    """An OpenAI stand-in: every POST gets the same chat completion."""
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        body = json.dumps(UPSTREAM_ANSWER).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
 
 class Services:
@@ -166,20 +147,18 @@ def services(tmp_path_factory):
         pytest.skip(f"scripts/tls-services.sh needs {', '.join(missing)}, not installed here")
     ensure_binaries()
     state = tmp_path_factory.mktemp("tls-services")
-    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    started = subprocess.run([str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=180)
-    try:
-        assert started.returncode == 0, f"tls-services.sh start failed:\n{started.stdout}\n{started.stderr}"
-        env = {}
-        for line in (state / "tls-services.env").read_text().splitlines():
-            key, value = line.split("=", 1)
-            env[key] = " ".join(shlex.split(value))
-        yield Services(env, f"http://127.0.0.1:{upstream.server_port}", state)
-    finally:
-        stopped = subprocess.run([str(SCRIPT), "stop", str(state)], capture_output=True, text=True, timeout=120)
-        upstream.shutdown()
-        assert stopped.returncode == 0, f"tls-services.sh stop failed:\n{stopped.stdout}\n{stopped.stderr}"
+    with mock_upstream() as upstream:
+        started = subprocess.run([str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=180)
+        try:
+            assert started.returncode == 0, f"tls-services.sh start failed:\n{started.stdout}\n{started.stderr}"
+            env = {}
+            for line in (state / "tls-services.env").read_text().splitlines():
+                key, value = line.split("=", 1)
+                env[key] = " ".join(shlex.split(value))
+            yield Services(env, upstream.url, state)
+        finally:
+            stopped = subprocess.run([str(SCRIPT), "stop", str(state)], capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, f"tls-services.sh stop failed:\n{stopped.stdout}\n{stopped.stderr}"
 
 
 class Process:
@@ -276,7 +255,7 @@ def configure(services, grpc_url, tps=1, burst=2):
     Returns (key, alias, assignment id)."""
     key = f"vk-tls-{secrets.token_hex(12)}"
     llmctl(grpc_url, "connection", "add", "--name", "Mock", "--provider", "openai",
-           "--endpoint", services.upstream_url, "--api-key", "sk-mock")
+           "--endpoint", services.upstream_url, "--api-key", UPSTREAM_KEY)
     llmctl(grpc_url, "model", "add", "--conn-id", "Mock", "--name", "mock-model", "--remote", "gpt-4o-mini")
     llmctl(grpc_url, "vkey", "add", "--name", "TLS", "--key", key)
     assignment = llmctl(grpc_url, "assign", "--vkey-id", "TLS", "--model-id", "mock-model", "--alias", "limited",

@@ -3,7 +3,10 @@
 //!
 //! Every call is authenticated first, as at AWS: a Bedrock API key as `Authorization: Bearer`
 //! ([`API_KEY`]), or an AWS Signature V4 that [`crate::sigv4`] recomputes. Then the model:
-//! [`SONNET`] answers, [`OPUS`] is refused (`AccessDeniedException`), any other id is invalid.
+//! [`SONNET`] answers, [`OPUS`] is refused (`AccessDeniedException`), [`BUSY`] is throttled on
+//! every call (429 `ThrottlingException`, streamed or not), [`FLAKY`] fails (424
+//! `ModelErrorException` on Converse; on ConverseStream, a `modelStreamErrorException` frame after
+//! the first text), any other id is invalid.
 //! The body must be JSON that Converse itself would accept ([`check_converse_request`]).
 //!
 //! Answers: Converse JSON; ConverseStream as real binary `application/vnd.amazon.eventstream`
@@ -114,10 +117,14 @@ fn answer_without_id(mock: &MockState, recorded: &Recorded) -> Response {
     match model.as_str() {
         SONNET => {}
         OPUS => return aws_error(StatusCode::FORBIDDEN, "AccessDeniedException", NO_ACCESS),
+        BUSY | FLAKY => {}
         _ => return validation("The provided model identifier is invalid."),
     }
     if let Err(message) = check_converse_request(&request) {
         return validation(&message);
+    }
+    if let Some(response) = busy_or_flaky(&model, op) {
+        return response;
     }
     if request.to_string().contains("RATELIMITME") {
         return aws_error(
@@ -296,6 +303,9 @@ pub fn check_converse_request(request: &Value) -> Result<(), String> {
     {
         return Err("The maximum tokens you requested must be at least 1.".to_owned());
     }
+    if let Some(message) = out_of_range(request) {
+        return Err(message);
+    }
     if let Some(config) = object.get("toolConfig") {
         let tools = config["tools"].as_array().filter(|t| !t.is_empty()).ok_or(
             "The toolConfig field must have at least one tool in its tools field.".to_owned(),
@@ -313,6 +323,54 @@ pub fn check_converse_request(request: &Value) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A model whose every call is throttled.
+pub const BUSY: &str = "anthropic.claude-3-haiku-20240307-v1:0";
+/// A model that fails: `ModelErrorException` on Converse, an exception frame mid-stream.
+pub const FLAKY: &str = "amazon.nova-lite-v1:0";
+/// The message of [`FLAKY`]'s `ModelErrorException`.
+pub const MODEL_ERROR: &str = "The model produced an invalid response. Try your request again.";
+/// The message of [`FLAKY`]'s `modelStreamErrorException` frame.
+pub const MODEL_STREAM_ERROR: &str = "Model stream error: the model stopped unexpectedly.";
+
+/// The answers of [`BUSY`] and [`FLAKY`] to operation `op` (`None`: answer normally).
+fn busy_or_flaky(model: &str, op: &str) -> Option<Response> {
+    match (model, op) {
+        (BUSY, _) => Some(aws_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "ThrottlingException",
+            THROTTLED,
+        )),
+        (FLAKY, "converse") => Some(aws_error(
+            StatusCode::FAILED_DEPENDENCY,
+            "ModelErrorException",
+            MODEL_ERROR,
+        )),
+        (FLAKY, _) => {
+            let frames = [
+                message_start(),
+                text_delta(0, "It is"),
+                exception("modelStreamErrorException", MODEL_STREAM_ERROR),
+            ];
+            Some(event_stream(in_odd_pieces(&frames.concat())))
+        }
+        _ => None,
+    }
+}
+
+/// Converse's range checks on `inferenceConfig.temperature` and `topP` (both at most 1, unlike
+/// OpenAI's temperature), as the ValidationException message (§5.2).
+fn out_of_range(request: &Value) -> Option<String> {
+    ["temperature", "topP"].into_iter().find_map(|name| {
+        let value = request["inferenceConfig"][name].as_f64()?;
+        (!(0.0..=1.0).contains(&value)).then(|| {
+            let bound = if value > 1.0 { "less than or equal to 1" } else { "greater than or equal to 0" };
+            format!(
+                "1 validation error detected: Value '{value}' at 'inferenceConfig.{name}' failed to satisfy constraint: Member must have value {bound}"
+            )
+        })
+    })
 }
 
 /// The last turn (`Null` if none: [`check_converse_request`] refused such requests already).
@@ -607,6 +665,11 @@ mod tests {
             check_converse_request(&tool_use_without_config)
                 .unwrap_err()
                 .starts_with("The toolConfig field must be defined")
+        );
+        let too_hot = json!({"messages": ok["messages"], "inferenceConfig": {"temperature": 1.5}});
+        assert_eq!(
+            check_converse_request(&too_hot).unwrap_err(),
+            "1 validation error detected: Value '1.5' at 'inferenceConfig.temperature' failed to satisfy constraint: Member must have value less than or equal to 1"
         );
     }
 }

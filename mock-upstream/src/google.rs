@@ -23,7 +23,10 @@
 //! `QuotaFailure`, `Help` and `RetryInfo` of 7 s), `HUGEINDEX` (a candidate `index` of 4e9,
 //! streamed or not), `BREAKME` (a stream whose second event is an `UNAVAILABLE` error),
 //! `TRUNCATEME` (a stream that ends before its `finishReason`). A request with `tools` gets a
-//! function call until the last turn carries the `functionResponse`.
+//! function call until the last turn carries the `functionResponse`. `BLOCKME` gets a prompt
+//! blocked by the safety filter (`promptFeedback.blockReason: PROHIBITED_CONTENT`, no candidates;
+//! streamed, as the only event). The model [`MISSING_MODEL`] does not exist (404 `NOT_FOUND`).
+//! Embeddings honour `outputDimensionality` (the vector's first values).
 //!
 //! Where each shape comes from (also in `fixtures/README.md`): bodies, usage, thoughts and
 //! signatures from §3.3; streaming from §3.4; embeddings from §3.5 and Vertex `predict` from the
@@ -266,6 +269,12 @@ pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
         return invalid_argument("Invalid JSON payload received.");
     };
     let vertex = api != Api::Gemini;
+    if model == MISSING_MODEL {
+        return model_not_found(model, method, vertex);
+    }
+    if method.ends_with("enerateContent") && request.to_string().contains("BLOCKME") {
+        return blocked_prompt(model, method, recorded.query.as_deref());
+    }
     match method {
         "generateContent" => match check_generate_request(&request) {
             Ok(()) => generate_content(&request, model, vertex),
@@ -519,7 +528,7 @@ fn batch_embed_contents(request: &Value, model: &str) -> Response {
         ));
     }
     let embeddings: Vec<Value> = (0..requests.len())
-        .map(|i| json!({ "values": vector(i) }))
+        .map(|i| json!({ "values": truncated(vector(i), &requests[i]["outputDimensionality"]) }))
         .collect();
     json_response(StatusCode::OK, &json!({ "embeddings": embeddings }))
 }
@@ -537,7 +546,8 @@ fn predict(request: &Value) -> Response {
         .map(|(i, instance)| {
             let content = instance["content"].as_str().unwrap_or_default();
             characters += content.chars().filter(|c| !c.is_whitespace()).count();
-            json!({"embeddings": {"values": vector(i), "statistics": {
+            let values = truncated(vector(i), &request["parameters"]["outputDimensionality"]);
+            json!({"embeddings": {"values": values, "statistics": {
                 "token_count": content.split_whitespace().count(), "truncated": false}}})
         })
         .collect();
@@ -545,6 +555,47 @@ fn predict(request: &Value) -> Response {
         StatusCode::OK,
         &json!({"predictions": predictions, "metadata": {"billableCharacterCount": characters}}),
     )
+}
+
+/// A model id the mock does not know.
+pub const MISSING_MODEL: &str = "gemini-0.9-nope";
+
+/// `values` cut to `dimensions` (an `outputDimensionality`) when it is a number.
+fn truncated(mut values: Vec<f64>, dimensions: &Value) -> Vec<f64> {
+    if let Some(n) = dimensions.as_u64().and_then(|n| usize::try_from(n).ok()) {
+        values.truncate(n);
+    }
+    values
+}
+
+/// The 404 of a model that does not exist, as the Gemini API and Vertex AI word it (§3.6).
+fn model_not_found(model: &str, method: &str, vertex: bool) -> Response {
+    if vertex {
+        not_found(&format!(
+            "Publisher Model `publishers/google/models/{model}` was not found or your project does not have access to it. Please ensure you are using a valid model version."
+        ))
+    } else {
+        not_found(&format!(
+            "models/{model} is not found for API version v1beta, or is not supported for {method}. Call ListModels to see the list of available models and their supported methods."
+        ))
+    }
+}
+
+/// A prompt the safety filter blocks before generation (§3.3 `promptFeedback`): no candidates,
+/// prompt-only usage; streamed (with `alt=sse`) as the only event.
+fn blocked_prompt(model: &str, method: &str, query: Option<&str>) -> Response {
+    let answer = json!({
+        "promptFeedback": {"blockReason": "PROHIBITED_CONTENT"},
+        "usageMetadata": {"promptTokenCount": 7, "totalTokenCount": 7},
+        "modelVersion": model, "responseId": "blocked-1"
+    });
+    match (method, query) {
+        ("streamGenerateContent", Some("alt=sse")) => {
+            event_stream(Body::from(format!("data: {answer}\r\n\r\n")))
+        }
+        ("streamGenerateContent", _) => json_response(StatusCode::OK, &json!([answer])),
+        _ => json_response(StatusCode::OK, &answer),
+    }
 }
 
 /// Checks a JWT-bearer token request (§4.2) posted to `token_url`; returns the assertion's
@@ -761,5 +812,15 @@ mod tests {
             Err("Please use a valid role: user, model.".to_owned())
         );
         assert!(check_generate_request(&json!({"contents": []})).is_err());
+    }
+
+    #[test]
+    fn embeddings_keep_the_requested_dimensions_and_missing_models_are_not_found() {
+        assert_eq!(truncated(vector(1), &json!(2)), [0.25, -0.5]);
+        assert_eq!(truncated(vector(0), &Value::Null), vector(0));
+        let response = model_not_found(MISSING_MODEL, "generateContent", false);
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let blocked = blocked_prompt(MISSING_MODEL, "streamGenerateContent", Some("alt=sse"));
+        assert_eq!(blocked.headers()["content-type"], "text/event-stream");
     }
 }

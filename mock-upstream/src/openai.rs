@@ -17,6 +17,10 @@
 //!
 //! Both [`OPENAI_KEY`] and [`OPENAI_SECOND_KEY`] are accepted, for tests needing two distinct
 //! credentials.
+//!
+//! A chat request whose `tools` declare a function named `get_weather` gets a call to it
+//! ([`WEATHER_CALL_ID`], arguments `{"city":"Paris"}`, `finish_reason: tool_calls`); streamed, the
+//! call's arguments arrive in two `tool_calls` deltas after the one carrying its id and name.
 
 use crate::{MockState, Recorded, json_response, lazy_body};
 use axum::body::{Body, Bytes};
@@ -209,6 +213,9 @@ pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
             json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": embedding}],
                    "model": model, "usage": {"prompt_tokens": 7, "total_tokens": 7}}).to_string()).into_response();
     }
+    if wants_weather_call(&json) {
+        return weather_call_answer(&model, &json);
+    }
     if json["stream"] == true {
         let include_usage = json["stream_options"]["include_usage"] == true;
         let events = stream_events(&model, include_usage, azure);
@@ -356,4 +363,71 @@ fn with_requested_usage(mut events: Vec<Value>, text: &str) -> Vec<Value> {
         last["usage"] = usage;
     }
     events
+}
+
+/// The id of the `get_weather` call the mock makes.
+pub const WEATHER_CALL_ID: &str = "call_1";
+
+/// Whether the request's `tools` declare a `get_weather` function.
+fn wants_weather_call(request: &Value) -> bool {
+    request["tools"]
+        .as_array()
+        .is_some_and(|tools| tools.iter().any(|t| t["function"]["name"] == "get_weather"))
+}
+
+/// A call to `get_weather` for Paris (wire formats §1: `tool_calls` in the message, or in
+/// `delta.tool_calls` with the id and name first and the arguments in pieces).
+fn weather_call_answer(model: &str, request: &Value) -> Response {
+    let call = |arguments: &str| {
+        json!({"id": WEATHER_CALL_ID, "type": "function",
+        "function": {"name": "get_weather", "arguments": arguments}})
+    };
+    if request["stream"] != true {
+        let mut answer = chat_completion(model);
+        answer["choices"][0]["message"] = json!({"role": "assistant", "content": null,
+            "tool_calls": [call("{\"city\":\"Paris\"}")], "refusal": null, "annotations": []});
+        answer["choices"][0]["finish_reason"] = json!("tool_calls");
+        return json_response(StatusCode::OK, &answer);
+    }
+    let include_usage = request["stream_options"]["include_usage"] == true;
+    let chunk = |delta: Value, finish: Value| {
+        let mut c = json!({"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1755137933, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    };
+    let arguments =
+        |piece: &str| json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]});
+    let mut first = call("");
+    first["index"] = json!(0);
+    let mut events = vec![
+        chunk(
+            json!({"role": "assistant", "content": null, "tool_calls": [first]}),
+            Value::Null,
+        ),
+        chunk(arguments("{\"city\":"), Value::Null),
+        chunk(arguments("\"Paris\"}"), Value::Null),
+        chunk(json!({}), json!("tool_calls")),
+    ];
+    if include_usage {
+        events.push(json!({"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1755137933, "model": model,
+            "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}));
+    }
+    event_stream(Body::from(sse(&events, true)), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_declared_get_weather_function_gets_a_tool_call() {
+        let weather = json!({"tools": [{"type": "function", "function": {"name": "get_weather"}}]});
+        assert!(wants_weather_call(&weather));
+        let other = json!({"tools": [{"type": "function", "function": {"name": "f"}}]});
+        assert!(!wants_weather_call(&other));
+        assert!(!wants_weather_call(&json!({"messages": []})));
+    }
 }
