@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes the fuzz seed corpus (fuzz/corpus/<target>/) from the golden fixtures
-(data-plane/tests/golden/*/*.json): client requests, upstream answers and error bodies, Gemini
+(mock-upstream/fixtures/golden/*/*.json): client requests, upstream answers and error bodies, Gemini
 SSE streams, OpenAI SSE streams, and Bedrock event-stream frames encoded as the wire carries them
 (prelude, string headers, CRC32s; AWS event-stream encoding). Stream seeds start with the chunking
 byte the harness reads first. Run by scripts/fuzz.sh; the output is deterministic."""
@@ -13,7 +13,7 @@ import sys
 import zlib
 
 root = os.path.dirname(os.path.abspath(__file__))
-golden = os.path.join(root, "..", "data-plane", "tests", "golden")
+golden = os.path.join(root, "..", "mock-upstream", "fixtures", "golden")
 corpus = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "corpus")
 
 

@@ -1,5 +1,5 @@
 //! Golden tests of the Bedrock translation (wire formats §5, §6.2, §6.3, §6.4): each fixture in
-//! `tests/golden/bedrock/` holds an OpenAI request and a Converse answer, a ConverseStream (as
+//! `mock-upstream/fixtures/golden/bedrock/` holds an OpenAI request and a Converse answer, a ConverseStream (as
 //! events that the test encodes into real binary event-stream frames, CRCs included, and feeds in
 //! odd-sized pieces), or an error, and the snapshots of what the gateway produces from them.
 //!

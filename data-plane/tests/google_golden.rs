@@ -1,5 +1,5 @@
 //! Golden tests of the Google translation (wire formats §6.1, §6.3, §6.4): each fixture in
-//! `tests/golden/google/` holds an OpenAI request and a Gemini answer (or stream, or error) as
+//! `mock-upstream/fixtures/golden/google/` holds an OpenAI request and a Gemini answer (or stream, or error) as
 //! inputs, and the snapshots of what the gateway produces from them: the Gemini request and the
 //! OpenAI answer. A test fails when the produced output differs from the snapshot.
 //!

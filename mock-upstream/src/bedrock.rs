@@ -59,17 +59,92 @@ pub const START_WITH_USER: &str = "A conversation must start with a user message
 /// The message of the exception frames.
 const TOO_MANY_TOKENS: &str = "Too many tokens, please wait before trying again.";
 
-/// `recorded` with the `x-amzn-RequestId` the mock will answer it with (a UUID, as AWS's).
-pub fn with_request_id(mock: &MockState, mut recorded: Recorded) -> Recorded {
-    let n = mock.next_request_number();
-    recorded.request_id = Some(format!("6f2d1c1e-3b7a-4c2e-9d41-{n:012x}"));
+/// `recorded` with the `x-amzn-RequestId` the mock will answer it with: a UUID, as AWS's; for
+/// a golden fixture's request, the fixture's own id, or none when the fixture has none (its
+/// snapshot was made without one).
+pub async fn with_request_id(mock: &MockState, mut recorded: Recorded) -> Recorded {
+    recorded.request_id = match golden_of(&recorded).await {
+        Some(golden) => golden.case["request_id"].as_str().map(str::to_owned),
+        None => {
+            let n = mock.next_request_number();
+            Some(format!("6f2d1c1e-3b7a-4c2e-9d41-{n:012x}"))
+        }
+    };
     recorded
+}
+
+/// The golden fixture whose Converse request `recorded` is (see [`crate::golden`]).
+async fn golden_of(recorded: &Recorded) -> Option<&'static crate::golden::Golden> {
+    let (segment, op) = recorded
+        .path
+        .strip_prefix("/model/")
+        .and_then(|rest| rest.split_once('/'))?;
+    let streamed = match op {
+        "converse" => false,
+        "converse-stream" => true,
+        _ => return None,
+    };
+    let model = percent_decode(segment)?;
+    let request = serde_json::from_slice::<Value>(&recorded.body).ok()?;
+    crate::golden::find(
+        crate::golden::GoldenProvider::Bedrock,
+        &model,
+        streamed,
+        &request,
+    )
+    .await
+}
+
+/// A golden fixture's Converse answer: its `answer`, or its `stream` entries as binary frames
+/// (`{"event"|"exception": name, "payload": {...}}`, `"corrupt_crc": true` flipping the message
+/// CRC), sent in odd-sized pieces.
+fn golden_answer(golden: &crate::golden::Golden) -> Response {
+    let Some(entries) = golden.case["stream"].as_array() else {
+        return json_response(StatusCode::OK, &golden.case["answer"]);
+    };
+    let mut bytes = Vec::new();
+    for entry in entries {
+        let (kind, name, message_type) =
+            match (entry["event"].as_str(), entry["exception"].as_str()) {
+                (Some(event), _) => (":event-type", event, "event"),
+                (None, Some(exception)) => (":exception-type", exception, "exception"),
+                (None, None) => continue,
+            };
+        let mut message = Message::new(entry["payload"].to_string().into_bytes());
+        for (header, value) in [
+            (kind, name),
+            (":content-type", "application/json"),
+            (":message-type", message_type),
+        ] {
+            message = message.add_header(Header::new(
+                header,
+                FrameValue::String(value.to_owned().into()),
+            ));
+        }
+        let start = bytes.len();
+        if write_message_to(&message, &mut bytes).is_err() {
+            continue;
+        }
+        if entry["corrupt_crc"].as_bool() == Some(true)
+            && let Some(last) = bytes.len().checked_sub(1).filter(|last| *last >= start)
+        {
+            bytes[last] ^= 0xff;
+        }
+    }
+    event_stream(in_odd_pieces(&bytes))
 }
 
 /// The answer of Bedrock to `recorded`, with its [`Recorded::request_id`] (see
 /// [`with_request_id`]) as `x-amzn-RequestId`.
 pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
-    let mut response = answer_without_id(mock, &recorded);
+    let golden = match authenticate(&recorded) {
+        Ok(()) => golden_of(&recorded).await,
+        Err(_) => None,
+    };
+    let mut response = match golden {
+        Some(golden) => golden_answer(golden),
+        None => answer_without_id(mock, &recorded),
+    };
     if let Some(id) = recorded
         .request_id
         .as_deref()

@@ -272,6 +272,17 @@ pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
     if model == MISSING_MODEL {
         return model_not_found(model, method, vertex);
     }
+    if method.ends_with("enerateContent")
+        && let Some(golden) = crate::golden::find(
+            crate::golden::GoldenProvider::Google,
+            model,
+            method == "streamGenerateContent",
+            &request,
+        )
+        .await
+    {
+        return golden_answer(golden);
+    }
     if method.ends_with("enerateContent") && request.to_string().contains("BLOCKME") {
         return blocked_prompt(model, method, recorded.query.as_deref());
     }
@@ -688,6 +699,25 @@ async fn token_endpoint(book: &TokenBook, recorded: &Recorded) -> Response {
         StatusCode::OK,
         &json!({"access_token": format!("ya29.mock-{n}"), "expires_in": expires_in, "token_type": "Bearer"}),
     )
+}
+
+/// A golden fixture's Gemini answer: its `answer`, or its `stream` events as Google frames them
+/// (`data: {json}` and CRLF CRLF, no `[DONE]`; wire formats §3.4).
+fn golden_answer(golden: &crate::golden::Golden) -> Response {
+    if let Some(events) = golden.case["stream"].as_array() {
+        // One chunk per event, as Google flushes them: a client sees the events before a
+        // failure that follows them.
+        let chunks: Vec<Result<Bytes, std::convert::Infallible>> = events
+            .iter()
+            .map(|e| Ok(Bytes::from(format!("data: {e}\r\n\r\n"))))
+            .collect();
+        return (
+            [("content-type", "text/event-stream")],
+            Body::from_stream(futures_util::stream::iter(chunks)),
+        )
+            .into_response();
+    }
+    json_response(StatusCode::OK, &golden.case["answer"])
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@
 
 pub mod bedrock;
 pub mod bench;
+pub mod golden;
 pub mod google;
 pub mod openai;
 mod recorded;
@@ -204,7 +205,7 @@ async fn dispatch(State(state): State<Arc<MockState>>, request: Request) -> Resp
         }
         Provider::Bedrock => {
             // The id is chosen before recording, so tests can compare it with the gateway's.
-            let recorded = bedrock::with_request_id(&state, recorded);
+            let recorded = bedrock::with_request_id(&state, recorded).await;
             state.record(recorded.clone());
             state.gate.pass().await;
             bedrock::answer(&state, recorded).await

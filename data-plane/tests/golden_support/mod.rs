@@ -2,13 +2,18 @@
 //! members produce the other members; a test fails when what is produced differs from them.
 //! `UPDATE_GOLDEN=1` rewrites the snapshots instead (review the diff like code).
 
+#![allow(
+    dead_code,
+    reason = "shared by the translation golden tests and the through-the-gateway test, which use different parts"
+)]
+
 use llm_proxy_data_plane::errors::ApiError;
 use serde_json::{Map, Value, json};
 use std::path::PathBuf;
 
 pub fn fixture_dir(provider: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
+        .join("../mock-upstream/fixtures/golden")
         .join(provider)
 }
 
@@ -44,6 +49,10 @@ pub fn normalise(value: &mut Value) {
 }
 
 /// An error as the client gets it: status, body and headers.
+#[allow(
+    dead_code,
+    reason = "used by the translation golden tests, not by every test that shares this module"
+)]
 pub fn error_json(err: &ApiError) -> Value {
     let headers: Map<String, Value> = err
         .headers
