@@ -205,8 +205,75 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+/// Anthropic's error body (`{"type":"error","error":{"type","message"}}`).
+#[derive(Serialize)]
+struct AnthropicBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    error: AnthropicInner<'a>,
+}
+
+#[derive(Serialize)]
+struct AnthropicInner<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: &'a str,
+}
+
+/// Anthropic's status for overload (its clients retry it).
+pub const OVERLOADED: u16 = 529;
+
+impl ApiError {
+    /// The status on the Anthropic Messages route (DESIGN §17): the gateway's own load shedding
+    /// and an upstream's overload (503) answer 529 there, which Anthropic clients retry.
+    pub fn anthropic_status(&self) -> StatusCode {
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            StatusCode::from_u16(OVERLOADED).unwrap_or(self.status)
+        } else {
+            self.status
+        }
+    }
+
+    /// Anthropic's error `type` for this error's status (DESIGN §17), so that the Anthropic SDKs
+    /// raise the matching exception class.
+    pub fn anthropic_type(&self) -> &'static str {
+        match self.anthropic_status().as_u16() {
+            400 | 405 | 408 | 411 | 415 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            402 => "billing_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            409 => "conflict_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            504 => "timeout_error",
+            OVERLOADED => "overloaded_error",
+            s if s >= 500 => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The error as Anthropic's JSON body, also the data of a failed stream's `event: error`.
+    pub fn anthropic_body_json(&self) -> String {
+        let body = AnthropicBody {
+            kind: "error",
+            error: AnthropicInner {
+                kind: self.anthropic_type(),
+                message: &self.message,
+            },
+        };
+        // Serialising plain strings cannot fail.
+        serde_json::to_string(&body).unwrap_or_default()
+    }
+
+    /// The error as an Anthropic Messages client expects it.
+    pub fn into_anthropic_response(self) -> Response {
+        let status = self.anthropic_status();
+        let body = self.anthropic_body_json();
+        (status, self.headers_map(), body).into_response()
+    }
+
+    fn headers_map(&self) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(
             http::header::CONTENT_TYPE,
@@ -215,7 +282,13 @@ impl IntoResponse for ApiError {
         for (name, value) in &self.headers {
             headers.insert(name.clone(), value.clone());
         }
-        (self.status, headers, self.body_json()).into_response()
+        headers
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, self.headers_map(), self.body_json()).into_response()
     }
 }
 

@@ -36,6 +36,9 @@ pub enum InboundDialect {
     /// OpenAI's chat completions and embeddings (also on the Azure-style deployment routes): the
     /// body is OpenAI's, errors are OpenAI's `{"error": {...}}`.
     OpenAi,
+    /// Anthropic's Messages API (`/v1/messages`): errors are
+    /// `{"type":"error","error":{"type","message"}}` with the statuses of DESIGN §17.
+    Anthropic,
 }
 
 impl InboundDialect {
@@ -43,6 +46,7 @@ impl InboundDialect {
     pub fn error_response(self, error: ApiError) -> Response {
         match self {
             InboundDialect::OpenAi => error.into_response(),
+            InboundDialect::Anthropic => error.into_anthropic_response(),
         }
     }
 }

@@ -145,6 +145,11 @@ pub trait StreamTranslator: Send + 'static {
     fn complete(&self) -> bool;
     /// Token usage reported so far.
     fn usage(&self) -> Option<Usage>;
+    /// A failure after the stream started, as the client's dialect ends a stream with an error
+    /// (OpenAI: one `data:` event with the error body).
+    fn write_error(&mut self, error: &ApiError, out: &mut BytesMut) {
+        write_data(out, error.body_json().as_bytes());
+    }
 }
 
 /// The error for an upstream event beyond `max` bytes (`--max-stream-event-bytes`).
@@ -257,7 +262,7 @@ impl<S, T: StreamTranslator> RelayState<S, T> {
 
     fn fail(&mut self, error: ApiError) {
         let mut event = BytesMut::new();
-        write_data(&mut event, error.body_json().as_bytes());
+        self.translator.write_error(&error, &mut event);
         self.out.push_back(event.freeze());
         self.done = true;
     }

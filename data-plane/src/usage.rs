@@ -12,6 +12,12 @@ pub struct Usage {
     pub completion_tokens: u64,
     #[serde(default)]
     pub total_tokens: u64,
+    /// Prompt tokens read from the upstream's prompt cache (included in `prompt_tokens`).
+    #[serde(skip)]
+    pub cache_read_tokens: u64,
+    /// Prompt tokens written to the upstream's prompt cache (included in `prompt_tokens`).
+    #[serde(skip)]
+    pub cache_write_tokens: u64,
 }
 
 impl Usage {
@@ -36,6 +42,7 @@ mod tests {
             prompt_tokens: u64::MAX,
             completion_tokens: 5,
             total_tokens: 0,
+            ..Usage::default()
         };
         assert_eq!(usage.total(), u64::MAX);
     }

@@ -498,6 +498,8 @@ impl TokenUsage {
             prompt_tokens,
             completion_tokens: self.output_tokens,
             total_tokens: prompt_tokens.saturating_add(self.output_tokens),
+            cache_read_tokens: self.cache_read_input_tokens,
+            cache_write_tokens: self.cache_write_input_tokens,
         }
     }
 

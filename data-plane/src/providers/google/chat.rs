@@ -502,6 +502,9 @@ impl UsageMetadata {
             prompt_tokens,
             completion_tokens,
             total_tokens,
+            // Gemini counts cached tokens inside `promptTokenCount`, as OpenAI does.
+            cache_read_tokens: self.cached_content_token_count,
+            cache_write_tokens: 0,
         }
     }
 

@@ -179,6 +179,7 @@ impl EmbeddingsAnswer {
             prompt_tokens: tokens,
             completion_tokens: 0,
             total_tokens: tokens,
+            ..Usage::default()
         };
         Ok((serde_json::to_vec(&out).unwrap_or_default(), Some(usage)))
     }
