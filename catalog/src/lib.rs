@@ -30,15 +30,18 @@ pub enum Provider {
     Azure,
     Google,
     Bedrock,
+    /// Anthropic's Messages API: Anthropic itself or Azure Foundry's Claude endpoint.
+    Anthropic,
 }
 
 impl Provider {
     /// Every provider, in the order help texts list them.
-    pub const ALL: [Provider; 4] = [
+    pub const ALL: [Provider; 5] = [
         Provider::OpenAi,
         Provider::Azure,
         Provider::Google,
         Provider::Bedrock,
+        Provider::Anthropic,
     ];
 
     /// The names of [`Provider::ALL`], as the API, the database and `llmctl` spell them.
@@ -59,6 +62,7 @@ impl Provider {
             Provider::Azure => "azure",
             Provider::Google => "google",
             Provider::Bedrock => "bedrock",
+            Provider::Anthropic => "anthropic",
         }
     }
 
@@ -69,7 +73,8 @@ impl Provider {
             Provider::OpenAi => &[TimeoutS],
             Provider::Azure => &[TimeoutS, ApiVersion],
             Provider::Google => &[TimeoutS, Api, Auth, Project, Location, ApiVersion],
-            Provider::Bedrock => &[TimeoutS, Region, Auth],
+            Provider::Bedrock => &[TimeoutS, Region, Auth, AnthropicApi],
+            Provider::Anthropic => &[TimeoutS, AnthropicVersion],
         }
     }
 
@@ -121,6 +126,10 @@ pub enum ConnectionOption {
     Location,
     /// Bedrock: the AWS region SigV4 signs for.
     Region,
+    /// Anthropic: the `anthropic-version` header sent when the client sent none (a date).
+    AnthropicVersion,
+    /// Bedrock: how Claude models are called, [`BedrockAnthropicApi`] (default: by model id).
+    AnthropicApi,
 }
 
 impl ConnectionOption {
@@ -134,6 +143,8 @@ impl ConnectionOption {
             ConnectionOption::Project => "project",
             ConnectionOption::Location => "location",
             ConnectionOption::Region => "region",
+            ConnectionOption::AnthropicVersion => "anthropic_version",
+            ConnectionOption::AnthropicApi => "anthropic_api",
         }
     }
 }
@@ -202,6 +213,26 @@ impl Choice for BedrockAuth {
     ];
 }
 
+/// How a `bedrock` connection calls Claude models (option `anthropic_api`, DESIGN §17).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BedrockAnthropicApi {
+    /// InvokeModel / InvokeModelWithResponseStream (Claude 4.6 and earlier).
+    Invoke,
+    /// Bedrock's Messages endpoint `/anthropic/v1/messages` (newer Claude models).
+    Messages,
+}
+
+impl Choice for BedrockAnthropicApi {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("invoke", BedrockAnthropicApi::Invoke),
+        ("messages", BedrockAnthropicApi::Messages),
+    ];
+}
+
+/// The `anthropic-version` sent to an `anthropic` connection when neither the client nor the
+/// connection's `anthropic_version` option names one.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+
 /// Why a connection's options were refused. Messages name the option and the bad value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OptionError {
@@ -241,17 +272,21 @@ pub fn timeout_s(value: &str) -> Result<Duration, OptionError> {
         })
 }
 
-/// Whether `value` is an Azure `api_version`: `v1` or a dated version such as `2024-10-21`.
-fn is_azure_api_version(value: &str) -> bool {
-    let is_date = value.len() >= 10
+/// Whether `value` starts with a date such as `2024-10-21`.
+fn starts_with_date(value: &str) -> bool {
+    value.len() >= 10
         && value.as_bytes()[..10].iter().enumerate().all(|(i, b)| {
             if i == 4 || i == 7 {
                 *b == b'-'
             } else {
                 b.is_ascii_digit()
             }
-        });
-    value == "v1" || is_date
+        })
+}
+
+/// Whether `value` is an Azure `api_version`: `v1` or a dated version such as `2024-10-21`.
+fn is_azure_api_version(value: &str) -> bool {
+    value == "v1" || starts_with_date(value)
 }
 
 fn one_of<C: Choice>(key: ConnectionOption, value: &str) -> Result<(), OptionError> {
@@ -285,6 +320,16 @@ pub fn validate_option(provider: Provider, key: &str, value: &str) -> Result<(),
         (ConnectionOption::Api, _) => one_of::<GoogleApi>(option, value),
         (ConnectionOption::Auth, Provider::Google) => one_of::<GoogleAuth>(option, value),
         (ConnectionOption::Auth, _) => one_of::<BedrockAuth>(option, value),
+        (ConnectionOption::AnthropicApi, _) => one_of::<BedrockAnthropicApi>(option, value),
+        (ConnectionOption::AnthropicVersion, _)
+            if !(value.len() == 10 && starts_with_date(value)) =>
+        {
+            Err(OptionError::Invalid {
+                key: option.name(),
+                expected: "a date such as 2023-06-01".to_owned(),
+                value: value.to_owned(),
+            })
+        }
         (ConnectionOption::ApiVersion, Provider::Azure) if !is_azure_api_version(value) => {
             Err(OptionError::Invalid {
                 key: option.name(),
@@ -296,7 +341,8 @@ pub fn validate_option(provider: Provider, key: &str, value: &str) -> Result<(),
             ConnectionOption::ApiVersion
             | ConnectionOption::Project
             | ConnectionOption::Location
-            | ConnectionOption::Region,
+            | ConnectionOption::Region
+            | ConnectionOption::AnthropicVersion,
             _,
         ) => Ok(()),
     }
@@ -358,10 +404,11 @@ mod tests {
                 Provider::Azure => 1,
                 Provider::Google => 2,
                 Provider::Bedrock => 3,
+                Provider::Anthropic => 4,
             };
             assert_eq!(Provider::ALL[position], provider);
         }
-        assert_eq!(Provider::ALL.len(), 4);
+        assert_eq!(Provider::ALL.len(), 5);
     }
 
     #[test]
@@ -374,7 +421,7 @@ mod tests {
         assert!("OpenAI".parse::<Provider>().is_err());
         assert_eq!(
             "cohere".parse::<Provider>().unwrap_err().to_string(),
-            r#"must be one of openai|azure|google|bedrock, got "cohere""#
+            r#"must be one of openai|azure|google|bedrock|anthropic, got "cohere""#
         );
     }
 
@@ -401,6 +448,20 @@ mod tests {
         );
         assert!(validate_option(Provider::Azure, "api_version", "2024-10-21").is_ok());
         assert!(validate_option(Provider::Google, "api_version", "v1beta1").is_ok());
+        assert!(validate_option(Provider::Anthropic, "anthropic_version", "2023-06-01").is_ok());
+        assert_eq!(
+            validate_option(Provider::Anthropic, "anthropic_version", "latest")
+                .unwrap_err()
+                .to_string(),
+            r#"anthropic_version must be a date such as 2023-06-01, got "latest""#
+        );
+        assert!(validate_option(Provider::Bedrock, "anthropic_api", "messages").is_ok());
+        assert_eq!(
+            validate_option(Provider::Bedrock, "anthropic_api", "converse")
+                .unwrap_err()
+                .to_string(),
+            r#"anthropic_api must be one of invoke|messages, got "converse""#
+        );
         assert_eq!(
             validate_option(Provider::Azure, "timeout_s", " ").unwrap_err(),
             OptionError::Empty("timeout_s")

@@ -241,6 +241,93 @@ fn parse_top_level(text: &str, max_keys: usize) -> Result<RawObject<'_>, ApiErro
     })
 }
 
+/// Where the member `key` of `object` lies in `body` (the text `object` was parsed from): the
+/// byte range from its key's opening quote to the end of its value. `None` when `object` has no
+/// such member or was not parsed from `body`.
+fn member_span(body: &[u8], object: &RawObject<'_>, key: &str) -> Option<(usize, usize)> {
+    let value = object.get(key)?.get();
+    let base = body.as_ptr() as usize;
+    let start = (value.as_ptr() as usize).checked_sub(base)?;
+    let end = start.checked_add(value.len())?;
+    if end > body.len() {
+        return None;
+    }
+    // Back over `"key" :` — the body is valid JSON, so the bytes before a member's value are
+    // whitespace, a colon, whitespace and the key's closing quote.
+    let mut i = start;
+    let skip_space = |i: &mut usize| {
+        while *i > 0 && body[*i - 1].is_ascii_whitespace() {
+            *i -= 1;
+        }
+    };
+    skip_space(&mut i);
+    if i == 0 || body[i - 1] != b':' {
+        return None;
+    }
+    i -= 1;
+    skip_space(&mut i);
+    if i == 0 || body[i - 1] != b'"' {
+        return None;
+    }
+    i -= 1;
+    // The opening quote: the previous `"` preceded by an even number of backslashes.
+    loop {
+        let quote = body[..i].iter().rposition(|b| *b == b'"')?;
+        let backslashes = body[..quote]
+            .iter()
+            .rev()
+            .take_while(|b| **b == b'\\')
+            .count();
+        if backslashes % 2 == 0 {
+            return Some((quote, end));
+        }
+        i = quote;
+    }
+}
+
+/// `body` with the member `key` of its top-level `object` replaced by `member` (raw JSON members
+/// such as `"model":"x"`), every other byte kept. `None` when `object` has no member `key`.
+pub fn replace_member(
+    body: &[u8],
+    object: &RawObject<'_>,
+    key: &str,
+    member: &str,
+) -> Option<Vec<u8>> {
+    let (start, end) = member_span(body, object, key)?;
+    let mut out = Vec::with_capacity(body.len() + member.len());
+    out.extend_from_slice(&body[..start]);
+    out.extend_from_slice(member.as_bytes());
+    out.extend_from_slice(&body[end..]);
+    Some(out)
+}
+
+/// `body` without the member `key` of its top-level `object` (and the comma that separated it),
+/// every other byte kept. `None` when `object` has no member `key`.
+pub fn remove_member(body: &[u8], object: &RawObject<'_>, key: &str) -> Option<Vec<u8>> {
+    let (mut start, mut end) = member_span(body, object, key)?;
+    let after = body[end..]
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .map(|n| end + n);
+    match after {
+        // A member follows: drop up to it, comma included.
+        Some(comma) if body[comma] == b',' => end = comma + 1,
+        // The last member: drop the comma before it, if any.
+        _ => {
+            let before = body[..start]
+                .iter()
+                .rposition(|b| !b.is_ascii_whitespace());
+            if let Some(comma) = before.filter(|i| body[*i] == b',') {
+                start = comma;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(body.len());
+    out.extend_from_slice(&body[..start]);
+    out.extend_from_slice(&body[end..]);
+    Some(out)
+}
+
 /// Parses a raw JSON object (e.g. a nested value); `None` when it is not an object.
 pub fn parse_object(raw: &str) -> Option<RawObject<'_>> {
     serde_json::from_str(raw).ok()
@@ -270,6 +357,39 @@ mod tests {
             std::str::from_utf8(&out).unwrap(),
             r#"{"model":"gpt-4-0613","messages":[{"role":"user","content":"h\u00e9 \"x\""}],"temperature":0.70,"n":1}"#
         );
+    }
+
+    #[test]
+    fn members_are_replaced_and_removed_in_place() {
+        let body = br#"{ "model" : "claude" ,"messages":[{"role":"user","content":"model"}], "stream":true }"#;
+        let parsed = parse(body, true, KEYS).unwrap();
+        let out = replace_member(body, &parsed.object, "model", r#""model":"claude-x""#).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{ "model":"claude-x" ,"messages":[{"role":"user","content":"model"}], "stream":true }"#
+        );
+        let out = remove_member(body, &parsed.object, "model").unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{ "messages":[{"role":"user","content":"model"}], "stream":true }"#
+        );
+        let out = remove_member(body, &parsed.object, "stream").unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{ "model" : "claude" ,"messages":[{"role":"user","content":"model"}] }"#
+        );
+        assert!(remove_member(body, &parsed.object, "absent").is_none());
+        // Escaped keys: the span starts at the key's real opening quote.
+        let body = br#"{"a"b":1,"model":"m"}"#;
+        let parsed = parse(body, false, KEYS).unwrap();
+        let out = replace_member(body, &parsed.object, "model", r#""model":"n""#).unwrap();
+        assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"a\"b":1,"model":"n"}"#);
+        let out = remove_member(body, &parsed.object, "a\"b").unwrap();
+        assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"mo\u0064el":"m"}"#);
+        // Only one member: the object becomes empty.
+        let body = br#"{"model":"m"}"#;
+        let parsed = parse(body, true, KEYS).unwrap();
+        assert_eq!(remove_member(body, &parsed.object, "model").unwrap(), b"{}");
     }
 
     #[test]

@@ -5,11 +5,15 @@
 use crate::errors::ApiError;
 use axum::response::{IntoResponse as _, Response};
 
-/// What the client asks for (the OpenAI operation); every dialect maps its routes onto these.
+/// What the client asks for; every dialect maps its routes onto these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
     ChatCompletions,
     Embeddings,
+    /// Anthropic's `POST /v1/messages`: a chat turn, like [`Operation::ChatCompletions`].
+    Messages,
+    /// Anthropic's `POST /v1/messages/count_tokens`: never counted against request limits.
+    CountTokens,
 }
 
 impl Operation {
@@ -18,15 +22,24 @@ impl Operation {
         match self {
             Operation::ChatCompletions => "chat.completions",
             Operation::Embeddings => "embeddings",
+            Operation::Messages => "messages",
+            Operation::CountTokens => "messages.count_tokens",
         }
     }
 
-    /// The OpenAI path suffix, shared by OpenAI and Azure.
+    /// The path suffix after `/v1/`: OpenAI's (shared by OpenAI and Azure) or Anthropic's.
     pub fn path(self) -> &'static str {
         match self {
             Operation::ChatCompletions => "chat/completions",
             Operation::Embeddings => "embeddings",
+            Operation::Messages => "messages",
+            Operation::CountTokens => "messages/count_tokens",
         }
+    }
+
+    /// Whether the operation is a chat turn (an answer that may be streamed).
+    pub fn is_chat(self) -> bool {
+        matches!(self, Operation::ChatCompletions | Operation::Messages)
     }
 }
 
@@ -69,6 +82,16 @@ impl InboundRequest {
     pub fn openai(operation: Operation) -> Self {
         Self {
             dialect: InboundDialect::OpenAi,
+            operation,
+            path_alias: None,
+            client_api_version: None,
+        }
+    }
+
+    /// An Anthropic Messages request (`/v1/messages`, `/v1/messages/count_tokens`).
+    pub fn anthropic(operation: Operation) -> Self {
+        Self {
+            dialect: InboundDialect::Anthropic,
             operation,
             path_alias: None,
             client_api_version: None,

@@ -3,7 +3,7 @@
 
 use crate::body::{self, ParsedRequest};
 use crate::errors::ApiError;
-use crate::inbound::InboundRequest;
+use crate::inbound::{InboundDialect, InboundRequest};
 use crate::index::{ConfigIndex, KeyEntry, Target};
 use crate::limits::Limits;
 use crate::metrics::{LimitResult, Metrics, UpstreamErrorKind};
@@ -68,6 +68,8 @@ pub fn router(state: AppState) -> Router {
         .route("/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
         .route("/embeddings", post(embeddings))
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(models))
         .route("/models", get(models))
         .route(
@@ -100,7 +102,7 @@ fn unknown_path() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",
-        "unknown path; the gateway serves /v1/chat/completions, /v1/embeddings and /v1/models",
+        "unknown path; the gateway serves /v1/chat/completions, /v1/embeddings, /v1/messages, /v1/messages/count_tokens and /v1/models",
     )
     .with_code("unknown_url")
 }
@@ -113,7 +115,7 @@ fn wrong_method() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "invalid_request_error",
-        "method not allowed: chat and embeddings take POST, models takes GET",
+        "method not allowed: chat, embeddings and messages take POST, models takes GET",
     )
 }
 
@@ -124,8 +126,15 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-/// The caller's key: `Authorization: Bearer`, else `api-key`, else `x-goog-api-key`.
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
+/// The caller's key. OpenAI routes: `Authorization: Bearer`, else `api-key`, else
+/// `x-goog-api-key`. Anthropic routes: `x-api-key` (Claude Code), else as OpenAI routes (the
+/// current anthropic SDK sends Bearer).
+fn presented_key(headers: &HeaderMap, dialect: InboundDialect) -> Option<&str> {
+    if dialect == InboundDialect::Anthropic
+        && let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok())
+    {
+        return Some(key.trim());
+    }
     if let Some(value) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -144,10 +153,19 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-fn authenticate<'a>(index: &'a ConfigIndex, headers: &HeaderMap) -> Result<KeyEntry<'a>, ApiError> {
-    let key = presented_key(headers)
+fn authenticate<'a>(
+    index: &'a ConfigIndex,
+    headers: &HeaderMap,
+    dialect: InboundDialect,
+) -> Result<KeyEntry<'a>, ApiError> {
+    let key = presented_key(headers, dialect)
         .filter(|k| !k.is_empty())
-        .ok_or_else(ApiError::missing_key)?;
+        .ok_or_else(|| match dialect {
+            InboundDialect::OpenAi => ApiError::missing_key(),
+            InboundDialect::Anthropic => ApiError::missing_key().with_message(
+                "missing API key: send it as `x-api-key` or `Authorization: Bearer <key>`",
+            ),
+        })?;
     index
         .authenticate(key, now_unix())
         .map_err(|e| ApiError::invalid_key(&e.to_string()))
@@ -226,6 +244,18 @@ async fn chat(State(state): State<AppState>, request: Request) -> Response {
     handle(state, parts.headers, body, inbound).await
 }
 
+async fn messages(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let inbound = InboundRequest::anthropic(Operation::Messages);
+    handle(state, parts.headers, body, inbound).await
+}
+
+async fn count_tokens(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let inbound = InboundRequest::anthropic(Operation::CountTokens);
+    handle(state, parts.headers, body, inbound).await
+}
+
 async fn embeddings(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let inbound = InboundRequest::openai(Operation::Embeddings);
@@ -260,24 +290,48 @@ async fn azure_embeddings(
     handle(state, parts.headers, body, inbound).await
 }
 
+/// The key's aliases: in OpenAI's list shape, or in Anthropic's when the request carries
+/// `anthropic-version` (DESIGN §17).
 async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let dialect = if headers.contains_key("anthropic-version") {
+        InboundDialect::Anthropic
+    } else {
+        InboundDialect::OpenAi
+    };
     let result = (|| {
         let index = current_config(&state)?;
-        let key = authenticate(&index, &headers)?;
-        let data: Vec<serde_json::Value> = key
-            .alias_names()
-            .into_iter()
-            .map(|alias| {
-                serde_json::json!({"id": alias, "object": "model", "created": 0, "owned_by": "llm-proxy"})
-            })
-            .collect();
-        Ok::<_, ApiError>(axum::Json(
-            serde_json::json!({"object": "list", "data": data}),
-        ))
+        let key = authenticate(&index, &headers, dialect)?;
+        let aliases = key.alias_names();
+        let list = match dialect {
+            InboundDialect::OpenAi => {
+                let data: Vec<serde_json::Value> = aliases
+                    .iter()
+                    .map(|alias| {
+                        serde_json::json!({"id": alias, "object": "model", "created": 0, "owned_by": "llm-proxy"})
+                    })
+                    .collect();
+                serde_json::json!({"object": "list", "data": data})
+            }
+            InboundDialect::Anthropic => {
+                let data: Vec<serde_json::Value> = aliases
+                    .iter()
+                    .map(|alias| {
+                        serde_json::json!({"type": "model", "id": alias, "display_name": alias, "created_at": "1970-01-01T00:00:00Z"})
+                    })
+                    .collect();
+                serde_json::json!({
+                    "data": data,
+                    "has_more": false,
+                    "first_id": aliases.first(),
+                    "last_id": aliases.last(),
+                })
+            }
+        };
+        Ok::<_, ApiError>(axum::Json(list))
     })();
     let response = match result {
         Ok(json) => with_request_id(&headers, json),
-        Err(err) => with_request_id(&headers, err),
+        Err(err) => with_request_id(&headers, dialect.error_response(err)),
     };
     closing_if_draining(&state, response)
 }
@@ -610,7 +664,7 @@ async fn handle_inner(
     record: &mut RequestRecord,
 ) -> Result<Response, ApiError> {
     let index = current_config(state)?;
-    let key = authenticate(&index, headers)?;
+    let key = authenticate(&index, headers, inbound.dialect)?;
     record.span.record("vkey_id", key.id());
     let body = read_body(body, headers, &state.limits, &state.metrics).await?;
     let path_alias = inbound.path_alias.as_deref();
@@ -623,6 +677,10 @@ async fn handle_inner(
     record.span.record("alias", &**pool.alias());
     record.span.record("stream", request.stream);
 
+    if inbound.operation == Operation::CountTokens {
+        return count_tokens_of(state, headers, &body, &request, inbound, pool, trace, record)
+            .await;
+    }
     let estimate = estimate_tokens(body.len(), &request);
     let mut last_denial: Option<Decision> = None;
     let mut last_error: Option<ApiError> = None;
@@ -655,9 +713,12 @@ async fn handle_inner(
             continue;
         }
         let ctx = CallContext {
+            dialect: inbound.dialect,
             operation: inbound.operation,
             target: &target,
             request: &request,
+            body: &body,
+            inbound_headers: headers,
             client_api_version: inbound.client_api_version.as_deref(),
             trace,
         };
@@ -692,6 +753,57 @@ async fn handle_inner(
         ),
         decision.headers(),
     ))
+}
+
+/// `count_tokens` (DESIGN §17): forwarded to the pool's first target when it is an `anthropic`
+/// connection (Anthropic's API and Foundry have the endpoint), else estimated locally. Never
+/// counted against request limits: Claude Code sends dozens at start-up.
+#[allow(clippy::too_many_arguments)] // the request's parts, as `handle_inner` holds them
+async fn count_tokens_of(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+    request: &ParsedRequest<'_>,
+    inbound: &InboundRequest,
+    pool: crate::index::Pool<'_>,
+    trace: TraceContext,
+    record: &mut RequestRecord,
+) -> Result<Response, ApiError> {
+    let Some(target) = pool.attempt_order(rand::random()).next() else {
+        return Err(ApiError::model_not_found(pool.alias()));
+    };
+    record.routed(&target, target.connection.provider.as_str());
+    if providers::anthropic::claude_route(&target)
+        == Some(providers::anthropic::ClaudeRoute::Anthropic)
+    {
+        let ctx = CallContext {
+            dialect: inbound.dialect,
+            operation: inbound.operation,
+            target: &target,
+            request,
+            body,
+            inbound_headers: headers,
+            client_api_version: None,
+            trace,
+        };
+        return match attempt(state, &ctx, None, 0, record).await {
+            Attempt::Answered(response) => Ok(response),
+            Attempt::Failed(err) | Attempt::Failover(err) => Err(err),
+        };
+    }
+    let tokens = estimate_input_tokens(request);
+    Ok(axum::Json(serde_json::json!({ "input_tokens": tokens })).into_response())
+}
+
+/// The local `count_tokens` estimate: about 4 bytes of JSON per token over `system`, `messages`
+/// and `tools` (what Anthropic counts as input), at least 1.
+fn estimate_input_tokens(request: &ParsedRequest<'_>) -> u64 {
+    let bytes: usize = ["system", "messages", "tools"]
+        .iter()
+        .filter_map(|key| request.object.get(key))
+        .map(|raw| raw.get().len())
+        .sum();
+    (bytes as u64).div_ceil(4).max(1)
 }
 
 /// One attempt on one target, and the one place that settles its reservation and records its
@@ -766,7 +878,7 @@ async fn call_upstream(
     // Set after the adapter's headers: SigV4 does not sign it, and every provider accepts it.
     request = request.header("traceparent", ctx.trace.upstream_header());
     let timeout = connection.timeout;
-    let streaming = ctx.request.stream && ctx.operation == Operation::ChatCompletions;
+    let streaming = ctx.request.stream && ctx.operation.is_chat();
     if !streaming {
         request = request.timeout(timeout);
     }
@@ -836,6 +948,7 @@ async fn call_upstream(
                 provider,
                 on_end,
                 &state.limits,
+                ctx.dialect,
             )
             .await
             .map_err(UpstreamFailure::invalid_answer)?;
@@ -866,7 +979,7 @@ async fn call_upstream(
         )),
     })?;
     let (body, usage) = wire
-        .translate(&request_ids, body, &state.limits, provider)
+        .translate(&request_ids, body, &state.limits, provider, ctx.dialect)
         .map_err(UpstreamFailure::invalid_answer)?;
     let mut out = Response::new(Body::from(body));
     *out.status_mut() = StatusCode::OK;
@@ -888,6 +1001,8 @@ fn request_ids(from: &HeaderMap) -> HeaderMap {
     let mut ids = HeaderMap::new();
     for (name, as_name) in [
         ("x-request-id", "x-upstream-request-id"),
+        // Anthropic's.
+        ("request-id", "x-upstream-request-id"),
         ("apim-request-id", "apim-request-id"),
         ("x-amzn-requestid", "x-amzn-requestid"),
     ] {
@@ -918,12 +1033,19 @@ mod tests {
 
     #[test]
     fn key_comes_from_bearer_then_api_key_then_goog() {
+        let openai = InboundDialect::OpenAi;
         let mut h = HeaderMap::new();
         h.insert("x-goog-api-key", HeaderValue::from_static("g"));
-        assert_eq!(presented_key(&h), Some("g"));
+        assert_eq!(presented_key(&h, openai), Some("g"));
         h.insert("api-key", HeaderValue::from_static("a"));
-        assert_eq!(presented_key(&h), Some("a"));
+        assert_eq!(presented_key(&h, openai), Some("a"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
-        assert_eq!(presented_key(&h), Some("b"));
+        assert_eq!(presented_key(&h, openai), Some("b"));
+        // `x-api-key` counts on Anthropic routes only, and first there.
+        h.insert("x-api-key", HeaderValue::from_static("x"));
+        assert_eq!(presented_key(&h, openai), Some("b"));
+        assert_eq!(presented_key(&h, InboundDialect::Anthropic), Some("x"));
+        h.remove("x-api-key");
+        assert_eq!(presented_key(&h, InboundDialect::Anthropic), Some("b"));
     }
 }

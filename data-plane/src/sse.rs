@@ -152,6 +152,61 @@ pub trait StreamTranslator: Send + 'static {
     }
 }
 
+/// Two translators in a row: `first`'s output is `second`'s input (e.g. Gemini → OpenAI chunks →
+/// Anthropic events, for a Messages client of a Gemini model). Errors end the stream in
+/// `second`'s dialect.
+pub struct Chain<A, B> {
+    first: A,
+    second: B,
+    between: BytesMut,
+}
+
+impl<A: StreamTranslator, B: StreamTranslator> Chain<A, B> {
+    pub fn new(first: A, second: B) -> Self {
+        Self {
+            first,
+            second,
+            between: BytesMut::new(),
+        }
+    }
+
+    fn pass_on(&mut self, out: &mut BytesMut) -> Result<(), ApiError> {
+        if self.between.is_empty() {
+            return Ok(());
+        }
+        let between = self.between.split();
+        self.second.push(&between, out)
+    }
+}
+
+impl<A: StreamTranslator, B: StreamTranslator> StreamTranslator for Chain<A, B> {
+    fn push(&mut self, chunk: &[u8], out: &mut BytesMut) -> Result<(), ApiError> {
+        let first = self.first.push(chunk, &mut self.between);
+        // What `first` produced before failing still reaches the client.
+        self.pass_on(out)?;
+        first
+    }
+
+    fn finish(&mut self, out: &mut BytesMut) -> Result<(), ApiError> {
+        let first = self.first.finish(&mut self.between);
+        self.pass_on(out)?;
+        first?;
+        self.second.finish(out)
+    }
+
+    fn complete(&self) -> bool {
+        self.second.complete()
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.second.usage().or_else(|| self.first.usage())
+    }
+
+    fn write_error(&mut self, error: &ApiError, out: &mut BytesMut) {
+        self.second.write_error(error, out);
+    }
+}
+
 /// The error for an upstream event beyond `max` bytes (`--max-stream-event-bytes`).
 pub fn event_too_large(provider: &str, max: usize) -> ApiError {
     ApiError::upstream_bad_answer(

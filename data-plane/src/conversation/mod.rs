@@ -278,9 +278,11 @@ impl<R: EventReader, W: EventWriter> Translate<R, W> {
     fn drain(&mut self, out: &mut BytesMut) {
         for event in self.events.drain(..) {
             match &event {
-                StreamEvent::Start { usage, .. } | StreamEvent::Finish { usage, .. } => {
+                // Zeros at the start mean "not reported yet", not "none used".
+                StreamEvent::Start { usage, .. } if *usage != TokenUsage::default() => {
                     self.usage = Some(*usage);
                 }
+                StreamEvent::Finish { usage, .. } => self.usage = Some(*usage),
                 _ => {}
             }
             self.writer.write(&event, out);

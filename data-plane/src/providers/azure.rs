@@ -194,9 +194,12 @@ mod tests {
         .unwrap();
         let target = t.target();
         let ctx = CallContext {
+            dialect: crate::inbound::InboundDialect::OpenAi,
             operation: op,
             target: &target,
             request: &request,
+            body: b"",
+            inbound_headers: &Default::default(),
             client_api_version: client_version,
             trace: crate::trace::TraceContext::of_request(&Default::default()),
         };
@@ -257,9 +260,12 @@ mod tests {
             .unwrap();
             let target = t.target();
             let ctx = CallContext {
+                dialect: crate::inbound::InboundDialect::OpenAi,
                 operation: Operation::ChatCompletions,
                 target: &target,
                 request: &request,
+                body: b"",
+                inbound_headers: &Default::default(),
                 client_api_version: client,
                 trace: crate::trace::TraceContext::of_request(&Default::default()),
             };

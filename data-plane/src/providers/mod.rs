@@ -1,6 +1,13 @@
 //! Provider adapters: each builds the upstream request for its provider and says how its answers
-//! map back to OpenAI's format. One provider per file.
+//! map back to the client's dialect. One provider per file.
+//!
+//! [`build`] first asks whether the target speaks Anthropic Messages (the `anthropic` provider,
+//! Claude on Bedrock and on Vertex, [`anthropic::claude_route`]): those get the Messages wire
+//! (passthrough for Messages clients, translated for OpenAI chat clients). Every other target
+//! speaks OpenAI chat to the gateway's adapters; a Messages client's request for one is converted
+//! through the conversation model first ([`crate::conversation`]), and its answer back.
 
+pub mod anthropic;
 pub mod azure;
 pub mod bedrock;
 pub mod capped;
@@ -9,8 +16,10 @@ pub mod openai;
 pub mod openai_request;
 
 use crate::body::ParsedRequest;
+use crate::conversation::{self, Translate};
 use crate::errors::ApiError;
 pub use crate::inbound::Operation;
+use crate::inbound::InboundDialect;
 use crate::index::{Provider, Target};
 use crate::limits::Limits;
 use crate::sse::{self, StreamEnd};
@@ -23,9 +32,15 @@ use std::time::Duration;
 /// Everything an adapter needs to build one upstream call.
 #[derive(Debug)]
 pub struct CallContext<'a> {
+    /// How the client speaks; the answer is written in it.
+    pub dialect: InboundDialect,
     pub operation: Operation,
     pub target: &'a Target<'a>,
     pub request: &'a ParsedRequest<'a>,
+    /// The client's body as it arrived (passthrough splices into it).
+    pub body: &'a [u8],
+    /// The client's request headers (`anthropic-version`, `anthropic-beta` are passed on).
+    pub inbound_headers: &'a HeaderMap,
     /// `api-version` the client sent on an Azure-style inbound route.
     pub client_api_version: Option<&'a str>,
     /// The request's trace (W3C), continued upstream.
@@ -49,6 +64,8 @@ pub enum WireFormat {
     OpenAi,
     Google(google::Answer),
     Bedrock(bedrock::Answer),
+    /// Anthropic Messages (the `anthropic` provider, Claude on Bedrock and Vertex).
+    Messages(anthropic::wire::MessagesAnswer),
 }
 
 /// What adapters share across calls: the upstream HTTP client and cached access tokens.
@@ -79,6 +96,32 @@ impl WireFormat {
         ids: &HeaderMap,
         body: Bytes,
         limits: &Limits,
+        provider: &'static str,
+        client: InboundDialect,
+    ) -> Result<(Bytes, Option<Usage>), ApiError> {
+        if let WireFormat::Messages(answer) = self {
+            return answer.translate(body, client, provider);
+        }
+        let (body, usage) = self.translate_to_openai(ids, body, limits, provider)?;
+        match client {
+            InboundDialect::OpenAi => Ok((body, usage)),
+            InboundDialect::Anthropic => {
+                let reply = conversation::openai_chat::parse_reply(&body, provider)?;
+                let usage = Some(reply.usage.to_usage());
+                Ok((
+                    Bytes::from(conversation::anthropic::write_reply(&reply)),
+                    usage,
+                ))
+            }
+        }
+    }
+
+    /// The answer of an OpenAI-chat-speaking wire format, in OpenAI's format.
+    fn translate_to_openai(
+        &self,
+        ids: &HeaderMap,
+        body: Bytes,
+        limits: &Limits,
         provider: &str,
     ) -> Result<(Bytes, Option<Usage>), ApiError> {
         match self {
@@ -92,6 +135,9 @@ impl WireFormat {
             WireFormat::Bedrock(answer) => answer
                 .translate(ids, &body)
                 .map(|(body, usage)| (Bytes::from(body), usage)),
+            WireFormat::Messages(_) => Err(ApiError::internal(
+                "a messages answer reached the openai translation",
+            )),
         }
     }
 
@@ -107,12 +153,14 @@ impl WireFormat {
             WireFormat::OpenAi => upstream_error(provider, status, headers, body),
             WireFormat::Google(_) => google::upstream_error(status, body),
             WireFormat::Bedrock(_) => bedrock::error::upstream_error(status, headers, body),
+            WireFormat::Messages(answer) => answer.error(provider, status, headers, body),
         }
     }
 
-    /// The client's SSE body for a streamed answer. Translated streams are primed first (see
-    /// [`sse::prime`]): a failure before the first chunk is returned as an error response, after
-    /// `on_end` has been told. `limits` bound event sizes and upstream indexes.
+    /// The client's SSE body for a streamed answer, in the client's dialect. Translated streams
+    /// are primed first (see [`sse::prime`]): a failure before the first chunk is returned as an
+    /// error response, after `on_end` has been told. `limits` bound event sizes and upstream
+    /// indexes.
     #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename the list
     pub async fn stream<S, E>(
         &self,
@@ -123,41 +171,86 @@ impl WireFormat {
         provider: &'static str,
         on_end: Box<dyn StreamEnd>,
         limits: &Limits,
+        client: InboundDialect,
     ) -> Result<axum::body::Body, ApiError>
     where
         S: futures_util::Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
         E: std::fmt::Display + Send + 'static,
     {
-        match self {
+        let max_event = limits.max_stream_event_bytes;
+        // A Messages client of an OpenAI-chat wire: the OpenAI chunks (with usage, always asked
+        // for) are read back into the conversation model and written as Anthropic events.
+        let to_anthropic = || {
+            Translate::new(
+                conversation::openai_chat::OpenAiChunkReader::new(provider, max_event),
+                conversation::anthropic::AnthropicEventWriter::new(self.model_name()),
+            )
+        };
+        match (self, client) {
+            (WireFormat::Messages(answer), _) => {
+                answer
+                    .stream(upstream, client, client_wants_usage, idle_timeout, provider, on_end, limits)
+                    .await
+            }
             // Relayed as it comes: nothing to decide before the first byte.
-            WireFormat::OpenAi => Ok(axum::body::Body::from_stream(sse::relay(
+            (WireFormat::OpenAi, InboundDialect::OpenAi) => Ok(axum::body::Body::from_stream(sse::relay(
                 upstream,
                 openai::stream::OpenAiPassthrough::new(provider, client_wants_usage)
-                    .with_max_event_bytes(limits.max_stream_event_bytes),
+                    .with_max_event_bytes(max_event),
                 idle_timeout,
                 provider,
                 on_end,
             ))),
-            WireFormat::Google(answer) => {
-                let translator =
-                    google::chat::GeminiStream::new(answer.model(), client_wants_usage)
-                        .with_limits(limits);
-                primed_body(upstream, translator, idle_timeout, provider, on_end).await
+            (WireFormat::OpenAi, InboundDialect::Anthropic) => {
+                primed_body(upstream, to_anthropic(), idle_timeout, provider, on_end).await
             }
-            WireFormat::Bedrock(answer) => {
+            (WireFormat::Google(answer), client) => {
+                let wants_usage = client_wants_usage || client == InboundDialect::Anthropic;
+                let translator = google::chat::GeminiStream::new(answer.model(), wants_usage)
+                    .with_limits(limits);
+                match client {
+                    InboundDialect::OpenAi => {
+                        primed_body(upstream, translator, idle_timeout, provider, on_end).await
+                    }
+                    InboundDialect::Anthropic => {
+                        let chain = sse::Chain::new(translator, to_anthropic());
+                        primed_body(upstream, chain, idle_timeout, provider, on_end).await
+                    }
+                }
+            }
+            (WireFormat::Bedrock(answer), client) => {
+                let wants_usage = client_wants_usage || client == InboundDialect::Anthropic;
                 let translator = bedrock::stream::ConverseStream::new(
                     &answer.model,
                     bedrock::request_id(ids),
-                    client_wants_usage,
+                    wants_usage,
                 )
                 .with_limits(limits);
-                primed_body(upstream, translator, idle_timeout, provider, on_end).await
+                match client {
+                    InboundDialect::OpenAi => {
+                        primed_body(upstream, translator, idle_timeout, provider, on_end).await
+                    }
+                    InboundDialect::Anthropic => {
+                        let chain = sse::Chain::new(translator, to_anthropic());
+                        primed_body(upstream, chain, idle_timeout, provider, on_end).await
+                    }
+                }
             }
+        }
+    }
+
+    /// The model named in translated answers: the remote model.
+    fn model_name(&self) -> &str {
+        match self {
+            WireFormat::OpenAi => "",
+            WireFormat::Google(answer) => answer.model(),
+            WireFormat::Bedrock(answer) => &answer.model,
+            WireFormat::Messages(answer) => &answer.model,
         }
     }
 }
 
-async fn primed_body<S, E, T>(
+pub(crate) async fn primed_body<S, E, T>(
     mut upstream: S,
     mut translator: T,
     idle_timeout: Duration,
@@ -185,13 +278,74 @@ where
     }
 }
 
-/// Builds the upstream request for the target's provider.
+/// Builds the upstream request for the target (see the module doc).
 pub async fn build(ctx: &CallContext<'_>, upstreams: &Upstreams) -> Result<Outbound, ApiError> {
+    if ctx.operation != Operation::Embeddings
+        && let Some(route) = anthropic::claude_route(ctx.target)
+    {
+        return anthropic::build(ctx, route, upstreams).await;
+    }
+    match ctx.dialect {
+        InboundDialect::OpenAi => build_openai_chat(ctx, upstreams).await,
+        InboundDialect::Anthropic => {
+            if ctx.operation == Operation::CountTokens {
+                return Err(ApiError::internal(
+                    "count_tokens reached a target that does not speak messages",
+                ));
+            }
+            let request = conversation::anthropic::parse_request(ctx.request)?;
+            let remote = ctx.target.model.remote.as_str();
+            let body = conversation::openai_chat::write_request(
+                &request,
+                remote,
+                accepts_reasoning_effort(ctx.target.connection.provider, remote),
+            );
+            let translated = crate::body::parse(&body, false, usize::MAX)?;
+            let inner = CallContext {
+                dialect: InboundDialect::OpenAi,
+                operation: Operation::ChatCompletions,
+                target: ctx.target,
+                request: &translated,
+                body: &body,
+                inbound_headers: ctx.inbound_headers,
+                client_api_version: None,
+                trace: ctx.trace,
+            };
+            build_openai_chat(&inner, upstreams).await
+        }
+    }
+}
+
+/// Whether an OpenAI-chat target takes `reasoning_effort` for `model`: OpenAI's reasoning models
+/// (o-series, gpt-5) and Gemini 2.5 and later (through the Gemini converter); other models refuse
+/// the field, so a Messages client's `thinking` is dropped for them (DESIGN §17).
+fn accepts_reasoning_effort(provider: Provider, model: &str) -> bool {
+    let model = model.rsplit('/').next().unwrap_or(model);
+    match provider {
+        Provider::OpenAi | Provider::Azure => {
+            model.starts_with('o') && model[1..].starts_with(|c: char| c.is_ascii_digit())
+                || model.starts_with("gpt-5")
+        }
+        Provider::Google => model.starts_with("gemini-2.5") || model.starts_with("gemini-3"),
+        Provider::Bedrock | Provider::Anthropic => false,
+    }
+}
+
+/// The adapters of upstreams that take OpenAI chat (or translate from it themselves).
+async fn build_openai_chat(
+    ctx: &CallContext<'_>,
+    upstreams: &Upstreams,
+) -> Result<Outbound, ApiError> {
     match ctx.target.connection.provider {
         Provider::OpenAi => openai::build(ctx),
         Provider::Azure => azure::build(ctx),
         Provider::Google => google::build(ctx, upstreams).await,
         Provider::Bedrock => bedrock::build(ctx),
+        // Every `anthropic` target speaks messages (`claude_route`); embeddings have no route.
+        Provider::Anthropic => Err(ApiError::invalid_request(
+            "embeddings are not available through anthropic connections; use an OpenAI, Azure or Google model",
+        )
+        .with_code("unsupported_operation")),
     }
 }
 
@@ -206,7 +360,7 @@ pub fn openai_format_body(
     let model = crate::body::json_string(model_in_body);
     let mut overrides: Vec<(&str, &str)> = vec![("model", &model)];
     let stream_options;
-    if ask_stream_usage && ctx.request.stream && ctx.operation == Operation::ChatCompletions {
+    if ask_stream_usage && ctx.request.stream && ctx.operation.is_chat() {
         stream_options = stream_options_with_usage(ctx.request);
         overrides.push(("stream_options", &stream_options));
     }

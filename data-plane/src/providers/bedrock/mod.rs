@@ -1,4 +1,5 @@
-//! AWS Bedrock Runtime: Converse and ConverseStream (DESIGN §10, wire formats §5, §6.2, §6.3).
+//! AWS Bedrock Runtime: Converse and ConverseStream (DESIGN §10, wire formats §5, §6.2, §6.3);
+//! Claude models also through InvokeModel or Bedrock's Messages endpoint ([`claude`], DESIGN §17).
 //!
 //! - URL: `{endpoint}/model/{model id, percent-encoded}/converse` (or `/converse-stream`), so that
 //!   ids with `:` and inference-profile ids (`us.…`, `global.…`) and ARNs work.
@@ -7,8 +8,10 @@
 //!   Bearer` otherwise. SigV4 signs for service `bedrock` in the region of `--set region=`, else the
 //!   one in the `bedrock-runtime.{region}.amazonaws.com` host.
 
+pub mod claude;
 pub mod converse;
 pub mod error;
+pub mod frames;
 pub mod stream;
 
 use super::{CallContext, Operation, Outbound, WireFormat};
@@ -209,6 +212,24 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
     let body = converse::request(ctx.request, model)?;
     let streaming = ctx.request.stream;
     let url = url(&connection.endpoint, model, streaming);
+    let headers = auth_headers(connection, &url, &body)?;
+    Ok(Outbound {
+        url,
+        headers,
+        body,
+        wire: WireFormat::Bedrock(Answer {
+            model: model.to_owned(),
+        }),
+    })
+}
+
+/// The auth headers of a POST of `body` to `url` on `connection`: a Bedrock API key as
+/// `Authorization: Bearer`, or the SigV4 headers.
+pub fn auth_headers(
+    connection: &ConnectionEntry,
+    url: &str,
+    body: &[u8],
+) -> Result<Vec<(HeaderName, HeaderValue)>, ApiError> {
     let credential: &SecretString = &connection.credential;
     let credential = credential.expose_secret();
     let headers = match auth_of(connection, credential) {
@@ -229,17 +250,10 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
                     connection.name
                 ))
             })?;
-            sigv4_headers(&url, &body, &keys, &region, SystemTime::now())?
+            sigv4_headers(url, body, &keys, &region, SystemTime::now())?
         }
     };
-    Ok(Outbound {
-        url,
-        headers,
-        body,
-        wire: WireFormat::Bedrock(Answer {
-            model: model.to_owned(),
-        }),
-    })
+    Ok(headers)
 }
 
 #[cfg(test)]

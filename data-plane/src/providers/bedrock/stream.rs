@@ -1,10 +1,8 @@
 //! ConverseStream: `application/vnd.amazon.eventstream` frames → OpenAI chunks (wire formats
 //! §5.4, §6.3).
 //!
-//! Frames are decoded by `aws-smithy-eventstream` (prelude and message CRC32 checked); the gateway
-//! checks each frame's declared length against `--max-stream-event-bytes` as soon as its first
-//! four bytes arrive, before buffering the rest (the decoder itself allocates nothing up front: it
-//! waits until the buffer holds the whole frame). `messageStart` opens the choice, text deltas
+//! Frames are split by [`super::frames::FrameReader`] (bounded by `--max-stream-event-bytes`).
+//! `messageStart` opens the choice, text deltas
 //! become `content` deltas, a `toolUse` block start becomes a tool call with its id and name and
 //! each of its input fragments an `arguments` delta, `messageStop` the finish chunk, and
 //! `metadata` (which follows it) the usage chunk, sent only when the client asked. A stream is
@@ -13,13 +11,13 @@
 
 use super::converse::{TokenUsage, completion_id, finish_reason, now_unix};
 use super::error::exception_error;
+use super::frames::{self, FrameReader};
 use crate::errors::ApiError;
 use crate::limits::Limits;
 use crate::sse::{self, ChunkWriter, StreamTranslator};
 use crate::usage::Usage;
-use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
-use aws_smithy_types::event_stream::{HeaderValue, Message};
-use bytes::{Buf as _, BytesMut};
+use aws_smithy_types::event_stream::Message;
+use bytes::BytesMut;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -79,10 +77,7 @@ struct Metadata {
 /// Translates a ConverseStream body (see the module doc).
 #[derive(Debug)]
 pub struct ConverseStream {
-    buffer: BytesMut,
-    decoder: MessageFrameDecoder,
-    /// The current frame's length was checked against `max_frame_bytes`.
-    frame_checked: bool,
+    frames: FrameReader,
     writer: ChunkWriter,
     started: bool,
     /// `messageStop` arrived.
@@ -94,7 +89,6 @@ pub struct ConverseStream {
     tool_blocks: Vec<(u32, usize)>,
     usage: Option<TokenUsage>,
     complete: bool,
-    max_frame_bytes: usize,
     max_index: u32,
 }
 
@@ -103,9 +97,7 @@ impl ConverseStream {
     pub fn new(model: &str, request_id: Option<&str>, client_wants_usage: bool) -> Self {
         let defaults = Limits::default();
         Self {
-            buffer: BytesMut::new(),
-            decoder: MessageFrameDecoder::new(),
-            frame_checked: false,
+            frames: FrameReader::new(defaults.max_stream_event_bytes),
             writer: ChunkWriter {
                 id: completion_id(request_id),
                 created: now_unix(),
@@ -118,14 +110,13 @@ impl ConverseStream {
             tool_blocks: Vec::new(),
             usage: None,
             complete: false,
-            max_frame_bytes: defaults.max_stream_event_bytes,
             max_index: defaults.max_upstream_index,
         }
     }
 
     /// Applies `--max-stream-event-bytes` (to whole frames) and `--max-upstream-index`.
     pub fn with_limits(mut self, limits: &Limits) -> Self {
-        self.max_frame_bytes = limits.max_stream_event_bytes;
+        self.frames.set_max_frame_bytes(limits.max_stream_event_bytes);
         self.max_index = limits.max_upstream_index;
         self
     }
@@ -165,39 +156,8 @@ impl ConverseStream {
     }
 
     fn message(&mut self, message: &Message, out: &mut BytesMut) -> Result<(), ApiError> {
-        let header = |name: &str| {
-            message
-                .headers()
-                .iter()
-                .find(|h| h.name().as_str() == name)
-                .and_then(|h| match h.value() {
-                    HeaderValue::String(s) => Some(s.as_str().to_owned()),
-                    _ => None,
-                })
-        };
+        let event = frames::event_type(message, exception_error)?;
         let payload = message.payload().as_ref();
-        match header(":message-type").as_deref() {
-            Some("event") => {}
-            Some("exception") => {
-                let kind = header(":exception-type").unwrap_or_default();
-                return Err(exception_error(&kind, payload));
-            }
-            Some("error") => {
-                let code = header(":error-code").unwrap_or_default();
-                let text = header(":error-message").unwrap_or_default();
-                return Err(ApiError::upstream_bad_answer(
-                    PROVIDER,
-                    format!("stream error {code}: {text}"),
-                ));
-            }
-            other => {
-                return Err(ApiError::upstream_bad_answer(
-                    PROVIDER,
-                    format!("unexpected event-stream message type {other:?}"),
-                ));
-            }
-        }
-        let event = header(":event-type").unwrap_or_default();
         match event.as_str() {
             "messageStart" => self.start(out),
             "contentBlockStart" => {
@@ -285,44 +245,15 @@ impl ConverseStream {
 
 impl StreamTranslator for ConverseStream {
     fn push(&mut self, chunk: &[u8], out: &mut BytesMut) -> Result<(), ApiError> {
-        self.buffer.extend_from_slice(chunk);
-        loop {
-            if !self.frame_checked && self.buffer.len() >= 4 {
-                let total = u64::from((&self.buffer[..4]).get_u32());
-                if total > self.max_frame_bytes as u64 {
-                    return Err(ApiError::upstream_bad_answer(
-                        PROVIDER,
-                        format!(
-                            "an event-stream frame of {total} bytes exceeds the limit of {} bytes (--max-stream-event-bytes)",
-                            self.max_frame_bytes
-                        ),
-                    ));
-                }
-                self.frame_checked = true;
-            }
-            match self.decoder.decode_frame(&mut self.buffer) {
-                Ok(DecodedFrame::Complete(message)) => {
-                    self.frame_checked = false;
-                    self.message(&message, out)?;
-                }
-                Ok(DecodedFrame::Incomplete) => return Ok(()),
-                Err(e) => {
-                    return Err(ApiError::upstream_bad_answer(
-                        PROVIDER,
-                        format!("invalid event-stream frame: {e}"),
-                    ));
-                }
-            }
+        self.frames.push(chunk);
+        while let Some(message) = self.frames.next_message()? {
+            self.message(&message, out)?;
         }
+        Ok(())
     }
 
     fn finish(&mut self, out: &mut BytesMut) -> Result<(), ApiError> {
-        if !self.buffer.is_empty() || self.frame_checked {
-            return Err(ApiError::upstream_bad_answer(
-                PROVIDER,
-                "the stream ended inside an event-stream frame",
-            ));
-        }
+        self.frames.finish()?;
         if !(self.finished && self.metadata_seen) {
             return Err(sse::stream_truncated(PROVIDER, "messageStop and metadata"));
         }
@@ -344,7 +275,7 @@ impl StreamTranslator for ConverseStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aws_smithy_eventstream::frame::write_message_to;
+    use aws_smithy_types::event_stream::{Header, HeaderValue};
     use aws_smithy_types::event_stream::Header;
 
     fn frame(event: &str, payload: &str) -> Vec<u8> {

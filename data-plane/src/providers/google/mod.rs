@@ -1,5 +1,6 @@
 //! Google: Gemini API (AI Studio) and Vertex AI, with the native `generateContent`,
-//! `streamGenerateContent?alt=sse` and embedding methods (DESIGN §10, wire formats §3, §4).
+//! `streamGenerateContent?alt=sse` and embedding methods (DESIGN §10, wire formats §3, §4);
+//! Claude on Vertex through `rawPredict` ([`claude`], DESIGN §17).
 //!
 //! Flavour and auth come from the connection (DESIGN §16):
 //! - `api`: `--set api=gemini|vertex`, else Vertex when the endpoint host contains `aiplatform`,
@@ -16,6 +17,7 @@
 //!   ends in a version is used as given.
 
 pub mod chat;
+pub mod claude;
 pub mod embeddings;
 pub mod error;
 pub mod service_account;
@@ -228,11 +230,15 @@ pub fn upstream_error(status: StatusCode, body: &[u8]) -> ApiError {
     error::upstream_error(status, body)
 }
 
-pub async fn build(ctx: &CallContext<'_>, upstreams: &Upstreams) -> Result<Outbound, ApiError> {
+/// The route of `remote` on the call's connection and the service account it authenticates with,
+/// if any. Auth is decided first: the service account can name the project, which shapes the URL.
+fn route_and_account(
+    ctx: &CallContext<'_>,
+    upstreams: &Upstreams,
+    remote: &str,
+) -> Result<(Route, Option<std::sync::Arc<service_account::AccountTokens>>), ApiError> {
     let connection = &ctx.target.connection;
     let credential = connection.credential.expose_secret();
-    let remote = ctx.target.model.remote.as_str();
-    // Auth is decided first: the service account can name the project, which shapes the URL.
     let auth = auth_of(connection, credential);
     let account = match auth {
         Auth::ServiceAccount => Some(upstreams.google_tokens.account(credential)?),
@@ -246,9 +252,42 @@ pub async fn build(ctx: &CallContext<'_>, upstreams: &Upstreams) -> Result<Outbo
             .as_ref()
             .and_then(|a| a.account.project_id.as_deref()),
     );
-    let streaming = ctx.request.stream && ctx.operation == Operation::ChatCompletions;
+    Ok((route, account))
+}
+
+/// The auth header of a call on `route` (a token exchange for a service account).
+async fn authorization(
+    ctx: &CallContext<'_>,
+    upstreams: &Upstreams,
+    route: &Route,
+    account: Option<std::sync::Arc<service_account::AccountTokens>>,
+) -> Result<(HeaderName, HeaderValue), ApiError> {
+    let credential = ctx.target.connection.credential.expose_secret();
+    Ok(match (route.auth, account) {
+        (Auth::ServiceAccount, Some(account)) => (
+            header::AUTHORIZATION,
+            upstreams
+                .google_tokens
+                .authorization(&upstreams.client, &account)
+                .await?,
+        ),
+        (Auth::Bearer, _) | (Auth::ServiceAccount, None) => (
+            header::AUTHORIZATION,
+            sensitive(format!("Bearer {}", credential.trim()))?,
+        ),
+        (Auth::ApiKey, _) => (
+            HeaderName::from_static("x-goog-api-key"),
+            sensitive(credential.trim().to_owned())?,
+        ),
+    })
+}
+
+pub async fn build(ctx: &CallContext<'_>, upstreams: &Upstreams) -> Result<Outbound, ApiError> {
+    let remote = ctx.target.model.remote.as_str();
+    let (route, account) = route_and_account(ctx, upstreams, remote)?;
+    let streaming = ctx.request.stream && ctx.operation.is_chat();
     let (url, body, answer) = match ctx.operation {
-        Operation::ChatCompletions => {
+        Operation::ChatCompletions | Operation::Messages | Operation::CountTokens => {
             let body = chat::request(ctx.request, remote)?;
             let url = if streaming {
                 format!("{}:streamGenerateContent?alt=sse", route.model_url)
@@ -270,23 +309,7 @@ pub async fn build(ctx: &CallContext<'_>, upstreams: &Upstreams) -> Result<Outbo
         }
     };
     // Authorization comes last so that a request refused above costs no token exchange.
-    let auth_header = match (route.auth, account) {
-        (Auth::ServiceAccount, Some(account)) => (
-            header::AUTHORIZATION,
-            upstreams
-                .google_tokens
-                .authorization(&upstreams.client, &account)
-                .await?,
-        ),
-        (Auth::Bearer, _) | (Auth::ServiceAccount, None) => (
-            header::AUTHORIZATION,
-            sensitive(format!("Bearer {}", credential.trim()))?,
-        ),
-        (Auth::ApiKey, _) => (
-            HeaderName::from_static("x-goog-api-key"),
-            sensitive(credential.trim().to_owned())?,
-        ),
-    };
+    let auth_header = authorization(ctx, upstreams, &route, account).await?;
     Ok(Outbound {
         url,
         headers: vec![auth_header],

@@ -1,0 +1,394 @@
+//! Answers of targets that speak Anthropic Messages: relayed to Messages clients (the gateway
+//! only reads usage from them), translated for OpenAI chat clients.
+//!
+//! Streams come as SSE (Anthropic, Foundry, Bedrock's Messages endpoint, Vertex) or as Bedrock
+//! event-stream frames whose `chunk` events hold one Anthropic event each, base64 in `bytes`
+//! (InvokeModelWithResponseStream); those are written to Messages clients as the SSE Anthropic
+//! sends.
+
+use crate::conversation::anthropic::AnthropicEventReader;
+use crate::conversation::openai_chat::OpenAiChunkWriter;
+use crate::conversation::{self, EventReader, StreamEvent, Translate};
+use crate::errors::ApiError;
+use crate::inbound::InboundDialect;
+use crate::limits::Limits;
+use crate::providers::bedrock::frames::{self, FrameReader};
+use crate::providers::{bedrock, primed_body, upstream_error};
+use crate::sse::{self, EventSplitter, StreamEnd, StreamTranslator};
+use crate::usage::Usage;
+use axum::http::{HeaderMap, StatusCode};
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use std::time::Duration;
+
+/// How the upstream frames its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Sse,
+    /// Bedrock InvokeModelWithResponseStream.
+    EventStream,
+}
+
+/// What the gateway does with a Messages answer.
+#[derive(Debug)]
+pub struct MessagesAnswer {
+    /// The remote model, named in translated answers.
+    pub model: String,
+    pub framing: Framing,
+    /// A `count_tokens` answer (`{"input_tokens": n}`): relayed, no usage.
+    pub count_tokens: bool,
+    /// Errors come in Bedrock's shape (InvokeModel and Bedrock's Messages endpoint).
+    pub bedrock_errors: bool,
+}
+
+/// Anthropic's usage object (answers, `message_start.message.usage`, `message_delta.usage`).
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(default)]
+struct AnthropicUsage {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+}
+
+impl AnthropicUsage {
+    /// Folds a later report in: `message_delta` repeats the counts it has, cumulatively.
+    fn merge(&mut self, later: AnthropicUsage) {
+        self.input_tokens = later.input_tokens.or(self.input_tokens);
+        self.output_tokens = later.output_tokens.or(self.output_tokens);
+        self.cache_creation_input_tokens = later
+            .cache_creation_input_tokens
+            .or(self.cache_creation_input_tokens);
+        self.cache_read_input_tokens = later
+            .cache_read_input_tokens
+            .or(self.cache_read_input_tokens);
+    }
+
+    fn usage(self) -> Usage {
+        conversation::TokenUsage {
+            input: self.input_tokens.unwrap_or(0),
+            output: self.output_tokens.unwrap_or(0),
+            cache_read: self.cache_read_input_tokens.unwrap_or(0),
+            cache_write: self.cache_creation_input_tokens.unwrap_or(0),
+            reasoning: 0,
+        }
+        .to_usage()
+    }
+}
+
+#[derive(Deserialize)]
+struct AnswerUsage {
+    usage: Option<AnthropicUsage>,
+}
+
+/// The part of a stream event the relay reads.
+#[derive(Deserialize)]
+struct EventProbe {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    message: Option<AnswerUsage>,
+    usage: Option<AnthropicUsage>,
+}
+
+fn not_an_object(provider: &str) -> ApiError {
+    ApiError::upstream_bad_answer(provider, "a 2xx answer that is not a JSON object")
+}
+
+impl MessagesAnswer {
+    pub fn translate(
+        &self,
+        body: Bytes,
+        client: InboundDialect,
+        provider: &'static str,
+    ) -> Result<(Bytes, Option<Usage>), ApiError> {
+        match client {
+            InboundDialect::Anthropic => {
+                // Relayed as it is; a body the gateway cannot read is not passed on (DESIGN §19).
+                let probe: AnswerUsage =
+                    serde_json::from_slice(&body).map_err(|_| not_an_object(provider))?;
+                let usage = if self.count_tokens {
+                    None
+                } else {
+                    probe.usage.map(AnthropicUsage::usage)
+                };
+                Ok((body, usage))
+            }
+            InboundDialect::OpenAi => {
+                let reply = conversation::anthropic::parse_reply(&body)?;
+                let usage = Some(reply.usage.to_usage());
+                Ok((
+                    Bytes::from(conversation::openai_chat::write_reply(&reply, &self.model)),
+                    usage,
+                ))
+            }
+        }
+    }
+
+    /// The error for a non-2xx answer. An overload (Anthropic's 529) becomes 503 `overloaded`,
+    /// which the Messages route answers as 529 again (DESIGN §17).
+    pub fn error(
+        &self,
+        provider: &str,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> ApiError {
+        if status.as_u16() == crate::errors::OVERLOADED {
+            let mut err = upstream_error(provider, StatusCode::SERVICE_UNAVAILABLE, headers, body)
+                .with_code("overloaded");
+            err.kind = "server_error";
+            return err;
+        }
+        if self.bedrock_errors && !is_anthropic_error(body) {
+            return bedrock::error::upstream_error(status, headers, body);
+        }
+        upstream_error(provider, status, headers, body)
+    }
+
+    #[allow(clippy::too_many_arguments)] // one call site, the WireFormat's
+    pub async fn stream<S, E>(
+        &self,
+        upstream: S,
+        client: InboundDialect,
+        client_wants_usage: bool,
+        idle_timeout: Duration,
+        provider: &'static str,
+        on_end: Box<dyn StreamEnd>,
+        limits: &Limits,
+    ) -> Result<axum::body::Body, ApiError>
+    where
+        S: futures_util::Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        let max_event = limits.max_stream_event_bytes;
+        match (client, self.framing) {
+            // Relayed as it comes: nothing to decide before the first byte.
+            (InboundDialect::Anthropic, Framing::Sse) => {
+                Ok(axum::body::Body::from_stream(sse::relay(
+                    upstream,
+                    MessagesRelay::sse(provider, max_event),
+                    idle_timeout,
+                    provider,
+                    on_end,
+                )))
+            }
+            (InboundDialect::Anthropic, Framing::EventStream) => {
+                let relay = MessagesRelay::event_stream(provider, max_event);
+                primed_body(upstream, relay, idle_timeout, provider, on_end).await
+            }
+            (InboundDialect::OpenAi, Framing::Sse) => {
+                let translator = Translate::new(
+                    AnthropicEventReader::new(provider, max_event),
+                    OpenAiChunkWriter::new(&self.model, client_wants_usage),
+                );
+                primed_body(upstream, translator, idle_timeout, provider, on_end).await
+            }
+            (InboundDialect::OpenAi, Framing::EventStream) => {
+                let translator = Translate::new(
+                    EventStreamReader::new(provider, max_event),
+                    OpenAiChunkWriter::new(&self.model, client_wants_usage),
+                );
+                primed_body(upstream, translator, idle_timeout, provider, on_end).await
+            }
+        }
+    }
+}
+
+/// Whether `body` is Anthropic's error shape (`{"type":"error",...}`).
+fn is_anthropic_error(body: &[u8]) -> bool {
+    serde_json::from_slice::<EventProbe>(body).is_ok_and(|p| p.kind.as_deref() == Some("error"))
+}
+
+/// The payload of a Bedrock `chunk` event.
+#[derive(Deserialize)]
+struct ChunkPayload {
+    bytes: String,
+}
+
+/// One Anthropic event's JSON out of a Bedrock `chunk` frame; `None` for other events.
+fn chunk_event(
+    message: &aws_smithy_types::event_stream::Message,
+    provider: &str,
+) -> Result<Option<Vec<u8>>, ApiError> {
+    let event = frames::event_type(message, bedrock::error::exception_error)?;
+    if event != "chunk" {
+        return Ok(None);
+    }
+    let payload: ChunkPayload = serde_json::from_slice(message.payload().as_ref())
+        .map_err(|e| ApiError::upstream_bad_answer(provider, format!("a chunk event is not valid: {e}")))?;
+    base64::engine::general_purpose::STANDARD
+        .decode(payload.bytes.as_bytes())
+        .map(Some)
+        .map_err(|e| {
+            ApiError::upstream_bad_answer(provider, format!("a chunk event's bytes are not base64: {e}"))
+        })
+}
+
+/// Relays a Messages stream to a Messages client: SSE events pass byte for byte, Bedrock frames
+/// become the SSE events they hold. Reads usage from `message_start` and `message_delta`, and ends
+/// at `message_stop` or an `error` event (which the client gets, as Anthropic sends it).
+pub struct MessagesRelay {
+    provider: &'static str,
+    framing: RelayFraming,
+    usage: Option<AnthropicUsage>,
+    completed: bool,
+}
+
+enum RelayFraming {
+    Sse(EventSplitter),
+    EventStream(FrameReader),
+}
+
+impl MessagesRelay {
+    pub fn sse(provider: &'static str, max_event_bytes: usize) -> Self {
+        Self {
+            provider,
+            framing: RelayFraming::Sse(EventSplitter::new(max_event_bytes)),
+            usage: None,
+            completed: false,
+        }
+    }
+
+    pub fn event_stream(provider: &'static str, max_event_bytes: usize) -> Self {
+        Self {
+            provider,
+            framing: RelayFraming::EventStream(FrameReader::new(max_event_bytes)),
+            usage: None,
+            completed: false,
+        }
+    }
+
+    /// Reads what the relay needs from one event's JSON; returns its type.
+    fn read(&mut self, json: &[u8]) -> Option<String> {
+        let probe: EventProbe = serde_json::from_slice(json).ok()?;
+        let kind = probe.kind?;
+        let reported = match kind.as_str() {
+            "message_start" => probe.message.and_then(|m| m.usage),
+            "message_delta" => probe.usage,
+            "message_stop" | "error" => {
+                self.completed = true;
+                None
+            }
+            _ => None,
+        };
+        if let Some(reported) = reported {
+            self.usage.get_or_insert_default().merge(reported);
+        }
+        Some(kind)
+    }
+}
+
+impl StreamTranslator for MessagesRelay {
+    fn push(&mut self, chunk: &[u8], out: &mut BytesMut) -> Result<(), ApiError> {
+        match &mut self.framing {
+            RelayFraming::Sse(splitter) => {
+                splitter.push(chunk);
+                let mut events = Vec::new();
+                while let Some(event) = splitter.next_event() {
+                    events.push(event);
+                }
+                let overflowed = splitter.overflowed();
+                let max = splitter.max_event_bytes();
+                for event in events {
+                    if self.completed {
+                        break;
+                    }
+                    if let Some(data) = sse::data_of(&event) {
+                        self.read(data.as_bytes());
+                    }
+                    out.extend_from_slice(&event);
+                    out.extend_from_slice(b"\n\n");
+                }
+                if overflowed {
+                    return Err(sse::event_too_large(self.provider, max));
+                }
+            }
+            RelayFraming::EventStream(frames) => {
+                frames.push(chunk);
+                let mut jsons = Vec::new();
+                while let Some(message) = frames.next_message()? {
+                    if let Some(json) = chunk_event(&message, self.provider)? {
+                        jsons.push(json);
+                    }
+                }
+                for json in jsons {
+                    if self.completed {
+                        break;
+                    }
+                    let kind = self.read(&json).unwrap_or_default();
+                    out.extend_from_slice(b"event: ");
+                    out.extend_from_slice(kind.as_bytes());
+                    out.extend_from_slice(b"\ndata: ");
+                    out.extend_from_slice(&json);
+                    out.extend_from_slice(b"\n\n");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _out: &mut BytesMut) -> Result<(), ApiError> {
+        if let RelayFraming::EventStream(frames) = &self.framing {
+            frames.finish()?;
+        }
+        if !self.completed {
+            return Err(sse::stream_truncated(self.provider, "message_stop"));
+        }
+        Ok(())
+    }
+
+    fn complete(&self) -> bool {
+        self.completed
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.usage.map(AnthropicUsage::usage)
+    }
+
+    fn write_error(&mut self, error: &ApiError, out: &mut BytesMut) {
+        // As Anthropic ends a failed stream.
+        out.extend_from_slice(b"event: error\ndata: ");
+        out.extend_from_slice(error.anthropic_body_json().as_bytes());
+        out.extend_from_slice(b"\n\n");
+    }
+}
+
+/// Bedrock InvokeModelWithResponseStream read into model events: frames → the Anthropic events
+/// they hold → [`AnthropicEventReader`].
+pub struct EventStreamReader {
+    provider: &'static str,
+    frames: FrameReader,
+    events: AnthropicEventReader,
+}
+
+impl EventStreamReader {
+    pub fn new(provider: &'static str, max_event_bytes: usize) -> Self {
+        Self {
+            provider,
+            frames: FrameReader::new(max_event_bytes),
+            events: AnthropicEventReader::new(provider, max_event_bytes),
+        }
+    }
+}
+
+impl EventReader for EventStreamReader {
+    fn push(&mut self, chunk: &[u8], events: &mut Vec<StreamEvent>) -> Result<(), ApiError> {
+        self.frames.push(chunk);
+        while let Some(message) = self.frames.next_message()? {
+            if let Some(json) = chunk_event(&message, self.provider)? {
+                self.events.push_event_json(&json, events)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, events: &mut Vec<StreamEvent>) -> Result<(), ApiError> {
+        self.frames.finish()?;
+        self.events.finish(events)
+    }
+
+    fn complete(&self) -> bool {
+        self.events.complete()
+    }
+}
