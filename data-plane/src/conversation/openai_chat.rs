@@ -1079,6 +1079,10 @@ fn stream_error(provider: &str, error: &Value) -> ApiError {
 /// while it is the open block. OpenAI and the gateway's converters stream calls one after the
 /// other; arguments for a call that was already closed (an interleaving upstream) are refused as
 /// a bad answer rather than buffered, which keeps memory bounded by one event.
+///
+/// The end: `Finish` comes at `[DONE]` (after the usage chunk, which follows the finish reason),
+/// or when the upstream closes after a finish reason without `[DONE]`; `[DONE]` without a finish
+/// reason reads as the end of the turn.
 #[derive(Debug)]
 pub struct OpenAiChunkReader {
     provider: &'static str,
