@@ -588,11 +588,11 @@ async fn each_error_is_one_exact_line() {
                 "--name",
                 "X",
                 "--provider",
-                "anthropic",
+                "cohere",
                 "--endpoint",
                 "https://x.com",
             ],
-            "error: invalid value 'anthropic' for '--provider <PROVIDER>' [possible values: openai, azure, google, bedrock]",
+            "error: invalid value 'cohere' for '--provider <PROVIDER>' [possible values: openai, azure, google, bedrock, anthropic]",
         ),
     ];
     for (args, line) in usage {

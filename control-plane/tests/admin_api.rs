@@ -645,7 +645,7 @@ async fn bad_input_is_rejected_with_the_field_named(backend: Backend) {
     };
     let cases = [
         (
-            conn("A", "anthropic", "https://x.com", &[]),
+            conn("A", "cohere", "https://x.com", &[]),
             Code::InvalidArgument,
             "provider",
         ),
@@ -679,6 +679,26 @@ async fn bad_input_is_rejected_with_the_field_named(backend: Backend) {
             Code::InvalidArgument,
             "api",
         ),
+        (
+            conn(
+                "A",
+                "anthropic",
+                "https://api.anthropic.com",
+                &[("anthropic_version", "latest")],
+            ),
+            Code::InvalidArgument,
+            "anthropic_version",
+        ),
+        (
+            conn(
+                "A",
+                "bedrock",
+                "https://bedrock-runtime.us-east-1.amazonaws.com",
+                &[("anthropic_api", "converse")],
+            ),
+            Code::InvalidArgument,
+            "anthropic_api",
+        ),
     ];
     for (request, code, field) in cases {
         assert_status(admin.create_connection(request).await, code, field);
@@ -689,6 +709,14 @@ async fn bad_input_is_rejected_with_the_field_named(backend: Backend) {
         "openai",
         "https://api.openai.com",
         &[],
+    )
+    .await;
+    add_connection(
+        &mut admin,
+        "Claude",
+        "anthropic",
+        "https://my-res.services.ai.azure.com/anthropic",
+        &[("anthropic_version", "2023-06-01")],
     )
     .await;
     assert_status(

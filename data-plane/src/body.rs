@@ -314,9 +314,7 @@ pub fn remove_member(body: &[u8], object: &RawObject<'_>, key: &str) -> Option<V
         Some(comma) if body[comma] == b',' => end = comma + 1,
         // The last member: drop the comma before it, if any.
         _ => {
-            let before = body[..start]
-                .iter()
-                .rposition(|b| !b.is_ascii_whitespace());
+            let before = body[..start].iter().rposition(|b| !b.is_ascii_whitespace());
             if let Some(comma) = before.filter(|i| body[*i] == b',') {
                 start = comma;
             }
@@ -383,7 +381,10 @@ mod tests {
         let body = br#"{"a"b":1,"model":"m"}"#;
         let parsed = parse(body, false, KEYS).unwrap();
         let out = replace_member(body, &parsed.object, "model", r#""model":"n""#).unwrap();
-        assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"a\"b":1,"model":"n"}"#);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"a\"b":1,"model":"n"}"#
+        );
         let out = remove_member(body, &parsed.object, "a\"b").unwrap();
         assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"mo\u0064el":"m"}"#);
         // Only one member: the object becomes empty.

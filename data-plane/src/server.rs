@@ -678,8 +678,10 @@ async fn handle_inner(
     record.span.record("stream", request.stream);
 
     if inbound.operation == Operation::CountTokens {
-        return count_tokens_of(state, headers, &body, &request, inbound, pool, trace, record)
-            .await;
+        return count_tokens_of(
+            state, headers, &body, &request, inbound, pool, trace, record,
+        )
+        .await;
     }
     let estimate = estimate_tokens(body.len(), &request);
     let mut last_denial: Option<Decision> = None;

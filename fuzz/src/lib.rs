@@ -124,7 +124,13 @@ pub fn answer(data: &[u8]) {
     if let Ok((out, _)) = converse::answer(data, "claude", Some("req-1")) {
         assert_json(&out, "converse answer");
     }
-    let _ = WireFormat::OpenAi.translate(&ids, Bytes::copy_from_slice(data), &limits, "openai");
+    let _ = WireFormat::OpenAi.translate(
+        &ids,
+        Bytes::copy_from_slice(data),
+        &limits,
+        "openai",
+        llm_proxy_data_plane::inbound::InboundDialect::OpenAi,
+    );
     // Retry hints are read from headers: the first line of the input doubles as their value.
     let hint = data.split(|b| *b == b'\n').next().unwrap_or_default();
     if let Ok(value) = HeaderValue::from_bytes(hint) {

@@ -85,13 +85,18 @@ pub enum Part {
         signature: Option<String>,
     },
     /// Reasoning the upstream returned encrypted (Anthropic `redacted_thinking`).
-    RedactedReasoning { data: String },
+    RedactedReasoning {
+        data: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Image {
     /// Inline bytes, base64.
-    Base64 { media_type: String, data: String },
+    Base64 {
+        media_type: String,
+        data: String,
+    },
     Url(String),
 }
 
@@ -229,7 +234,10 @@ pub enum StreamEvent {
     /// The open block closes.
     BlockStop,
     /// The answer ends; `usage` is complete (input and output).
-    Finish { stop: StopReason, usage: TokenUsage },
+    Finish {
+        stop: StopReason,
+        usage: TokenUsage,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,8 +18,8 @@ pub mod openai_request;
 use crate::body::ParsedRequest;
 use crate::conversation::{self, Translate};
 use crate::errors::ApiError;
-pub use crate::inbound::Operation;
 use crate::inbound::InboundDialect;
+pub use crate::inbound::Operation;
 use crate::index::{Provider, Target};
 use crate::limits::Limits;
 use crate::sse::{self, StreamEnd};
@@ -189,18 +189,28 @@ impl WireFormat {
         match (self, client) {
             (WireFormat::Messages(answer), _) => {
                 answer
-                    .stream(upstream, client, client_wants_usage, idle_timeout, provider, on_end, limits)
+                    .stream(
+                        upstream,
+                        client,
+                        client_wants_usage,
+                        idle_timeout,
+                        provider,
+                        on_end,
+                        limits,
+                    )
                     .await
             }
             // Relayed as it comes: nothing to decide before the first byte.
-            (WireFormat::OpenAi, InboundDialect::OpenAi) => Ok(axum::body::Body::from_stream(sse::relay(
-                upstream,
-                openai::stream::OpenAiPassthrough::new(provider, client_wants_usage)
-                    .with_max_event_bytes(max_event),
-                idle_timeout,
-                provider,
-                on_end,
-            ))),
+            (WireFormat::OpenAi, InboundDialect::OpenAi) => {
+                Ok(axum::body::Body::from_stream(sse::relay(
+                    upstream,
+                    openai::stream::OpenAiPassthrough::new(provider, client_wants_usage)
+                        .with_max_event_bytes(max_event),
+                    idle_timeout,
+                    provider,
+                    on_end,
+                )))
+            }
             (WireFormat::OpenAi, InboundDialect::Anthropic) => {
                 primed_body(upstream, to_anthropic(), idle_timeout, provider, on_end).await
             }

@@ -272,7 +272,8 @@ pub async fn build(
             })
         }
         ClaudeRoute::BedrockInvoke => {
-            let url = bedrock::claude::invoke_url(&ctx.target.connection.endpoint, remote, streaming);
+            let url =
+                bedrock::claude::invoke_url(&ctx.target.connection.endpoint, remote, streaming);
             let headers = bedrock::auth_headers(ctx.target.connection, &url, &body)?;
             Ok(Outbound {
                 url,
@@ -317,12 +318,27 @@ mod tests {
     #[test]
     fn bedrock_api_follows_the_model_version() {
         for (id, api) in [
-            ("anthropic.claude-3-5-sonnet-20240620-v1:0", BedrockAnthropicApi::Invoke),
-            ("us.anthropic.claude-3-7-sonnet-20250219-v1:0", BedrockAnthropicApi::Invoke),
-            ("global.anthropic.claude-sonnet-4-5-20250929-v1:0", BedrockAnthropicApi::Invoke),
+            (
+                "anthropic.claude-3-5-sonnet-20240620-v1:0",
+                BedrockAnthropicApi::Invoke,
+            ),
+            (
+                "us.anthropic.claude-3-7-sonnet-20250219-v1:0",
+                BedrockAnthropicApi::Invoke,
+            ),
+            (
+                "global.anthropic.claude-sonnet-4-5-20250929-v1:0",
+                BedrockAnthropicApi::Invoke,
+            ),
             ("anthropic.claude-opus-4-6-v1", BedrockAnthropicApi::Invoke),
-            ("anthropic.claude-opus-4-7-v1", BedrockAnthropicApi::Messages),
-            ("anthropic.claude-sonnet-5-v1:0", BedrockAnthropicApi::Messages),
+            (
+                "anthropic.claude-opus-4-7-v1",
+                BedrockAnthropicApi::Messages,
+            ),
+            (
+                "anthropic.claude-sonnet-5-v1:0",
+                BedrockAnthropicApi::Messages,
+            ),
             ("anthropic.claude-v2:1", BedrockAnthropicApi::Invoke),
             ("anthropic.claude-instant-v1", BedrockAnthropicApi::Invoke),
         ] {
@@ -337,7 +353,10 @@ mod tests {
             "https://api.anthropic.com/v1/messages"
         );
         assert_eq!(
-            url("https://res.services.ai.azure.com/anthropic/", Operation::CountTokens),
+            url(
+                "https://res.services.ai.azure.com/anthropic/",
+                Operation::CountTokens
+            ),
             "https://res.services.ai.azure.com/anthropic/v1/messages/count_tokens"
         );
         assert_eq!(

@@ -215,13 +215,18 @@ fn chunk_event(
     if event != "chunk" {
         return Ok(None);
     }
-    let payload: ChunkPayload = serde_json::from_slice(message.payload().as_ref())
-        .map_err(|e| ApiError::upstream_bad_answer(provider, format!("a chunk event is not valid: {e}")))?;
+    let payload: ChunkPayload =
+        serde_json::from_slice(message.payload().as_ref()).map_err(|e| {
+            ApiError::upstream_bad_answer(provider, format!("a chunk event is not valid: {e}"))
+        })?;
     base64::engine::general_purpose::STANDARD
         .decode(payload.bytes.as_bytes())
         .map(Some)
         .map_err(|e| {
-            ApiError::upstream_bad_answer(provider, format!("a chunk event's bytes are not base64: {e}"))
+            ApiError::upstream_bad_answer(
+                provider,
+                format!("a chunk event's bytes are not base64: {e}"),
+            )
         })
 }
 

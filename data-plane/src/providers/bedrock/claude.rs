@@ -39,7 +39,11 @@ mod tests {
             "https://bedrock-runtime.us-east-1.amazonaws.com/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/invoke-with-response-stream"
         );
         assert_eq!(
-            invoke_url("http://127.0.0.1:9", "anthropic.claude-3-haiku-20240307-v1:0", false),
+            invoke_url(
+                "http://127.0.0.1:9",
+                "anthropic.claude-3-haiku-20240307-v1:0",
+                false
+            ),
             "http://127.0.0.1:9/model/anthropic.claude-3-haiku-20240307-v1%3A0/invoke"
         );
         assert_eq!(

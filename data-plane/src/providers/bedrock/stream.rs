@@ -116,7 +116,8 @@ impl ConverseStream {
 
     /// Applies `--max-stream-event-bytes` (to whole frames) and `--max-upstream-index`.
     pub fn with_limits(mut self, limits: &Limits) -> Self {
-        self.frames.set_max_frame_bytes(limits.max_stream_event_bytes);
+        self.frames
+            .set_max_frame_bytes(limits.max_stream_event_bytes);
         self.max_index = limits.max_upstream_index;
         self
     }
@@ -275,8 +276,8 @@ impl StreamTranslator for ConverseStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aws_smithy_eventstream::frame::write_message_to;
     use aws_smithy_types::event_stream::{Header, HeaderValue};
-    use aws_smithy_types::event_stream::Header;
 
     fn frame(event: &str, payload: &str) -> Vec<u8> {
         let message = Message::new(payload.as_bytes().to_vec())

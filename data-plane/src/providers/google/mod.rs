@@ -236,7 +236,13 @@ fn route_and_account(
     ctx: &CallContext<'_>,
     upstreams: &Upstreams,
     remote: &str,
-) -> Result<(Route, Option<std::sync::Arc<service_account::AccountTokens>>), ApiError> {
+) -> Result<
+    (
+        Route,
+        Option<std::sync::Arc<service_account::AccountTokens>>,
+    ),
+    ApiError,
+> {
     let connection = &ctx.target.connection;
     let credential = connection.credential.expose_secret();
     let auth = auth_of(connection, credential);
