@@ -1,5 +1,7 @@
 //! AWS Bedrock Runtime (wire formats §5): `POST /model/{percent-encoded model id}/converse` and
-//! `/converse-stream`.
+//! `/converse-stream`; for Claude ids (containing `anthropic.claude`) also InvokeModel
+//! `/invoke` and `/invoke-with-response-stream`, and Bedrock's Messages endpoint
+//! `/anthropic/v1/messages`, both authenticated here and answered by [`crate::anthropic`].
 //!
 //! Every call is authenticated first, as at AWS: a Bedrock API key as `Authorization: Bearer`
 //! ([`API_KEY`]), or an AWS Signature V4 that [`crate::sigv4`] recomputes. Then the model:
@@ -137,13 +139,15 @@ fn golden_answer(golden: &crate::golden::Golden) -> Response {
 /// The answer of Bedrock to `recorded`, with its [`Recorded::request_id`] (see
 /// [`with_request_id`]) as `x-amzn-RequestId`.
 pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
-    let golden = match authenticate(&recorded) {
-        Ok(()) => golden_of(&recorded).await,
-        Err(_) => None,
-    };
-    let mut response = match golden {
-        Some(golden) => golden_answer(golden),
-        None => answer_without_id(mock, &recorded),
+    // Authentication comes first, as at AWS.
+    let mut response = if let Err(failure) = authenticate(&recorded) {
+        aws_error(StatusCode::FORBIDDEN, failure.kind, &failure.message)
+    } else if let Some(golden) = golden_of(&recorded).await {
+        golden_answer(golden)
+    } else if let Some(response) = anthropic_answer(mock, &recorded).await {
+        response
+    } else {
+        answer_without_id(mock, &recorded)
     };
     if let Some(id) = recorded
         .request_id
@@ -155,11 +159,48 @@ pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
     response
 }
 
-fn answer_without_id(mock: &MockState, recorded: &Recorded) -> Response {
-    // Authentication comes first, as at AWS.
-    if let Err(failure) = authenticate(recorded) {
-        return aws_error(StatusCode::FORBIDDEN, failure.kind, &failure.message);
+/// The Anthropic Messages operations (see [`crate::anthropic`]): InvokeModel on a Claude id,
+/// and Bedrock's Messages endpoint; `None` for the other operations.
+async fn anthropic_answer(mock: &Arc<MockState>, recorded: &Recorded) -> Option<Response> {
+    if crate::anthropic::is_messages_path(&recorded.path) {
+        return Some(crate::anthropic::bedrock_messages(mock, recorded).await);
     }
+    let (segment, op) = recorded.path.strip_prefix("/model/")?.split_once('/')?;
+    let streamed = match op {
+        "invoke" => false,
+        "invoke-with-response-stream" => true,
+        _ => return None,
+    };
+    if recorded.method != Method::POST {
+        return None;
+    }
+    let Some(model) = percent_decode(segment) else {
+        return Some(validation("The provided model identifier is invalid."));
+    };
+    match model.as_str() {
+        OPUS => {
+            return Some(aws_error(
+                StatusCode::FORBIDDEN,
+                "AccessDeniedException",
+                NO_ACCESS,
+            ));
+        }
+        BUSY => return busy_or_flaky(BUSY, op),
+        claude if claude.contains("anthropic.claude") => {}
+        _ => return Some(validation("The provided model identifier is invalid.")),
+    }
+    if recorded.header("content-type") != Some("application/json") {
+        return Some(aws_error(
+            StatusCode::BAD_REQUEST,
+            "SerializationException",
+            "Expected application/json",
+        ));
+    }
+    Some(crate::anthropic::bedrock_invoke(mock, recorded, &model, streamed).await)
+}
+
+/// Converse and ConverseStream, once authenticated.
+fn answer_without_id(mock: &MockState, recorded: &Recorded) -> Response {
     let route = recorded
         .path
         .strip_prefix("/model/")
@@ -216,7 +257,7 @@ fn answer_without_id(mock: &MockState, recorded: &Recorded) -> Response {
 }
 
 /// Bedrock's authentication: an API key as a bearer token, or a SigV4 signature.
-fn authenticate(recorded: &Recorded) -> Result<(), AuthFailure> {
+pub(crate) fn authenticate(recorded: &Recorded) -> Result<(), AuthFailure> {
     let Some(authorization) = recorded.header("authorization") else {
         return Err(refused(
             "MissingAuthenticationTokenException",
@@ -239,7 +280,7 @@ fn authenticate(recorded: &Recorded) -> Result<(), AuthFailure> {
 }
 
 /// A Bedrock error: `x-amzn-ErrorType` names the exception, the body carries the message.
-fn aws_error(status: StatusCode, kind: &str, message: &str) -> Response {
+pub(crate) fn aws_error(status: StatusCode, kind: &str, message: &str) -> Response {
     let mut response = json_response(status, &json!({ "message": message }));
     if let Ok(value) = HeaderValue::from_str(&format!(
         "{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/"
@@ -249,12 +290,12 @@ fn aws_error(status: StatusCode, kind: &str, message: &str) -> Response {
     response
 }
 
-fn validation(message: &str) -> Response {
+pub(crate) fn validation(message: &str) -> Response {
     aws_error(StatusCode::BAD_REQUEST, "ValidationException", message)
 }
 
 /// The model id of a path segment (the SDKs percent-encode it: `:` is `%3A`).
-fn percent_decode(segment: &str) -> Option<String> {
+pub(crate) fn percent_decode(segment: &str) -> Option<String> {
     let bytes = segment.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -529,7 +570,7 @@ fn frame(headers: &[(&'static str, &'static str)], payload: &[u8]) -> Vec<u8> {
 }
 
 /// An event frame; its JSON payload gets Bedrock's random `"p"` padding field.
-fn event(event_type: &'static str, mut payload: Value) -> Vec<u8> {
+pub(crate) fn event(event_type: &'static str, mut payload: Value) -> Vec<u8> {
     const LETTERS: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     let len = rand::random_range(1..=LETTERS.len());
     payload["p"] = json!(LETTERS.get(..len).unwrap_or(LETTERS));
@@ -543,7 +584,7 @@ fn event(event_type: &'static str, mut payload: Value) -> Vec<u8> {
     )
 }
 
-fn exception(exception_type: &'static str, message: &str) -> Vec<u8> {
+pub(crate) fn exception(exception_type: &'static str, message: &str) -> Vec<u8> {
     frame(
         &[
             (":exception-type", exception_type),
@@ -599,7 +640,7 @@ fn metadata(input: u64, output: u64, cache_read: u64) -> Vec<u8> {
 }
 
 /// The body in odd-sized pieces, so that frames (and their preludes) straddle chunk boundaries.
-fn in_odd_pieces(bytes: &[u8]) -> Body {
+pub(crate) fn in_odd_pieces(bytes: &[u8]) -> Body {
     const SIZES: [usize; 7] = [1, 7, 3, 13, 5, 29, 2];
     let mut pieces: Vec<Result<Bytes, std::convert::Infallible>> = Vec::new();
     let mut rest = bytes;
@@ -617,7 +658,7 @@ fn in_odd_pieces(bytes: &[u8]) -> Body {
 /// 200 MB that the gateway must not buffer.
 const HUGE_FRAME_PRELUDE: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0x40, 0, 0, 0, 0];
 
-fn event_stream(body: Body) -> Response {
+pub(crate) fn event_stream(body: Body) -> Response {
     (
         [("content-type", "application/vnd.amazon.eventstream")],
         body,

@@ -1,6 +1,8 @@
 //! The benchmark mode (`llm-proxy-mock-upstream --bench`, `scripts/bench.sh`): the same OpenAI
 //! chat completion for every POST, or a stream of four events when the body asks for
-//! `"stream": true`, with nothing recorded or checked, so that the mock costs the load
+//! `"stream": true`; on the Anthropic Messages paths (`/v1/messages`, `/anthropic/v1/messages`)
+//! the same Anthropic Message, or its seven-event stream, and `{"input_tokens":8}` for
+//! `count_tokens`; with nothing recorded or checked, so that the mock costs the load
 //! generator's core as little as possible. The stream's first event is sent at once and each
 //! later one after `chunk_delay`, so that time to first byte and total time differ.
 
@@ -19,6 +21,23 @@ const EVENTS: [&str; 4] = [
     "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":8,\"completion_tokens\":2,\"total_tokens\":10}}\n\n",
     "data: [DONE]\n\n",
 ];
+
+/// The fixed Anthropic Message for `/v1/messages` (and `/anthropic/v1/messages`).
+const ANTHROPIC_ANSWER: &str = r#"{"id":"msg_bench","type":"message","role":"assistant","model":"claude-bench","content":[{"type":"text","text":"Hello!"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":8,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":2}}"#;
+
+/// Its stream, sent event by event like [`EVENTS`].
+const ANTHROPIC_EVENTS: [&str; 7] = [
+    "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_bench\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-bench\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":8,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n",
+    "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello!\"}}\n\n",
+    "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+    "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":2}}\n\n",
+    "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+];
+
+/// The fixed answer of `/v1/messages/count_tokens`.
+const COUNT_TOKENS_ANSWER: &str = r#"{"input_tokens":8}"#;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -45,15 +64,24 @@ fn wants_stream(body: &[u8]) -> bool {
     false
 }
 
-/// The fixed answer to `body`: a chat completion, or its stream when the body asks for one.
-pub async fn answer(timing: Timing, body: Bytes) -> Response {
+/// The fixed answer to a POST of `body` to `path`: on the Anthropic Messages paths an
+/// Anthropic Message (or its stream, or a token count), elsewhere a chat completion (or its
+/// stream) when the body asks for one.
+pub async fn answer(timing: Timing, path: &str, body: Bytes) -> Response {
     if !timing.delay.is_zero() {
         tokio::time::sleep(timing.delay).await;
     }
-    let (content_type, body) = if wants_stream(&body) {
+    let anthropic = crate::anthropic::is_messages_path(path);
+    let (answer, events): (&'static str, &'static [&'static str]) =
+        match (anthropic, path.ends_with("/count_tokens")) {
+            (true, true) => (COUNT_TOKENS_ANSWER, &[]),
+            (true, false) => (ANTHROPIC_ANSWER, &ANTHROPIC_EVENTS),
+            (false, _) => (ANSWER, &EVENTS),
+        };
+    let (content_type, body) = if !events.is_empty() && wants_stream(&body) {
         let chunk_delay = timing.chunk_delay;
         let events = futures_util::stream::unfold(0usize, move |i| async move {
-            let event = EVENTS.get(i)?;
+            let event = events.get(i)?;
             if i > 0 && !chunk_delay.is_zero() {
                 tokio::time::sleep(chunk_delay).await;
             }
@@ -64,7 +92,7 @@ pub async fn answer(timing: Timing, body: Bytes) -> Response {
         });
         ("text/event-stream", Body::from_stream(events))
     } else {
-        ("application/json", Body::from(ANSWER))
+        ("application/json", Body::from(answer))
     };
     let mut response = Response::new(body);
     response.headers_mut().insert(
@@ -76,7 +104,52 @@ pub async fn answer(timing: Timing, body: Bytes) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::wants_stream;
+    use super::*;
+
+    async fn text(path: &str, body: &'static str) -> String {
+        let timing = Timing {
+            delay: Duration::ZERO,
+            chunk_delay: Duration::ZERO,
+        };
+        let response = answer(timing, path, Bytes::from_static(body.as_bytes())).await;
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn anthropic_paths_get_the_fixed_message_its_stream_or_a_count() {
+        let message: serde_json::Value =
+            serde_json::from_str(&text("/v1/messages", r#"{"model":"m"}"#).await).unwrap();
+        assert_eq!(message["type"], "message");
+        assert_eq!(message["usage"]["output_tokens"], 2);
+        let stream = text("/anthropic/v1/messages", r#"{"stream":true}"#).await;
+        let names: Vec<&str> = stream
+            .split_terminator("\n\n")
+            .map(|e| e.lines().next().unwrap().strip_prefix("event: ").unwrap())
+            .collect();
+        assert_eq!(names.first(), Some(&"message_start"));
+        assert_eq!(names.last(), Some(&"message_stop"));
+        for event in stream.split_terminator("\n\n") {
+            let data = event
+                .lines()
+                .nth(1)
+                .unwrap()
+                .strip_prefix("data: ")
+                .unwrap();
+            serde_json::from_str::<serde_json::Value>(data).unwrap();
+        }
+        assert_eq!(
+            text("/v1/messages/count_tokens", r#"{"stream":true}"#).await,
+            r#"{"input_tokens":8}"#
+        );
+        assert!(
+            text("/v1/chat/completions", r#"{"stream":true}"#)
+                .await
+                .ends_with("data: [DONE]\n\n")
+        );
+    }
 
     #[test]
     fn detects_stream_flag() {

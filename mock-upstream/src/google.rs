@@ -6,6 +6,8 @@
 //! - Vertex express `/v1/publishers/google/models/{m}:…` behind `x-goog-api-key: `[`EXPRESS_KEY`];
 //! - Vertex project `/v1/projects/{p}/locations/{l}/publishers/google/models/{m}:…` behind
 //!   `Authorization: Bearer` with [`VERTEX_TOKEN`] or a token the token endpoint issued;
+//! - Claude on Vertex, `/v1/projects/{p}/locations/{l}/publishers/anthropic/models/{m}:rawPredict`
+//!   and `:streamRawPredict`, behind the same bearer tokens, answered by [`crate::anthropic`];
 //! - methods `generateContent`, `streamGenerateContent` (`alt=sse`: `\r\n\r\n`-separated events
 //!   without `[DONE]`, cut into 7-byte pieces so terminators and UTF-8 straddle chunks; without
 //!   it, a JSON array), `batchEmbedContents` (Gemini API) and `predict` (Vertex embeddings);
@@ -240,6 +242,9 @@ pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
         );
     }
     let path = recorded.path.as_str();
+    if path.starts_with("/v1/projects/") && path.contains("/publishers/anthropic/models/") {
+        return vertex_claude(mock, &recorded).await;
+    }
     let Some(api) = api_of(path) else {
         return not_found(&format!("no route for {path}"));
     };
@@ -305,6 +310,22 @@ pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
         "predict" if vertex => predict(&request),
         _ => not_found(&format!("method {method} not found")),
     }
+}
+
+/// Claude on Vertex (`…/publishers/anthropic/models/{m}:rawPredict` or `:streamRawPredict`),
+/// behind the same bearer tokens as Vertex's Gemini models; answered by [`crate::anthropic`].
+async fn vertex_claude(mock: &Arc<MockState>, recorded: &Recorded) -> Response {
+    let bearer = recorded
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !bearer.is_some_and(|t| mock.google_tokens.access_token_is_valid(t)) {
+        return unauthenticated();
+    }
+    let Some((resource, method)) = recorded.path.rsplit_once(':') else {
+        return not_found("no method");
+    };
+    let model = resource.rsplit('/').next().unwrap_or_default();
+    crate::anthropic::vertex(mock, recorded, model, method).await
 }
 
 /// What the Gemini API itself refuses: unknown top-level fields, roles other than user/model,

@@ -1,16 +1,21 @@
 //! One faithful mock of every upstream the gateway calls (DESIGN §14): OpenAI and Azure OpenAI
-//! ([`openai`]), Google AI Studio and Vertex AI ([`google`]), AWS Bedrock Runtime ([`bedrock`]).
+//! ([`openai`]), Google AI Studio and Vertex AI ([`google`]), AWS Bedrock Runtime ([`bedrock`]),
+//! and the Anthropic Messages API as the Anthropic API, Azure Foundry, Bedrock (InvokeModel and
+//! its Messages endpoint) and Vertex serve it ([`anthropic`], DESIGN §17).
 //! The Rust tests start it in process ([`MockUpstream::start`]); the e2e suite and the benchmark
 //! run the `llm-proxy-mock-upstream` binary.
 //!
 //! It records every request exactly as received (method, raw percent-encoded path, query,
-//! headers, body), authenticates like the provider (API keys, Azure `api-key`, Google API keys,
+//! headers, body: [`Recorded`]'s `headers` and `body` are the received header map and bytes, and
+//! `GET /__mock/requests` lists them with the body as text and as `body_base64`), authenticates like the provider (API keys, Azure `api-key`, Google API keys,
 //! Bearer tokens and service-account JWT exchanges, Bedrock API keys and AWS Signature V4
 //! recomputed independently of the signer, see the `sigv4` module), and answers with the providers'
 //! documented or captured shapes: where each comes from is recorded in `fixtures/README.md`.
 //!
 //! One server serves every provider: the request path tells them apart (`/model/…` is Bedrock,
-//! a `:method` suffix or `/token` is Google, the rest is OpenAI-shaped). Words in the request
+//! `/v1/messages…` and `/anthropic/v1/messages…` are Anthropic, except that the latter with
+//! Bedrock credentials is Bedrock's Messages endpoint; a `:method` suffix or `/token` is Google,
+//! Claude on Vertex included; the rest is OpenAI-shaped). Words in the request
 //! body steer the misbehaviours tests need (see each module: `RATELIMITME`, `HOLDME`,
 //! `NOTJSON`, …); tests observe them through [`MockState`]. The remote model name the gateway
 //! sends steers the OpenAI answers' contents: `server-error` answers OpenAI's 500, `usage-P-C`
@@ -21,6 +26,9 @@
 //! (`mock.state.gate.forget_permits(usize::MAX)`) and let them go (`add_permits(n)`); the
 //! requests that arrived meanwhile are in [`MockUpstream::requests`].
 
+pub mod anthropic;
+#[cfg(test)]
+mod anthropic_tests;
 pub mod bedrock;
 pub mod bench;
 pub mod golden;
@@ -169,16 +177,25 @@ pub fn router(state: Arc<MockState>) -> Router {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Provider {
     OpenAi,
+    Anthropic,
     Google,
     Bedrock,
     Control,
 }
 
-fn provider_of(path: &str) -> Provider {
+fn provider_of(recorded: &Recorded) -> Provider {
+    let path = recorded.path.as_str();
     if path == "/__mock/requests" {
         Provider::Control
     } else if path.starts_with("/model/") {
         Provider::Bedrock
+    } else if anthropic::is_messages_path(path) {
+        // Foundry and Bedrock share `/anthropic/v1/messages`: the credentials tell them apart.
+        if path.starts_with("/anthropic/") && anthropic::has_bedrock_credentials(recorded) {
+            Provider::Bedrock
+        } else {
+            Provider::Anthropic
+        }
     } else if google::is_google_path(path) {
         Provider::Google
     } else {
@@ -191,12 +208,17 @@ async fn dispatch(State(state): State<Arc<MockState>>, request: Request) -> Resp
         Ok(recorded) => recorded,
         Err(err) => return (StatusCode::BAD_REQUEST, err).into_response(),
     };
-    match provider_of(&recorded.path) {
+    match provider_of(&recorded) {
         Provider::Control => control(&state, &recorded.method),
         Provider::OpenAi => {
             state.record(recorded.clone());
             state.gate.pass().await;
             openai::answer(&state, recorded).await
+        }
+        Provider::Anthropic => {
+            state.record(recorded.clone());
+            state.gate.pass().await;
+            anthropic::answer(&state, recorded).await
         }
         Provider::Google => {
             state.record(recorded.clone());

@@ -12,12 +12,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
-#[command(about = "Mock of the OpenAI, Azure, Google and Bedrock APIs for tests and benchmarks")]
+#[command(
+    about = "Mock of the OpenAI, Azure, Anthropic, Google and Bedrock APIs for tests and benchmarks"
+)]
 struct Args {
     /// Address to listen on.
     #[arg(default_value = "127.0.0.1:9000")]
     listen: String,
-    /// Benchmark mode: one fixed OpenAI answer for every POST, nothing recorded or checked.
+    /// Benchmark mode: one fixed OpenAI answer for every POST (an Anthropic one on the Messages
+    /// paths), nothing recorded or checked.
     #[arg(long)]
     bench: bool,
     /// Benchmark mode: delay before every answer, in milliseconds.
@@ -46,7 +49,11 @@ async fn main() -> std::io::Result<()> {
             delay: Duration::from_millis(args.delay_ms),
             chunk_delay: Duration::from_millis(args.chunk_delay_ms),
         };
-        axum::Router::new().fallback(move |body: axum::body::Bytes| bench::answer(timing, body))
+        axum::Router::new().fallback(
+            move |uri: axum::http::Uri, body: axum::body::Bytes| async move {
+                bench::answer(timing, uri.path(), body).await
+            },
+        )
     } else {
         llm_proxy_mock_upstream::router(Arc::default())
     };

@@ -121,7 +121,7 @@ fn stream_events(model: &str, include_usage: bool, azure: bool) -> Vec<Value> {
 }
 
 /// Signals `stream_dropped` when the body holding it is dropped.
-struct DropSignal(Arc<MockState>);
+pub(crate) struct DropSignal(pub(crate) Arc<MockState>);
 
 impl Drop for DropSignal {
     fn drop(&mut self) {

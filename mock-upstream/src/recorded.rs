@@ -3,6 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::Request;
 use axum::http::{HeaderMap, Method};
+use base64::Engine as _;
 use serde_json::{Value, json};
 
 /// Largest request body the mock reads (the gateway's own cap is far below).
@@ -49,7 +50,8 @@ impl Recorded {
     }
 
     /// The request as the control endpoint reports it: headers as a name → value object (the
-    /// last value of a repeated header), the body as text.
+    /// last value of a repeated header), the body as text (`body`, lossy when not UTF-8) and as
+    /// base64 of the exact bytes (`body_base64`).
     pub fn to_json(&self) -> Value {
         let headers: serde_json::Map<String, Value> = self
             .headers
@@ -67,6 +69,8 @@ impl Recorded {
             "query": self.query,
             "headers": headers,
             "body": String::from_utf8_lossy(&self.body),
+            // The exact bytes, for bodies that are not UTF-8 and byte-for-byte comparisons.
+            "body_base64": base64::engine::general_purpose::STANDARD.encode(&self.body),
             "request_id": self.request_id,
         })
     }

@@ -146,6 +146,26 @@ fn signature(
     hex(&hmac_sha256(&k_signing, string_to_sign.as_bytes()))
 }
 
+/// The `Authorization` value signing a POST of `body` to `path` with `headers` (all signed; they
+/// must hold `host` and `x-amz-date`) by [`ACCESS_KEY_ID`] in [`REGION`]: for the other
+/// modules' tests.
+#[cfg(test)]
+pub(crate) fn test_authorization(path: &str, headers: &HeaderMap, body: &[u8]) -> String {
+    let mut names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
+    names.sort_unstable();
+    let canonical = canonical_request("POST", path, headers, &names, body).unwrap_or_default();
+    let amz_date = headers
+        .get("x-amz-date")
+        .and_then(|d| d.to_str().ok())
+        .unwrap_or_default();
+    let date = amz_date.get(..8).unwrap_or_default();
+    let sig = signature(SECRET_ACCESS_KEY, amz_date, REGION, "bedrock", &canonical);
+    format!(
+        "AWS4-HMAC-SHA256 Credential={ACCESS_KEY_ID}/{date}/{REGION}/bedrock/aws4_request, SignedHeaders={}, Signature={sig}",
+        names.join(";")
+    )
+}
+
 /// Whether `value` is an `X-Amz-Date` timestamp: `YYYYMMDD'T'HHMMSS'Z'`.
 pub fn is_amz_date(value: &str) -> bool {
     value.len() == 16
