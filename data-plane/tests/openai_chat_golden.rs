@@ -104,7 +104,7 @@ fn request_json(request: &Request) -> Value {
         "model": request.model,
         "system": request.system.iter().map(text_block_json).collect::<Vec<_>>(),
         "messages": request.messages.iter().map(|m| json!({
-            "role": match m.role { Role::User => "user", Role::Assistant => "assistant" },
+            "role": match m.role { Role::User => "user", Role::Assistant => "assistant", Role::System => "system" },
             "content": m.content.iter().map(part_json).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "tools": request.tools.iter().map(|t| {

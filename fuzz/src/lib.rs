@@ -10,7 +10,14 @@
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use llm_proxy_data_plane::body;
+use llm_proxy_data_plane::conversation::Translate;
+use llm_proxy_data_plane::conversation::anthropic::{
+    self as messages, AnthropicEventReader, AnthropicEventWriter, AnthropicTarget,
+};
+use llm_proxy_data_plane::conversation::openai_chat::{self, OpenAiChunkReader, OpenAiChunkWriter};
+use llm_proxy_data_plane::inbound::InboundDialect;
 use llm_proxy_data_plane::limits::Limits;
+use llm_proxy_data_plane::providers::anthropic::wire::{EventStreamReader, MessagesRelay};
 use llm_proxy_data_plane::providers::bedrock::{converse, error as bedrock_error, stream};
 use llm_proxy_data_plane::providers::google::{self, Api, chat, embeddings};
 use llm_proxy_data_plane::providers::openai::stream::OpenAiPassthrough;
@@ -53,6 +60,37 @@ pub fn request(data: &[u8]) {
             assert_json(&out, "converse request");
         }
     }
+    // Anthropic Messages: passthrough splices, and both conversation converters each way.
+    if let Some(out) = body::replace_member(data, &parsed.object, "model", "\"model\":\"m\"") {
+        assert_json(&out, "spliced messages body");
+    }
+    if let Some(out) = body::remove_member(data, &parsed.object, "stream") {
+        assert_json(&out, "messages body without stream");
+    }
+    if let Ok(request) = messages::parse_request(&parsed) {
+        for accepted in [false, true] {
+            assert_json(
+                &openai_chat::write_request(&request, "gpt-4o", accepted),
+                "openai chat request from messages",
+            );
+        }
+    }
+    if let Ok(request) = openai_chat::parse_request(&parsed, "anthropic") {
+        for target in [
+            AnthropicTarget {
+                model: Some("claude"),
+                anthropic_version_in_body: None,
+            },
+            AnthropicTarget {
+                model: None,
+                anthropic_version_in_body: Some("bedrock-2023-05-31"),
+            },
+        ] {
+            if let Ok(out) = messages::write_request(&request, &target) {
+                assert_json(&out, "messages request from openai chat");
+            }
+        }
+    }
 }
 
 /// An upstream SSE body (OpenAI and Azure passthrough, Gemini). The first byte picks how the
@@ -87,7 +125,32 @@ pub fn sse(data: &[u8]) {
             cut,
             true,
         );
+        // Anthropic events to OpenAI chunks, and OpenAI chunks to Anthropic events.
+        drive(
+            Translate::new(
+                AnthropicEventReader::new("anthropic", limits.max_stream_event_bytes),
+                OpenAiChunkWriter::new("claude", wants_usage),
+            ),
+            body,
+            cut,
+            true,
+        );
     }
+    drive(
+        Translate::new(
+            OpenAiChunkReader::new("openai", limits.max_stream_event_bytes),
+            AnthropicEventWriter::new("gpt-4o"),
+        ),
+        body,
+        cut,
+        true,
+    );
+    drive(
+        MessagesRelay::sse("anthropic", limits.max_stream_event_bytes),
+        body,
+        cut,
+        false,
+    );
 }
 
 /// An upstream `application/vnd.amazon.eventstream` body (Bedrock ConverseStream).
@@ -100,7 +163,20 @@ pub fn event_stream(data: &[u8]) {
         let translator =
             stream::ConverseStream::new("claude", Some("req-1"), wants_usage).with_limits(&limits);
         drive(translator, body, cut, true);
+        // Claude through InvokeModelWithResponseStream, for OpenAI clients.
+        let translator = Translate::new(
+            EventStreamReader::new("bedrock", limits.max_stream_event_bytes),
+            OpenAiChunkWriter::new("claude", wants_usage),
+        );
+        drive(translator, body, cut, true);
     }
+    // ... and relayed to Messages clients as the SSE events the frames hold.
+    drive(
+        MessagesRelay::event_stream("bedrock", limits.max_stream_event_bytes),
+        body,
+        cut,
+        true,
+    );
 }
 
 /// A non-streamed upstream answer, and the same bytes as an error answer, through every
@@ -124,13 +200,27 @@ pub fn answer(data: &[u8]) {
     if let Ok((out, _)) = converse::answer(data, "claude", Some("req-1")) {
         assert_json(&out, "converse answer");
     }
-    let _ = WireFormat::OpenAi.translate(
-        &ids,
-        Bytes::copy_from_slice(data),
-        &limits,
-        "openai",
-        llm_proxy_data_plane::inbound::InboundDialect::OpenAi,
-    );
+    for client in [InboundDialect::OpenAi, InboundDialect::Anthropic] {
+        let _ = WireFormat::OpenAi.translate(
+            &ids,
+            Bytes::copy_from_slice(data),
+            &limits,
+            "openai",
+            client,
+        );
+    }
+    if let Ok(reply) = messages::parse_reply(data) {
+        assert_json(
+            &openai_chat::write_reply(&reply, "claude"),
+            "openai answer from messages",
+        );
+    }
+    if let Ok(reply) = openai_chat::parse_reply(data, "openai") {
+        assert_json(
+            &messages::write_reply(&reply),
+            "messages answer from openai",
+        );
+    }
     // Retry hints are read from headers: the first line of the input doubles as their value.
     let hint = data.split(|b| *b == b'\n').next().unwrap_or_default();
     if let Ok(value) = HeaderValue::from_bytes(hint) {

@@ -390,10 +390,12 @@ fn parse_message(raw: &RawValue, i: usize) -> Result<Message, ApiError> {
     let role = match message.role.as_str() {
         "user" => Role::User,
         "assistant" => Role::Assistant,
+        // Mid-conversation system messages (beta `mid-conversation-system-2026-04-07`).
+        "system" => Role::System,
         other => {
             return Err(invalid(
                 &format!("{field}.role"),
-                format!("must be user or assistant, got `{other}`"),
+                format!("must be user, assistant or system, got `{other}`"),
             ));
         }
     };
@@ -402,6 +404,14 @@ fn parse_message(raw: &RawValue, i: usize) -> Result<Message, ApiError> {
         .content
         .filter(|c| !is_null(c))
         .ok_or_else(|| required(&content_field))?;
+    if role == Role::System {
+        let content = parse_system(&raw)
+            .map_err(|err| err.with_param(content_field.clone()))?
+            .into_iter()
+            .map(Part::Text)
+            .collect();
+        return Ok(Message { role, content });
+    }
     let content = if raw.get().trim_start().starts_with('"') {
         let text: String = parse_as(&raw, &content_field)?;
         vec![Part::Text(TextBlock {
@@ -896,9 +906,21 @@ pub fn write_request(request: &Request, target: &AnthropicTarget<'_>) -> Result<
         }) => Some(OutThinking::Adaptive),
     };
 
+    // Claude takes system instructions in `system` only: those between turns join its end
+    // (their place in the conversation is lost; the mid-conversation beta is the client's to ask).
+    let between_turns = request
+        .messages
+        .iter()
+        .filter(|m| m.role == Role::System)
+        .flat_map(|m| &m.content)
+        .filter_map(|part| match part {
+            Part::Text(block) => Some(block),
+            _ => None,
+        });
     let system = request
         .system
         .iter()
+        .chain(between_turns)
         .filter(|b| !b.text.is_empty())
         .map(|b| OutSystem {
             kind: "text",
@@ -921,6 +943,7 @@ pub fn write_request(request: &Request, target: &AnthropicTarget<'_>) -> Result<
         let role = match message.role {
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::System => continue,
         };
         match messages.last_mut() {
             Some(last) if last.role == role => last.content.extend(blocks),
@@ -2194,7 +2217,7 @@ mod tests {
                 with(
                     minimal(),
                     "messages",
-                    json!([{"role": "system", "content": "x"}]),
+                    json!([{"role": "developer", "content": "x"}]),
                 ),
                 "messages[0].role",
             ),
@@ -2260,6 +2283,41 @@ mod tests {
             assert_eq!(err.status, StatusCode::BAD_REQUEST, "{param}");
             assert_eq!(err.param.as_deref(), Some(param), "{}", err.message);
         }
+    }
+
+    #[test]
+    fn system_turns_between_messages_are_read_and_join_claudes_system() {
+        // Claude Code 2.1.197 sends one with the `mid-conversation-system-2026-04-07` beta.
+        let request = parse(&json!({
+            "model": "m", "max_tokens": 64, "system": "be brief",
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "system", "content": [{"type": "text", "text": "agents: a, b"}]},
+                {"role": "user", "content": "go"}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(request.messages[1].role, Role::System);
+        let written: Value = serde_json::from_slice(
+            &write_request(
+                &request,
+                &AnthropicTarget {
+                    model: Some("claude"),
+                    anthropic_version_in_body: None,
+                },
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(written["system"][1]["text"], "agents: a, b");
+        assert_eq!(written["messages"].as_array().unwrap().len(), 1);
+        assert_eq!(written["messages"][0]["role"], "user");
+        let err = parse(&json!({
+            "model": "m", "max_tokens": 64,
+            "messages": [{"role": "system", "content": [{"type": "image"}]}]
+        }))
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("messages[0].content"));
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct TextBlock {
 pub enum Role {
     User,
     Assistant,
+    /// A system instruction between turns (Anthropic's mid-conversation system messages, which
+    /// Claude Code sends; OpenAI system messages keep their place too). Text parts only.
+    System,
 }
 
 #[derive(Debug, Clone)]

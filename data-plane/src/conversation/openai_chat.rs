@@ -644,6 +644,21 @@ pub fn write_request(
         match message.role {
             Role::User => write_user_turn(&message.content, &mut messages),
             Role::Assistant => write_assistant_turn(&message.content, &mut messages),
+            Role::System => {
+                let text: Vec<&str> = message
+                    .content
+                    .iter()
+                    .filter_map(|part| match part {
+                        Part::Text(block) if !block.text.is_empty() => Some(block.text.as_str()),
+                        _ => None,
+                    })
+                    .collect();
+                if !text.is_empty() {
+                    messages.push(
+                        json!({ "role": "system", "content": text.join(DOCUMENT_SEPARATOR) }),
+                    );
+                }
+            }
         }
     }
     let mut body = Map::new();
@@ -1452,6 +1467,36 @@ mod tests {
         assert_eq!(text(&request.messages[0].content[0]), "hi");
         assert_eq!(request.messages[1].role, Role::Assistant);
         assert_eq!(request.model, "claude");
+    }
+
+    #[test]
+    fn system_turns_between_messages_keep_their_place() {
+        let request = Request {
+            messages: vec![
+                Message {
+                    role: Role::User,
+                    content: vec![Part::Text(block("hi"))],
+                },
+                Message {
+                    role: Role::System,
+                    content: vec![Part::Text(block("agents: a, b"))],
+                },
+                Message {
+                    role: Role::User,
+                    content: vec![Part::Text(block("go"))],
+                },
+            ],
+            ..Request::default()
+        };
+        let written = json_of(&write_request(&request, "gpt-4o", false));
+        let roles: Vec<&str> = written["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["user", "system", "user"]);
+        assert_eq!(written["messages"][1]["content"], "agents: a, b");
     }
 
     #[test]

@@ -321,7 +321,24 @@ impl StreamTranslator for MessagesRelay {
                     if self.completed {
                         break;
                     }
-                    let kind = self.read(&json).unwrap_or_default();
+                    // Only events the gateway can read reach the client (DESIGN §19).
+                    let kind = self.read(&json).filter(|kind| {
+                        kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    });
+                    let Some(kind) = kind else {
+                        return Err(ApiError::upstream_bad_answer(
+                            self.provider,
+                            "a chunk event does not hold an Anthropic event",
+                        ));
+                    };
+                    // One event is one `data:` line: a JSON with line breaks is written compact.
+                    let json = if json.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+                        serde_json::from_slice::<serde_json::Value>(&json)
+                            .and_then(|value| serde_json::to_vec(&value))
+                            .map_err(|e| ApiError::upstream_bad_answer(self.provider, e))?
+                    } else {
+                        json
+                    };
                     out.extend_from_slice(b"event: ");
                     out.extend_from_slice(kind.as_bytes());
                     out.extend_from_slice(b"\ndata: ");
