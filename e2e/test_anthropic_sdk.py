@@ -20,7 +20,6 @@ user turn says "weather"; "The tool said: ..." for a `tool_result`; else
 2048 cache-read tokens when the request has `cache_control` anywhere."""
 
 import json
-import math
 import re
 import time
 import urllib.request
@@ -77,16 +76,20 @@ WEATHER_TOOL = {"name": "get_weather", "description": "Current weather in a city
                 "input_schema": {"type": "object", "properties": {"location": {"type": "string"}},
                                  "required": ["location"]}}
 
-# Translated targets: alias, and what their mock answers (text, streamed text, tool call).
+# Translated targets: alias, the upstream paths (not streamed, streamed), and what their mock
+# answers (text, streamed text, tool call id and input).
+CONVERSE_MODEL = "amazon.nova-pro-v1:0"  # bedrock::NOVA_PRO: not Claude, so called through Converse
 TRANSLATED = {
-    "openai": {"alias": "gpt", "text": "Hello!", "streamed": "Hi there",
-               "tool_id": "call_1", "tool_input": {"city": "Paris"}},
-    "gemini": {"alias": "gemini", "text": "It is 21°C.", "streamed": "It is 21°C.",
-               "tool_id": None, "tool_input": {"city": "Paris"}},
-    "converse": {"alias": "converse", "text": "Why did the chicken cross the road? To get to the other side.",
+    "openai": {"alias": "gpt", "paths": ("/v1/chat/completions",) * 2,
+               "text": "Hello!", "streamed": "Hi there", "tool_id": "call_1", "tool_input": {"city": "Paris"}},
+    "gemini": {"alias": "gemini", "paths": ("/v1beta/models/gemini-2.5-flash:generateContent",
+                                            "/v1beta/models/gemini-2.5-flash:streamGenerateContent"),
+               "text": "It is 21°C.", "streamed": "It is 21°C.", "tool_id": None, "tool_input": {"city": "Paris"}},
+    "converse": {"alias": "converse", "paths": (f"/model/{quote(CONVERSE_MODEL, safe='')}/converse",
+                                                f"/model/{quote(CONVERSE_MODEL, safe='')}/converse-stream"),
+                 "text": "Why did the chicken cross the road? To get to the other side.",
                  "streamed": "It is 21°C.", "tool_id": "tooluse_kZJMlvQmRJ6eAyJE5GIl7Q", "tool_input": {"city": "Paris"}},
 }
-CONVERSE_MODEL = "amazon.nova-pro-v1:0"
 CITY_TOOL = {"name": "get_weather", "description": "Current weather in a city",
              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
@@ -186,10 +189,10 @@ def upstream_calls(mock, mark):
     return [dict(r, raw=r["body_text"].encode()) for r in mock.requests()[mark:] if r["path"] != "/token"]
 
 
-def expected_path(target, stream, count_tokens=False):
+def expected_path(target, stream):
     route, remote = target["route"], target["remote"]
     if route == "anthropic":
-        return "/v1/messages/count_tokens" if count_tokens else "/v1/messages"
+        return "/v1/messages"
     if route == "bedrock-messages":
         return "/anthropic/v1/messages"
     if route == "invoke":
@@ -295,6 +298,10 @@ def test_create(native, sdk):
     assert text_of(message) == HELLO + "Say hello"
     assert message.stop_reason == "end_turn"
     assert (message.usage.input_tokens, message.usage.output_tokens) == (INPUT_TOKENS, OUTPUT_TOKENS)
+    # What the 2.x SDK sends (DESIGN §17): the key as Bearer, its own anthropic-version.
+    sent = sdk.sent[-1].headers
+    assert sent["authorization"] == f"Bearer {CLIENT_KEY}" and "x-api-key" not in sent
+    assert sent["anthropic-version"] == SDK_VERSION and sent["anthropic-beta"] == BETA_HEADER
     [call] = upstream_calls(native["mock"], mark)
     assert_passthrough(call, sdk.sent[-1], native, stream=False, version=SDK_VERSION, betas=BETAS)
 
@@ -432,23 +439,30 @@ def test_translated_create(translated, sdk):
     assert message.stop_reason == "end_turn"
     assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
     [call] = upstream_calls(translated["mock"], mark)
-    assert CLIENT_KEY.encode() not in call["raw"]
+    assert call["path"] == translated["paths"][0]
+    assert "Say hello" in call["body_text"] and "anthropic_version" not in call["body_text"]
+    assert CLIENT_KEY.encode() not in call["raw"] and CLIENT_KEY not in json.dumps(call["headers"])
 
 
 def test_translated_stream(translated, sdk):
+    mark = seen(translated["mock"])
     with sdk.messages.stream(model=translated["alias"], max_tokens=256,
                              messages=[{"role": "user", "content": "Say hello"}]) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text == translated["streamed"]
+    assert text_of(final) == translated["streamed"]
     assert final.stop_reason == "end_turn"
     assert final.usage.output_tokens > 0
+    [call] = upstream_calls(translated["mock"], mark)
+    assert call["path"] == translated["paths"][1]
 
 
 def test_translated_streamed_tool_call(translated, sdk):
+    mark = seen(translated["mock"])
     with sdk.messages.stream(model=translated["alias"], max_tokens=256, tools=[CITY_TOOL],
                              messages=[{"role": "user", "content": "What's the weather in Paris?"}]) as stream:
-        list(stream)
+        events = list(stream)
         final = stream.get_final_message()
     assert final.stop_reason == "tool_use"
     tool_uses = [b for b in final.content if b.type == "tool_use"]
@@ -457,6 +471,14 @@ def test_translated_streamed_tool_call(translated, sdk):
     if translated["tool_id"]:
         assert tool_uses[0].id == translated["tool_id"]
     assert all(b.id for b in tool_uses)
+    # The streamed arguments are complete: the first tool_use block's input_json_delta pieces.
+    first = next(e.index for e in events if e.type == "content_block_start" and e.content_block.type == "tool_use")
+    pieces = [e.delta.partial_json for e in events if e.type == "content_block_delta" and e.index == first
+              and e.delta.type == "input_json_delta"]
+    assert json.loads("".join(pieces)) == translated["tool_input"]
+    [call] = upstream_calls(translated["mock"], mark)
+    assert call["path"] == translated["paths"][1]
+    assert "get_weather" in call["body_text"]
 
 
 def openai_client(gateway):
@@ -563,21 +585,34 @@ def test_mid_stream_failure_is_an_error_event(native, sdk):
     # The SDK raises on the `error` event itself (the HTTP status was 200).
     assert type(err.value) is anthropic.APIStatusError and err.value.status_code == 200
     assert err.value.body["type"] == "error"
-    assert err.value.body["error"]["type"] in ("overloaded_error", "api_error")
-    if native["route"] != "invoke":
+    if native["route"] == "invoke":
+        # Bedrock's modelStreamErrorException frame, in Anthropic's shape.
+        assert err.value.body["error"] == {"type": "api_error", "message": "Model stream error: the model stopped unexpectedly."}
+    else:
         # Passed on as the upstream sent it.
         assert err.value.body["error"] == {"type": "overloaded_error", "message": "Overloaded"}
     assert "".join(received) and HELLO.startswith("".join(received)), received
 
 
-def test_translated_mid_stream_failure_is_an_error_event(gateway, sdk):
-    # Bedrock Converse: an exception frame after some text (the mock's FLAKY model) would need
-    # its own alias; Gemini's BREAKME sends an UNAVAILABLE error as the stream's second event.
+def test_truncated_stream_is_an_error_event(native, sdk):
+    # The upstream's stream ends before message_stop: the client must not take it for a whole answer.
+    with pytest.raises(anthropic.APIStatusError) as err:
+        with sdk.messages.stream(model=native["alias"], max_tokens=64,
+                                 messages=[{"role": "user", "content": "TRUNCATEME please"}]) as stream:
+            list(stream)
+    assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "api_error"
+    assert "message_stop" in err.value.body["error"]["message"]
+
+
+def test_translated_mid_stream_failure_is_an_error_event(sdk):
+    # Gemini's BREAKME: an UNAVAILABLE error as the stream's second event, after some text.
+    received = []
     with pytest.raises(anthropic.APIStatusError) as err:
         with sdk.messages.stream(model="gemini", max_tokens=64,
                                  messages=[{"role": "user", "content": "BREAKME"}]) as stream:
-            list(stream.text_stream)
-    assert err.value.body["type"] == "error" and err.value.body["error"]["type"]
+            received.extend(stream.text_stream)
+    assert err.value.body["type"] == "error" and err.value.body["error"]["type"] in ("api_error", "overloaded_error")
+    assert "".join(received) == "It is"
 
 
 # -- usage -----------------------------------------------------------------------------------------
