@@ -41,16 +41,16 @@ ACCESS_KEYS = {ACCESS_KEY_ID: (SECRET_ACCESS_KEY, None), SESSION_KEY_ID: (SESSIO
 BEDROCK_API_KEY = "ABSKQmVkcm9ja0FQSUtleS1leGFtcGxlLWF0LTEyMzQ1Njc4OTAxMjpabTl2WW1GeVltRjZjWFY0"
 CLIENT_KEY = "vk-bedrock-e2e-9012"
 
-# bedrock::NOVA_PRO, an id with a `:`. Not a Claude model: the gateway calls Claude ids through
-# InvokeModel or Bedrock's Messages endpoint (DESIGN §17; test_anthropic_sdk.py), other ids through Converse.
-MODEL_ID = "amazon.nova-pro-v1:0"
+MODEL_ID = "us.anthropic.claude-3-5-sonnet-20241022-v2:0"  # bedrock::SONNET, an inference profile id, with a `:`
+BUSY_MODEL_ID = "anthropic.claude-3-haiku-20240307-v1:0"  # bedrock::BUSY: the mock throttles every call to it
 FLAKY_MODEL_ID = "amazon.nova-lite-v1:0"  # bedrock::FLAKY: ModelErrorException (424), or an exception frame mid-stream
 
 # The gateway's aliases for each connection (see the `gateway` fixture).
 TARGETS = {
-    "sigv4": {"auth": "sigv4", "key_id": ACCESS_KEY_ID, "chat": "sigv4-nova", "flaky": "sigv4-flaky"},
-    "bearer": {"auth": "bearer", "key_id": None, "chat": "key-nova", "flaky": "key-flaky"},
-    "sigv4-session": {"auth": "sigv4", "key_id": SESSION_KEY_ID, "chat": "session-nova", "flaky": "session-flaky"},
+    "sigv4": {"auth": "sigv4", "key_id": ACCESS_KEY_ID, "chat": "sigv4-claude", "busy": "sigv4-busy", "flaky": "sigv4-flaky"},
+    "bearer": {"auth": "bearer", "key_id": None, "chat": "key-claude", "busy": "key-busy", "flaky": "key-flaky"},
+    "sigv4-session": {"auth": "sigv4", "key_id": SESSION_KEY_ID, "chat": "session-claude", "busy": "session-busy",
+                      "flaky": "session-flaky"},
 }
 
 THROTTLED = "Too many requests, please wait before trying again."
@@ -86,13 +86,16 @@ def gateway(tmp_path_factory):
                       "--api-key", f"{SESSION_KEY_ID}:{WRONG_SECRET}:{SESSION_TOKEN}", "--set", f"region={REGION}")
             gw.llmctl("vkey", "add", "--name", "Bedrock-App", "--key", CLIENT_KEY)
             models = [
-                ("Bedrock-SigV4", "sigv4-nova-model", MODEL_ID, "sigv4-nova"),
+                ("Bedrock-SigV4", "sigv4-claude-model", MODEL_ID, "sigv4-claude"),
+                ("Bedrock-SigV4", "sigv4-busy-model", BUSY_MODEL_ID, "sigv4-busy"),
                 ("Bedrock-SigV4", "sigv4-flaky-model", FLAKY_MODEL_ID, "sigv4-flaky"),
-                ("Bedrock-Key", "key-nova-model", MODEL_ID, "key-nova"),
+                ("Bedrock-Key", "key-claude-model", MODEL_ID, "key-claude"),
+                ("Bedrock-Key", "key-busy-model", BUSY_MODEL_ID, "key-busy"),
                 ("Bedrock-Key", "key-flaky-model", FLAKY_MODEL_ID, "key-flaky"),
-                ("Bedrock-Session", "session-nova-model", MODEL_ID, "session-nova"),
+                ("Bedrock-Session", "session-claude-model", MODEL_ID, "session-claude"),
+                ("Bedrock-Session", "session-busy-model", BUSY_MODEL_ID, "session-busy"),
                 ("Bedrock-Session", "session-flaky-model", FLAKY_MODEL_ID, "session-flaky"),
-                ("Bedrock-Wrong-Secret", "wrong-secret-nova", MODEL_ID, "wrong-secret-nova"),
+                ("Bedrock-Wrong-Secret", "wrong-secret-claude", MODEL_ID, "wrong-secret-claude"),
             ]
             for conn, name, remote, alias in models:
                 gw.llmctl("model", "add", "--conn-id", conn, "--name", name, "--remote", remote)
@@ -364,13 +367,13 @@ def test_throttling_is_rate_limit_error(target, stream):
     mark = seen(target["mock"])
     with pytest.raises(openai.RateLimitError) as err:
         answer = target["client"].chat.completions.create(
-            model=target["chat"], messages=[{"role": "user", "content": "RATELIMITME"}], stream=stream)
+            model=target["busy"], messages=[{"role": "user", "content": "hi"}], stream=stream)
         if stream:
             list(answer)
     assert err.value.status_code == 429
     assert THROTTLED in err.value.message
     [call] = upstream_calls(target["mock"], mark)  # max_retries=0: exactly one upstream call
-    assert_upstream_request(call, target, "converse-stream" if stream else "converse")
+    assert_upstream_request(call, target, "converse-stream" if stream else "converse", model=BUSY_MODEL_ID)
     assert call["refused"] == "ThrottlingException"
 
 
@@ -420,7 +423,7 @@ def test_exception_frame_mid_stream_is_an_api_error(target):
 def test_wrong_secret_is_a_gateway_error_without_the_secret(gateway):
     mark = seen(gateway["mock"])
     with pytest.raises(openai.InternalServerError) as err:
-        gateway["client"].chat.completions.create(model="wrong-secret-nova", messages=[{"role": "user", "content": "hi"}])
+        gateway["client"].chat.completions.create(model="wrong-secret-claude", messages=[{"role": "user", "content": "hi"}])
     assert err.value.status_code == 502
     assert err.value.code == "upstream_credential_refused"
     text = err.value.response.text
