@@ -378,7 +378,7 @@ mod tests {
         );
         assert!(remove_member(body, &parsed.object, "absent").is_none());
         // Escaped keys: the span starts at the key's real opening quote.
-        let body = br#"{"a"b":1,"model":"m"}"#;
+        let body = br#"{"a\"b":1,"mo\u0064el":"m"}"#;
         let parsed = parse(body, false, KEYS).unwrap();
         let out = replace_member(body, &parsed.object, "model", r#""model":"n""#).unwrap();
         assert_eq!(

@@ -775,7 +775,7 @@ async fn count_tokens_of(
         return Err(ApiError::model_not_found(pool.alias()));
     };
     record.routed(&target, target.connection.provider.as_str());
-    if providers::anthropic::claude_route(&target)
+    if providers::anthropic::claude_route(&target, inbound.dialect)
         == Some(providers::anthropic::ClaudeRoute::Anthropic)
     {
         let ctx = CallContext {

@@ -291,7 +291,7 @@ where
 /// Builds the upstream request for the target (see the module doc).
 pub async fn build(ctx: &CallContext<'_>, upstreams: &Upstreams) -> Result<Outbound, ApiError> {
     if ctx.operation != Operation::Embeddings
-        && let Some(route) = anthropic::claude_route(ctx.target)
+        && let Some(route) = anthropic::claude_route(ctx.target, ctx.dialect)
     {
         return anthropic::build(ctx, route, upstreams).await;
     }

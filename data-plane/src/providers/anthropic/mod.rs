@@ -1,6 +1,7 @@
 //! The `anthropic` provider (Anthropic's API and Azure Foundry's Claude endpoint), and the
 //! Messages wire shared by every target that speaks it (DESIGN §17): Claude on Bedrock
-//! (`bedrock::claude`) and on Vertex (`google::claude`).
+//! (`bedrock::claude`) and on Vertex (`google::claude`). Which targets speak it:
+//! [`claude_route`].
 //!
 //! - URL: `{endpoint}/v1/messages` (`…/count_tokens`); an endpoint that already ends in `/v1`
 //!   gets `/messages`. Foundry: `https://{resource}.services.ai.azure.com/anthropic`.
@@ -62,18 +63,25 @@ impl ClaudeRoute {
     }
 }
 
-/// The Claude route of `target`, if it speaks Anthropic Messages: every `anthropic` connection;
-/// on Bedrock, model ids containing `anthropic.claude`; on Vertex, models named `claude…`.
-pub fn claude_route(target: &Target<'_>) -> Option<ClaudeRoute> {
+/// The Claude route of `target` for a `client` of that dialect, if the target is called in
+/// Anthropic's Messages format: every `anthropic` connection; on Vertex, models named `claude…`;
+/// on Bedrock, model ids containing `anthropic.claude` for Messages clients, and for OpenAI chat
+/// clients only when the connection sets `anthropic_api` (else they keep Converse, whose
+/// translation covers more of OpenAI's request: documents, JSON mode, service tiers).
+pub fn claude_route(target: &Target<'_>, client: InboundDialect) -> Option<ClaudeRoute> {
     let connection = target.connection;
     let remote = target.model.remote.as_str();
     match connection.provider {
         Provider::Anthropic => Some(ClaudeRoute::Anthropic),
         Provider::Bedrock if remote.contains("anthropic.claude") => {
-            let api = connection
+            let option = connection
                 .option(ConnectionOption::AnthropicApi)
-                .and_then(BedrockAnthropicApi::parse)
-                .unwrap_or_else(|| bedrock_api_of_model(remote));
+                .and_then(BedrockAnthropicApi::parse);
+            let api = match (option, client) {
+                (Some(api), _) => api,
+                (None, InboundDialect::Anthropic) => bedrock_api_of_model(remote),
+                (None, InboundDialect::OpenAi) => return None,
+            };
             Some(match api {
                 BedrockAnthropicApi::Invoke => ClaudeRoute::BedrockInvoke,
                 BedrockAnthropicApi::Messages => ClaudeRoute::BedrockMessages,
