@@ -530,6 +530,24 @@ def test_openai_sdk_tool_call_on_claude(gateway, stream):
         assert answer.choices[0].finish_reason == "tool_calls"
 
 
+@pytest.mark.parametrize("name", ["bedrock-invoke", "bedrock-messages", "vertex"])
+def test_openai_sdk_on_claude_elsewhere(gateway, name):
+    # OpenAI chat clients of Claude on Bedrock keep Converse unless the connection sets
+    # anthropic_api (the Bedrock-Messages one does); Claude on Vertex is always rawPredict.
+    target, mock = NATIVE[name], gateway["mock"]
+    mark = seen(mock)
+    answer = openai_client(gateway).chat.completions.create(
+        model=target["alias"], max_tokens=100, messages=[{"role": "user", "content": "Say hello"}])
+    [call] = upstream_calls(mock, mark)
+    if name == "bedrock-invoke":
+        assert call["path"] == f"/model/{quote(target['remote'], safe='')}/converse"
+        assert answer.choices[0].message.content == "Why did the chicken cross the road? To get to the other side."
+    else:
+        assert unquote(call["path"]) == unquote(expected_path(target, stream=False))
+        assert answer.choices[0].message.content == HELLO + "Say hello"
+        assert "model" not in call["body"] if name == "vertex" else call["body"]["model"] == target["remote"]
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
