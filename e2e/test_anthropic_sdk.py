@@ -158,9 +158,6 @@ class Sdk:
         self.messages = self.client.messages
         self.models = self.client.models
 
-    def last_body(self):
-        return self.sent[-1].content
-
 
 @pytest.fixture
 def sdk(gateway):
