@@ -68,6 +68,9 @@ pub const BEDROCK_VERSION: &str = "bedrock-2023-05-31";
 pub const VERTEX_VERSION: &str = "vertex-2023-10-16";
 /// The API version that refuses `temperature`, `top_p` and `top_k` (DESIGN §17).
 pub const SAMPLING_FREE_VERSION: &str = "2026-10-21";
+/// The beta that lets `messages` carry `role: "system"` turns (Claude Code sends it, and such
+/// turns, since 2.1.x); without it a system turn is refused.
+pub const MID_CONVERSATION_SYSTEM_BETA: &str = "mid-conversation-system-2026-04-07";
 /// A model the Anthropic API does not know (404 `not_found_error`).
 pub const MISSING_MODEL: &str = "claude-missing";
 /// The id of the `tool_use` blocks the mock answers with.
@@ -153,7 +156,8 @@ async fn messages_endpoint(mock: &Arc<MockState>, recorded: &Recorded, flavor: F
         return invalid_request("There was an error parsing the body of your request: not JSON");
     };
     let count_tokens = recorded.path.ends_with("/count_tokens");
-    if let Err(problem) = check(&request, flavor, count_tokens, version) {
+    let system_turns = header_has_system_beta(recorded);
+    if let Err(problem) = check(&request, flavor, count_tokens, version, system_turns) {
         return refuse(flavor, &problem);
     }
     let model = request["model"].as_str().unwrap_or_default().to_owned();
@@ -196,7 +200,11 @@ pub(crate) async fn bedrock_invoke(
             "Malformed JSON",
         );
     };
-    if let Err(problem) = check(&request, Flavor::BedrockInvoke, false, "") {
+    // InvokeModel takes the betas in the body.
+    let system_turns = request["anthropic_beta"]
+        .as_array()
+        .is_some_and(|betas| betas.iter().any(|b| b == MID_CONVERSATION_SYSTEM_BETA));
+    if let Err(problem) = check(&request, Flavor::BedrockInvoke, false, "", system_turns) {
         return refuse(Flavor::BedrockInvoke, &problem);
     }
     let mut response = generate(
@@ -242,7 +250,8 @@ pub(crate) async fn vertex(
     let Ok(request) = serde_json::from_slice::<Value>(&recorded.body) else {
         return invalid_request("There was an error parsing the body of your request: not JSON");
     };
-    if let Err(problem) = check(&request, Flavor::Vertex, false, "") {
+    let system_turns = header_has_system_beta(recorded);
+    if let Err(problem) = check(&request, Flavor::Vertex, false, "", system_turns) {
         return refuse(Flavor::Vertex, &problem);
     }
     // Vertex names versions with `@`; its answers name the model with `-`.
@@ -275,12 +284,23 @@ enum Problem {
     Invalid(String, &'static str),
 }
 
-/// What the upstream itself refuses in `request`.
+/// Whether the `anthropic-beta` header names [`MID_CONVERSATION_SYSTEM_BETA`].
+fn header_has_system_beta(recorded: &Recorded) -> bool {
+    recorded.header("anthropic-beta").is_some_and(|betas| {
+        betas
+            .split(',')
+            .any(|b| b.trim() == MID_CONVERSATION_SYSTEM_BETA)
+    })
+}
+
+/// What the upstream itself refuses in `request`; `system_turns`: whether the request's betas
+/// allow `role: "system"` in `messages`.
 fn check(
     request: &Value,
     flavor: Flavor,
     count_tokens: bool,
     version: &str,
+    system_turns: bool,
 ) -> Result<(), Problem> {
     let Some(object) = request.as_object() else {
         return Err(Problem::Invalid(String::new(), "Input should be an object"));
@@ -354,7 +374,8 @@ fn check(
         }
     };
     for (i, message) in messages.iter().enumerate() {
-        if !matches!(message["role"].as_str(), Some("user" | "assistant")) {
+        let role = message["role"].as_str();
+        if !(matches!(role, Some("user" | "assistant")) || system_turns && role == Some("system")) {
             return Err(Problem::Invalid(
                 format!("messages.{i}.role"),
                 "Input should be 'user' or 'assistant'",

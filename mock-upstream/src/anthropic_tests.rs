@@ -297,6 +297,41 @@ async fn bodies_are_validated_like_anthropic_does() {
             json!({"type": "invalid_request_error", "message": message})
         );
     }
+    // System turns in `messages` need the mid-conversation-system beta (Claude Code sends both).
+    let system_turn = hello(json!({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi again"}]}))
+    .to_string();
+    let with_beta = post(
+        &state,
+        "/v1/messages",
+        &[
+            ("x-api-key", ANTHROPIC_KEY),
+            ("anthropic-version", "2023-06-01"),
+            (
+                "anthropic-beta",
+                "claude-code-20250219,mid-conversation-system-2026-04-07",
+            ),
+        ],
+        system_turn.clone(),
+    )
+    .await;
+    assert_eq!(with_beta.status, StatusCode::OK, "{}", with_beta.text());
+    let without = post(
+        &state,
+        "/v1/messages",
+        &[
+            ("x-api-key", ANTHROPIC_KEY),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        system_turn,
+    )
+    .await;
+    assert_eq!(without.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        without.json()["error"]["message"],
+        "messages.1.role: Input should be 'user' or 'assistant'"
+    );
     // The newest version refuses the sampling parameters.
     let answer = post(
         &state,

@@ -5,7 +5,7 @@
 //!
 //! Every call is authenticated first, as at AWS: a Bedrock API key as `Authorization: Bearer`
 //! ([`API_KEY`]), or an AWS Signature V4 that [`crate::sigv4`] recomputes. Then the model:
-//! [`SONNET`] answers, [`OPUS`] is refused (`AccessDeniedException`), [`BUSY`] is throttled on
+//! [`SONNET`] and [`NOVA_PRO`] answer, [`OPUS`] is refused (`AccessDeniedException`), [`BUSY`] is throttled on
 //! every call (429 `ThrottlingException`, streamed or not), [`FLAKY`] fails (424
 //! `ModelErrorException` on Converse; on ConverseStream, a `modelStreamErrorException` frame after
 //! the first text), any other id is invalid.
@@ -46,6 +46,10 @@ pub const SONNET_CONVERSE_PATH: &str =
     "/model/us.anthropic.claude-3-5-sonnet-20241022-v2%3A0/converse";
 pub const SONNET_STREAM_PATH: &str =
     "/model/us.anthropic.claude-3-5-sonnet-20241022-v2%3A0/converse-stream";
+/// A model that is not Claude and answers Converse as [`SONNET`] does: the gateway calls Claude
+/// ids through InvokeModel or the Messages endpoint (DESIGN §17), so tests of Converse itself use
+/// this one.
+pub const NOVA_PRO: &str = "amazon.nova-pro-v1:0";
 /// A model the credentials have no access to.
 pub const OPUS: &str = "anthropic.claude-opus-4-20250514-v1:0";
 /// The ids of the tool calls the mock makes.
@@ -231,7 +235,7 @@ fn answer_without_id(mock: &MockState, recorded: &Recorded) -> Response {
         );
     };
     match model.as_str() {
-        SONNET => {}
+        SONNET | NOVA_PRO => {}
         OPUS => return aws_error(StatusCode::FORBIDDEN, "AccessDeniedException", NO_ACCESS),
         BUSY | FLAKY => {}
         _ => return validation("The provided model identifier is invalid."),
