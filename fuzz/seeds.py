@@ -4,6 +4,7 @@
 SSE streams, OpenAI SSE streams, and Bedrock event-stream frames encoded as the wire carries them
 (prelude, string headers, CRC32s; AWS event-stream encoding). Stream seeds start with the chunking
 byte the harness reads first. Run by scripts/fuzz.sh; the output is deterministic."""
+import base64
 import glob
 import hashlib
 import json
@@ -50,6 +51,19 @@ def bedrock_frames(events):
     return out
 
 
+def anthropic_sse(events):
+    return b"".join(b"event: " + e.get("type", "").encode() + b"\ndata: " + dump(e) + b"\n\n"
+                    for e in events)
+
+
+def anthropic_frames(events):
+    """Anthropic events as Bedrock InvokeModelWithResponseStream `chunk` frames."""
+    headers = [(":message-type", "event"), (":event-type", "chunk"),
+               (":content-type", "application/json")]
+    return b"".join(frame(headers, dump({"bytes": base64.b64encode(dump(e)).decode()}))
+                    for e in events)
+
+
 def sse(events, done=False):
     out = b"".join(b"data: " + dump(e) + b"\r\n\r\n" for e in events)
     return out + (b"data: [DONE]\n\n" if done else b"")
@@ -75,6 +89,11 @@ def main():
                 seeds["sse"].append(b"\x05" + sse(fixture["stream"]))
             elif provider == "bedrock":
                 seeds["event_stream"].append(b"\x0b" + bedrock_frames(fixture["stream"]))
+            elif provider == "anthropic":
+                seeds["sse"].append(b"\x05" + anthropic_sse(fixture["stream"]))
+                seeds["event_stream"].append(b"\x0b" + anthropic_frames(fixture["stream"]))
+            elif provider == "openai_chat":
+                seeds["sse"].append(b"\x07" + sse(fixture["stream"], done=True))
     for target, items in seeds.items():
         directory = os.path.join(corpus, target)
         os.makedirs(directory, exist_ok=True)
