@@ -5,7 +5,8 @@
 //! - a deadline for each request head (from its first byte; for a new connection, from the accept)
 //!   and an idle deadline for kept-alive connections between requests;
 //! - `--max-connections`: a connection past it is accepted, answered 503 `overloaded` and closed;
-//! - `--max-in-flight`: a request past it is answered 503 `overloaded` before its body is read, and a
+//! - `--max-in-flight`: a request past it is answered 503 `overloaded` (on `/v1/messages`: 529
+//!   `overloaded_error`, as Anthropic answers) before its body is read, and a
 //!   request stays in flight until the last byte of its answer (streams included);
 //! - a panic while serving a request answers 500 (or ends that stream) and is counted;
 //! - at most `--http2-max-streams` concurrent streams per HTTP/2 connection.
@@ -470,7 +471,13 @@ impl hyper::service::Service<Request<Incoming>> for Gate {
         if metrics.in_flight.inc() >= shared_max(self.shared.limits.max_in_flight) {
             metrics.in_flight.dec();
             metrics.shed_request();
-            let mut response = ApiError::overloaded("too many requests in flight").into_response();
+            let error = ApiError::overloaded("too many requests in flight");
+            // Anthropic clients retry 529 `overloaded_error` (DESIGN §17).
+            let mut response = if request.uri().path().starts_with("/v1/messages") {
+                error.into_anthropic_response()
+            } else {
+                error.into_response()
+            };
             let headers = response.headers_mut();
             headers.insert(
                 crate::server::X_REQUEST_ID,

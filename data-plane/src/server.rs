@@ -382,7 +382,7 @@ impl StreamEnd for SettleOnEnd {
         }
     }
 
-    fn finished(self: Box<Self>, usage: Option<Usage>, _completed: bool) {
+    fn finished(self: Box<Self>, usage: Option<Usage>, completed: bool) {
         let SettleOnEnd {
             limiter,
             reservation,
@@ -397,8 +397,13 @@ impl StreamEnd for SettleOnEnd {
             record_usage(&span, &metrics, alias.as_ref(), provider, usage);
         }
         if let Some(reservation) = reservation {
-            // An aborted stream without a usage chunk keeps its estimate.
-            let actual = usage.map_or(estimate, |u| u.total());
+            // A stream that did not complete may have generated more than it reported so far
+            // (Anthropic reports input tokens first): it keeps at least its estimate.
+            let actual = match usage {
+                Some(usage) if completed => usage.total(),
+                Some(usage) => usage.total().max(estimate),
+                None => estimate,
+            };
             #[allow(
                 clippy::disallowed_methods,
                 reason = "runs from Drop, which cannot await; the settle is bounded by the limiter's own timeouts"
@@ -758,8 +763,9 @@ async fn handle_inner(
 }
 
 /// `count_tokens` (DESIGN §17): forwarded to the pool's first target when it is an `anthropic`
-/// connection (Anthropic's API and Foundry have the endpoint), else estimated locally. Never
-/// counted against request limits: Claude Code sends dozens at start-up.
+/// connection (Anthropic's API and Foundry have the endpoint), else estimated locally, as also
+/// when that upstream fails or lacks the endpoint (404). Never counted against request limits:
+/// Claude Code sends dozens at start-up.
 #[allow(clippy::too_many_arguments)] // the request's parts, as `handle_inner` holds them
 async fn count_tokens_of(
     state: &AppState,
@@ -788,10 +794,18 @@ async fn count_tokens_of(
             client_api_version: None,
             trace,
         };
-        return match attempt(state, &ctx, None, 0, record).await {
-            Attempt::Answered(response) => Ok(response),
-            Attempt::Failed(err) | Attempt::Failover(err) => Err(err),
-        };
+        match attempt(state, &ctx, None, 0, record).await {
+            Attempt::Answered(response) => return Ok(response),
+            // The upstream is down or has no count_tokens (a Foundry resource without it): the
+            // local estimate answers instead.
+            Attempt::Failover(err) => {
+                tracing::debug!(status = %err.status, "count_tokens upstream failed; estimating locally");
+            }
+            Attempt::Failed(err) if err.status == StatusCode::NOT_FOUND => {
+                tracing::debug!("count_tokens not found upstream; estimating locally");
+            }
+            Attempt::Failed(err) => return Err(err),
+        }
     }
     let tokens = estimate_input_tokens(request);
     Ok(axum::Json(serde_json::json!({ "input_tokens": tokens })).into_response())
@@ -951,6 +965,7 @@ async fn call_upstream(
                 on_end,
                 &state.limits,
                 ctx.dialect,
+                &ctx.target.model.remote,
             )
             .await
             .map_err(UpstreamFailure::invalid_answer)?;

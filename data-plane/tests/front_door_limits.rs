@@ -289,11 +289,25 @@ async fn past_max_in_flight_requests_get_503_overloaded_while_in_flight_ones_com
         let body: Value = shed.json().await.unwrap();
         assert_eq!(body["error"]["code"], "overloaded", "{body}");
     }
+    // On the Messages route, as Anthropic answers overload: 529 `overloaded_error`.
+    let shed = setup
+        .http
+        .post(format!("http://{}/v1/messages?beta=true", plane.addr))
+        .header("x-api-key", KEY)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shed.status().as_u16(), 529);
+    assert_eq!(shed.headers()["retry-after"], "1");
+    let body: Value = shed.json().await.unwrap();
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "overloaded_error", "{body}");
     let text = plane.metrics_text(&setup.http).await;
     assert_eq!(metric(&text, "llm_proxy_in_flight_requests"), 3.0, "{text}");
     assert_eq!(
         metric(&text, "llm_proxy_load_shed_total{reason=\"in_flight\"}"),
-        2.0
+        3.0
     );
     // The held ones complete, and their slots are free again.
     setup.upstream.state.gate.add_permits(1_000);

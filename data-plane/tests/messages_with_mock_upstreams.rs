@@ -53,6 +53,25 @@ async fn fixture() -> Fixture {
     common::add_connections(
         store,
         "anthropic",
+        &mock.base,
+        [(
+            "Anthropic-2026",
+            ANTHROPIC_KEY.to_owned(),
+            options(&[("anthropic_version", "2026-10-21")]),
+        )],
+    )
+    .await;
+    // Nothing listens there: connect errors.
+    common::add_connections(
+        store,
+        "anthropic",
+        "http://127.0.0.1:9",
+        [("Anthropic-Down", ANTHROPIC_KEY.to_owned(), options(&[]))],
+    )
+    .await;
+    common::add_connections(
+        store,
+        "anthropic",
         &format!("{}/anthropic", mock.base),
         [(
             "Foundry",
@@ -105,6 +124,16 @@ async fn fixture() -> Fixture {
     .await;
     let models = [
         ("Anthropic", "claude", "claude-sonnet-4-5-20250929"),
+        (
+            "Anthropic-2026",
+            "claude-2026",
+            "claude-sonnet-4-5-20250929",
+        ),
+        (
+            "Anthropic-Down",
+            "claude-down",
+            "claude-sonnet-4-5-20250929",
+        ),
         ("Foundry", "foundry-claude", "claude-opus-4-5"),
         ("Bedrock", "bedrock-claude", BEDROCK_CLAUDE),
         ("Bedrock", "bedrock-new-claude", BEDROCK_NEW_CLAUDE),
@@ -421,6 +450,14 @@ async fn count_tokens_is_forwarded_or_estimated() {
     let answer: Value = response.json().await.unwrap();
     assert!(answer["input_tokens"].as_u64().unwrap() > 0);
     assert!(f.mock.requests().is_empty());
+
+    // An `anthropic` upstream that cannot be reached: estimated locally too.
+    let response = count(body.replace("\"claude\"", "\"claude-down\""))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert!(answer["input_tokens"].as_u64().unwrap() > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,6 +508,9 @@ async fn messages_clients_reach_openai_models_through_translation() {
     assert_eq!(f.last().path, "/v1/chat/completions");
     assert_eq!(upstream["model"], "gpt-4o");
     assert_eq!(upstream["tools"][0]["function"]["name"], "get_weather");
+    // gpt-4o is not a reasoning model: `max_tokens`, which every API version takes.
+    assert_eq!(upstream["max_tokens"], 256);
+    assert!(upstream.get("max_completion_tokens").is_none());
     // gpt-4o takes no reasoning_effort: the thinking request is dropped for it.
     assert!(upstream.get("reasoning_effort").is_none());
     assert!(upstream.get("context_management").is_none());
@@ -491,6 +531,7 @@ async fn messages_clients_reach_openai_models_through_translation() {
         .find(|(n, _)| n == "message_delta")
         .map(|(_, d)| d["delta"]["stop_reason"].clone());
     assert_eq!(stop, Some(json!("tool_use")));
+    assert_eq!(events[0].1["message"]["model"], "gpt-4o");
     assert_eq!(events.last().unwrap().0, "message_stop");
     assert!(tokens_total(&f.metrics(), "gpt", "prompt") > 0);
 }
@@ -546,4 +587,23 @@ async fn openai_clients_reach_claude_through_translation() {
         serde_json::from_str::<Value>(&arguments).unwrap(),
         json!({"location":"Paris"})
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn translation_to_anthropic_version_2026_10_21_drops_sampling_parameters() {
+    let f = fixture().await;
+    // The mock refuses `temperature` under this version, as Anthropic does.
+    let body = r#"{"model":"claude-2026","temperature":0.2,"top_p":0.9,"messages":[{"role":"user","content":"hi"}]}"#;
+    let response = common::post_json(
+        &f.http,
+        format!("{}/v1/chat/completions", f.base),
+        CLIENT_KEY,
+        body,
+    )
+    .await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let upstream = f.last();
+    assert_eq!(upstream.header("anthropic-version"), Some("2026-10-21"));
+    let sent: Value = upstream.json();
+    assert!(sent.get("temperature").is_none() && sent.get("top_p").is_none());
 }

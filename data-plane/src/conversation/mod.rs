@@ -203,6 +203,16 @@ impl TokenUsage {
             .saturating_add(self.cache_write)
     }
 
+    /// Whether the upstream reported any count (an answer always has input tokens).
+    pub fn reported(&self) -> bool {
+        *self != TokenUsage::default()
+    }
+
+    /// The usage the limiter and metrics count, `None` when nothing was reported.
+    pub fn reported_usage(self) -> Option<Usage> {
+        self.reported().then(|| self.to_usage())
+    }
+
     /// The usage the limiter and metrics count.
     pub fn to_usage(self) -> Usage {
         let prompt = self.prompt_total();
@@ -289,11 +299,13 @@ impl<R: EventReader, W: EventWriter> Translate<R, W> {
     fn drain(&mut self, out: &mut BytesMut) {
         for event in self.events.drain(..) {
             match &event {
-                // Zeros at the start mean "not reported yet", not "none used".
-                StreamEvent::Start { usage, .. } if *usage != TokenUsage::default() => {
+                // All zeros mean "not reported" (every real answer has input tokens): the
+                // reservation's estimate then stands.
+                StreamEvent::Start { usage, .. } | StreamEvent::Finish { usage, .. }
+                    if usage.reported() =>
+                {
                     self.usage = Some(*usage);
                 }
-                StreamEvent::Finish { usage, .. } => self.usage = Some(*usage),
                 _ => {}
             }
             self.writer.write(&event, out);

@@ -624,7 +624,8 @@ fn write_assistant_turn(content: &[Part], messages: &mut Vec<Value>) {
 }
 
 /// The model as an OpenAI chat request body for `remote_model`. `reasoning_effort_accepted`:
-/// whether the target takes `reasoning_effort` (reasoning models only; others refuse it).
+/// whether the target is a reasoning model, which takes `reasoning_effort` and
+/// `max_completion_tokens` (others refuse the first and may refuse the second).
 pub fn write_request(
     request: &Request,
     remote_model: &str,
@@ -696,7 +697,14 @@ pub fn write_request(
         body.insert("parallel_tool_calls".into(), json!(parallel));
     }
     if let Some(max) = request.max_tokens {
-        body.insert("max_completion_tokens".into(), json!(max));
+        // Reasoning models take only `max_completion_tokens`; older deployments (Azure API
+        // versions before 2024-09-01) only `max_tokens`, which other chat models still accept.
+        let field = if reasoning_effort_accepted {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        body.insert(field.into(), json!(max));
     }
     if let Some(temperature) = request.temperature {
         body.insert("temperature".into(), json!(temperature));
@@ -708,9 +716,8 @@ pub fn write_request(
         body.insert("stop".into(), json!(request.stop_sequences));
     }
     if request.stream {
+        // `stream_options` is the adapter's to add: it knows whether the target accepts it.
         body.insert("stream".into(), json!(true));
-        // The gateway counts usage, which OpenAI streams only when asked.
-        body.insert("stream_options".into(), json!({ "include_usage": true }));
     }
     if reasoning_effort_accepted
         && let Some(effort) = request.reasoning.as_ref().and_then(effort_of)
@@ -1924,7 +1931,6 @@ mod tests {
                 "top_p": 0.8,
                 "stop": ["END"],
                 "stream": true,
-                "stream_options": {"include_usage": true},
                 "reasoning_effort": "medium",
                 "response_format": {"type": "json_schema", "json_schema": {"name": "out", "schema": {"type": "object"}, "strict": true}}
             })
@@ -2022,7 +2028,6 @@ mod tests {
             "top_p": 1.0,
             "stop": ["DONE"],
             "stream": true,
-            "stream_options": {"include_usage": true},
             "reasoning_effort": "low",
             "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}, "strict": true}}
         });

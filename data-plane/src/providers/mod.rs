@@ -29,8 +29,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use std::time::Duration;
 
-/// Everything an adapter needs to build one upstream call.
-#[derive(Debug)]
+/// Everything an adapter needs to build one upstream call. `Debug` leaves out the client's
+/// headers and body: they hold the gateway key and the prompt.
 pub struct CallContext<'a> {
     /// How the client speaks; the answer is written in it.
     pub dialect: InboundDialect,
@@ -45,6 +45,17 @@ pub struct CallContext<'a> {
     pub client_api_version: Option<&'a str>,
     /// The request's trace (W3C), continued upstream.
     pub trace: crate::trace::TraceContext,
+}
+
+impl std::fmt::Debug for CallContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallContext")
+            .field("dialect", &self.dialect)
+            .field("operation", &self.operation)
+            .field("target", &self.target)
+            .field("client_api_version", &self.client_api_version)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -107,7 +118,7 @@ impl WireFormat {
             InboundDialect::OpenAi => Ok((body, usage)),
             InboundDialect::Anthropic => {
                 let reply = conversation::openai_chat::parse_reply(&body, provider)?;
-                let usage = Some(reply.usage.to_usage());
+                let usage = reply.usage.reported_usage();
                 Ok((
                     Bytes::from(conversation::anthropic::write_reply(&reply)),
                     usage,
@@ -172,6 +183,7 @@ impl WireFormat {
         on_end: Box<dyn StreamEnd>,
         limits: &Limits,
         client: InboundDialect,
+        remote_model: &str,
     ) -> Result<axum::body::Body, ApiError>
     where
         S: futures_util::Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
@@ -183,7 +195,7 @@ impl WireFormat {
         let to_anthropic = || {
             Translate::new(
                 conversation::openai_chat::OpenAiChunkReader::new(provider, max_event),
-                conversation::anthropic::AnthropicEventWriter::new(self.model_name()),
+                conversation::anthropic::AnthropicEventWriter::new(remote_model),
             )
         };
         match (self, client) {
@@ -246,16 +258,6 @@ impl WireFormat {
                     }
                 }
             }
-        }
-    }
-
-    /// The model named in translated answers: the remote model.
-    fn model_name(&self) -> &str {
-        match self {
-            WireFormat::OpenAi => "",
-            WireFormat::Google(answer) => answer.model(),
-            WireFormat::Bedrock(answer) => &answer.model,
-            WireFormat::Messages(answer) => &answer.model,
         }
     }
 }

@@ -172,7 +172,15 @@ fn body_for(ctx: &CallContext<'_>, route: ClaudeRoute) -> Result<Vec<u8>, ApiErr
         }
         InboundDialect::OpenAi => {
             let provider = ctx.target.connection.provider.as_str();
-            let request = crate::conversation::openai_chat::parse_request(ctx.request, provider)?;
+            let mut request =
+                crate::conversation::openai_chat::parse_request(ctx.request, provider)?;
+            if route.model_in_body() && refuses_sampling(connection_version(ctx)) {
+                // DESIGN §17: this version refuses them; they only tune sampling, so they are
+                // dropped rather than refused.
+                request.temperature = None;
+                request.top_p = None;
+                request.top_k = None;
+            }
             let target = AnthropicTarget {
                 model: route.model_in_body().then_some(remote),
                 anthropic_version_in_body: route.body_version(),
@@ -185,6 +193,23 @@ fn body_for(ctx: &CallContext<'_>, route: ClaudeRoute) -> Result<Vec<u8>, ApiErr
         }
     }
 }
+
+/// The `anthropic-version` a translated request is sent with: the connection's option, else the
+/// default.
+fn connection_version<'a>(ctx: &CallContext<'a>) -> &'a str {
+    ctx.target
+        .connection
+        .option(ConnectionOption::AnthropicVersion)
+        .unwrap_or(llm_proxy_catalog::DEFAULT_ANTHROPIC_VERSION)
+}
+
+/// Whether `version` (a date) refuses `temperature`, `top_p` and `top_k`: `2026-10-21` and later.
+fn refuses_sampling(version: &str) -> bool {
+    version >= SAMPLING_FREE_VERSION
+}
+
+/// The first `anthropic-version` without sampling parameters.
+const SAMPLING_FREE_VERSION: &str = "2026-10-21";
 
 /// InvokeModel takes no `stream` member (the URL says whether to stream).
 fn without_stream(body: Vec<u8>) -> Vec<u8> {
@@ -224,13 +249,7 @@ fn version_and_beta_headers(
     };
     let version = match client_version {
         Some(version) => version,
-        None => header_value(
-            ctx.target
-                .connection
-                .option(ConnectionOption::AnthropicVersion)
-                .unwrap_or(llm_proxy_catalog::DEFAULT_ANTHROPIC_VERSION),
-            "anthropic_version",
-        )?,
+        None => header_value(connection_version(ctx), "anthropic_version")?,
     };
     headers.push((HeaderName::from_static(ANTHROPIC_VERSION), version));
     if ctx.dialect == InboundDialect::Anthropic {
@@ -352,6 +371,13 @@ mod tests {
         ] {
             assert_eq!(bedrock_api_of_model(id), api, "{id}");
         }
+    }
+
+    #[test]
+    fn versions_from_2026_10_21_refuse_sampling() {
+        assert!(!refuses_sampling("2023-06-01"));
+        assert!(refuses_sampling("2026-10-21"));
+        assert!(refuses_sampling("2027-01-01"));
     }
 
     #[test]

@@ -53,16 +53,16 @@ struct AnthropicUsage {
 }
 
 impl AnthropicUsage {
-    /// Folds a later report in: `message_delta` repeats the counts it has, cumulatively.
+    /// Folds a later report in: `message_delta` repeats the counts it has (output tokens
+    /// cumulatively); a zero input or cache count there does not undo `message_start`'s.
     fn merge(&mut self, later: AnthropicUsage) {
-        self.input_tokens = later.input_tokens.or(self.input_tokens);
+        let nonzero = |n: Option<u64>| n.filter(|n| *n > 0);
+        self.input_tokens = nonzero(later.input_tokens).or(self.input_tokens);
         self.output_tokens = later.output_tokens.or(self.output_tokens);
-        self.cache_creation_input_tokens = later
-            .cache_creation_input_tokens
-            .or(self.cache_creation_input_tokens);
-        self.cache_read_input_tokens = later
-            .cache_read_input_tokens
-            .or(self.cache_read_input_tokens);
+        self.cache_creation_input_tokens =
+            nonzero(later.cache_creation_input_tokens).or(self.cache_creation_input_tokens);
+        self.cache_read_input_tokens =
+            nonzero(later.cache_read_input_tokens).or(self.cache_read_input_tokens);
     }
 
     fn usage(self) -> Usage {
@@ -116,7 +116,7 @@ impl MessagesAnswer {
             }
             InboundDialect::OpenAi => {
                 let reply = conversation::anthropic::parse_reply(&body)?;
-                let usage = Some(reply.usage.to_usage());
+                let usage = reply.usage.reported_usage();
                 Ok((
                     Bytes::from(conversation::openai_chat::write_reply(&reply, &self.model)),
                     usage,
@@ -312,9 +312,23 @@ impl StreamTranslator for MessagesRelay {
             RelayFraming::EventStream(frames) => {
                 frames.push(chunk);
                 let mut jsons = Vec::new();
-                while let Some(message) = frames.next_message()? {
-                    if let Some(json) = chunk_event(&message, self.provider)? {
-                        jsons.push(json);
+                // Events decoded before a failing frame still reach the client, then the error.
+                let mut failed = None;
+                loop {
+                    match frames.next_message() {
+                        Ok(Some(message)) => match chunk_event(&message, self.provider) {
+                            Ok(Some(json)) => jsons.push(json),
+                            Ok(None) => {}
+                            Err(err) => {
+                                failed = Some(err);
+                                break;
+                            }
+                        },
+                        Ok(None) => break,
+                        Err(err) => {
+                            failed = Some(err);
+                            break;
+                        }
                     }
                 }
                 for json in jsons {
@@ -344,6 +358,9 @@ impl StreamTranslator for MessagesRelay {
                     out.extend_from_slice(b"\ndata: ");
                     out.extend_from_slice(&json);
                     out.extend_from_slice(b"\n\n");
+                }
+                if let Some(err) = failed {
+                    return Err(err);
                 }
             }
         }
