@@ -190,16 +190,8 @@ impl WireFormat {
         E: std::fmt::Display + Send + 'static,
     {
         let max_event = limits.max_stream_event_bytes;
-        // A Messages client of an OpenAI-chat wire: the OpenAI chunks (with usage, always asked
-        // for) are read back into the conversation model and written as Anthropic events.
-        let to_anthropic = || {
-            Translate::new(
-                conversation::openai_chat::OpenAiChunkReader::new(provider, max_event),
-                conversation::anthropic::AnthropicEventWriter::new(remote_model),
-            )
-        };
-        match (self, client) {
-            (WireFormat::Messages(answer), _) => {
+        match self {
+            WireFormat::Messages(answer) => {
                 answer
                     .stream(
                         upstream,
@@ -213,7 +205,7 @@ impl WireFormat {
                     .await
             }
             // Relayed as it comes: nothing to decide before the first byte.
-            (WireFormat::OpenAi, InboundDialect::OpenAi) => {
+            WireFormat::OpenAi if client == InboundDialect::OpenAi => {
                 Ok(axum::body::Body::from_stream(sse::relay(
                     upstream,
                     openai::stream::OpenAiPassthrough::new(provider, client_wants_usage)
@@ -223,24 +215,26 @@ impl WireFormat {
                     on_end,
                 )))
             }
-            (WireFormat::OpenAi, InboundDialect::Anthropic) => {
-                primed_body(upstream, to_anthropic(), idle_timeout, provider, on_end).await
+            WireFormat::OpenAi => {
+                let to_anthropic = Translate::new(
+                    conversation::openai_chat::OpenAiChunkReader::new(provider, max_event),
+                    conversation::anthropic::AnthropicEventWriter::new(remote_model),
+                );
+                primed_body(upstream, to_anthropic, idle_timeout, provider, on_end).await
             }
-            (WireFormat::Google(answer), client) => {
+            WireFormat::Google(answer) => {
                 let wants_usage = client_wants_usage || client == InboundDialect::Anthropic;
                 let translator = google::chat::GeminiStream::new(answer.model(), wants_usage)
                     .with_limits(limits);
-                match client {
-                    InboundDialect::OpenAi => {
-                        primed_body(upstream, translator, idle_timeout, provider, on_end).await
-                    }
-                    InboundDialect::Anthropic => {
-                        let chain = sse::Chain::new(translator, to_anthropic());
-                        primed_body(upstream, chain, idle_timeout, provider, on_end).await
-                    }
-                }
+                let stream = TranslatedStream {
+                    upstream,
+                    idle_timeout,
+                    provider,
+                    on_end,
+                };
+                stream.to(client, translator, remote_model, max_event).await
             }
-            (WireFormat::Bedrock(answer), client) => {
+            WireFormat::Bedrock(answer) => {
                 let wants_usage = client_wants_usage || client == InboundDialect::Anthropic;
                 let translator = bedrock::stream::ConverseStream::new(
                     &answer.model,
@@ -248,15 +242,57 @@ impl WireFormat {
                     wants_usage,
                 )
                 .with_limits(limits);
-                match client {
-                    InboundDialect::OpenAi => {
-                        primed_body(upstream, translator, idle_timeout, provider, on_end).await
-                    }
-                    InboundDialect::Anthropic => {
-                        let chain = sse::Chain::new(translator, to_anthropic());
-                        primed_body(upstream, chain, idle_timeout, provider, on_end).await
-                    }
-                }
+                let stream = TranslatedStream {
+                    upstream,
+                    idle_timeout,
+                    provider,
+                    on_end,
+                };
+                stream.to(client, translator, remote_model, max_event).await
+            }
+        }
+    }
+}
+
+/// An upstream stream that a translator turns into OpenAI chunks (Gemini, Converse).
+struct TranslatedStream<S> {
+    upstream: S,
+    idle_timeout: Duration,
+    provider: &'static str,
+    on_end: Box<dyn StreamEnd>,
+}
+
+impl<S, E> TranslatedStream<S>
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    /// The client's body: the OpenAI chunks as they are for OpenAI clients; for Messages clients
+    /// read back into the conversation model and written as Anthropic events.
+    async fn to<T: sse::StreamTranslator>(
+        self,
+        client: InboundDialect,
+        translator: T,
+        remote_model: &str,
+        max_event: usize,
+    ) -> Result<axum::body::Body, ApiError> {
+        let TranslatedStream {
+            upstream,
+            idle_timeout,
+            provider,
+            on_end,
+        } = self;
+        match client {
+            InboundDialect::OpenAi => {
+                primed_body(upstream, translator, idle_timeout, provider, on_end).await
+            }
+            InboundDialect::Anthropic => {
+                let to_anthropic = Translate::new(
+                    conversation::openai_chat::OpenAiChunkReader::new(provider, max_event),
+                    conversation::anthropic::AnthropicEventWriter::new(remote_model),
+                );
+                let chain = sse::Chain::new(translator, to_anthropic);
+                primed_body(upstream, chain, idle_timeout, provider, on_end).await
             }
         }
     }
