@@ -236,8 +236,7 @@ fn chunk_event(
 pub struct MessagesRelay {
     provider: &'static str,
     framing: RelayFraming,
-    usage: Option<AnthropicUsage>,
-    completed: bool,
+    scan: UsageScan,
 }
 
 enum RelayFraming {
@@ -245,25 +244,14 @@ enum RelayFraming {
     EventStream(FrameReader),
 }
 
-impl MessagesRelay {
-    pub fn sse(provider: &'static str, max_event_bytes: usize) -> Self {
-        Self {
-            provider,
-            framing: RelayFraming::Sse(EventSplitter::new(max_event_bytes)),
-            usage: None,
-            completed: false,
-        }
-    }
+/// What the relay learns from the events it passes on.
+#[derive(Default)]
+struct UsageScan {
+    usage: Option<AnthropicUsage>,
+    completed: bool,
+}
 
-    pub fn event_stream(provider: &'static str, max_event_bytes: usize) -> Self {
-        Self {
-            provider,
-            framing: RelayFraming::EventStream(FrameReader::new(max_event_bytes)),
-            usage: None,
-            completed: false,
-        }
-    }
-
+impl UsageScan {
     /// Reads what the relay needs from one event's JSON; returns its type.
     fn read(&mut self, json: &[u8]) -> Option<String> {
         let probe: EventProbe = serde_json::from_slice(json).ok()?;
@@ -282,6 +270,46 @@ impl MessagesRelay {
         }
         Some(kind)
     }
+
+    /// Reads one SSE event. Only `message_start` and `message_delta` carry usage, so the content
+    /// events (most of a stream) are named by their `event:` line and not parsed.
+    fn read_sse(&mut self, event: &[u8]) {
+        match sse_event_name(event) {
+            Some(
+                b"content_block_delta" | b"content_block_start" | b"content_block_stop" | b"ping",
+            ) => {}
+            Some(b"message_stop") => self.completed = true,
+            _ => {
+                if let Some(data) = sse::data_of(event) {
+                    self.read(data.as_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// The name on an SSE event's first line (`event: <name>`), if it has one.
+fn sse_event_name(event: &[u8]) -> Option<&[u8]> {
+    let line = event.split(|b| *b == b'\n').next()?;
+    line.strip_prefix(b"event:").map(<[u8]>::trim_ascii)
+}
+
+impl MessagesRelay {
+    pub fn sse(provider: &'static str, max_event_bytes: usize) -> Self {
+        Self {
+            provider,
+            framing: RelayFraming::Sse(EventSplitter::new(max_event_bytes)),
+            scan: UsageScan::default(),
+        }
+    }
+
+    pub fn event_stream(provider: &'static str, max_event_bytes: usize) -> Self {
+        Self {
+            provider,
+            framing: RelayFraming::EventStream(FrameReader::new(max_event_bytes)),
+            scan: UsageScan::default(),
+        }
+    }
 }
 
 impl StreamTranslator for MessagesRelay {
@@ -289,24 +317,18 @@ impl StreamTranslator for MessagesRelay {
         match &mut self.framing {
             RelayFraming::Sse(splitter) => {
                 splitter.push(chunk);
-                let mut events = Vec::new();
-                while let Some(event) = splitter.next_event() {
-                    events.push(event);
-                }
-                let overflowed = splitter.overflowed();
-                let max = splitter.max_event_bytes();
-                for event in events {
-                    if self.completed {
-                        break;
-                    }
-                    if let Some(data) = sse::data_of(&event) {
-                        self.read(data.as_bytes());
-                    }
+                while !self.scan.completed
+                    && let Some(event) = splitter.next_event()
+                {
+                    self.scan.read_sse(&event);
                     out.extend_from_slice(&event);
                     out.extend_from_slice(b"\n\n");
                 }
-                if overflowed {
-                    return Err(sse::event_too_large(self.provider, max));
+                if splitter.overflowed() {
+                    return Err(sse::event_too_large(
+                        self.provider,
+                        splitter.max_event_bytes(),
+                    ));
                 }
             }
             RelayFraming::EventStream(frames) => {
@@ -332,11 +354,11 @@ impl StreamTranslator for MessagesRelay {
                     }
                 }
                 for json in jsons {
-                    if self.completed {
+                    if self.scan.completed {
                         break;
                     }
                     // Only events the gateway can read reach the client (DESIGN §19).
-                    let kind = self.read(&json).filter(|kind| {
+                    let kind = self.scan.read(&json).filter(|kind| {
                         kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                     });
                     let Some(kind) = kind else {
@@ -371,18 +393,18 @@ impl StreamTranslator for MessagesRelay {
         if let RelayFraming::EventStream(frames) = &self.framing {
             frames.finish()?;
         }
-        if !self.completed {
+        if !self.scan.completed {
             return Err(sse::stream_truncated(self.provider, "message_stop"));
         }
         Ok(())
     }
 
     fn complete(&self) -> bool {
-        self.completed
+        self.scan.completed
     }
 
     fn usage(&self) -> Option<Usage> {
-        self.usage.map(AnthropicUsage::usage)
+        self.scan.usage.map(AnthropicUsage::usage)
     }
 
     fn write_error(&mut self, error: &ApiError, out: &mut BytesMut) {
@@ -429,5 +451,61 @@ impl EventReader for EventStreamReader {
 
     fn complete(&self) -> bool {
         self.events.complete()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":1024,\"cache_read_input_tokens\":2048,\"output_tokens\":1}}}\n\n",
+        "event: ping\ndata: {\"type\": \"ping\"}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":0,\"output_tokens\":12}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    #[test]
+    fn sse_is_relayed_byte_for_byte_and_usage_read() {
+        for piece in [1, 3, 7, STREAM.len()] {
+            let mut relay = MessagesRelay::sse("anthropic", 1 << 16);
+            let mut out = BytesMut::new();
+            for chunk in STREAM.as_bytes().chunks(piece) {
+                relay.push(chunk, &mut out).unwrap();
+            }
+            relay.finish(&mut out).unwrap();
+            assert!(relay.complete());
+            assert_eq!(
+                std::str::from_utf8(&out).unwrap(),
+                STREAM,
+                "pieces of {piece}"
+            );
+            let usage = relay.usage().unwrap();
+            // A zero input count in message_delta does not undo message_start's.
+            assert_eq!(usage.prompt_tokens, 25 + 1024 + 2048);
+            assert_eq!(usage.completion_tokens, 12);
+            assert_eq!(
+                (usage.cache_read_tokens, usage.cache_write_tokens),
+                (2048, 1024)
+            );
+        }
+    }
+
+    #[test]
+    fn a_stream_without_message_stop_is_truncated_and_an_error_event_ends_it() {
+        let cut = &STREAM[..STREAM.find("event: message_stop").unwrap()];
+        let mut relay = MessagesRelay::sse("anthropic", 1 << 16);
+        let mut out = BytesMut::new();
+        relay.push(cut.as_bytes(), &mut out).unwrap();
+        let err = relay.finish(&mut out).unwrap_err();
+        assert!(err.message.contains("message_stop"), "{}", err.message);
+
+        let mut relay = MessagesRelay::sse("anthropic", 1 << 16);
+        let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+        relay.push(error.as_bytes(), &mut out).unwrap();
+        assert!(relay.complete());
     }
 }
