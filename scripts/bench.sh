@@ -4,7 +4,11 @@
 # (the floor: keep-alive upstream, one worker) and through llm-proxy as deployed (control plane +
 # data plane processes, virtual-key auth, one assignment, Redis limiter with a limit that never
 # rejects): fixed rates (500 and 2000 req/s) and maximum throughput, non-streamed and streamed.
-# Streaming time to first byte is measured with data-plane/examples/ttfb.rs. Then a config-scale
+# Streaming time to first byte is measured with data-plane/examples/ttfb.rs. The same data plane
+# then serves Anthropic's Messages API (`POST /v1/messages`, an `anthropic` connection to the same
+# mock, passed through; target llm-proxy-messages): TTFB, the top fixed rate and maximum
+# throughput, both modes, so that its CPU per request compares with the OpenAI chat rows of the
+# same run. Then a config-scale
 # run: 100k virtual keys and 300k assignments written straight into the control plane's SQLite
 # database, snapshot build/apply times, data plane memory and latency with it loaded.
 #
@@ -15,6 +19,7 @@
 #
 # Other knobs (env): BENCH_RATES ("500 2000"), BENCH_CONNS (32), BENCH_MAX_CONNS (64),
 # BENCH_SSE_MAX_CONNS (256), BENCH_WARMUP_SECONDS (1), BENCH_TTFB_REQUESTS (500),
+# BENCH_MESSAGES_RATES (the last of BENCH_RATES; "" for maximum throughput only),
 # BENCH_CHUNK_DELAY_MS (2), BENCH_DELAY_MS (0), BENCH_SCALE_KEYS (100000; 0 skips the config-scale
 # run), BENCH_NO_BUILD=1 (use the binaries already built), BENCH_OUT (bench/RESULTS.md),
 # BENCH_KEEP=1 (keep the work dir), REDIS_URL (redis://127.0.0.1:6379), NGINX, CARGO_TARGET_DIR.
@@ -25,6 +30,7 @@ root=$PWD
 
 seconds=${1:-${BENCH_SECONDS:-10}}
 read -r -a rates <<<"${BENCH_RATES:-500 2000}"
+read -r -a messages_rates <<<"${BENCH_MESSAGES_RATES-${rates[-1]}}"
 conns=${BENCH_CONNS:-32}
 max_conns=${BENCH_MAX_CONNS:-64}
 sse_max_conns=${BENCH_SSE_MAX_CONNS:-256}
@@ -101,15 +107,42 @@ mock_port=$(pick); nginx_port=$(pick); cp_port=$(pick); cpm_port=$(pick); dp_por
 key=vk-bench-0123456789
 body_json='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
 body_sse='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"stream":true,"stream_options":{"include_usage":true}}'
+# Anthropic Messages, as Claude Code sends it (small): x-api-key and anthropic-version headers.
+messages_json='{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"Say hello"}]}'
+messages_sse='{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"Say hello"}],"stream":true}'
 
-wait_ok() { # name url [key]: until a non-streamed chat completion succeeds
+# api mode key: the request of one API (chat: OpenAI chat completions; messages: Anthropic
+# Messages) in one mode (json, sse), in req_path, req_headers (curl/oha -H values), req_body and
+# req_end (the text that ends its stream).
+request_of() {
+  if [[ $1 == messages ]]; then
+    req_path=/v1/messages
+    req_headers=("x-api-key: $3" "anthropic-version: 2023-06-01")
+    [[ $2 == sse ]] && req_body=$messages_sse || req_body=$messages_json
+    req_end="event: message_stop"
+  else
+    req_path=/v1/chat/completions
+    req_headers=("authorization: Bearer $3")
+    [[ $2 == sse ]] && req_body=$body_sse || req_body=$body_json
+    req_end="data: [DONE]"
+  fi
+}
+header_args() { # flag: req_headers as repeated flag value pairs, into hargs
+  local h
+  hargs=()
+  for h in "${req_headers[@]}"; do hargs+=("$1" "$h"); done
+}
+
+wait_ok() { # name base-url [key [api]]: until a non-streamed request succeeds
   local i
+  request_of "${4:-chat}" json "${3:-$key}"
+  header_args -H
   for i in $(seq 150); do
-    curl -sf -o /dev/null -H "authorization: Bearer ${3:-$key}" -H 'content-type: application/json' \
-      -d "$body_json" "$2" && return
+    curl -sf -o /dev/null "${hargs[@]}" -H 'content-type: application/json' \
+      -d "$req_body" "$2$req_path" && return
     sleep 0.1
   done
-  die "$1 did not answer at $2; see $work"
+  die "$1 did not answer at $2$req_path; see $work"
 }
 wait_log() { # file message min_keys timeout_s: until a JSON log line with that message appears
   local deadline=$((SECONDS + $4))
@@ -133,7 +166,7 @@ start_mock() {
   taskset -c "$load_core" "$bin/llm-proxy-mock-upstream" "127.0.0.1:$mock_port" --bench \
     --chunk-delay-ms "$chunk_delay_ms" --delay-ms "$delay_ms" 2>"$work/mock.log" &
   mock_pid=$!; pids+=("$mock_pid")
-  wait_ok mock "http://127.0.0.1:$mock_port/v1/chat/completions"
+  wait_ok mock "http://127.0.0.1:$mock_port"
 }
 
 start_nginx() {
@@ -177,7 +210,7 @@ EOF
   "$nginx_bin" -t -q -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf" || die "nginx rejected $dir/nginx.conf"
   taskset -c "$proxy_core" "$nginx_bin" -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf" &
   nginx_pid=$!; pids+=("$nginx_pid")
-  wait_ok nginx "http://127.0.0.1:$nginx_port/v1/chat/completions"
+  wait_ok nginx "http://127.0.0.1:$nginx_port"
   nginx_worker=$(pgrep -P "$nginx_pid" | head -n1)
   [[ -n $nginx_worker ]] || die "cannot find nginx's worker process"
 }
@@ -207,31 +240,33 @@ start_dp() { # log file: the data plane on the proxy core, Redis limiter, no per
 # ---- one measurement ----
 runs=$work/runs.tsv
 : >"$runs"
-oha_run() { # out url conns rate|max mode key [seconds]
-  local args=(--no-tui --output-format json -z "${7:-$seconds}s" -w -c "$3" -m POST
-    -H "authorization: Bearer $6" -T application/json)
-  [[ $5 == sse ]] && args+=(-d "$body_sse") || args+=(-d "$body_json")
-  [[ $4 == max ]] || args+=(-q "$4")
-  taskset -c "$load_core" oha "${args[@]}" "$2" >"$1" 2>"$1.err" || die "oha failed: $(cat "$1.err")"
+oha_run() { # out base-url api conns rate|max mode key [seconds]
+  request_of "$3" "$6" "$7"
+  header_args -H
+  local args=(--no-tui --output-format json -z "${8:-$seconds}s" -w -c "$4" -m POST
+    "${hargs[@]}" -T application/json -d "$req_body")
+  [[ $5 == max ]] || args+=(-q "$5")
+  taskset -c "$load_core" oha "${args[@]}" "$2$req_path" >"$1" 2>"$1.err" || die "oha failed: $(cat "$1.err")"
   python3 "$root/scripts/bench_report.py" check "$1" || die "requests failed in $1 (see above)"
 }
-conns_for() { # mode rate: enough connections to sustain the rate when answers take a while
-  local ms=$((delay_ms + 1)) need
-  [[ $1 == sse ]] && ms=$((ms + 3 * (chunk_delay_ms + 1)))
-  need=$(($2 * ms * 2 / 1000))
+conns_for() { # api mode rate: enough connections to sustain the rate when answers take a while
+  local ms=$((delay_ms + 1)) need gaps=3
+  [[ $1 == messages ]] && gaps=6 # an Anthropic stream is 7 events
+  [[ $2 == sse ]] && ms=$((ms + gaps * (chunk_delay_ms + 1)))
+  need=$(($3 * ms * 2 / 1000))
   echo $((need > conns ? need : conns))
 }
 # Redis's CPU is read too (not changed: it is the machine's server, unpinned) when it is local.
 redis_pid=$(pgrep -x redis-server | head -n1 || true)
-timed_run() { # target mode load conns url key proxy-pids...: one oha run, with the proxy's CPU and peak RSS
-  local target=$1 mode=$2 load=$3 c=$4 url=$5 k=$6 f t0 t1 c0=0 c1=0 r0=0 r1=0 hwm=0 ticks=- rticks=-
-  shift 6
+timed_run() { # target api mode load conns base-url key proxy-pids...: one oha run, with the proxy's CPU and peak RSS
+  local target=$1 api=$2 mode=$3 load=$4 c=$5 url=$6 k=$7 f t0 t1 c0=0 c1=0 r0=0 r1=0 hwm=0 ticks=- rticks=-
+  shift 7
   say "$target: $mode at $load req/s, $c connections, $seconds s"
   f=$work/runs/$target-$mode-$load.json
   if (($# > 0)); then c0=$(cpu_ticks "$@"); fi
   if [[ -n $redis_pid ]]; then r0=$(cpu_ticks "$redis_pid"); fi
   t0=$(date +%s.%N)
-  oha_run "$f" "$url" "$c" "$load" "$mode" "$k"
+  oha_run "$f" "$url" "$api" "$c" "$load" "$mode" "$k"
   t1=$(date +%s.%N)
   if (($# > 0)); then
     c1=$(cpu_ticks "$@")
@@ -242,24 +277,27 @@ timed_run() { # target mode load conns url key proxy-pids...: one oha run, with 
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$mode" "$load" "$c" "$f" "$ticks" \
     "$(python3 -c "print($t1 - $t0)")" "$hwm" "$rticks" >>"$runs"
 }
-measure() { # target base-url proxy-pids...: TTFB, then every load in both modes
-  local target=$1 url=$2 mode load c
-  shift 2
+measure() { # target base-url api proxy-pids...: TTFB, then every load in both modes
+  local target=$1 url=$2 api=$3 mode load c loads
+  shift 3
+  if [[ $api == messages ]]; then loads=("${messages_rates[@]}" max); else loads=("${rates[@]}" max); fi
   say "$target: warm-up, then time to first byte ($ttfb_requests sequential streams)"
-  oha_run "$work/runs/$target-warmup.json" "$url/v1/chat/completions" "$conns" 500 json "$key" "$warmup_seconds"
-  taskset -c "$load_core" "$bin/examples/ttfb" --addr "${url#http://}" --path /v1/chat/completions \
-    -H "authorization: Bearer $key" --body "$body_sse" --requests "$ttfb_requests" --warmup 50 \
+  oha_run "$work/runs/$target-warmup.json" "$url" "$api" "$conns" 500 json "$key" "$warmup_seconds"
+  request_of "$api" sse "$key"
+  header_args -H
+  taskset -c "$load_core" "$bin/examples/ttfb" --addr "${url#http://}" --path "$req_path" \
+    "${hargs[@]}" --body "$req_body" --end "$req_end" --requests "$ttfb_requests" --warmup 50 \
     >"$work/ttfb-$target.json" 2>"$work/ttfb-$target.err" || die "ttfb ($target): $(cat "$work/ttfb-$target.err")"
   for mode in json sse; do
-    for load in "${rates[@]}" max; do
+    for load in "${loads[@]}"; do
       if [[ $load != max ]]; then
-        c=$(conns_for "$mode" "$load")
+        c=$(conns_for "$api" "$mode" "$load")
       elif [[ $mode == sse ]]; then
         c=$sse_max_conns # streams last ~10 ms: it takes many to keep the proxy busy
       else
         c=$max_conns
       fi
-      timed_run "$target" "$mode" "$load" "$c" "$url/v1/chat/completions" "$key" "$@"
+      timed_run "$target" "$api" "$mode" "$load" "$c" "$url" "$key" "$@"
     done
   done
 }
@@ -268,10 +306,10 @@ url_of() { echo "http://127.0.0.1:$1"; }
 # ---- run ----
 say "work dir $work; $seconds s per run; rates ${rates[*]} req/s and max; proxy on core $proxy_core, load on core $load_core"
 start_mock
-measure direct "$(url_of "$mock_port")"
+measure direct "$(url_of "$mock_port")" chat
 
 start_nginx
-measure nginx "$(url_of "$nginx_port")" "$nginx_worker"
+measure nginx "$(url_of "$nginx_port")" chat "$nginx_worker"
 nginx_hwm=$(status_kib "$nginx_worker" VmHWM)
 stop "$nginx_pid"
 
@@ -281,10 +319,15 @@ ctl connection add --name Mock --provider openai --endpoint "http://127.0.0.1:$m
 ctl model add --conn-id Mock --name gpt-4o-mini --remote gpt-4o-mini
 ctl vkey add --name Bench --key "$key"
 ctl assign --vkey-id Bench --model-id gpt-4o-mini --alias gpt-4o-mini --tps 1000000
+ctl connection add --name MockAnthropic --provider anthropic --endpoint "http://127.0.0.1:$mock_port" --api-key sk-ant-bench
+ctl model add --conn-id MockAnthropic --name claude-bench --remote claude-bench
+ctl assign --vkey-id Bench --model-id claude-bench --alias claude-bench --tps 1000000
 start_dp "$work/dp.log"
-wait_ok "the data plane" "$(url_of "$dp_port")/v1/chat/completions"
-measure llm-proxy "$(url_of "$dp_port")" "$dp_pid"
-dp_hwm=$(status_kib "$dp_pid" VmHWM)
+wait_ok "the data plane" "$(url_of "$dp_port")"
+wait_ok "the data plane (/v1/messages)" "$(url_of "$dp_port")" "$key" messages
+measure llm-proxy "$(url_of "$dp_port")" chat "$dp_pid"
+dp_hwm=$(status_kib "$dp_pid" VmHWM) # after the OpenAI chat runs, comparable with earlier results
+measure llm-proxy-messages "$(url_of "$dp_port")" messages "$dp_pid"
 stop "$dp_pid"
 
 scale=$work/scale.env
@@ -302,8 +345,8 @@ if ((scale_keys > 0)); then
   echo "applied_rss_kib=$(status_kib "$dp_pid" VmRSS)" >>"$scale"
   echo "applied_hwm_kib=$(status_kib "$dp_pid" VmHWM)" >>"$scale"
   scale_key=vk-scale-$(printf '%06d' $((scale_keys / 2)))
-  wait_ok "the data plane (scale)" "$(url_of "$dp_port")/v1/chat/completions" "$scale_key"
-  timed_run scale json "${rates[-1]}" "$conns" "$(url_of "$dp_port")/v1/chat/completions" "$scale_key" "$dp_pid"
+  wait_ok "the data plane (scale)" "$(url_of "$dp_port")" "$scale_key"
+  timed_run scale chat json "${rates[-1]}" "$conns" "$(url_of "$dp_port")" "$scale_key" "$dp_pid"
   echo "loaded_rss_kib=$(status_kib "$dp_pid" VmRSS)" >>"$scale"
   echo "loaded_hwm_kib=$(status_kib "$dp_pid" VmHWM)" >>"$scale"
   # One admin write while both run: the control plane rebuilds, the data plane applies a second
@@ -319,7 +362,7 @@ fi
 mkdir -p "$(dirname "$out")"
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 [[ -z $(git status --porcelain -- . ":!$out" 2>/dev/null) ]] || commit="$commit (with uncommitted changes)"
-BENCH_SECONDS=$seconds BENCH_RATES="${rates[*]}" BENCH_CONNS=$conns BENCH_MAX_CONNS=$max_conns BENCH_SSE_MAX_CONNS=$sse_max_conns \
+BENCH_SECONDS=$seconds BENCH_RATES="${rates[*]}" BENCH_MESSAGES_RATES="${messages_rates[*]}" BENCH_CONNS=$conns BENCH_MAX_CONNS=$max_conns BENCH_SSE_MAX_CONNS=$sse_max_conns \
   BENCH_TTFB_REQUESTS=$ttfb_requests BENCH_CHUNK_DELAY_MS=$chunk_delay_ms BENCH_DELAY_MS=$delay_ms \
   BENCH_SCALE_KEYS=$scale_keys BENCH_COMMIT=$commit BENCH_NGINX_HWM_KIB=$nginx_hwm BENCH_DP_HWM_KIB=$dp_hwm \
   BENCH_NGINX_VERSION=$("$nginx_bin" -v 2>&1 | sed 's/^nginx version: //') BENCH_OHA_VERSION=$(oha --version) \

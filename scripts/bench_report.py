@@ -15,6 +15,8 @@ import platform
 import sys
 
 TARGETS = ("direct", "nginx", "llm-proxy")
+# The same data plane serving Anthropic's Messages API (/v1/messages, passthrough to the mock).
+MESSAGES = "llm-proxy-messages"
 MODES = {"json": "non-streamed", "sse": "streamed"}
 MIB = 1024.0
 
@@ -28,6 +30,7 @@ LOAD_RSS_MAX_MIB = 32.0
 ADDED_P50_MAX_DIFF_MS = 0.05
 MIN_ADDED_MS = 0.01
 UNDER_RATE = 0.95
+MESSAGES_CPU_MAX_RATIO = 1.10
 
 
 def load_oha(path):
@@ -141,7 +144,7 @@ def read_runs(work):
                 cpu_s = int(ticks) / ticks_per_s
                 run["cpu_us"] = cpu_s / count * 1e6
                 run["busy"] = cpu_s / float(wall)
-            if target in ("llm-proxy", "scale") and redis_ticks != "-" and count:
+            if target in ("llm-proxy", MESSAGES, "scale") and redis_ticks != "-" and count:
                 run["redis_us"] = int(redis_ticks) / ticks_per_s / count * 1e6
             runs[(target, mode, load)] = run
     return runs
@@ -181,8 +184,11 @@ def report(work):
     top = rates[-1]
     runs = read_runs(work)
     ttfb = {}
-    for t in TARGETS:
-        with open(os.path.join(work, f"ttfb-{t}.json")) as f:
+    for t in TARGETS + (MESSAGES,):
+        path = os.path.join(work, f"ttfb-{t}.json")
+        if t == MESSAGES and not os.path.exists(path):
+            continue
+        with open(path) as f:
             ttfb[t] = json.load(f)
 
     def run(t, m, l):
@@ -217,6 +223,14 @@ def report(work):
     w(
         "- llm-proxy: control plane (SQLite) + data plane processes, virtual-key auth, one assignment, "
         f"Redis limiter ({env.get('BENCH_REDIS_URL')}) with a limit that never rejects, RUST_LOG=warn"
+    )
+    w(
+        "- /v1/messages (target llm-proxy-messages): the same data plane process, right after its OpenAI chat "
+        "runs, with an `anthropic` connection to the same mock and a second assignment on the same key; "
+        "a small Claude Code-like body (`model`, `max_tokens`, one user message; `\"stream\":true` for "
+        "streams) with `x-api-key` and `anthropic-version: 2023-06-01`, passed through with only `model` "
+        "rewritten; the mock's stream is 7 Anthropic events (3 for OpenAI chat, plus `[DONE]`); "
+        f"loads: {', '.join([r + ' req/s' for r in env.get('BENCH_MESSAGES_RATES', top).split()] + ['max'])}"
     )
     w(
         "- Pinning: the proxy (nginx's worker, or the data plane) on core 0; oha, the mock and the TTFB "
@@ -269,6 +283,34 @@ def report(work):
             f"(margin {TTFB_MAX_DIFF_MS - diff:+.3f} ms; p99 difference {t_g['p99'] - t_n['p99']:+.3f} ms)",
         )
     )
+    messages_rows = []  # (mode, load, chat run, messages run)
+    for m in MODES:
+        for l in loads:
+            c, a = run("llm-proxy", m, l), run(MESSAGES, m, l)
+            if c and a and c["cpu_us"] and a["cpu_us"] is not None:
+                messages_rows.append((m, l, c, a))
+    verdict_rows = [(m, c, a) for m, l, c, a in messages_rows if l == "max"]
+    if len(verdict_rows) == len(MODES):
+        ratios = [a["cpu_us"] / c["cpu_us"] for _, c, a in verdict_rows]
+        parts = [
+            f"{MODES[m]} {a['cpu_us']:.1f} vs {c['cpu_us']:.1f} µs = {a['cpu_us'] / c['cpu_us']:.2f}×"
+            for m, c, a in verdict_rows
+        ]
+        fixed = [
+            f"{MODES[m]} {a['cpu_us'] / c['cpu_us']:.2f}×" for m, l, c, a in messages_rows if l != "max"
+        ]
+        checks.append(
+            (
+                max(ratios) <= MESSAGES_CPU_MAX_RATIO,
+                f"/v1/messages passthrough CPU/req within {100 * (MESSAGES_CPU_MAX_RATIO - 1):.0f}% of OpenAI chat "
+                f"(non-streamed, streamed; max throughput, same data plane): {'; '.join(parts)} "
+                f"(margin {100 * (MESSAGES_CPU_MAX_RATIO - max(ratios)):+.0f}%"
+                + (f"; at {top} req/s: {', '.join(fixed)}" if fixed else "")
+                + ")",
+            )
+        )
+    else:
+        checks.append((False, "/v1/messages passthrough CPU/req within 10% of OpenAI chat: not measured"))
     scale = read_env_file(os.path.join(work, "scale.env"))
     scale_keys = int(env.get("BENCH_SCALE_KEYS", "0"))
     peak_keys = None
@@ -322,7 +364,7 @@ def report(work):
     dp_hwm = env.get("BENCH_DP_HWM_KIB")
     if dp_hwm:
         mib = int(dp_hwm) / MIB
-        extra.append((mib <= LOAD_RSS_MAX_MIB, f"Data plane ≤ {LOAD_RSS_MAX_MIB:.0f} MiB RSS under load (VmHWM after all load runs): {mib:.1f} MiB"))
+        extra.append((mib <= LOAD_RSS_MAX_MIB, f"Data plane ≤ {LOAD_RSS_MAX_MIB:.0f} MiB RSS under load (VmHWM after the OpenAI chat load runs): {mib:.1f} MiB"))
     for ok, text in extra:
         w(f"- {verdict(ok)} {text}")
     w("")
@@ -333,7 +375,7 @@ def report(work):
     rows = []
     for m, mode_name in MODES.items():
         for l in loads:
-            for t in TARGETS:
+            for t in TARGETS + (MESSAGES,):
                 r = run(t, m, l)
                 if not r:
                     continue
@@ -394,6 +436,53 @@ def report(work):
     )
     w("")
 
+    # ---- messages ----
+    w("## /v1/messages passthrough ÷ OpenAI chat (same data plane, same run)")
+    w("")
+    if messages_rows:
+        rows = []
+        for m, l, c, a in messages_rows:
+            rows.append(
+                [
+                    MODES[m],
+                    load_name(l),
+                    f"{c['rps']:.0f}",
+                    f"{a['rps']:.0f}",
+                    ratio(a["rps"], c["rps"]),
+                    fmt(c["cpu_us"], 1),
+                    fmt(a["cpu_us"], 1),
+                    ratio(a["cpu_us"], c["cpu_us"]),
+                    ratio(a["p50"], c["p50"]),
+                    ratio(a["p99"], c["p99"]),
+                ]
+            )
+        w(
+            table(
+                [
+                    "mode",
+                    "load",
+                    "chat req/s",
+                    "messages req/s",
+                    "req/s ratio",
+                    "chat CPU/req µs",
+                    "messages CPU/req µs",
+                    "CPU/req ratio",
+                    "p50 ratio",
+                    "p99 ratio",
+                ],
+                rows,
+            )
+        )
+        w("")
+        w(
+            f"Ratios are /v1/messages ÷ /v1/chat/completions; the target is CPU/req ≤ {MESSAGES_CPU_MAX_RATIO:.2f}× "
+            "at maximum throughput (the saturated cost). A streamed Message is 7 events against chat's 4, and its "
+            "streamed latencies include 6 chunk delays against 3."
+        )
+    else:
+        w("Not measured.")
+    w("")
+
     # ---- added latency ----
     w("## Added latency (proxy − direct, ms; fixed rates)")
     w("")
@@ -440,7 +529,7 @@ def report(work):
       "the stream; sequential requests on one connection, no other load.")
     w("")
     rows = []
-    for t in TARGETS:
+    for t in [t for t in TARGETS + (MESSAGES,) if t in ttfb]:
         a, b = ttfb[t]["ttfb_ms"], ttfb[t]["total_ms"]
         rows.append([t, fmt(a["p50"]), fmt(a["p90"]), fmt(a["p99"]), fmt(b["p50"]), fmt(b["p99"])])
     for t in ("nginx", "llm-proxy"):
@@ -448,6 +537,11 @@ def report(work):
         rows.append([f"{t} − direct", *(fmt(a[q] - base[q], signed=True) for q in ("p50", "p90", "p99")), "", ""])
     a, base = ttfb["llm-proxy"]["ttfb_ms"], ttfb["nginx"]["ttfb_ms"]
     rows.append(["llm-proxy − nginx", *(fmt(a[q] - base[q], signed=True) for q in ("p50", "p90", "p99")), "", ""])
+    if MESSAGES in ttfb:
+        a, base = ttfb[MESSAGES]["ttfb_ms"], ttfb["llm-proxy"]["ttfb_ms"]
+        rows.append(
+            [f"{MESSAGES} − llm-proxy", *(fmt(a[q] - base[q], signed=True) for q in ("p50", "p90", "p99")), "", ""]
+        )
     w(table(["target", "TTFB p50", "TTFB p90", "TTFB p99", "total p50", "total p99"], rows))
     w("")
 
@@ -458,7 +552,7 @@ def report(work):
     if env.get("BENCH_NGINX_HWM_KIB"):
         rows.append(["nginx worker, after all load runs", f"{int(env['BENCH_NGINX_HWM_KIB']) / MIB:.1f}"])
     if dp_hwm:
-        rows.append(["llm-proxy data plane, after all load runs", f"{int(dp_hwm) / MIB:.1f}"])
+        rows.append(["llm-proxy data plane, after the OpenAI chat load runs", f"{int(dp_hwm) / MIB:.1f}"])
     if scale:
         rows.append([f"llm-proxy data plane, {scale_keys // 1000}k-key snapshot (incl. one update)", f"{peak_keys:.1f}"])
     w(table(["process", "VmHWM MiB"], rows))

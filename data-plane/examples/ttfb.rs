@@ -2,13 +2,14 @@
 //! it). Opens one keep-alive HTTP/1.1 connection and sends `--warmup` + `--requests` sequential
 //! POSTs on it, timing each from just before the request is written until the first bytes of the
 //! answer's body (not its headers) arrive, and until the whole answer has arrived. Every answer
-//! must be a 200 `text/event-stream` that ends with `data: [DONE]`.
+//! must be a 200 `text/event-stream` that contains `--end` (default `data: [DONE]`, the end of an
+//! OpenAI stream; `event: message_stop` for an Anthropic Messages stream).
 //!
 //! Prints one JSON object: `{"requests":N,"ttfb_ms":{"p50":..,"p90":..,"p99":..,"max":..},
 //! "total_ms":{..}}`.
 //!
 //! Usage: `ttfb --addr 127.0.0.1:8132 --path /v1/chat/completions -H 'authorization: Bearer vk-…'
-//! --body '{"model":"m","stream":true,...}' [--requests 1000] [--warmup 100]`
+//! --body '{"model":"m","stream":true,...}' [--requests 1000] [--warmup 100] [--end 'data: [DONE]']`
 
 use clap::Parser;
 use std::io::{Read as _, Write as _};
@@ -36,6 +37,9 @@ struct Args {
     /// Unmeasured requests sent first.
     #[arg(long, default_value_t = 100)]
     warmup: usize,
+    /// Text every answer's body must contain (the stream's last event).
+    #[arg(long, default_value = "data: [DONE]")]
+    end: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -89,7 +93,7 @@ impl Conn {
     }
 
     /// Sends one request and reads its whole answer.
-    fn exchange(&mut self, request: &[u8]) -> Result<Timing, String> {
+    fn exchange(&mut self, request: &[u8], end_marker: &[u8]) -> Result<Timing, String> {
         self.buf.clear();
         let started = Instant::now();
         self.stream
@@ -162,8 +166,11 @@ impl Conn {
         if self.buf.len() != end {
             return Err("unexpected bytes after the answer".to_owned());
         }
-        if find(&self.buf[header_end..], b"data: [DONE]").is_none() {
-            return Err("the stream did not end with data: [DONE]".to_owned());
+        if find(&self.buf[header_end..], end_marker).is_none() {
+            return Err(format!(
+                "the stream did not end with {}",
+                String::from_utf8_lossy(end_marker)
+            ));
         }
         Ok(Timing {
             ttfb: first_data - started,
@@ -222,7 +229,7 @@ fn main() -> Result<(), String> {
     let mut total = Vec::with_capacity(args.requests);
     for i in 0..args.warmup + args.requests {
         let timing = conn
-            .exchange(request.as_bytes())
+            .exchange(request.as_bytes(), args.end.as_bytes())
             .map_err(|e| format!("request {i}: {e}"))?;
         if i >= args.warmup {
             ttfb.push(timing.ttfb);
