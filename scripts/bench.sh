@@ -250,8 +250,7 @@ oha_run() { # out base-url api conns rate|max mode key [seconds]
   python3 "$root/scripts/bench_report.py" check "$1" || die "requests failed in $1 (see above)"
 }
 conns_for() { # api mode rate: enough connections to sustain the rate when answers take a while
-  local ms=$((delay_ms + 1)) need gaps=3
-  [[ $1 == messages ]] && gaps=6 # an Anthropic stream is 7 events
+  local ms=$((delay_ms + 1)) need gaps=3 # both streams come in 4 writes
   [[ $2 == sse ]] && ms=$((ms + gaps * (chunk_delay_ms + 1)))
   need=$(($3 * ms * 2 / 1000))
   echo $((need > conns ? need : conns))

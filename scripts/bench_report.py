@@ -476,8 +476,8 @@ def report(work):
         w("")
         w(
             f"Ratios are /v1/messages ÷ /v1/chat/completions; the target is CPU/req ≤ {MESSAGES_CPU_MAX_RATIO:.2f}× "
-            "at maximum throughput (the saturated cost). A streamed Message is 7 events against chat's 4, and its "
-            "streamed latencies include 6 chunk delays against 3."
+            "at maximum throughput (the saturated cost). A streamed Message is 7 events against chat's 4, sent in "
+            "the same 4 writes."
         )
     else:
         w("Not measured.")

@@ -1,7 +1,7 @@
 //! The benchmark mode (`llm-proxy-mock-upstream --bench`, `scripts/bench.sh`): the same OpenAI
 //! chat completion for every POST, or a stream of four events when the body asks for
 //! `"stream": true`; on the Anthropic Messages paths (`/v1/messages`, `/anthropic/v1/messages`)
-//! the same Anthropic Message, or its seven-event stream, and `{"input_tokens":8}` for
+//! the same Anthropic Message, or its stream (seven events in four writes, as the chat stream's four), and `{"input_tokens":8}` for
 //! `count_tokens`; with nothing recorded or checked, so that the mock costs the load
 //! generator's core as little as possible. The stream's first event is sent at once and each
 //! later one after `chunk_delay`, so that time to first byte and total time differ.
@@ -25,14 +25,20 @@ const EVENTS: [&str; 4] = [
 /// The fixed Anthropic Message for `/v1/messages` (and `/anthropic/v1/messages`).
 const ANTHROPIC_ANSWER: &str = r#"{"id":"msg_bench","type":"message","role":"assistant","model":"claude-bench","content":[{"type":"text","text":"Hello!"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":8,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":2}}"#;
 
-/// Its stream, sent event by event like [`EVENTS`].
-const ANTHROPIC_EVENTS: [&str; 7] = [
-    "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_bench\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-bench\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":8,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n",
-    "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
-    "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+/// Its stream: the same answer as [`EVENTS`] in as many writes (4), so that both streams cost
+/// the proxy the same reads and flushes and the comparison is per event; Anthropic's API also
+/// sends the opening events (`message_start`, `content_block_start`, `ping`) together.
+const ANTHROPIC_EVENTS: [&str; 4] = [
+    concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_bench\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-bench\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":8,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+    ),
     "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello!\"}}\n\n",
-    "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
-    "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":2}}\n\n",
+    concat!(
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":2}}\n\n",
+    ),
     "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
 ];
 
