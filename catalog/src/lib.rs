@@ -71,7 +71,7 @@ impl Provider {
         use ConnectionOption::*;
         match self {
             Provider::OpenAi => &[TimeoutS],
-            Provider::Azure => &[TimeoutS, ApiVersion],
+            Provider::Azure => &[TimeoutS, ApiVersion, ResponsesApiVersion],
             Provider::Google => &[TimeoutS, Api, Auth, Project, Location, ApiVersion],
             Provider::Bedrock => &[TimeoutS, Region, Auth, AnthropicApi],
             Provider::Anthropic => &[TimeoutS, AnthropicVersion],
@@ -130,6 +130,10 @@ pub enum ConnectionOption {
     AnthropicVersion,
     /// Bedrock: how Claude models are called, [`BedrockAnthropicApi`] (default: by model id).
     AnthropicApi,
+    /// Azure: the dated `api-version` of the Responses API route
+    /// (`/openai/responses?api-version=V`) when `api_version` is not `v1`; at least
+    /// [`FIRST_AZURE_RESPONSES_API_VERSION`].
+    ResponsesApiVersion,
 }
 
 impl ConnectionOption {
@@ -145,6 +149,7 @@ impl ConnectionOption {
             ConnectionOption::Region => "region",
             ConnectionOption::AnthropicVersion => "anthropic_version",
             ConnectionOption::AnthropicApi => "anthropic_api",
+            ConnectionOption::ResponsesApiVersion => "responses_api_version",
         }
     }
 }
@@ -232,6 +237,20 @@ impl Choice for BedrockAnthropicApi {
 /// The `anthropic-version` sent to an `anthropic` connection when neither the client nor the
 /// connection's `anthropic_version` option names one.
 pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// The first Azure `api-version` with the Responses API (DESIGN §17).
+pub const FIRST_AZURE_RESPONSES_API_VERSION: &str = "2025-03-01-preview";
+
+/// The Azure Responses `api-version` used when the connection sets no `responses_api_version`.
+pub const DEFAULT_AZURE_RESPONSES_API_VERSION: &str = "2025-04-01-preview";
+
+/// Whether `value` is a dated Azure api-version (`2025-04-01-preview`, `2025-06-01`) that has the
+/// Responses API: its date is 2025-03-01 or later (the previews compare before the release of
+/// the same date, which is fine: the first one with Responses is a preview).
+pub fn is_azure_responses_api_version(value: &str) -> bool {
+    let suffix_ok = matches!(value.get(10..), Some("" | "-preview"));
+    starts_with_date(value) && suffix_ok && value[..10] >= FIRST_AZURE_RESPONSES_API_VERSION[..10]
+}
 
 /// Why a connection's options were refused. Messages name the option and the bad value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -330,6 +349,15 @@ pub fn validate_option(provider: Provider, key: &str, value: &str) -> Result<(),
                 value: value.to_owned(),
             })
         }
+        (ConnectionOption::ResponsesApiVersion, _) if !is_azure_responses_api_version(value) => {
+            Err(OptionError::Invalid {
+                key: option.name(),
+                expected: format!(
+                    "a dated version from {FIRST_AZURE_RESPONSES_API_VERSION} on, such as {DEFAULT_AZURE_RESPONSES_API_VERSION} (set api_version=v1 for the v1 route)"
+                ),
+                value: value.to_owned(),
+            })
+        }
         (ConnectionOption::ApiVersion, Provider::Azure) if !is_azure_api_version(value) => {
             Err(OptionError::Invalid {
                 key: option.name(),
@@ -342,7 +370,8 @@ pub fn validate_option(provider: Provider, key: &str, value: &str) -> Result<(),
             | ConnectionOption::Project
             | ConnectionOption::Location
             | ConnectionOption::Region
-            | ConnectionOption::AnthropicVersion,
+            | ConnectionOption::AnthropicVersion
+            | ConnectionOption::ResponsesApiVersion,
             _,
         ) => Ok(()),
     }
@@ -462,6 +491,27 @@ mod tests {
                 .to_string(),
             r#"anthropic_api must be one of invoke|messages, got "converse""#
         );
+        for good in ["2025-03-01-preview", "2025-04-01-preview", "2026-01-01"] {
+            assert!(
+                validate_option(Provider::Azure, "responses_api_version", good).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in [
+            "2024-10-21",
+            "2025-02-01-preview",
+            "v1",
+            "2025-04-01-previewx",
+        ] {
+            assert_eq!(
+                validate_option(Provider::Azure, "responses_api_version", bad)
+                    .unwrap_err()
+                    .to_string(),
+                format!(
+                    "responses_api_version must be a dated version from 2025-03-01-preview on, such as 2025-04-01-preview (set api_version=v1 for the v1 route), got {bad:?}"
+                )
+            );
+        }
         assert_eq!(
             validate_option(Provider::Azure, "timeout_s", " ").unwrap_err(),
             OptionError::Empty("timeout_s")

@@ -159,7 +159,7 @@ pub struct ParsedRequest<'a> {
     pub stream: bool,
     /// The client asked for the usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
-    /// `max_completion_tokens`, else `max_tokens`.
+    /// `max_completion_tokens`, else `max_tokens`, else `max_output_tokens` (Responses API).
     pub max_output_tokens: Option<u64>,
 }
 
@@ -210,7 +210,10 @@ pub fn parse(
     let max_output_tokens =
         match field::<u64>(&object, "max_completion_tokens", "a positive integer")? {
             Some(n) => Some(n),
-            None => field::<u64>(&object, "max_tokens", "a positive integer")?,
+            None => match field::<u64>(&object, "max_tokens", "a positive integer")? {
+                Some(n) => Some(n),
+                None => field::<u64>(&object, "max_output_tokens", "a positive integer")?,
+            },
         };
     Ok(ParsedRequest {
         object,
@@ -298,6 +301,34 @@ pub fn replace_member(
     out.extend_from_slice(&body[..start]);
     out.extend_from_slice(member.as_bytes());
     out.extend_from_slice(&body[end..]);
+    Some(out)
+}
+
+/// `body` with several members of `object` (top-level, or an object nested in `body`) replaced
+/// by the raw members given with their keys, every other byte kept; keys `object` lacks are
+/// skipped. `None` when a member cannot be located in `body`.
+pub fn replace_members(
+    body: &[u8],
+    object: &RawObject<'_>,
+    members: &[(&str, &str)],
+) -> Option<Vec<u8>> {
+    let mut spans = Vec::with_capacity(members.len());
+    for (key, member) in members {
+        if object.get(key).is_some() {
+            let (start, end) = member_span(body, object, key)?;
+            spans.push((start, end, *member));
+        }
+    }
+    spans.sort_unstable_by_key(|(start, _, _)| *start);
+    let added: usize = spans.iter().map(|(_, _, m)| m.len()).sum();
+    let mut out = Vec::with_capacity(body.len() + added);
+    let mut at = 0;
+    for (start, end, member) in spans {
+        out.extend_from_slice(body.get(at..start)?);
+        out.extend_from_slice(member.as_bytes());
+        at = end;
+    }
+    out.extend_from_slice(body.get(at..)?);
     Some(out)
 }
 
@@ -391,6 +422,29 @@ mod tests {
         let body = br#"{"model":"m"}"#;
         let parsed = parse(body, true, KEYS).unwrap();
         assert_eq!(remove_member(body, &parsed.object, "model").unwrap(), b"{}");
+    }
+
+    #[test]
+    fn several_members_are_replaced_in_one_pass_also_in_nested_objects() {
+        let body = br#"{"type":"response.created","response":{"id":"resp_1", "model":"m","previous_response_id":"resp_0"},"id":"top"}"#;
+        let parsed = parse(body, false, KEYS).unwrap();
+        let nested = parse_object(parsed.object.get("response").unwrap().get()).unwrap();
+        // Listed out of order, one key absent: still one splice each, in body order.
+        let out = replace_members(
+            body,
+            &nested,
+            &[
+                ("previous_response_id", r#""previous_response_id":"P""#),
+                ("absent", r#""absent":1"#),
+                ("id", r#""id":"I""#),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"type":"response.created","response":{"id":"I", "model":"m","previous_response_id":"P"},"id":"top"}"#
+        );
+        assert_eq!(replace_members(body, &nested, &[]).unwrap(), body);
     }
 
     #[test]

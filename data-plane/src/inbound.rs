@@ -14,6 +14,8 @@ pub enum Operation {
     Messages,
     /// Anthropic's `POST /v1/messages/count_tokens`: never counted against request limits.
     CountTokens,
+    /// OpenAI's `POST /v1/responses` (the Responses API): a chat turn.
+    Responses,
 }
 
 impl Operation {
@@ -24,6 +26,7 @@ impl Operation {
             Operation::Embeddings => "embeddings",
             Operation::Messages => "messages",
             Operation::CountTokens => "messages.count_tokens",
+            Operation::Responses => "responses",
         }
     }
 
@@ -34,12 +37,16 @@ impl Operation {
             Operation::Embeddings => "embeddings",
             Operation::Messages => "messages",
             Operation::CountTokens => "messages/count_tokens",
+            Operation::Responses => "responses",
         }
     }
 
     /// Whether the operation is a chat turn (an answer that may be streamed).
     pub fn is_chat(self) -> bool {
-        matches!(self, Operation::ChatCompletions | Operation::Messages)
+        matches!(
+            self,
+            Operation::ChatCompletions | Operation::Messages | Operation::Responses
+        )
     }
 }
 
@@ -52,13 +59,16 @@ pub enum InboundDialect {
     /// Anthropic's Messages API (`/v1/messages`): errors are
     /// `{"type":"error","error":{"type","message"}}` with the statuses of DESIGN §17.
     Anthropic,
+    /// OpenAI's Responses API (`/v1/responses`): errors are OpenAI's, mid-stream failures the
+    /// Responses API's own `response.failed` / `error` events.
+    Responses,
 }
 
 impl InboundDialect {
     /// The error as this dialect's clients expect it.
     pub fn error_response(self, error: ApiError) -> Response {
         match self {
-            InboundDialect::OpenAi => error.into_response(),
+            InboundDialect::OpenAi | InboundDialect::Responses => error.into_response(),
             InboundDialect::Anthropic => error.into_anthropic_response(),
         }
     }
@@ -93,6 +103,16 @@ impl InboundRequest {
         Self {
             dialect: InboundDialect::Anthropic,
             operation,
+            path_alias: None,
+            client_api_version: None,
+        }
+    }
+
+    /// An OpenAI Responses API request (`/v1/responses`).
+    pub fn responses() -> Self {
+        Self {
+            dialect: InboundDialect::Responses,
+            operation: Operation::Responses,
             path_alias: None,
             client_api_version: None,
         }

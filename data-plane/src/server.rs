@@ -16,8 +16,8 @@ use crate::trace::TraceContext;
 use crate::usage::Usage;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::extract::{Path, Query, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use std::sync::Arc;
@@ -70,6 +70,18 @@ pub fn router(state: AppState) -> Router {
         .route("/embeddings", post(embeddings))
         .route("/v1/messages", post(messages))
         .route("/v1/messages/count_tokens", post(count_tokens))
+        .route("/v1/responses", post(responses))
+        .route("/responses", post(responses))
+        .route(
+            "/v1/responses/{id}",
+            get(retrieve_response).delete(delete_response),
+        )
+        .route(
+            "/responses/{id}",
+            get(retrieve_response).delete(delete_response),
+        )
+        .route("/v1/responses/{id}/input_items", get(response_input_items))
+        .route("/responses/{id}/input_items", get(response_input_items))
         .route("/v1/models", get(models))
         .route("/models", get(models))
         .route(
@@ -102,7 +114,7 @@ fn unknown_path() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",
-        "unknown path; the gateway serves /v1/chat/completions, /v1/embeddings, /v1/messages, /v1/messages/count_tokens and /v1/models",
+        "unknown path; the gateway serves /v1/chat/completions, /v1/embeddings, /v1/messages, /v1/messages/count_tokens, /v1/responses and /v1/models",
     )
     .with_code("unknown_url")
 }
@@ -115,7 +127,7 @@ fn wrong_method() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "invalid_request_error",
-        "method not allowed: chat, embeddings and messages take POST, models takes GET",
+        "method not allowed: chat, embeddings, messages and responses take POST, models takes GET, a stored response GET or DELETE",
     )
 }
 
@@ -161,7 +173,7 @@ fn authenticate<'a>(
     let key = presented_key(headers, dialect)
         .filter(|k| !k.is_empty())
         .ok_or_else(|| match dialect {
-            InboundDialect::OpenAi => ApiError::missing_key(),
+            InboundDialect::OpenAi | InboundDialect::Responses => ApiError::missing_key(),
             InboundDialect::Anthropic => ApiError::missing_key().with_message(
                 "missing API key: send it as `x-api-key` or `Authorization: Bearer <key>`",
             ),
@@ -256,6 +268,56 @@ async fn count_tokens(State(state): State<AppState>, request: Request) -> Respon
     handle(state, parts.headers, body, inbound).await
 }
 
+async fn responses(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    handle(state, parts.headers, body, InboundRequest::responses()).await
+}
+
+async fn retrieve_response(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let call = StoredCall {
+        method: Method::GET,
+        id,
+        suffix: "",
+        query,
+    };
+    stored_response(state, headers, call).await
+}
+
+async fn delete_response(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let call = StoredCall {
+        method: Method::DELETE,
+        id,
+        suffix: "",
+        query,
+    };
+    stored_response(state, headers, call).await
+}
+
+async fn response_input_items(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let call = StoredCall {
+        method: Method::GET,
+        id,
+        suffix: "/input_items",
+        query,
+    };
+    stored_response(state, headers, call).await
+}
+
 async fn embeddings(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let inbound = InboundRequest::openai(Operation::Embeddings);
@@ -303,7 +365,7 @@ async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
         let key = authenticate(&index, &headers, dialect)?;
         let aliases = key.alias_names();
         let list = match dialect {
-            InboundDialect::OpenAi => {
+            InboundDialect::OpenAi | InboundDialect::Responses => {
                 let data: Vec<serde_json::Value> = aliases
                     .iter()
                     .map(|alias| {
@@ -584,18 +646,17 @@ pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
 
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-async fn handle(
-    state: AppState,
-    headers: HeaderMap,
-    body: Body,
-    inbound: InboundRequest,
-) -> Response {
+/// A request's span, trace context and record, as every route starts them.
+fn start_request(
+    headers: &HeaderMap,
+    operation: &'static str,
+) -> (RequestRecord, TraceContext, HeaderValue) {
     let started = Instant::now();
-    let request_id = request_id(&headers);
+    let request_id = request_id(headers);
     // Never a secret here: the key's id, not the key; the model names, not the credentials.
     let span = tracing::info_span!(
         "request",
-        otel.name = inbound.operation.span_name(),
+        otel.name = operation,
         otel.kind = "server",
         otel.status_code = Empty,
         request_id = request_id.to_str().unwrap_or_default(),
@@ -609,24 +670,45 @@ async fn handle(
         completion_tokens = Empty,
         upstream_ms = Empty,
     );
-    let mut trace = TraceContext::of_request(&headers);
+    let mut trace = TraceContext::of_request(headers);
     if let Some(ids) = llm_proxy_telemetry::link_span(&span, trace.client_parent()) {
         trace = trace.with_span(ids);
     }
-    let mut record = RequestRecord {
-        span: span.clone(),
+    let record = RequestRecord {
+        span,
         started,
         alias: None,
         provider: "",
         upstream: None,
     };
+    (record, trace, request_id)
+}
+
+async fn handle(
+    state: AppState,
+    headers: HeaderMap,
+    body: Body,
+    inbound: InboundRequest,
+) -> Response {
+    let (mut record, trace, request_id) = start_request(&headers, inbound.operation.span_name());
+    let span = record.span.clone();
     let result = handle_inner(&state, &headers, body, &inbound, trace, &mut record)
         .instrument(span)
         .await;
-    let mut response = match result {
+    let response = match result {
         Ok(response) => response,
         Err(err) => inbound.dialect.error_response(err),
     };
+    finish_request(&state, &record, response, request_id)
+}
+
+/// Records a request's outcome (span, metrics) and stamps its answer with the request id.
+fn finish_request(
+    state: &AppState,
+    record: &RequestRecord,
+    mut response: Response,
+    request_id: HeaderValue,
+) -> Response {
     let status = response.status();
     // Signed: OpenTelemetry has no unsigned integers (u64 would be exported as text).
     record.span.record("status", i64::from(status.as_u16()));
@@ -642,11 +724,11 @@ async fn handle(
         record.alias.as_ref().unwrap_or(&state.metrics.no_alias),
         record.provider,
         status.as_u16(),
-        started.elapsed(),
+        record.started.elapsed(),
         record.upstream,
     );
     response.headers_mut().insert(X_REQUEST_ID, request_id);
-    closing_if_draining(&state, response)
+    closing_if_draining(state, response)
 }
 
 /// While draining, asks the client to close its kept-alive connection after this answer (checked
@@ -688,10 +770,23 @@ async fn handle_inner(
         )
         .await;
     }
+    // A Responses request continuing a stored response goes to the connection that stored it
+    // (DESIGN §17), and only there.
+    let pinned = match inbound.dialect {
+        InboundDialect::Responses => providers::openai::responses::pinned_connection(&request)?,
+        InboundDialect::OpenAi | InboundDialect::Anthropic => None,
+    };
     let estimate = estimate_tokens(body.len(), &request);
     let mut last_denial: Option<Decision> = None;
     let mut last_error: Option<ApiError> = None;
+    let mut tried_pinned = false;
     for target in pool.attempt_order(rand::random()) {
+        if let Some(pinned) = &pinned {
+            if target.connection.id != pinned.connection_id {
+                continue;
+            }
+            tried_pinned = true;
+        }
         // Labelled with its provider even when the limit refuses it.
         record.routed(&target, target.connection.provider.as_str());
         let spec = limit_spec(&target);
@@ -748,6 +843,13 @@ async fn handle_inner(
     }
     if let Some(err) = last_error {
         return Err(err);
+    }
+    if pinned.is_some() && !tried_pinned {
+        return Err(ApiError::invalid_request(format!(
+            "previous_response_id names a response stored through a connection that `{alias}` no longer routes to for this key; send the whole conversation in `input` instead"
+        ))
+        .with_param("previous_response_id")
+        .with_code("previous_response_not_found"));
     }
     let Some(decision) = last_denial else {
         return Err(ApiError::model_not_found(alias));
@@ -820,6 +922,202 @@ fn estimate_input_tokens(request: &ParsedRequest<'_>) -> u64 {
         .map(|raw| raw.get().len())
         .sum();
     (bytes as u64).div_ceil(4).max(1)
+}
+
+/// A call on a stored response: `GET`/`DELETE /v1/responses/{id}`, `GET …/input_items`.
+struct StoredCall {
+    method: Method,
+    /// The id as the client has it (tagged by the gateway).
+    id: String,
+    /// `""` or `/input_items`.
+    suffix: &'static str,
+    query: Option<String>,
+}
+
+/// Longest query passed on to a stored-response call.
+const MAX_STORED_QUERY_BYTES: usize = 2048;
+
+/// Serves a call on a stored response (DESIGN §17): the id's tag names the connection that
+/// stored it; the key must have a target on that connection (the assignment's request limits
+/// apply, no tokens are counted). Any other id is answered 404 like OpenAI's unknown ids:
+/// translated answers are never stored.
+async fn stored_response(state: AppState, headers: HeaderMap, call: StoredCall) -> Response {
+    let operation = match (&call.method, call.suffix) {
+        (&Method::DELETE, _) => "responses.delete",
+        (_, "") => "responses.retrieve",
+        _ => "responses.input_items",
+    };
+    let (mut record, trace, request_id) = start_request(&headers, operation);
+    let span = record.span.clone();
+    let result = stored_response_inner(&state, &headers, &call, trace, &mut record)
+        .instrument(span)
+        .await;
+    let response = result.unwrap_or_else(IntoResponse::into_response);
+    finish_request(&state, &record, response, request_id)
+}
+
+fn stored_response_not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!(
+            "Response with id '{id}' not found. Only responses stored by OpenAI or Azure models through this gateway, with a key that may call them, can be retrieved; answers of other providers are not stored"
+        ),
+    )
+}
+
+/// The client's query for a stored-response call: passed on, except `api-version` (the
+/// connection decides it) and `stream=true` (relaying a stored stream is not supported).
+fn stored_query(query: Option<&str>) -> Result<Option<String>, ApiError> {
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return Ok(None);
+    };
+    if query.len() > MAX_STORED_QUERY_BYTES || !query.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::invalid_request(format!(
+            "the query must be at most {MAX_STORED_QUERY_BYTES} printable ASCII characters"
+        )));
+    }
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+        if name == "api-version" {
+            continue;
+        }
+        if name == "stream" && pair != "stream=false" {
+            return Err(ApiError::invalid_request(
+                "streaming a stored response (`stream=true`) is not supported through the gateway; retrieve it without `stream`",
+            )
+            .with_param("stream"));
+        }
+        kept.push(pair);
+    }
+    Ok((!kept.is_empty()).then(|| kept.join("&")))
+}
+
+async fn stored_response_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    call: &StoredCall,
+    trace: TraceContext,
+    record: &mut RequestRecord,
+) -> Result<Response, ApiError> {
+    use providers::openai::responses;
+    let index = current_config(state)?;
+    let key = authenticate(&index, headers, InboundDialect::Responses)?;
+    record.span.record("vkey_id", key.id());
+    let tagged =
+        responses::untag_id(&call.id).ok_or_else(|| stored_response_not_found(&call.id))?;
+    let target = key
+        .targets()
+        .find(|t| t.connection.id == tagged.connection_id)
+        .ok_or_else(|| stored_response_not_found(&call.id))?;
+    let provider = target.connection.provider.as_str();
+    record.alias = Some(target.alias.clone());
+    record.span.record("alias", &**target.alias);
+    record.routed(&target, provider);
+    let query = stored_query(call.query.as_deref())?;
+    let endpoint = responses::endpoint(target.connection)?;
+
+    let (decision, reservation) = state
+        .limiter
+        .acquire(target.assignment_id, &limit_spec(&target), 0)
+        .await;
+    if let Some(reservation) = reservation {
+        state.limiter.settle(reservation, 0).await;
+    }
+    if decision.is_unavailable() {
+        state.metrics.ratelimit_decision(LimitResult::Unavailable);
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "rate limiting is unavailable (shared limiter down, fail mode closed); retry shortly",
+        )
+        .with_code("ratelimiter_unavailable"));
+    }
+    if !decision.allowed {
+        state.metrics.ratelimit_decision(LimitResult::Limited);
+        let wait = decision.retry_after.unwrap_or_default();
+        return Err(ApiError::rate_limited(
+            format!(
+                "rate limit reached for `{}`; retry in {:.3}s",
+                target.alias,
+                wait.as_secs_f64()
+            ),
+            decision.headers(),
+        ));
+    }
+    state.metrics.ratelimit_decision(LimitResult::Allowed);
+
+    let url = endpoint.url(
+        &format!("/{}{}", tagged.upstream_id, call.suffix),
+        query.as_deref(),
+    );
+    let timeout = target.connection.timeout;
+    let mut request = state
+        .upstreams
+        .client
+        .request(call.method.clone(), url)
+        .timeout(timeout)
+        .header("traceparent", trace.upstream_header());
+    if let Some((name, value)) = endpoint.auth {
+        request = request.header(name, value);
+    }
+    let sent_at = Instant::now();
+    let sent = send(request, timeout, provider).await;
+    record.upstream = Some(sent_at.elapsed());
+    let failed = |failure: UpstreamFailure| {
+        if let Some(kind) = failure.kind {
+            state.metrics.upstream_error(provider, kind);
+        }
+        failure.error
+    };
+    let response = sent.map_err(failed)?;
+    let status = response.status();
+    if !status.is_success() {
+        let (headers, body) = error_answer(response, timeout).await;
+        let mut err = providers::upstream_error(provider, status, &headers, &body);
+        // The upstream names its own id; the client knows the gateway's.
+        err.message = err.message.replace(&tagged.upstream_id, &call.id);
+        return Err(failed(UpstreamFailure::status(status, err)));
+    }
+    let ids = request_ids(response.headers());
+    let body = capped::read_capped(response, state.limits.max_upstream_body_bytes)
+        .await
+        .map_err(|err| {
+            failed(UpstreamFailure::invalid_answer(
+                ApiError::upstream_bad_answer(provider, err.to_string()),
+            ))
+        })?;
+    record.upstream = Some(sent_at.elapsed());
+    let body = if call.suffix.is_empty() {
+        // A response object or a delete confirmation: its ids tagged as the client knows them.
+        let answer = responses::ResponsesAnswer {
+            connection_id: target.connection.id.clone(),
+        };
+        answer
+            .translate(body, provider)
+            .map_err(|e| failed(UpstreamFailure::invalid_answer(e)))?
+            .0
+    } else {
+        // A list of input items: item ids are the upstream's own, passed on as they are.
+        let is_object = std::str::from_utf8(&body)
+            .ok()
+            .and_then(body::parse_object)
+            .is_some();
+        if !is_object {
+            return Err(failed(UpstreamFailure::invalid_answer(
+                ApiError::upstream_bad_answer(provider, "a 2xx answer that is not a JSON object"),
+            )));
+        }
+        body
+    };
+    let mut out = Response::new(Body::from(body));
+    out.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    out.headers_mut().extend(ids);
+    Ok(out)
 }
 
 /// One attempt on one target, and the one place that settles its reservation and records its
@@ -900,45 +1198,12 @@ async fn call_upstream(
     }
     // For streams the timeout covers the wait for the response head; then it applies per chunk.
     let sent_at = Instant::now();
-    let sent = tokio::time::timeout(timeout, request.send()).await;
+    let sent = send(request, timeout, provider).await;
     record.upstream = Some(sent_at.elapsed());
-    let response = match sent {
-        Ok(Ok(response)) => response,
-        // Only a failure to connect is safe to retry on the next target: once the request is
-        // sent, the upstream may already be generating (and billing) the answer.
-        Ok(Err(err)) if err.is_connect() => {
-            return Err(UpstreamFailure::connect(ApiError::upstream_unreachable(
-                provider,
-                error_text(err),
-            )));
-        }
-        Err(_) => {
-            return Err(UpstreamFailure::timeout(ApiError::upstream_timeout(
-                provider, timeout,
-            )));
-        }
-        Ok(Err(err)) if err.is_timeout() => {
-            return Err(UpstreamFailure::timeout(ApiError::upstream_timeout(
-                provider, timeout,
-            )));
-        }
-        Ok(Err(err)) => {
-            return Err(UpstreamFailure::invalid_answer(
-                ApiError::upstream_unreachable(provider, error_text(err)),
-            ));
-        }
-    };
+    let response = sent?;
     let status = response.status();
     if !status.is_success() {
-        let headers = response.headers().clone();
-        // Bounded like the answer itself: an upstream may send an error head and stall, or an
-        // endless body (only its start is read, for the message).
-        let body = tokio::time::timeout(
-            timeout,
-            capped::read_prefix(response, capped::MAX_ERROR_BODY_BYTES),
-        )
-        .await
-        .unwrap_or_default();
+        let (headers, body) = error_answer(response, timeout).await;
         let err = wire.error(provider, status, &headers, &body);
         return Err(UpstreamFailure::status(status, err));
     }
@@ -1010,6 +1275,45 @@ async fn call_upstream(
         response: out,
         usage,
     })
+}
+
+/// Sends an upstream request within `timeout` (to its answer's head).
+async fn send(
+    request: reqwest::RequestBuilder,
+    timeout: Duration,
+    provider: &'static str,
+) -> Result<reqwest::Response, UpstreamFailure> {
+    match tokio::time::timeout(timeout, request.send()).await {
+        Ok(Ok(response)) => Ok(response),
+        // Only a failure to connect is safe to retry on the next target: once the request is
+        // sent, the upstream may already be generating (and billing) the answer.
+        Ok(Err(err)) if err.is_connect() => Err(UpstreamFailure::connect(
+            ApiError::upstream_unreachable(provider, error_text(err)),
+        )),
+        Err(_) => Err(UpstreamFailure::timeout(ApiError::upstream_timeout(
+            provider, timeout,
+        ))),
+        Ok(Err(err)) if err.is_timeout() => Err(UpstreamFailure::timeout(
+            ApiError::upstream_timeout(provider, timeout),
+        )),
+        Ok(Err(err)) => Err(UpstreamFailure::invalid_answer(
+            ApiError::upstream_unreachable(provider, error_text(err)),
+        )),
+    }
+}
+
+/// The headers and the start of an error answer's body. Bounded like the answer itself: an
+/// upstream may send an error head and stall, or an endless body (only its start is read, for
+/// the message).
+async fn error_answer(response: reqwest::Response, timeout: Duration) -> (HeaderMap, Bytes) {
+    let headers = response.headers().clone();
+    let body = tokio::time::timeout(
+        timeout,
+        capped::read_prefix(response, capped::MAX_ERROR_BODY_BYTES),
+    )
+    .await
+    .unwrap_or_default();
+    (headers, body)
 }
 
 /// The upstream's request ids, passed on for support requests. The upstream's `x-request-id`

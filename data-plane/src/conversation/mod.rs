@@ -16,6 +16,7 @@
 
 pub mod anthropic;
 pub mod openai_chat;
+pub mod responses;
 
 use crate::errors::ApiError;
 use crate::sse::StreamTranslator;

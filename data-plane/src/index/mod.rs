@@ -187,6 +187,13 @@ impl<'a> KeyEntry<'a> {
         self.pools().find(|p| &**p.alias() == alias)
     }
 
+    /// Every target of this key, pool by pool (for requests that name a connection rather than
+    /// an alias: a stored Responses API response, DESIGN §17).
+    pub fn targets(&self) -> impl Iterator<Item = Target<'a>> + 'a {
+        let index = self.index;
+        self.records().iter().map(move |r| index.target(*r))
+    }
+
     /// This key's aliases, sorted (for `GET /v1/models`).
     pub fn alias_names(&self) -> Vec<&'a str> {
         let mut names: Vec<&str> = self.pools().map(|p| &**p.alias()).collect();

@@ -15,11 +15,13 @@
 //! adds to count streamed tokens) exists from `2024-09-01-preview` and in `v1`; older versions and
 //! the Foundry models endpoint reject it, so it is only added there. Streams without a usage
 //! chunk settle their token reservation with the estimate.
+//!
+//! The Responses API has its own routes ([`responses_endpoint`]).
 
 use super::{CallContext, Outbound, WireFormat, openai_format_body};
 use crate::errors::ApiError;
 use axum::http::{HeaderName, HeaderValue};
-use llm_proxy_catalog::{ConnectionOption, Provider};
+use llm_proxy_catalog::{ConnectionOption, DEFAULT_AZURE_RESPONSES_API_VERSION, Provider};
 use secrecy::ExposeSecret as _;
 
 const PROVIDER: &str = Provider::Azure.as_str();
@@ -69,6 +71,69 @@ fn with_segments(
     Ok(url.into())
 }
 
+/// The `api-key` header of a connection, if it has a credential.
+fn api_key_header(
+    connection: &crate::index::ConnectionEntry,
+) -> Result<Option<(HeaderName, HeaderValue)>, ApiError> {
+    let credential = connection.credential.expose_secret();
+    if credential.is_empty() {
+        return Ok(None);
+    }
+    let mut value = HeaderValue::from_str(credential).map_err(|_| {
+        ApiError::upstream_bad_answer(
+            PROVIDER,
+            "the connection's credential is not a valid header value",
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(Some((HeaderName::from_static("api-key"), value)))
+}
+
+/// The Responses API of an Azure connection (DESIGN §17): `{base}/openai/v1/responses` with
+/// `api_version=v1` (or an endpoint pasted with `/openai/v1`), else the dated route
+/// `{base}/openai/responses?api-version=V` with the connection's `responses_api_version`
+/// (default [`DEFAULT_AZURE_RESPONSES_API_VERSION`]). The model goes in the body: the deployment
+/// name, else the remote name.
+pub fn responses_endpoint(
+    connection: &crate::index::ConnectionEntry,
+) -> Result<super::openai::responses::Endpoint, ApiError> {
+    let endpoint = connection.endpoint.trim_end_matches('/');
+    let configured = connection.option(ConnectionOption::ApiVersion);
+    let v1 = configured == Some("v1") || (configured.is_none() && endpoint.ends_with("/openai/v1"));
+    let base = endpoint
+        .trim_end_matches("/openai/v1")
+        .trim_end_matches("/openai")
+        .trim_end_matches("/models");
+    let (base, query) = if v1 {
+        (
+            with_segments(base, &["openai", "v1", "responses"], None)?,
+            None,
+        )
+    } else {
+        let version = connection
+            .option(ConnectionOption::ResponsesApiVersion)
+            .unwrap_or(DEFAULT_AZURE_RESPONSES_API_VERSION);
+        if !version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(ApiError::upstream_bad_answer(
+                PROVIDER,
+                "the connection's responses_api_version is not a valid api-version",
+            ));
+        }
+        (
+            with_segments(base, &["openai", "responses"], None)?,
+            Some(format!("api-version={version}")),
+        )
+    };
+    Ok(super::openai::responses::Endpoint {
+        base,
+        query,
+        auth: api_key_header(connection)?,
+    })
+}
+
 pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
     let connection = &ctx.target.connection;
     let model = &ctx.target.model;
@@ -110,21 +175,9 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
             accepts_stream_options(api_version),
         )
     };
-    let mut headers = Vec::with_capacity(1);
-    let credential = connection.credential.expose_secret();
-    if !credential.is_empty() {
-        let mut value = HeaderValue::from_str(credential).map_err(|_| {
-            ApiError::upstream_bad_answer(
-                PROVIDER,
-                "the connection's credential is not a valid header value",
-            )
-        })?;
-        value.set_sensitive(true);
-        headers.push((HeaderName::from_static("api-key"), value));
-    }
     Ok(Outbound {
         url,
-        headers,
+        headers: api_key_header(connection)?.into_iter().collect(),
         body: openai_format_body(ctx, model_in_body, stream_usage),
         wire: WireFormat::OpenAi,
     })
@@ -311,5 +364,48 @@ mod tests {
             url,
             "https://res.services.ai.azure.com/models/embeddings?api-version=2024-05-01-preview"
         );
+    }
+
+    #[test]
+    fn responses_take_the_v1_route_or_the_dated_one_with_its_own_version() {
+        let url = |t: &Fixture| responses_endpoint(&t.connection).unwrap().url("", None);
+        assert_eq!(
+            url(&target("https://res.openai.azure.com", None, None)),
+            "https://res.openai.azure.com/openai/responses?api-version=2025-04-01-preview"
+        );
+        // The chat api_version does not apply to the Responses route; its own option does.
+        let mut dated = target(
+            "https://res.openai.azure.com/openai",
+            Some("2024-10-21"),
+            None,
+        );
+        dated
+            .connection
+            .options
+            .insert("responses_api_version".into(), "2025-03-01-preview".into());
+        assert_eq!(
+            responses_endpoint(&dated.connection)
+                .unwrap()
+                .url("/resp_1", None),
+            "https://res.openai.azure.com/openai/responses/resp_1?api-version=2025-03-01-preview"
+        );
+        assert_eq!(
+            url(&target("https://res.openai.azure.com", Some("v1"), None)),
+            "https://res.openai.azure.com/openai/v1/responses"
+        );
+        assert_eq!(
+            url(&target(
+                "https://res.openai.azure.com/openai/v1/",
+                None,
+                None
+            )),
+            "https://res.openai.azure.com/openai/v1/responses"
+        );
+        let endpoint =
+            responses_endpoint(&target("https://r.openai.azure.com", None, None).connection)
+                .unwrap();
+        let (name, value) = endpoint.auth.unwrap();
+        assert_eq!(name, "api-key");
+        assert!(value.is_sensitive());
     }
 }

@@ -5,7 +5,9 @@
 //! Claude on Bedrock and on Vertex, [`anthropic::claude_route`]): those get the Messages wire
 //! (passthrough for Messages clients, translated for OpenAI chat clients). Every other target
 //! speaks OpenAI chat to the gateway's adapters; a Messages client's request for one is converted
-//! through the conversation model first ([`crate::conversation`]), and its answer back.
+//! through the conversation model first ([`crate::conversation`]), and its answer back. OpenAI
+//! Responses clients are passed through to OpenAI and Azure ([`openai::responses`]) and converted
+//! the same way for every other target.
 
 pub mod anthropic;
 pub mod azure;
@@ -77,6 +79,8 @@ pub enum WireFormat {
     Bedrock(bedrock::Answer),
     /// Anthropic Messages (the `anthropic` provider, Claude on Bedrock and Vertex).
     Messages(anthropic::wire::MessagesAnswer),
+    /// OpenAI's Responses API (OpenAI, Azure), passed through with tagged response ids.
+    Responses(openai::responses::ResponsesAnswer),
 }
 
 /// What adapters share across calls: the upstream HTTP client and cached access tokens.
@@ -110,8 +114,10 @@ impl WireFormat {
         provider: &'static str,
         client: InboundDialect,
     ) -> Result<(Bytes, Option<Usage>), ApiError> {
-        if let WireFormat::Messages(answer) = self {
-            return answer.translate(body, client, provider);
+        match self {
+            WireFormat::Messages(answer) => return answer.translate(body, client, provider),
+            WireFormat::Responses(answer) => return answer.translate(body, provider),
+            _ => {}
         }
         let (body, usage) = self.translate_to_openai(ids, body, limits, provider)?;
         match client {
@@ -121,6 +127,14 @@ impl WireFormat {
                 let usage = reply.usage.reported_usage();
                 Ok((
                     Bytes::from(conversation::anthropic::write_reply(&reply)),
+                    usage,
+                ))
+            }
+            InboundDialect::Responses => {
+                let reply = conversation::openai_chat::parse_reply(&body, provider)?;
+                let usage = reply.usage.reported_usage();
+                Ok((
+                    Bytes::from(conversation::responses::write_reply(&reply, &reply.model)),
                     usage,
                 ))
             }
@@ -146,8 +160,8 @@ impl WireFormat {
             WireFormat::Bedrock(answer) => answer
                 .translate(ids, &body)
                 .map(|(body, usage)| (Bytes::from(body), usage)),
-            WireFormat::Messages(_) => Err(ApiError::internal(
-                "a messages answer reached the openai translation",
+            WireFormat::Messages(_) | WireFormat::Responses(_) => Err(ApiError::internal(
+                "a messages or responses answer reached the openai chat translation",
             )),
         }
     }
@@ -161,7 +175,9 @@ impl WireFormat {
         body: &[u8],
     ) -> ApiError {
         match self {
-            WireFormat::OpenAi => upstream_error(provider, status, headers, body),
+            WireFormat::OpenAi | WireFormat::Responses(_) => {
+                upstream_error(provider, status, headers, body)
+            }
             WireFormat::Google(_) => google::upstream_error(status, body),
             WireFormat::Bedrock(_) => bedrock::error::upstream_error(status, headers, body),
             WireFormat::Messages(answer) => answer.error(provider, status, headers, body),
@@ -205,6 +221,13 @@ impl WireFormat {
                     .await
             }
             // Relayed as it comes: nothing to decide before the first byte.
+            WireFormat::Responses(answer) => Ok(axum::body::Body::from_stream(sse::relay(
+                upstream,
+                answer.relay(provider, max_event),
+                idle_timeout,
+                provider,
+                on_end,
+            ))),
             WireFormat::OpenAi if client == InboundDialect::OpenAi => {
                 Ok(axum::body::Body::from_stream(sse::relay(
                     upstream,
@@ -215,15 +238,22 @@ impl WireFormat {
                     on_end,
                 )))
             }
-            WireFormat::OpenAi => {
+            WireFormat::OpenAi if client == InboundDialect::Anthropic => {
                 let to_anthropic = Translate::new(
                     conversation::openai_chat::OpenAiChunkReader::new(provider, max_event),
                     conversation::anthropic::AnthropicEventWriter::new(remote_model),
                 );
                 primed_body(upstream, to_anthropic, idle_timeout, provider, on_end).await
             }
+            WireFormat::OpenAi => {
+                let to_responses = Translate::new(
+                    conversation::openai_chat::OpenAiChunkReader::new(provider, max_event),
+                    conversation::responses::ResponsesEventWriter::new(remote_model),
+                );
+                primed_body(upstream, to_responses, idle_timeout, provider, on_end).await
+            }
             WireFormat::Google(answer) => {
-                let wants_usage = client_wants_usage || client == InboundDialect::Anthropic;
+                let wants_usage = client_wants_usage || client != InboundDialect::OpenAi;
                 let translator = google::chat::GeminiStream::new(answer.model(), wants_usage)
                     .with_limits(limits);
                 let stream = TranslatedStream {
@@ -235,7 +265,7 @@ impl WireFormat {
                 stream.to(client, translator, remote_model, max_event).await
             }
             WireFormat::Bedrock(answer) => {
-                let wants_usage = client_wants_usage || client == InboundDialect::Anthropic;
+                let wants_usage = client_wants_usage || client != InboundDialect::OpenAi;
                 let translator = bedrock::stream::ConverseStream::new(
                     &answer.model,
                     bedrock::request_id(ids),
@@ -267,8 +297,8 @@ where
     S: futures_util::Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
     E: std::fmt::Display + Send + 'static,
 {
-    /// The client's body: the OpenAI chunks as they are for OpenAI clients; for Messages clients
-    /// read back into the conversation model and written as Anthropic events.
+    /// The client's body: the OpenAI chunks as they are for OpenAI clients; for Messages and
+    /// Responses clients read back into the conversation model and written in their dialect.
     async fn to<T: sse::StreamTranslator>(
         self,
         client: InboundDialect,
@@ -292,6 +322,14 @@ where
                     conversation::anthropic::AnthropicEventWriter::new(remote_model),
                 );
                 let chain = sse::Chain::new(translator, to_anthropic);
+                primed_body(upstream, chain, idle_timeout, provider, on_end).await
+            }
+            InboundDialect::Responses => {
+                let to_responses = Translate::new(
+                    conversation::openai_chat::OpenAiChunkReader::new(provider, max_event),
+                    conversation::responses::ResponsesEventWriter::new(remote_model),
+                );
+                let chain = sse::Chain::new(translator, to_responses);
                 primed_body(upstream, chain, idle_timeout, provider, on_end).await
             }
         }
@@ -342,26 +380,43 @@ pub async fn build(ctx: &CallContext<'_>, upstreams: &Upstreams) -> Result<Outbo
                 ));
             }
             let request = conversation::anthropic::parse_request(ctx.request)?;
-            let remote = ctx.target.model.remote.as_str();
-            let body = conversation::openai_chat::write_request(
-                &request,
-                remote,
-                accepts_reasoning_effort(ctx.target.connection.provider, remote),
-            );
-            let translated = crate::body::parse(&body, false, usize::MAX)?;
-            let inner = CallContext {
-                dialect: InboundDialect::OpenAi,
-                operation: Operation::ChatCompletions,
-                target: ctx.target,
-                request: &translated,
-                body: &body,
-                inbound_headers: ctx.inbound_headers,
-                client_api_version: None,
-                trace: ctx.trace,
-            };
-            build_openai_chat(&inner, upstreams).await
+            build_translated_chat(ctx, &request, upstreams).await
         }
+        InboundDialect::Responses => match ctx.target.connection.provider {
+            Provider::OpenAi | Provider::Azure => openai::responses::build(ctx),
+            _ => {
+                let request = conversation::responses::parse_request(ctx.request)?;
+                build_translated_chat(ctx, &request, upstreams).await
+            }
+        },
     }
+}
+
+/// The call of an OpenAI-chat target (Gemini, Converse through their converters) for a request
+/// of another dialect, already read into the conversation model.
+async fn build_translated_chat(
+    ctx: &CallContext<'_>,
+    request: &conversation::Request,
+    upstreams: &Upstreams,
+) -> Result<Outbound, ApiError> {
+    let remote = ctx.target.model.remote.as_str();
+    let body = conversation::openai_chat::write_request(
+        request,
+        remote,
+        accepts_reasoning_effort(ctx.target.connection.provider, remote),
+    );
+    let translated = crate::body::parse(&body, false, usize::MAX)?;
+    let inner = CallContext {
+        dialect: InboundDialect::OpenAi,
+        operation: Operation::ChatCompletions,
+        target: ctx.target,
+        request: &translated,
+        body: &body,
+        inbound_headers: ctx.inbound_headers,
+        client_api_version: None,
+        trace: ctx.trace,
+    };
+    build_openai_chat(&inner, upstreams).await
 }
 
 /// Whether an OpenAI-chat target takes `reasoning_effort` for `model`: OpenAI's reasoning models

@@ -65,9 +65,10 @@ impl ClaudeRoute {
 
 /// The Claude route of `target` for a `client` of that dialect, if the target is called in
 /// Anthropic's Messages format: every `anthropic` connection; on Vertex, models named `claude…`;
-/// on Bedrock, model ids containing `anthropic.claude` for Messages clients, and for OpenAI chat
-/// clients only when the connection sets `anthropic_api` (else they keep Converse, whose
-/// translation covers more of OpenAI's request: documents, JSON mode, service tiers).
+/// on Bedrock, model ids containing `anthropic.claude` for Messages and Responses clients (the
+/// Messages wire keeps thinking signatures and cache usage for them), and for OpenAI chat clients
+/// only when the connection sets `anthropic_api` (else they keep Converse, whose translation
+/// covers more of OpenAI's chat request: documents, JSON mode, service tiers).
 pub fn claude_route(target: &Target<'_>, client: InboundDialect) -> Option<ClaudeRoute> {
     let connection = target.connection;
     let remote = target.model.remote.as_str();
@@ -79,7 +80,9 @@ pub fn claude_route(target: &Target<'_>, client: InboundDialect) -> Option<Claud
                 .and_then(BedrockAnthropicApi::parse);
             let api = match (option, client) {
                 (Some(api), _) => api,
-                (None, InboundDialect::Anthropic) => bedrock_api_of_model(remote),
+                (None, InboundDialect::Anthropic | InboundDialect::Responses) => {
+                    bedrock_api_of_model(remote)
+                }
                 (None, InboundDialect::OpenAi) => return None,
             };
             Some(match api {
@@ -170,10 +173,13 @@ fn body_for(ctx: &CallContext<'_>, route: ClaudeRoute) -> Result<Vec<u8>, ApiErr
             }
             Ok(spliced)
         }
-        InboundDialect::OpenAi => {
+        InboundDialect::OpenAi | InboundDialect::Responses => {
             let provider = ctx.target.connection.provider.as_str();
-            let mut request =
-                crate::conversation::openai_chat::parse_request(ctx.request, provider)?;
+            let mut request = if ctx.dialect == InboundDialect::Responses {
+                crate::conversation::responses::parse_request(ctx.request)?
+            } else {
+                crate::conversation::openai_chat::parse_request(ctx.request, provider)?
+            };
             if route.model_in_body() && refuses_sampling(connection_version(ctx)) {
                 // DESIGN §17: this version refuses them; they only tune sampling, so they are
                 // dropped rather than refused.
@@ -245,7 +251,7 @@ fn version_and_beta_headers(
     let mut headers = Vec::with_capacity(2);
     let client_version = match ctx.dialect {
         InboundDialect::Anthropic => ctx.inbound_headers.get(ANTHROPIC_VERSION).cloned(),
-        InboundDialect::OpenAi => None,
+        InboundDialect::OpenAi | InboundDialect::Responses => None,
     };
     let version = match client_version {
         Some(version) => version,

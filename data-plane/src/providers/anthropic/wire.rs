@@ -1,5 +1,5 @@
 //! Answers of targets that speak Anthropic Messages: relayed to Messages clients (the gateway
-//! only reads usage from them), translated for OpenAI chat clients.
+//! only reads usage from them), translated for OpenAI chat and Responses clients.
 //!
 //! Streams come as SSE (Anthropic, Foundry, Bedrock's Messages endpoint, Vertex) or as Bedrock
 //! event-stream frames whose `chunk` events hold one Anthropic event each, base64 in `bytes`
@@ -8,6 +8,7 @@
 
 use crate::conversation::anthropic::AnthropicEventReader;
 use crate::conversation::openai_chat::OpenAiChunkWriter;
+use crate::conversation::responses::ResponsesEventWriter;
 use crate::conversation::{self, EventReader, StreamEvent, Translate};
 use crate::errors::ApiError;
 use crate::inbound::InboundDialect;
@@ -122,6 +123,14 @@ impl MessagesAnswer {
                     usage,
                 ))
             }
+            InboundDialect::Responses => {
+                let reply = conversation::anthropic::parse_reply(&body)?;
+                let usage = reply.usage.reported_usage();
+                Ok((
+                    Bytes::from(conversation::responses::write_reply(&reply, &self.model)),
+                    usage,
+                ))
+            }
         }
     }
 
@@ -188,6 +197,20 @@ impl MessagesAnswer {
                 let translator = Translate::new(
                     EventStreamReader::new(provider, max_event),
                     OpenAiChunkWriter::new(&self.model, client_wants_usage),
+                );
+                primed_body(upstream, translator, idle_timeout, provider, on_end).await
+            }
+            (InboundDialect::Responses, Framing::Sse) => {
+                let translator = Translate::new(
+                    AnthropicEventReader::new(provider, max_event),
+                    ResponsesEventWriter::new(&self.model),
+                );
+                primed_body(upstream, translator, idle_timeout, provider, on_end).await
+            }
+            (InboundDialect::Responses, Framing::EventStream) => {
+                let translator = Translate::new(
+                    EventStreamReader::new(provider, max_event),
+                    ResponsesEventWriter::new(&self.model),
                 );
                 primed_body(upstream, translator, idle_timeout, provider, on_end).await
             }

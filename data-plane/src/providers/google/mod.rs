@@ -293,7 +293,10 @@ pub async fn build(ctx: &CallContext<'_>, upstreams: &Upstreams) -> Result<Outbo
     let (route, account) = route_and_account(ctx, upstreams, remote)?;
     let streaming = ctx.request.stream && ctx.operation.is_chat();
     let (url, body, answer) = match ctx.operation {
-        Operation::ChatCompletions | Operation::Messages | Operation::CountTokens => {
+        Operation::ChatCompletions
+        | Operation::Messages
+        | Operation::CountTokens
+        | Operation::Responses => {
             let body = chat::request(ctx.request, remote)?;
             let url = if streaming {
                 format!("{}:streamGenerateContent?alt=sse", route.model_url)

@@ -1,6 +1,7 @@
 //! OpenAI and OpenAI-compatible upstreams: the client's body with `model` set to the remote name,
 //! `Authorization: Bearer` with the connection's key, path `/v1/...` unless the endpoint has a path.
 
+pub mod responses;
 pub mod stream;
 
 use super::{CallContext, Outbound, WireFormat, openai_format_body};
