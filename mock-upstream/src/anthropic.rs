@@ -552,7 +552,7 @@ fn message(id: &str, model: &str, reply: &Reply, usage: Usage) -> Value {
 }
 
 /// `text` in up to three pieces cut at spaces (each piece keeps its trailing space).
-fn pieces(text: &str, count: usize) -> Vec<String> {
+pub(crate) fn pieces(text: &str, count: usize) -> Vec<String> {
     let words: Vec<&str> = text.split_inclusive(' ').collect();
     let per_piece = words.len().div_ceil(count).max(1);
     words.chunks(per_piece).map(|c| c.concat()).collect()
@@ -619,9 +619,10 @@ fn stream_events(id: &str, model: &str, reply: &Reply, usage: Usage) -> Vec<Valu
     events
 }
 
-/// `value` as JSON text with `type` first in every object, as Anthropic writes it (serde_json's
-/// maps are sorted, which would put `type` after `error`, `delta`, `message`, …).
-fn to_anthropic_json(value: &Value) -> String {
+/// `value` as JSON text with `type` first in every object, as Anthropic (and OpenAI's Responses
+/// stream) writes it (serde_json's maps are sorted, which would put `type` after `error`,
+/// `delta`, `message`, …).
+pub(crate) fn to_anthropic_json(value: &Value) -> String {
     fn write(value: &Value, out: &mut String) {
         match value {
             Value::Object(map) => {

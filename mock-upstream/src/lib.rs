@@ -1,7 +1,8 @@
 //! One faithful mock of every upstream the gateway calls (DESIGN §14): OpenAI and Azure OpenAI
-//! ([`openai`]), Google AI Studio and Vertex AI ([`google`]), AWS Bedrock Runtime ([`bedrock`]),
-//! and the Anthropic Messages API as the Anthropic API, Azure Foundry, Bedrock (InvokeModel and
-//! its Messages endpoint) and Vertex serve it ([`anthropic`], DESIGN §17).
+//! chat completions and embeddings ([`openai`]) and their Responses API with stored responses
+//! ([`responses`], DESIGN §17), Google AI Studio and Vertex AI ([`google`]), AWS Bedrock Runtime
+//! ([`bedrock`]), and the Anthropic Messages API as the Anthropic API, Azure Foundry, Bedrock
+//! (InvokeModel and its Messages endpoint) and Vertex serve it ([`anthropic`], DESIGN §17).
 //! The Rust tests start it in process ([`MockUpstream::start`]); the e2e suite and the benchmark
 //! run the `llm-proxy-mock-upstream` binary.
 //!
@@ -15,7 +16,9 @@
 //! One server serves every provider: the request path tells them apart (`/model/…` is Bedrock,
 //! `/v1/messages…` and `/anthropic/v1/messages…` are Anthropic, except that the latter with
 //! Bedrock credentials is Bedrock's Messages endpoint; a `:method` suffix or `/token` is Google,
-//! Claude on Vertex included; the rest is OpenAI-shaped). Words in the request
+//! Claude on Vertex included; a path ending in `/responses`, `/responses/{id}` or
+//! `/responses/{id}/input_items` is the Responses API of OpenAI, of Azure v1 under `/openai/v1/`
+//! or of Azure's dated API under `/openai/`; the rest is OpenAI-shaped). Words in the request
 //! body steer the misbehaviours tests need (see each module: `RATELIMITME`, `HOLDME`,
 //! `NOTJSON`, …); tests observe them through [`MockState`]. The remote model name the gateway
 //! sends steers the OpenAI answers' contents: `server-error` answers OpenAI's 500, `usage-P-C`
@@ -35,6 +38,9 @@ pub mod golden;
 pub mod google;
 pub mod openai;
 mod recorded;
+pub mod responses;
+#[cfg(test)]
+mod responses_tests;
 pub mod sigv4;
 #[cfg(test)]
 mod steering_tests;
@@ -68,6 +74,8 @@ pub struct MockState {
     pub produced: Arc<AtomicUsize>,
     /// Google's token endpoint: the tokens it issued and the exchanges it refused.
     pub google_tokens: google::TokenBook,
+    /// The Responses API's stored responses: this mock's "account" (see [`responses`]).
+    pub responses: responses::Store,
     /// Every provider request waits here for a permit after it is recorded (and gives it back
     /// at once). Take the permits away to hold requests, add some to release them.
     pub gate: RequestGate,
@@ -177,6 +185,7 @@ pub fn router(state: Arc<MockState>) -> Router {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Provider {
     OpenAi,
+    Responses,
     Anthropic,
     Google,
     Bedrock,
@@ -198,6 +207,8 @@ fn provider_of(recorded: &Recorded) -> Provider {
         }
     } else if google::is_google_path(path) {
         Provider::Google
+    } else if responses::is_responses_path(path) {
+        Provider::Responses
     } else {
         Provider::OpenAi
     }
@@ -214,6 +225,11 @@ async fn dispatch(State(state): State<Arc<MockState>>, request: Request) -> Resp
             state.record(recorded.clone());
             state.gate.pass().await;
             openai::answer(&state, recorded).await
+        }
+        Provider::Responses => {
+            state.record(recorded.clone());
+            state.gate.pass().await;
+            responses::answer(&state, recorded).await
         }
         Provider::Anthropic => {
             state.record(recorded.clone());

@@ -13,14 +13,14 @@ use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(
-    about = "Mock of the OpenAI, Azure, Anthropic, Google and Bedrock APIs for tests and benchmarks"
+    about = "Mock of the OpenAI (chat and Responses), Azure, Anthropic, Google and Bedrock APIs for tests and benchmarks"
 )]
 struct Args {
     /// Address to listen on.
     #[arg(default_value = "127.0.0.1:9000")]
     listen: String,
     /// Benchmark mode: one fixed OpenAI answer for every POST (an Anthropic one on the Messages
-    /// paths), nothing recorded or checked.
+    /// paths, a Responses API one on paths ending in `/responses`), nothing recorded or checked.
     #[arg(long)]
     bench: bool,
     /// Benchmark mode: delay before every answer, in milliseconds.

@@ -263,7 +263,7 @@ pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
 /// The upstream garbage of DESIGN §19, by trigger word: a 200 that is not JSON, a stream that
 /// ends without `[DONE]`, a 200 declaring 200 MB (and sending them if read), 200 MB without a
 /// declared length, a 50 MB SSE line, an error answer with an endless body.
-fn garbage_answer(mock: &MockState, text: &str) -> Option<Response> {
+pub(crate) fn garbage_answer(mock: &MockState, text: &str) -> Option<Response> {
     let produced = mock.produced.clone();
     let answer = |status: StatusCode, content_type: &'static str, body: Body| {
         (status, [("content-type", content_type)], body).into_response()
