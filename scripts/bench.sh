@@ -8,7 +8,8 @@
 # then serves Anthropic's Messages API (`POST /v1/messages`, an `anthropic` connection to the same
 # mock, passed through; target llm-proxy-messages): TTFB, the top fixed rate and maximum
 # throughput, both modes, so that its CPU per request compares with the OpenAI chat rows of the
-# same run. Then a config-scale
+# same run; and likewise OpenAI's Responses API (`POST /v1/responses` to the same `openai`
+# connection, passed through with the response id tagged; target llm-proxy-responses). Then a config-scale
 # run: 100k virtual keys and 300k assignments written straight into the control plane's SQLite
 # database, snapshot build/apply times, data plane memory and latency with it loaded.
 #
@@ -110,9 +111,12 @@ body_sse='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello
 # Anthropic Messages, as Claude Code sends it (small): x-api-key and anthropic-version headers.
 messages_json='{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"Say hello"}]}'
 messages_sse='{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user","content":"Say hello"}],"stream":true}'
+# OpenAI Responses API, as Codex sends it (small): Bearer key.
+responses_json='{"model":"gpt-4o-mini","input":"Say hello"}'
+responses_sse='{"model":"gpt-4o-mini","input":"Say hello","stream":true}'
 
 # api mode key: the request of one API (chat: OpenAI chat completions; messages: Anthropic
-# Messages) in one mode (json, sse), in req_path, req_headers (curl/oha -H values), req_body and
+# Messages; responses: OpenAI Responses) in one mode (json, sse), in req_path, req_headers (curl/oha -H values), req_body and
 # req_end (the text that ends its stream).
 request_of() {
   if [[ $1 == messages ]]; then
@@ -120,6 +124,11 @@ request_of() {
     req_headers=("x-api-key: $3" "anthropic-version: 2023-06-01")
     [[ $2 == sse ]] && req_body=$messages_sse || req_body=$messages_json
     req_end="event: message_stop"
+  elif [[ $1 == responses ]]; then
+    req_path=/v1/responses
+    req_headers=("authorization: Bearer $3")
+    [[ $2 == sse ]] && req_body=$responses_sse || req_body=$responses_json
+    req_end="event: response.completed"
   else
     req_path=/v1/chat/completions
     req_headers=("authorization: Bearer $3")
@@ -279,7 +288,7 @@ timed_run() { # target api mode load conns base-url key proxy-pids...: one oha r
 measure() { # target base-url api proxy-pids...: TTFB, then every load in both modes
   local target=$1 url=$2 api=$3 mode load c loads
   shift 3
-  if [[ $api == messages ]]; then loads=("${messages_rates[@]}" max); else loads=("${rates[@]}" max); fi
+  if [[ $api != chat ]]; then loads=("${messages_rates[@]}" max); else loads=("${rates[@]}" max); fi
   say "$target: warm-up, then time to first byte ($ttfb_requests sequential streams)"
   oha_run "$work/runs/$target-warmup.json" "$url" "$api" "$conns" 500 json "$key" "$warmup_seconds"
   request_of "$api" sse "$key"
@@ -324,9 +333,11 @@ ctl assign --vkey-id Bench --model-id claude-bench --alias claude-bench --tps 10
 start_dp "$work/dp.log"
 wait_ok "the data plane" "$(url_of "$dp_port")"
 wait_ok "the data plane (/v1/messages)" "$(url_of "$dp_port")" "$key" messages
+wait_ok "the data plane (/v1/responses)" "$(url_of "$dp_port")" "$key" responses
 measure llm-proxy "$(url_of "$dp_port")" chat "$dp_pid"
 dp_hwm=$(status_kib "$dp_pid" VmHWM) # after the OpenAI chat runs, comparable with earlier results
 measure llm-proxy-messages "$(url_of "$dp_port")" messages "$dp_pid"
+measure llm-proxy-responses "$(url_of "$dp_port")" responses "$dp_pid"
 stop "$dp_pid"
 
 scale=$work/scale.env

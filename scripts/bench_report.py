@@ -15,8 +15,13 @@ import platform
 import sys
 
 TARGETS = ("direct", "nginx", "llm-proxy")
-# The same data plane serving Anthropic's Messages API (/v1/messages, passthrough to the mock).
-MESSAGES = "llm-proxy-messages"
+# The same data plane serving the other inbound dialects, passed through to the mock: target,
+# route, and what the mock's stream of that dialect is.
+DIALECTS = (
+    ("llm-proxy-messages", "/v1/messages", "7 Anthropic events"),
+    ("llm-proxy-responses", "/v1/responses", "9 Responses API events"),
+)
+DIALECT_TARGETS = tuple(target for target, _, _ in DIALECTS)
 MODES = {"json": "non-streamed", "sse": "streamed"}
 MIB = 1024.0
 
@@ -144,7 +149,7 @@ def read_runs(work):
                 cpu_s = int(ticks) / ticks_per_s
                 run["cpu_us"] = cpu_s / count * 1e6
                 run["busy"] = cpu_s / float(wall)
-            if target in ("llm-proxy", MESSAGES, "scale") and redis_ticks != "-" and count:
+            if target in ("llm-proxy", *DIALECT_TARGETS, "scale") and redis_ticks != "-" and count:
                 run["redis_us"] = int(redis_ticks) / ticks_per_s / count * 1e6
             runs[(target, mode, load)] = run
     return runs
@@ -176,6 +181,56 @@ def machine():
     return f"{os.cpu_count()} cores (nproc), {model}, Linux {platform.release()}"
 
 
+def dialect_table(w, route, stream_events, measured):
+    """The table of one dialect's passthrough rows against the OpenAI chat rows."""
+    name = route.rsplit("/", 1)[-1]
+    w(f"## {route} passthrough ÷ OpenAI chat (same data plane, same run)")
+    w("")
+    if measured:
+        rows = []
+        for m, l, c, a in measured:
+            rows.append(
+                [
+                    MODES[m],
+                    load_name(l),
+                    f"{c['rps']:.0f}",
+                    f"{a['rps']:.0f}",
+                    ratio(a["rps"], c["rps"]),
+                    fmt(c["cpu_us"], 1),
+                    fmt(a["cpu_us"], 1),
+                    ratio(a["cpu_us"], c["cpu_us"]),
+                    ratio(a["p50"], c["p50"]),
+                    ratio(a["p99"], c["p99"]),
+                ]
+            )
+        w(
+            table(
+                [
+                    "mode",
+                    "load",
+                    "chat req/s",
+                    f"{name} req/s",
+                    "req/s ratio",
+                    "chat CPU/req µs",
+                    f"{name} CPU/req µs",
+                    "CPU/req ratio",
+                    "p50 ratio",
+                    "p99 ratio",
+                ],
+                rows,
+            )
+        )
+        w("")
+        w(
+            f"Ratios are {route} ÷ /v1/chat/completions; the target is CPU/req ≤ {MESSAGES_CPU_MAX_RATIO:.2f}× "
+            f"at maximum throughput (the saturated cost). A stream is {stream_events} against chat's 4, sent in "
+            "the same 4 writes."
+        )
+    else:
+        w("Not measured.")
+    w("")
+
+
 def report(work):
     env = os.environ
     seconds = env.get("BENCH_SECONDS", "?")
@@ -184,9 +239,9 @@ def report(work):
     top = rates[-1]
     runs = read_runs(work)
     ttfb = {}
-    for t in TARGETS + (MESSAGES,):
+    for t in TARGETS + DIALECT_TARGETS:
         path = os.path.join(work, f"ttfb-{t}.json")
-        if t == MESSAGES and not os.path.exists(path):
+        if t in DIALECT_TARGETS and not os.path.exists(path):
             continue
         with open(path) as f:
             ttfb[t] = json.load(f)
@@ -223,6 +278,13 @@ def report(work):
     w(
         "- llm-proxy: control plane (SQLite) + data plane processes, virtual-key auth, one assignment, "
         f"Redis limiter ({env.get('BENCH_REDIS_URL')}) with a limit that never rejects, RUST_LOG=warn"
+    )
+    w(
+        "- /v1/responses (target llm-proxy-responses): the same data plane process after the Messages runs, "
+        "an `openai` connection to the same mock, `{\"model\",\"input\"}` (`\"stream\":true` for streams) "
+        "with a Bearer key, passed through with `model` rewritten and the response id tagged; the mock's "
+        "stream is 9 Responses API events (`response.created` … `response.completed`) in chat's 4 writes; "
+        f"loads as /v1/messages"
     )
     w(
         "- /v1/messages (target llm-proxy-messages): the same data plane process, right after its OpenAI chat "
@@ -283,34 +345,34 @@ def report(work):
             f"(margin {TTFB_MAX_DIFF_MS - diff:+.3f} ms; p99 difference {t_g['p99'] - t_n['p99']:+.3f} ms)",
         )
     )
-    messages_rows = []  # (mode, load, chat run, messages run)
-    for m in MODES:
-        for l in loads:
-            c, a = run("llm-proxy", m, l), run(MESSAGES, m, l)
-            if c and a and c["cpu_us"] and a["cpu_us"] is not None:
-                messages_rows.append((m, l, c, a))
-    verdict_rows = [(m, c, a) for m, l, c, a in messages_rows if l == "max"]
-    if len(verdict_rows) == len(MODES):
-        ratios = [a["cpu_us"] / c["cpu_us"] for _, c, a in verdict_rows]
-        parts = [
-            f"{MODES[m]} {a['cpu_us']:.1f} vs {c['cpu_us']:.1f} µs = {a['cpu_us'] / c['cpu_us']:.2f}×"
-            for m, c, a in verdict_rows
-        ]
-        fixed = [
-            f"{MODES[m]} {a['cpu_us'] / c['cpu_us']:.2f}×" for m, l, c, a in messages_rows if l != "max"
-        ]
-        checks.append(
-            (
-                max(ratios) <= MESSAGES_CPU_MAX_RATIO,
-                f"/v1/messages passthrough CPU/req within {100 * (MESSAGES_CPU_MAX_RATIO - 1):.0f}% of OpenAI chat "
-                f"(non-streamed, streamed; max throughput, same data plane): {'; '.join(parts)} "
-                f"(margin {100 * (MESSAGES_CPU_MAX_RATIO - max(ratios)):+.0f}%"
-                + (f"; at {top} req/s: {', '.join(fixed)}" if fixed else "")
-                + ")",
+    dialect_rows = {}  # target -> [(mode, load, chat run, dialect run)]
+    for target, route, _ in DIALECTS:
+        rows = dialect_rows.setdefault(target, [])
+        for m in MODES:
+            for l in loads:
+                c, a = run("llm-proxy", m, l), run(target, m, l)
+                if c and a and c["cpu_us"] and a["cpu_us"] is not None:
+                    rows.append((m, l, c, a))
+        verdict_rows = [(m, c, a) for m, l, c, a in rows if l == "max"]
+        if len(verdict_rows) == len(MODES):
+            ratios = [a["cpu_us"] / c["cpu_us"] for _, c, a in verdict_rows]
+            parts = [
+                f"{MODES[m]} {a['cpu_us']:.1f} vs {c['cpu_us']:.1f} µs = {a['cpu_us'] / c['cpu_us']:.2f}×"
+                for m, c, a in verdict_rows
+            ]
+            fixed = [f"{MODES[m]} {a['cpu_us'] / c['cpu_us']:.2f}×" for m, l, c, a in rows if l != "max"]
+            checks.append(
+                (
+                    max(ratios) <= MESSAGES_CPU_MAX_RATIO,
+                    f"{route} passthrough CPU/req within {100 * (MESSAGES_CPU_MAX_RATIO - 1):.0f}% of OpenAI chat "
+                    f"(non-streamed, streamed; max throughput, same data plane): {'; '.join(parts)} "
+                    f"(margin {100 * (MESSAGES_CPU_MAX_RATIO - max(ratios)):+.0f}%"
+                    + (f"; at {top} req/s: {', '.join(fixed)}" if fixed else "")
+                    + ")",
+                )
             )
-        )
-    else:
-        checks.append((False, "/v1/messages passthrough CPU/req within 10% of OpenAI chat: not measured"))
+        else:
+            checks.append((False, f"{route} passthrough CPU/req within 10% of OpenAI chat: not measured"))
     scale = read_env_file(os.path.join(work, "scale.env"))
     scale_keys = int(env.get("BENCH_SCALE_KEYS", "0"))
     peak_keys = None
@@ -375,7 +437,7 @@ def report(work):
     rows = []
     for m, mode_name in MODES.items():
         for l in loads:
-            for t in TARGETS + (MESSAGES,):
+            for t in TARGETS + DIALECT_TARGETS:
                 r = run(t, m, l)
                 if not r:
                     continue
@@ -436,52 +498,9 @@ def report(work):
     )
     w("")
 
-    # ---- messages ----
-    w("## /v1/messages passthrough ÷ OpenAI chat (same data plane, same run)")
-    w("")
-    if messages_rows:
-        rows = []
-        for m, l, c, a in messages_rows:
-            rows.append(
-                [
-                    MODES[m],
-                    load_name(l),
-                    f"{c['rps']:.0f}",
-                    f"{a['rps']:.0f}",
-                    ratio(a["rps"], c["rps"]),
-                    fmt(c["cpu_us"], 1),
-                    fmt(a["cpu_us"], 1),
-                    ratio(a["cpu_us"], c["cpu_us"]),
-                    ratio(a["p50"], c["p50"]),
-                    ratio(a["p99"], c["p99"]),
-                ]
-            )
-        w(
-            table(
-                [
-                    "mode",
-                    "load",
-                    "chat req/s",
-                    "messages req/s",
-                    "req/s ratio",
-                    "chat CPU/req µs",
-                    "messages CPU/req µs",
-                    "CPU/req ratio",
-                    "p50 ratio",
-                    "p99 ratio",
-                ],
-                rows,
-            )
-        )
-        w("")
-        w(
-            f"Ratios are /v1/messages ÷ /v1/chat/completions; the target is CPU/req ≤ {MESSAGES_CPU_MAX_RATIO:.2f}× "
-            "at maximum throughput (the saturated cost). A streamed Message is 7 events against chat's 4, sent in "
-            "the same 4 writes."
-        )
-    else:
-        w("Not measured.")
-    w("")
+    # ---- other dialects ----
+    for target, route, stream_events in DIALECTS:
+        dialect_table(w, route, stream_events, dialect_rows[target])
 
     # ---- added latency ----
     w("## Added latency (proxy − direct, ms; fixed rates)")
@@ -529,7 +548,7 @@ def report(work):
       "the stream; sequential requests on one connection, no other load.")
     w("")
     rows = []
-    for t in [t for t in TARGETS + (MESSAGES,) if t in ttfb]:
+    for t in [t for t in TARGETS + DIALECT_TARGETS if t in ttfb]:
         a, b = ttfb[t]["ttfb_ms"], ttfb[t]["total_ms"]
         rows.append([t, fmt(a["p50"]), fmt(a["p90"]), fmt(a["p99"]), fmt(b["p50"]), fmt(b["p99"])])
     for t in ("nginx", "llm-proxy"):
@@ -537,11 +556,9 @@ def report(work):
         rows.append([f"{t} − direct", *(fmt(a[q] - base[q], signed=True) for q in ("p50", "p90", "p99")), "", ""])
     a, base = ttfb["llm-proxy"]["ttfb_ms"], ttfb["nginx"]["ttfb_ms"]
     rows.append(["llm-proxy − nginx", *(fmt(a[q] - base[q], signed=True) for q in ("p50", "p90", "p99")), "", ""])
-    if MESSAGES in ttfb:
-        a, base = ttfb[MESSAGES]["ttfb_ms"], ttfb["llm-proxy"]["ttfb_ms"]
-        rows.append(
-            [f"{MESSAGES} − llm-proxy", *(fmt(a[q] - base[q], signed=True) for q in ("p50", "p90", "p99")), "", ""]
-        )
+    for t in [t for t in DIALECT_TARGETS if t in ttfb]:
+        a, base = ttfb[t]["ttfb_ms"], ttfb["llm-proxy"]["ttfb_ms"]
+        rows.append([f"{t} − llm-proxy", *(fmt(a[q] - base[q], signed=True) for q in ("p50", "p90", "p99")), "", ""])
     w(table(["target", "TTFB p50", "TTFB p90", "TTFB p99", "total p50", "total p99"], rows))
     w("")
 
