@@ -20,7 +20,10 @@
 //!   (`reasoning_text`) when present, else its summary texts joined by a blank line; an item with
 //!   neither and only `encrypted_content` → redacted reasoning (the answers this module writes
 //!   give Claude's `thinking` one summary part, even when empty, and `redacted_thinking` none, so
-//!   both come back as they went out).
+//!   both come back as they went out). Reasoning without `encrypted_content` comes back unsigned,
+//!   which writers for targets that verify signatures drop (Claude refuses unsigned thinking);
+//!   an `encrypted_content` written by OpenAI cannot be told from a Claude signature, and is
+//!   passed on as one.
 //!
 //! `tools`: `function` tools (their `strict` dropped: no target but OpenAI enforces it);
 //! `tool_choice` `auto`, `none`, `required`, `{"type":"function","name"}`, and `allowed_tools`
