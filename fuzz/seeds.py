@@ -69,8 +69,23 @@ def sse(events, done=False):
     return out + (b"data: [DONE]\n\n" if done else b"")
 
 
+def responses_event_seeds():
+    """Model event sequences for the Responses writer (fuzz/src/lib.rs `responses_events`): one
+    opcode byte per event (its value modulo 14), its text up to the next 0xff."""
+    def ev(op, text=b""):
+        return bytes([op]) + text + b"\xff"
+    whole = (ev(0, b"msg_1") + ev(2) + ev(6, b"think") + ev(7, b"sig") + ev(9) + ev(3, b"opaque")
+             + ev(10) + ev(1) + ev(5, b"Hel") + ev(5, b"lo") + ev(9) + ev(4, b"toolu_1")
+             + ev(8, b'{"a":') + ev(8, b"1}") + ev(9) + ev(11 + 14 * 2))
+    cut = ev(0, b"msg_2") + ev(1) + ev(5, b"par") + ev(11)
+    failed = ev(0, b"msg_3") + ev(4, b"t") + ev(8, b"{") + ev(12, b"upstream failed")
+    loose = ev(5, b"no start") + ev(8, b"{}") + ev(7, b"s") + ev(11 + 14 * 5)
+    return [whole, cut, failed, loose, ev(13, b"before anything")]
+
+
 def main():
-    seeds = {"request": [], "sse": [], "event_stream": [], "answer": []}
+    seeds = {"request": [], "sse": [], "event_stream": [], "answer": [],
+             "responses_events": responses_event_seeds()}
     for path in sorted(glob.glob(os.path.join(golden, "*", "*.json"))):
         provider = os.path.basename(os.path.dirname(path))
         with open(path) as f:
@@ -94,6 +109,17 @@ def main():
                 seeds["event_stream"].append(b"\x0b" + anthropic_frames(fixture["stream"]))
             elif provider == "openai_chat":
                 seeds["sse"].append(b"\x07" + sse(fixture["stream"], done=True))
+            elif provider == "responses":
+                # Responses fixtures name the upstream whose stream they translate.
+                upstream = fixture.get("upstream")
+                if upstream == "anthropic":
+                    seeds["sse"].append(b"\x05" + anthropic_sse(fixture["stream"]))
+                elif upstream == "openai_chat":
+                    seeds["sse"].append(b"\x07" + sse(fixture["stream"], done=True))
+                elif upstream == "gemini":
+                    seeds["sse"].append(b"\x05" + sse(fixture["stream"]))
+                elif upstream == "converse":
+                    seeds["event_stream"].append(b"\x0b" + bedrock_frames(fixture["stream"]))
     for target, items in seeds.items():
         directory = os.path.join(corpus, target)
         os.makedirs(directory, exist_ok=True)

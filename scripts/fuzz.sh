@@ -2,7 +2,8 @@
 # Runs the cargo-fuzz targets under fuzz/ for a bounded time each (run by .ci/run): the body
 # parser and request translators (request), the SSE splitter and SSE stream translators (sse), the
 # event-stream decoder and Bedrock stream translator (event_stream), the non-streamed answer and
-# error mappings (answer). Each target runs on its corpus, fuzz/corpus/<target>/ (kept in the
+# error mappings (answer), the Responses stream writer on arbitrary model events
+# (responses_events). Each target runs on its corpus, fuzz/corpus/<target>/ (kept in the
 # repository: the golden fixtures' seeds from fuzz/seeds.py plus what earlier runs found, minimised
 # with `cargo +nightly fuzz cmin`), and on the kept findings under fuzz/regressions/<target>/,
 # which the stable test suite also replays (data-plane/tests/fuzz_regressions.rs). New corpus
@@ -21,7 +22,7 @@ export PATH="$PATH:$HOME/.cargo/bin"
 seconds=${1:-${FUZZ_SECONDS:-20}}
 [[ $# -gt 0 ]] && shift
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(request sse event_stream answer)
+[[ ${#targets[@]} -gt 0 ]] || targets=(request sse event_stream answer responses_events)
 [[ $seconds =~ ^[0-9]+$ && $seconds -gt 0 ]] || {
   echo "fuzz.sh: SECONDS must be a positive integer, not '$seconds'" >&2
   exit 1

@@ -52,3 +52,9 @@ fn answer_inputs() {
     assert!(replay("regressions", "answer", harness::answer) > 0);
     assert!(replay("corpus", "answer", harness::answer) > 0);
 }
+
+#[test]
+fn responses_events_inputs() {
+    assert!(replay("regressions", "responses_events", harness::responses_events) > 0);
+    assert!(replay("corpus", "responses_events", harness::responses_events) > 0);
+}

@@ -10,11 +10,14 @@
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use llm_proxy_data_plane::body;
-use llm_proxy_data_plane::conversation::Translate;
 use llm_proxy_data_plane::conversation::anthropic::{
     self as messages, AnthropicEventReader, AnthropicEventWriter, AnthropicTarget,
 };
 use llm_proxy_data_plane::conversation::openai_chat::{self, OpenAiChunkReader, OpenAiChunkWriter};
+use llm_proxy_data_plane::conversation::responses::{self, ResponsesEventWriter};
+use llm_proxy_data_plane::conversation::{
+    BlockKind, EventWriter, StopReason, StreamEvent, TokenUsage, Translate,
+};
 use llm_proxy_data_plane::inbound::InboundDialect;
 use llm_proxy_data_plane::limits::Limits;
 use llm_proxy_data_plane::providers::anthropic::wire::{EventStreamReader, MessagesRelay};
@@ -73,6 +76,22 @@ pub fn request(data: &[u8]) {
                 &openai_chat::write_request(&request, "gpt-4o", accepted),
                 "openai chat request from messages",
             );
+        }
+    }
+    // OpenAI Responses, for a translated upstream: to Claude and to the chat bridge.
+    if let Ok(request) = responses::parse_request(&parsed) {
+        assert_json(
+            &openai_chat::write_request(&request, "gemini-2.5-pro", true),
+            "openai chat request from responses",
+        );
+        if let Ok(out) = messages::write_request(
+            &request,
+            &AnthropicTarget {
+                model: Some("claude"),
+                anthropic_version_in_body: None,
+            },
+        ) {
+            assert_json(&out, "messages request from responses");
         }
     }
     if let Ok(request) = openai_chat::parse_request(&parsed, "anthropic") {
@@ -140,6 +159,25 @@ pub fn sse(data: &[u8]) {
         Translate::new(
             OpenAiChunkReader::new("openai", limits.max_stream_event_bytes),
             AnthropicEventWriter::new("gpt-4o"),
+        ),
+        body,
+        cut,
+        true,
+    );
+    // Both readers to Responses events.
+    drive(
+        Translate::new(
+            AnthropicEventReader::new("anthropic", limits.max_stream_event_bytes),
+            ResponsesEventWriter::new("claude"),
+        ),
+        body,
+        cut,
+        true,
+    );
+    drive(
+        Translate::new(
+            OpenAiChunkReader::new("openai", limits.max_stream_event_bytes),
+            ResponsesEventWriter::new("gpt-4o"),
         ),
         body,
         cut,
@@ -220,6 +258,16 @@ pub fn answer(data: &[u8]) {
             &messages::write_reply(&reply),
             "messages answer from openai",
         );
+        assert_json(
+            &responses::write_reply(&reply, "gpt-4o"),
+            "responses answer from openai",
+        );
+    }
+    if let Ok(reply) = messages::parse_reply(data) {
+        assert_json(
+            &responses::write_reply(&reply, "claude"),
+            "responses answer from messages",
+        );
     }
     // Retry hints are read from headers: the first line of the input doubles as their value.
     let hint = data.split(|b| *b == b'\n').next().unwrap_or_default();
@@ -235,6 +283,90 @@ pub fn answer(data: &[u8]) {
         let _ = bedrock_error::upstream_error(status, &ids, data);
     }
     let _ = bedrock_error::exception_error("throttlingException", data);
+}
+
+/// Arbitrary model events (any order, any content, as a faulty reader might produce them)
+/// through the Responses writer: each byte picks an event, the bytes after it up to the next
+/// `0xff` its text. Every event written must be JSON with a `sequence_number` one past the last,
+/// and nothing may follow the terminal event.
+pub fn responses_events(data: &[u8]) {
+    let mut writer = ResponsesEventWriter::new("model");
+    let mut out = BytesMut::new();
+    let mut failed = false;
+    for piece in data.split(|b| *b == 0xff) {
+        let Some((&op, rest)) = piece.split_first() else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(rest).into_owned();
+        let usage = TokenUsage {
+            input: u64::from(op),
+            output: rest.len() as u64,
+            cache_read: u64::MAX - u64::from(op),
+            cache_write: 0,
+            reasoning: u64::MAX,
+        };
+        let event = match op % 14 {
+            0 => StreamEvent::Start {
+                id: text,
+                model: String::new(),
+                usage,
+            },
+            1 => StreamEvent::BlockStart(BlockKind::Text),
+            2 => StreamEvent::BlockStart(BlockKind::Reasoning),
+            3 => StreamEvent::BlockStart(BlockKind::RedactedReasoning { data: text }),
+            4 => StreamEvent::BlockStart(BlockKind::ToolCall {
+                id: text.clone(),
+                name: text,
+            }),
+            5 => StreamEvent::TextDelta(text),
+            6 => StreamEvent::ReasoningDelta(text),
+            7 => StreamEvent::SignatureDelta(text),
+            8 => StreamEvent::ArgumentsDelta(text),
+            9 | 10 => StreamEvent::BlockStop,
+            11 => StreamEvent::Finish {
+                stop: match op / 14 {
+                    0 => StopReason::MaxTokens,
+                    1 => StopReason::ContentFilter,
+                    2 => StopReason::ToolUse,
+                    3 => StopReason::StopSequence(Some(text)),
+                    4 => StopReason::Other(text),
+                    _ => StopReason::EndTurn,
+                },
+                usage,
+            },
+            _ => {
+                failed = true;
+                writer.write_error(
+                    &llm_proxy_data_plane::errors::ApiError::invalid_request(text),
+                    &mut out,
+                );
+                continue;
+            }
+        };
+        writer.write(&event, &mut out);
+    }
+    if !failed {
+        writer.write_error(
+            &llm_proxy_data_plane::errors::ApiError::internal("the end"),
+            &mut out,
+        );
+    }
+    assert_events(&out);
+    let mut splitter = EventSplitter::new(usize::MAX);
+    splitter.push(&out);
+    let mut next = 0u64;
+    let mut ended = false;
+    while let Some(event) = splitter.next_event() {
+        assert!(!ended, "an event after the terminal one");
+        let data = sse::data_of(&event).unwrap_or_default();
+        let value: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
+        assert_eq!(value["sequence_number"].as_u64(), Some(next), "{data}");
+        next += 1;
+        ended = matches!(
+            value["type"].as_str(),
+            Some("response.completed" | "response.incomplete" | "response.failed" | "error")
+        );
+    }
 }
 
 /// Feeds `body` to `translator` in chunks and checks every event the client would get.

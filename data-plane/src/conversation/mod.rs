@@ -4,7 +4,9 @@
 //!
 //! Each dialect has one module that converts both ways:
 //! - [`anthropic`]: Anthropic Messages requests, answers and SSE events;
-//! - [`openai_chat`]: OpenAI Chat Completions requests, answers and SSE chunks.
+//! - [`openai_chat`]: OpenAI Chat Completions requests, answers and SSE chunks;
+//! - [`responses`]: OpenAI Responses requests (read), answers and SSE events (written), for
+//!   upstreams that do not speak the Responses API (stateless: `store: false`).
 //!
 //! Gemini and Bedrock Converse reach the model through their existing OpenAI-chat converters
 //! (`providers::google::chat`, `providers::bedrock::converse`): a Messages request for them is
