@@ -638,27 +638,35 @@ async fn translated_streams_carry_the_whole_event_sequence_and_function_call_arg
             numbers.windows(2).all(|w| w[1] > w[0]),
             "{alias}: {numbers:?}"
         );
-        let deltas: String = events
-            .iter()
-            .filter(|(n, _)| n == "response.function_call_arguments.delta")
-            .map(|(_, d)| d["delta"].as_str().unwrap().to_owned())
-            .collect();
-        let done = events
-            .iter()
-            .find(|(n, _)| n == "response.function_call_arguments.done")
-            .unwrap_or_else(|| panic!("{alias}: no arguments.done in {names:?}"));
-        assert_eq!(done.1["arguments"].as_str().unwrap(), deltas, "{alias}");
-        let arguments: Value = serde_json::from_str(&deltas).unwrap();
-        assert!(arguments.is_object(), "{alias}");
+        // Per function call item: its deltas joined == its `.done` arguments == the completed
+        // output item's arguments (the Converse mock calls two tools in parallel).
         let completed = &events.last().unwrap().1["response"];
-        let call = completed["output"]
+        let calls: Vec<&Value> = completed["output"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|i| i["type"] == "function_call")
-            .unwrap();
-        assert_eq!(call["arguments"].as_str().unwrap(), deltas, "{alias}");
-        assert_eq!(call["name"], "get_weather", "{alias}");
+            .filter(|i| i["type"] == "function_call")
+            .collect();
+        assert!(!calls.is_empty(), "{alias}: {completed}");
+        for call in calls {
+            let item = call["id"].as_str().unwrap();
+            let deltas: String = events
+                .iter()
+                .filter(|(n, d)| {
+                    n == "response.function_call_arguments.delta" && d["item_id"] == item
+                })
+                .map(|(_, d)| d["delta"].as_str().unwrap().to_owned())
+                .collect();
+            let done = events
+                .iter()
+                .find(|(n, d)| n == "response.function_call_arguments.done" && d["item_id"] == item)
+                .unwrap_or_else(|| panic!("{alias}: no arguments.done for {item} in {names:?}"));
+            assert_eq!(done.1["arguments"].as_str().unwrap(), deltas, "{alias}");
+            assert_eq!(call["arguments"].as_str().unwrap(), deltas, "{alias}");
+            let arguments: Value = serde_json::from_str(&deltas).unwrap();
+            assert!(arguments.is_object(), "{alias}");
+            assert_eq!(call["name"], "get_weather", "{alias}");
+        }
         assert_eq!(completed["store"], false);
         assert!(completed["usage"]["output_tokens_details"]["reasoning_tokens"].is_u64());
         assert!(

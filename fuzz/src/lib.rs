@@ -23,6 +23,7 @@ use llm_proxy_data_plane::limits::Limits;
 use llm_proxy_data_plane::providers::anthropic::wire::{EventStreamReader, MessagesRelay};
 use llm_proxy_data_plane::providers::bedrock::{converse, error as bedrock_error, stream};
 use llm_proxy_data_plane::providers::google::{self, Api, chat, embeddings};
+use llm_proxy_data_plane::providers::openai::responses::{ResponsesAnswer, untag_id};
 use llm_proxy_data_plane::providers::openai::stream::OpenAiPassthrough;
 use llm_proxy_data_plane::providers::{WireFormat, openai_usage, upstream_error};
 use llm_proxy_data_plane::sse::{self, EventSplitter, StreamTranslator};
@@ -69,6 +70,17 @@ pub fn request(data: &[u8]) {
     }
     if let Some(out) = body::remove_member(data, &parsed.object, "stream") {
         assert_json(&out, "messages body without stream");
+    }
+    // OpenAI Responses passthrough: `model` and `previous_response_id` spliced in one pass.
+    if let Some(out) = body::replace_members(
+        data,
+        &parsed.object,
+        &[
+            ("previous_response_id", "\"previous_response_id\":\"resp_1\""),
+            ("model", "\"model\":\"m\""),
+        ],
+    ) {
+        assert_json(&out, "spliced responses body");
     }
     if let Ok(request) = messages::parse_request(&parsed) {
         for accepted in [false, true] {
@@ -189,6 +201,16 @@ pub fn sse(data: &[u8]) {
         cut,
         false,
     );
+    // The Responses passthrough relay (ids tagged in lifecycle events).
+    let relayed = ResponsesAnswer {
+        connection_id: "conn-fuzz".to_owned(),
+    };
+    drive(
+        relayed.relay("openai", limits.max_stream_event_bytes),
+        body,
+        cut,
+        false,
+    );
 }
 
 /// An upstream `application/vnd.amazon.eventstream` body (Bedrock ConverseStream).
@@ -224,6 +246,19 @@ pub fn answer(data: &[u8]) {
     let mut ids = HeaderMap::new();
     ids.insert("x-amzn-requestid", HeaderValue::from_static("req-1"));
     let _ = openai_usage(data, "openai");
+    // A passed-through Responses answer: ids tagged, still JSON.
+    let relayed = ResponsesAnswer {
+        connection_id: "conn-fuzz".to_owned(),
+    };
+    if let Ok((out, _)) = relayed.translate(Bytes::copy_from_slice(data), "openai") {
+        assert_json(&out, "responses answer");
+    }
+    // Response ids a client sends back: any text, never a panic.
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Some(tagged) = untag_id(text)
+    {
+        assert!(!tagged.upstream_id.contains('/'), "upstream ids go into URL paths");
+    }
     if let Ok((out, _)) = chat::answer(data, "gemini-2.5-flash", limits.max_upstream_index) {
         assert_json(&out, "gemini answer");
     }

@@ -191,7 +191,20 @@ fn body_for(ctx: &CallContext<'_>, route: ClaudeRoute) -> Result<Vec<u8>, ApiErr
                 model: route.model_in_body().then_some(remote),
                 anthropic_version_in_body: route.body_version(),
             };
-            let body = messages::write_request(&request, &target)?;
+            let body = messages::write_request(&request, &target).map_err(|err| {
+                // The Responses API names the schema `text.format`.
+                if ctx.dialect == InboundDialect::Responses
+                    && err.param.as_deref() == Some("response_format")
+                {
+                    ApiError::invalid_request(
+                        "`text.format`: Claude models cannot enforce a json_schema format; remove it or describe the format in the instructions",
+                    )
+                    .with_param("text.format")
+                    .with_code("unsupported_parameter")
+                } else {
+                    err
+                }
+            })?;
             if route == ClaudeRoute::BedrockInvoke {
                 return Ok(without_stream(body));
             }
