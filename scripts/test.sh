@@ -68,19 +68,23 @@ else
 fi
 
 # End to end: the real binaries (and the mock upstream, llm-proxy-mock-upstream) driven by the
-# official OpenAI and Anthropic Python SDKs and the Claude Code CLI. The workspace test build above
-# built most of them already.
+# official OpenAI and Anthropic Python SDKs, the Claude Code CLI and the Codex CLI. The workspace
+# test build above built most of them already.
 if [[ $# -eq 0 ]]; then
   cargo build -q --workspace --bins
   if ! python3 -c 'import openai, anthropic, pytest, httpx' >/dev/null 2>&1; then
     python3 -m pip install -q -r e2e/requirements.txt
   fi
-  # Claude Code (e2e/test_claude_code.py) from the npm registry, into e2e/.node (gitignored), once.
-  # Without npm the test skips and says why; a failed install fails it.
+  # Claude Code (e2e/test_claude_code.py) and Codex (e2e/test_codex.py) from the npm registry, into
+  # e2e/.node (gitignored), once. One install for both: a later `npm install --no-save` into the
+  # same prefix would remove the other. Without npm their tests skip and say why; a failed install
+  # fails them.
   claude_code_version=2.1.197
-  if command -v npm >/dev/null && [[ ! -x e2e/.node/node_modules/.bin/claude ]]; then
+  codex_version=0.171.0
+  if command -v npm >/dev/null && [[ ! -x e2e/.node/node_modules/.bin/claude || ! -x e2e/.node/node_modules/.bin/codex ]]; then
     npm install --prefix e2e/.node --no-save --no-audit --no-fund --loglevel=error \
-      "@anthropic-ai/claude-code@$claude_code_version" || echo "test.sh: installing Claude Code failed" >&2
+      "@anthropic-ai/claude-code@$claude_code_version" "@openai/codex@$codex_version" \
+      || echo "test.sh: installing Claude Code and Codex failed" >&2
   fi
   # The local-cluster test (scripts/local-cluster.sh) uses the same Postgres server and Redis.
   export CLUSTER_PG_ADMIN_URL=${CLUSTER_PG_ADMIN_URL:-${TEST_DATABASE_URL%/*}/postgres}
