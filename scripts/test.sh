@@ -72,9 +72,9 @@ fi
 # test build above built most of them already.
 if [[ $# -eq 0 ]]; then
   cargo build -q --workspace --bins
-  if ! python3 -c 'import openai, anthropic, pytest, httpx' >/dev/null 2>&1; then
-    python3 -m pip install -q -r e2e/requirements.txt
-  fi
+  # Installs or upgrades only what does not satisfy e2e/requirements.txt (the Responses API tests
+  # need a recent openai SDK, so an older one already installed is upgraded).
+  python3 -m pip install -q -r e2e/requirements.txt
   # Claude Code (e2e/test_claude_code.py) and Codex (e2e/test_codex.py) from the npm registry, into
   # e2e/.node (gitignored), once. One install for both: a later `npm install --no-save` into the
   # same prefix would remove the other. Without npm their tests skip and say why; a failed install
