@@ -76,7 +76,10 @@ pub fn request(data: &[u8]) {
         data,
         &parsed.object,
         &[
-            ("previous_response_id", "\"previous_response_id\":\"resp_1\""),
+            (
+                "previous_response_id",
+                "\"previous_response_id\":\"resp_1\"",
+            ),
             ("model", "\"model\":\"m\""),
         ],
     ) {
@@ -257,7 +260,10 @@ pub fn answer(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data)
         && let Some(tagged) = untag_id(text)
     {
-        assert!(!tagged.upstream_id.contains('/'), "upstream ids go into URL paths");
+        assert!(
+            !tagged.upstream_id.contains('/'),
+            "upstream ids go into URL paths"
+        );
     }
     if let Ok((out, _)) = chat::answer(data, "gemini-2.5-flash", limits.max_upstream_index) {
         assert_json(&out, "gemini answer");
