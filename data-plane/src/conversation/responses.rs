@@ -60,7 +60,8 @@
 //! `message` item with one `output_text` part, tool calls as `function_call` items (`call_id`: the
 //! model's call id). `status` is `completed`, or `incomplete` with `incomplete_details.reason`
 //! `max_output_tokens` / `content_filter`. `usage` is always complete, `output_tokens_details`
-//! included (Codex refuses a `response.completed` without it). Request settings the answer cannot
+//! included (DESIGN §17; peers report clients that refuse a `response.completed` without it).
+//! Request settings the answer cannot
 //! know are written as the API's defaults (`tool_choice: "auto"`, `tools: []`). Item ids derive
 //! from the response id (`msg_…`, `rs_…`, `fc_…`), and the response id from the upstream's
 //! ([`response_id`]).
