@@ -61,8 +61,7 @@
 //! model's call id). `status` is `completed`, or `incomplete` with `incomplete_details.reason`
 //! `max_output_tokens` / `content_filter`. `usage` is always complete, `output_tokens_details`
 //! included (DESIGN §17; peers report clients that refuse a `response.completed` without it).
-//! Request settings the answer cannot
-//! know are written as the API's defaults (`tool_choice: "auto"`, `tools: []`). Item ids derive
+//! Request settings the answer cannot know are written as the API's defaults (`tool_choice: "auto"`, `tools: []`). Item ids derive
 //! from the response id (`msg_…`, `rs_…`, `fc_…`), and the response id from the upstream's
 //! ([`response_id`]).
 
