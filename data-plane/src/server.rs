@@ -74,11 +74,11 @@ pub fn router(state: AppState) -> Router {
         .route("/responses", post(responses))
         .route(
             "/v1/responses/{id}",
-            get(retrieve_response).delete(delete_response),
+            get(response_by_id).delete(response_by_id),
         )
         .route(
             "/responses/{id}",
-            get(retrieve_response).delete(delete_response),
+            get(response_by_id).delete(response_by_id),
         )
         .route("/v1/responses/{id}/input_items", get(response_input_items))
         .route("/responses/{id}/input_items", get(response_input_items))
@@ -273,29 +273,16 @@ async fn responses(State(state): State<AppState>, request: Request) -> Response 
     handle(state, parts.headers, body, InboundRequest::responses()).await
 }
 
-async fn retrieve_response(
+/// `GET` (retrieve) and `DELETE` of a stored response.
+async fn response_by_id(
     State(state): State<AppState>,
+    method: Method,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
     let call = StoredCall {
-        method: Method::GET,
-        id,
-        suffix: "",
-        query,
-    };
-    stored_response(state, headers, call).await
-}
-
-async fn delete_response(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Response {
-    let call = StoredCall {
-        method: Method::DELETE,
+        method,
         id,
         suffix: "",
         query,
