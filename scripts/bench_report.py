@@ -181,6 +181,10 @@ def machine():
     return f"{os.cpu_count()} cores (nproc), {model}, Linux {platform.release()}"
 
 
+def load_name(l):
+    return "max" if l == "max" else f"{l}/s"
+
+
 def dialect_table(w, route, stream_events, measured):
     """The table of one dialect's passthrough rows against the OpenAI chat rows."""
     name = route.rsplit("/", 1)[-1]
@@ -248,9 +252,6 @@ def report(work):
 
     def run(t, m, l):
         return runs.get((t, m, l))
-
-    def load_name(l):
-        return "max" if l == "max" else f"{l}/s"
 
     lines = []
     w = lines.append
