@@ -13,7 +13,7 @@
 //! id}`), opaque to clients, and reads the tag back on the way in. Ids without a tag (a response
 //! created outside the gateway) pass on unchanged to whichever target the pool picks.
 
-use crate::body::{self, ParsedRequest, RawObject};
+use crate::body::{self, ParsedRequest};
 use crate::errors::ApiError;
 use crate::index::ConnectionEntry;
 use crate::sse::{EventSplitter, StreamTranslator, data_of, event_too_large, stream_truncated};
@@ -24,6 +24,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::{Bytes, BytesMut};
 use llm_proxy_catalog::Provider;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 /// Marks an id the gateway tagged (and the tag's format version).
 const TAG_MAGIC: &str = "llmp1";
@@ -158,6 +159,46 @@ fn bad_answer(provider: &str) -> ApiError {
     ApiError::upstream_bad_answer(provider, "a 2xx answer that is not a JSON object")
 }
 
+/// The members of a response object the gateway reads, borrowed from the answer: one pass
+/// over the JSON (which also validates it), no copies of the other members.
+#[derive(Deserialize)]
+struct ResponseProbe<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    previous_response_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
+}
+
+/// A lifecycle event (`{"type":…,"response":{…}}`).
+#[derive(Deserialize)]
+struct LifecycleProbe<'a> {
+    #[serde(borrow)]
+    response: ResponseProbe<'a>,
+}
+
+impl ResponseProbe<'_> {
+    /// The usage it reports; an unreadable `usage` counts as none (the estimate stands).
+    fn usage(&self) -> Option<Usage> {
+        let raw = self.usage?;
+        serde_json::from_str::<ResponsesUsage>(raw.get())
+            .ok()
+            .map(|u| u.usage())
+    }
+}
+
+/// The string a raw JSON value holds, if it is one (ids are plain tokens: borrowed unless
+/// escaped).
+fn raw_string(raw: &RawValue) -> Option<std::borrow::Cow<'_, str>> {
+    if let Ok(text) = serde_json::from_str::<&str>(raw.get()) {
+        return Some(text.into());
+    }
+    serde_json::from_str::<String>(raw.get())
+        .ok()
+        .map(Into::into)
+}
+
 impl ResponsesAnswer {
     /// A response object (an answer, a retrieved response, a delete confirmation) with its `id`
     /// and `previous_response_id` tagged, and the usage it reports.
@@ -167,61 +208,70 @@ impl ResponsesAnswer {
         provider: &str,
     ) -> Result<(Bytes, Option<Usage>), ApiError> {
         let text = std::str::from_utf8(&body).map_err(|_| bad_answer(provider))?;
-        let object = body::parse_object(text).ok_or_else(|| bad_answer(provider))?;
-        let usage = read_usage(&object);
-        let tagged = self
-            .tag_members(&body, &object)
-            .ok_or_else(|| bad_answer(provider))?;
+        if !text.trim_start().starts_with('{') {
+            return Err(bad_answer(provider));
+        }
+        let probe: ResponseProbe<'_> =
+            serde_json::from_str(text).map_err(|_| bad_answer(provider))?;
+        let usage = probe.usage();
+        let tagged = self.tag(&body, &probe, &mut None);
         Ok((tagged.map_or(body, Bytes::from), usage))
     }
 
-    /// `body` with the response object's ids tagged; `Ok(None)` when it has none to tag.
-    fn tag_members(&self, body: &[u8], object: &RawObject<'_>) -> Option<Option<Vec<u8>>> {
-        let id = string_member(object, "id").map(|id| self.tagged_member("id", &id));
-        let previous = string_member(object, "previous_response_id")
-            .map(|id| self.tagged_member("previous_response_id", &id));
-        let members: Vec<(&str, &str)> = [("id", &id), ("previous_response_id", &previous)]
-            .into_iter()
-            .filter_map(|(key, member)| member.as_deref().map(|m| (key, m)))
-            .collect();
-        if members.is_empty() {
-            return Some(None);
+    /// `json` with the probed object's string ids tagged; `None` when it has none. `last`
+    /// remembers the last (upstream id, tagged id) of the response itself: a stream repeats it in
+    /// every lifecycle event.
+    fn tag(
+        &self,
+        json: &[u8],
+        probe: &ResponseProbe<'_>,
+        last: &mut Option<(String, String)>,
+    ) -> Option<Vec<u8>> {
+        let mut values: [(Option<&RawValue>, String); 2] = Default::default();
+        for (i, (slot, raw)) in values
+            .iter_mut()
+            .zip([probe.id, probe.previous_response_id])
+            .enumerate()
+        {
+            let Some(raw) = raw else { continue };
+            let Some(upstream) = raw_string(raw) else {
+                continue;
+            };
+            let tagged = match last {
+                Some((id, tagged)) if i == 0 && *id == upstream => tagged.clone(),
+                _ if i == 0 => {
+                    let tagged = tag_id(&self.connection_id, &upstream);
+                    *last = Some((upstream.into_owned(), tagged.clone()));
+                    tagged
+                }
+                _ => tag_id(&self.connection_id, &upstream),
+            };
+            *slot = (Some(raw), body::json_string(&tagged));
         }
-        body::replace_members(body, object, &members).map(Some)
-    }
-
-    fn tagged_member(&self, key: &str, upstream_id: &str) -> String {
-        format!(
-            "\"{key}\":{}",
-            body::json_string(&tag_id(&self.connection_id, upstream_id))
-        )
+        let replacements: Vec<(&RawValue, &str)> = values
+            .iter()
+            .filter_map(|(raw, text)| raw.map(|raw| (raw, text.as_str())))
+            .collect();
+        if replacements.is_empty() {
+            return None;
+        }
+        body::replace_values(json, &replacements)
     }
 
     /// The relay of a streamed answer.
     pub fn relay(&self, provider: &'static str, max_event_bytes: usize) -> ResponsesRelay {
         ResponsesRelay {
             provider,
-            connection_id: self.connection_id.clone(),
+            answer: ResponsesAnswer {
+                connection_id: self.connection_id.clone(),
+            },
             splitter: EventSplitter::new(max_event_bytes),
             usage: None,
             completed: false,
             relayed: 0,
+            last_tag: None,
         }
     }
-}
-
-/// A string member of `object`, unescaped; `None` when absent, null or not a string.
-fn string_member(object: &RawObject<'_>, key: &str) -> Option<String> {
-    object
-        .get(key)
-        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
-}
-
-fn read_usage(object: &RawObject<'_>) -> Option<Usage> {
-    let raw = object.get("usage")?;
-    serde_json::from_str::<ResponsesUsage>(raw.get())
-        .ok()
-        .map(|u| u.usage())
 }
 
 /// The lifecycle events whose `response` member is the response object, and whether each ends
@@ -256,21 +306,22 @@ struct TypeProbe {
 #[derive(Debug)]
 pub struct ResponsesRelay {
     provider: &'static str,
-    connection_id: String,
+    answer: ResponsesAnswer,
     splitter: EventSplitter,
     usage: Option<Usage>,
     completed: bool,
     /// Events passed on: the next `sequence_number` of an OpenAI stream (numbered from 0), for
     /// the gateway's own error event.
     relayed: u64,
+    /// The last id tagged (every lifecycle event repeats it).
+    last_tag: Option<(String, String)>,
 }
 
 impl ResponsesRelay {
     fn relay_event(&mut self, event: &Bytes, out: &mut BytesMut) -> Result<(), ApiError> {
         self.relayed += 1;
-        let named = event_name(event);
         let probed;
-        let name: Option<&[u8]> = match named {
+        let name: Option<&[u8]> = match event_name(event) {
             Some(name) => Some(name),
             None => {
                 probed = data_of(event)
@@ -294,39 +345,51 @@ impl ResponsesRelay {
             return Ok(());
         };
         let name = String::from_utf8_lossy(name).into_owned();
-        let data = data_of(event).ok_or_else(|| {
-            ApiError::upstream_bad_answer(self.provider, format!("a {name} event without data"))
-        })?;
         let unreadable = || {
             ApiError::upstream_bad_answer(
                 self.provider,
                 format!("a {name} event whose response object is not readable"),
             )
         };
-        let top = body::parse_object(&data).ok_or_else(unreadable)?;
-        let response = top
-            .get("response")
-            .and_then(|raw| body::parse_object(raw.get()))
-            .ok_or_else(unreadable)?;
-        if let Some(usage) = read_usage(&response) {
+        // One `data:` line, as OpenAI and Azure send: read in place; else joined.
+        let joined;
+        let data: &[u8] = match single_data_line(event) {
+            Some(data) => data,
+            None => {
+                joined = data_of(event).ok_or_else(unreadable)?;
+                joined.as_bytes()
+            }
+        };
+        let probe: LifecycleProbe<'_> = serde_json::from_slice(data).map_err(|_| unreadable())?;
+        if let Some(usage) = probe.response.usage() {
             self.usage = Some(usage);
         }
-        let answer = ResponsesAnswer {
-            connection_id: std::mem::take(&mut self.connection_id),
-        };
-        let tagged = answer.tag_members(data.as_bytes(), &response);
-        self.connection_id = answer.connection_id;
-        let json = tagged.ok_or_else(unreadable)?;
+        let tagged = self.answer.tag(data, &probe.response, &mut self.last_tag);
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b"\ndata: ");
-        out.extend_from_slice(json.as_deref().unwrap_or(data.as_bytes()));
+        out.extend_from_slice(tagged.as_deref().unwrap_or(data));
         out.extend_from_slice(b"\n\n");
         if ends {
             self.completed = true;
         }
         Ok(())
     }
+}
+
+/// The payload of an event with exactly one `data:` line, borrowed.
+fn single_data_line(event: &[u8]) -> Option<&[u8]> {
+    let mut found = None;
+    for line in event.split(|b| *b == b'\n') {
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            if found.is_some() {
+                return None;
+            }
+            let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+            found = Some(rest.strip_suffix(b"\r").unwrap_or(rest));
+        }
+    }
+    found
 }
 
 fn pass(event: &[u8], out: &mut BytesMut) {
