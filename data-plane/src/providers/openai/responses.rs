@@ -284,12 +284,29 @@ fn lifecycle(name: &[u8]) -> Option<bool> {
     }
 }
 
-/// The name on an SSE event's `event:` line, if it has one.
+/// The name on an SSE event's `event:` line, if it has one (OpenAI and Azure put it first).
 fn event_name(event: &[u8]) -> Option<&[u8]> {
-    event
-        .split(|b| *b == b'\n')
+    lines(event)
         .find_map(|line| line.strip_prefix(b"event:"))
         .map(<[u8]>::trim_ascii)
+}
+
+/// The lines of an event, found with `memchr` (a lifecycle event is one long `data:` line).
+fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(event);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        match memchr::memchr(b'\n', text) {
+            Some(end) => {
+                rest = Some(&text[end + 1..]);
+                Some(&text[..end])
+            }
+            None => {
+                rest = None;
+                Some(text)
+            }
+        }
+    })
 }
 
 #[derive(Deserialize)]
@@ -380,7 +397,7 @@ impl ResponsesRelay {
 /// The payload of an event with exactly one `data:` line, borrowed.
 fn single_data_line(event: &[u8]) -> Option<&[u8]> {
     let mut found = None;
-    for line in event.split(|b| *b == b'\n') {
+    for line in lines(event) {
         if let Some(rest) = line.strip_prefix(b"data:") {
             if found.is_some() {
                 return None;
