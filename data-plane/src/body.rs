@@ -332,32 +332,6 @@ pub fn replace_members(
     Some(out)
 }
 
-/// `body` with raw JSON values that were parsed from it (borrowed `RawValue`s, at any depth)
-/// replaced by new raw JSON, every other byte kept. `None` when a value does not lie in `body`.
-pub fn replace_values(body: &[u8], values: &[(&RawValue, &str)]) -> Option<Vec<u8>> {
-    let base = body.as_ptr() as usize;
-    let mut spans = Vec::with_capacity(values.len());
-    for (raw, text) in values {
-        let start = (raw.get().as_ptr() as usize).checked_sub(base)?;
-        let end = start.checked_add(raw.get().len())?;
-        if end > body.len() {
-            return None;
-        }
-        spans.push((start, end, *text));
-    }
-    spans.sort_unstable_by_key(|(start, _, _)| *start);
-    let added: usize = spans.iter().map(|(_, _, text)| text.len()).sum();
-    let mut out = Vec::with_capacity(body.len() + added);
-    let mut at = 0;
-    for (start, end, text) in spans {
-        out.extend_from_slice(body.get(at..start)?);
-        out.extend_from_slice(text.as_bytes());
-        at = end;
-    }
-    out.extend_from_slice(body.get(at..)?);
-    Some(out)
-}
-
 /// `body` without the member `key` of its top-level `object` (and the comma that separated it),
 /// every other byte kept. `None` when `object` has no member `key`.
 pub fn remove_member(body: &[u8], object: &RawObject<'_>, key: &str) -> Option<Vec<u8>> {

@@ -33,7 +33,17 @@ const MAX_TAGGED_PART: usize = 256;
 
 /// A response id as the gateway hands it out: the upstream id tagged with its connection.
 pub fn tag_id(connection_id: &str, upstream_id: &str) -> String {
-    let inner = format!("{TAG_MAGIC}\n{connection_id}\n{upstream_id}");
+    let mut inner =
+        Vec::with_capacity(TAG_MAGIC.len() + connection_id.len() + upstream_id.len() + 2);
+    for (i, part) in [TAG_MAGIC, connection_id, upstream_id]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
+            inner.push(b'\n');
+        }
+        inner.extend_from_slice(part.as_bytes());
+    }
     let mut id = String::with_capacity(5 + inner.len().div_ceil(3) * 4);
     id.push_str("resp_");
     URL_SAFE_NO_PAD.encode_string(inner, &mut id);
@@ -227,6 +237,7 @@ impl ResponsesAnswer {
         probe: &ResponseProbe<'_>,
         last: &mut Option<(String, String)>,
     ) -> Option<Vec<u8>> {
+        // Tagged ids are `resp_` + base64url: JSON strings without escapes, quoted as they are.
         let mut values: [(Option<&RawValue>, String); 2] = Default::default();
         for (i, (slot, raw)) in values
             .iter_mut()
@@ -246,16 +257,33 @@ impl ResponsesAnswer {
                 }
                 _ => tag_id(&self.connection_id, &upstream),
             };
-            *slot = (Some(raw), body::json_string(&tagged));
+            *slot = (Some(raw), tagged);
         }
-        let replacements: Vec<(&RawValue, &str)> = values
-            .iter()
-            .filter_map(|(raw, text)| raw.map(|raw| (raw, text.as_str())))
-            .collect();
-        if replacements.is_empty() {
+        let base = json.as_ptr() as usize;
+        let mut spans: [(usize, usize, &str); 2] = [(0, 0, ""); 2];
+        let mut count = 0;
+        for (raw, tagged) in &values {
+            let Some(raw) = raw else { continue };
+            let start = (raw.get().as_ptr() as usize).checked_sub(base)?;
+            spans[count] = (start, start.checked_add(raw.get().len())?, tagged.as_str());
+            count += 1;
+        }
+        let spans = &mut spans[..count];
+        if spans.is_empty() {
             return None;
         }
-        body::replace_values(json, &replacements)
+        spans.sort_unstable_by_key(|(start, _, _)| *start);
+        let mut out = Vec::with_capacity(json.len() + 2 * (spans[0].2.len() + 2));
+        let mut at = 0;
+        for (start, end, tagged) in spans.iter() {
+            out.extend_from_slice(json.get(at..*start)?);
+            out.push(b'"');
+            out.extend_from_slice(tagged.as_bytes());
+            out.push(b'"');
+            at = *end;
+        }
+        out.extend_from_slice(json.get(at..)?);
+        Some(out)
     }
 
     /// The relay of a streamed answer.
