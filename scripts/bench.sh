@@ -21,7 +21,8 @@
 # Other knobs (env): BENCH_RATES ("500 2000"), BENCH_CONNS (32), BENCH_MAX_CONNS (64),
 # BENCH_SSE_MAX_CONNS (256), BENCH_WARMUP_SECONDS (1), BENCH_TTFB_REQUESTS (500),
 # BENCH_MESSAGES_RATES (the last of BENCH_RATES; "" for maximum throughput only),
-# BENCH_CHUNK_DELAY_MS (2), BENCH_DELAY_MS (0), BENCH_SCALE_KEYS (100000; 0 skips the config-scale
+# BENCH_CHUNK_DELAY_MS (2), BENCH_DELAY_MS (0), BENCH_DIALECT_ROUNDS (3: interleaved rounds of the
+# maximum-throughput rows of chat and each dialect), BENCH_SCALE_KEYS (100000; 0 skips the config-scale
 # run), BENCH_NO_BUILD=1 (use the binaries already built), BENCH_OUT (bench/RESULTS.md),
 # BENCH_KEEP=1 (keep the work dir), REDIS_URL (redis://127.0.0.1:6379), NGINX, CARGO_TARGET_DIR.
 # Needs oha (cargo install oha --locked), nginx, taskset, python3, curl and a running Redis.
@@ -40,6 +41,7 @@ ttfb_requests=${BENCH_TTFB_REQUESTS:-500}
 chunk_delay_ms=${BENCH_CHUNK_DELAY_MS:-2}
 delay_ms=${BENCH_DELAY_MS:-0}
 scale_keys=${BENCH_SCALE_KEYS:-100000}
+dialect_rounds=${BENCH_DIALECT_ROUNDS:-3}
 out=${BENCH_OUT:-bench/RESULTS.md}
 redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
 proxy_core=0
@@ -57,6 +59,7 @@ nginx_bin=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 [[ -x $nginx_bin ]] || die "needs nginx (apt-get install nginx, or set NGINX=/path/to/nginx)"
 [[ $(nproc) -ge 2 ]] || die "needs at least 2 cores (the proxy and the load generator are pinned apart)"
 [[ $seconds =~ ^[0-9]+$ && $seconds -gt 0 ]] || die "SECONDS must be a positive integer, not '$seconds'"
+[[ $dialect_rounds =~ ^[0-9]+$ ]] || die "BENCH_DIALECT_ROUNDS must be a number, not '$dialect_rounds'"
 python3 - "$redis_url" <<'PY' || die "Redis is not reachable at $redis_url (set REDIS_URL)"
 import socket, sys, urllib.parse
 u = urllib.parse.urlparse(sys.argv[1])
@@ -254,7 +257,7 @@ oha_run() { # out base-url api conns rate|max mode key [seconds]
   header_args -H
   local args=(--no-tui --output-format json -z "${8:-$seconds}s" -w -c "$4" -m POST
     "${hargs[@]}" -T application/json -d "$req_body")
-  [[ $5 == max ]] || args+=(-q "$5")
+  [[ $5 == max* ]] || args+=(-q "$5") # max, or max@N: round N of the interleaved dialect runs
   taskset -c "$load_core" oha "${args[@]}" "$2$req_path" >"$1" 2>"$1.err" || die "oha failed: $(cat "$1.err")"
   python3 "$root/scripts/bench_report.py" check "$1" || die "requests failed in $1 (see above)"
 }
@@ -338,6 +341,17 @@ measure llm-proxy "$(url_of "$dp_port")" chat "$dp_pid"
 dp_hwm=$(status_kib "$dp_pid" VmHWM) # after the OpenAI chat runs, comparable with earlier results
 measure llm-proxy-messages "$(url_of "$dp_port")" messages "$dp_pid"
 measure llm-proxy-responses "$(url_of "$dp_port")" responses "$dp_pid"
+# The dialect rows above ran minutes after the chat rows, and this VM's speed drifts by more than
+# the 10% they are held to: run the maximum-throughput rows again back to back, chat then each
+# dialect, round after round (A/B/C/A/B/C), and compare each round's runs with each other.
+for ((round = 1; round <= dialect_rounds; round++)); do
+  for mode in json sse; do
+    [[ $mode == sse ]] && c=$sse_max_conns || c=$max_conns
+    timed_run llm-proxy chat "$mode" "max@$round" "$c" "$(url_of "$dp_port")" "$key" "$dp_pid"
+    timed_run llm-proxy-messages messages "$mode" "max@$round" "$c" "$(url_of "$dp_port")" "$key" "$dp_pid"
+    timed_run llm-proxy-responses responses "$mode" "max@$round" "$c" "$(url_of "$dp_port")" "$key" "$dp_pid"
+  done
+done
 stop "$dp_pid"
 
 scale=$work/scale.env
@@ -374,7 +388,7 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 [[ -z $(git status --porcelain -- . ":!$out" 2>/dev/null) ]] || commit="$commit (with uncommitted changes)"
 BENCH_SECONDS=$seconds BENCH_RATES="${rates[*]}" BENCH_MESSAGES_RATES="${messages_rates[*]}" BENCH_CONNS=$conns BENCH_MAX_CONNS=$max_conns BENCH_SSE_MAX_CONNS=$sse_max_conns \
   BENCH_TTFB_REQUESTS=$ttfb_requests BENCH_CHUNK_DELAY_MS=$chunk_delay_ms BENCH_DELAY_MS=$delay_ms \
-  BENCH_SCALE_KEYS=$scale_keys BENCH_COMMIT=$commit BENCH_NGINX_HWM_KIB=$nginx_hwm BENCH_DP_HWM_KIB=$dp_hwm \
+  BENCH_SCALE_KEYS=$scale_keys BENCH_DIALECT_ROUNDS=$dialect_rounds BENCH_COMMIT=$commit BENCH_NGINX_HWM_KIB=$nginx_hwm BENCH_DP_HWM_KIB=$dp_hwm \
   BENCH_NGINX_VERSION=$("$nginx_bin" -v 2>&1 | sed 's/^nginx version: //') BENCH_OHA_VERSION=$(oha --version) \
   BENCH_REDIS_URL=$redis_url \
   python3 scripts/bench_report.py report "$work" >"$out"
