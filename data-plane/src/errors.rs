@@ -108,6 +108,31 @@ impl ApiError {
             .with_headers(headers)
     }
 
+    /// A limit of `alias` reached: retry after `wait` (the soonest any target frees up).
+    pub fn limit_reached(
+        alias: &str,
+        wait: std::time::Duration,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    ) -> Self {
+        Self::rate_limited(
+            format!(
+                "rate limit reached for `{alias}`; retry in {:.3}s",
+                wait.as_secs_f64()
+            ),
+            headers,
+        )
+    }
+
+    /// The shared limiter is down and the fail mode is closed.
+    pub fn limiter_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "rate limiting is unavailable (shared limiter down, fail mode closed); retry shortly",
+        )
+        .with_code("ratelimiter_unavailable")
+    }
+
     pub fn no_config() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -783,12 +783,7 @@ async fn handle_inner(
             .await;
         if decision.is_unavailable() {
             state.metrics.ratelimit_decision(LimitResult::Unavailable);
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "rate limiting is unavailable (shared limiter down, fail mode closed); retry shortly",
-            )
-            .with_code("ratelimiter_unavailable"));
+            return Err(ApiError::limiter_unavailable());
         }
         if !decision.allowed {
             state.metrics.ratelimit_decision(LimitResult::Limited);
@@ -841,12 +836,9 @@ async fn handle_inner(
     let Some(decision) = last_denial else {
         return Err(ApiError::model_not_found(alias));
     };
-    let wait = decision.retry_after.unwrap_or_default();
-    Err(ApiError::rate_limited(
-        format!(
-            "rate limit reached for `{alias}`; retry in {:.3}s",
-            wait.as_secs_f64()
-        ),
+    Err(ApiError::limit_reached(
+        alias,
+        decision.retry_after.unwrap_or_default(),
         decision.headers(),
     ))
 }
@@ -1014,22 +1006,13 @@ async fn stored_response_inner(
     }
     if decision.is_unavailable() {
         state.metrics.ratelimit_decision(LimitResult::Unavailable);
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "rate limiting is unavailable (shared limiter down, fail mode closed); retry shortly",
-        )
-        .with_code("ratelimiter_unavailable"));
+        return Err(ApiError::limiter_unavailable());
     }
     if !decision.allowed {
         state.metrics.ratelimit_decision(LimitResult::Limited);
-        let wait = decision.retry_after.unwrap_or_default();
-        return Err(ApiError::rate_limited(
-            format!(
-                "rate limit reached for `{}`; retry in {:.3}s",
-                target.alias,
-                wait.as_secs_f64()
-            ),
+        return Err(ApiError::limit_reached(
+            target.alias,
+            decision.retry_after.unwrap_or_default(),
             decision.headers(),
         ));
     }
