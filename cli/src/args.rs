@@ -12,6 +12,7 @@ use llm_proxy_proto::Timestamp;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::price::{PriceArg, parse_price};
 use crate::serve::ServeArgs;
 
 /// Default address of the control plane's gRPC API.
@@ -277,6 +278,30 @@ pub struct ModelAddArgs {
     /// Deployment name (Azure).
     #[arg(long)]
     pub deployment: Option<String>,
+    #[command(flatten)]
+    pub prices: PriceArgs,
+}
+
+/// A model's prices, in USD per million tokens (DESIGN §18), e.g. gpt-4o: `--price-input 2.50
+/// --price-output 10 --price-cache-read 1.25`. Kept exactly, in micro-USD: at most 6 decimal
+/// places.
+#[derive(Debug, Args)]
+pub struct PriceArgs {
+    /// Price of input tokens (those not read from or written to a prompt cache), USD per million
+    /// tokens, e.g. 2.50; `none` = no price.
+    #[arg(long, value_name = "USD", value_parser = parse_price, allow_negative_numbers = true)]
+    pub price_input: Option<PriceArg>,
+    /// Price of output tokens (reasoning included), USD per million tokens; `none` = no price.
+    #[arg(long, value_name = "USD", value_parser = parse_price, allow_negative_numbers = true)]
+    pub price_output: Option<PriceArg>,
+    /// Price of input tokens read from the prompt cache, USD per million tokens (default: the
+    /// input price); `none` = no price.
+    #[arg(long, value_name = "USD", value_parser = parse_price, allow_negative_numbers = true)]
+    pub price_cache_read: Option<PriceArg>,
+    /// Price of input tokens written to the prompt cache, USD per million tokens (default: the
+    /// input price); `none` = no price.
+    #[arg(long, value_name = "USD", value_parser = parse_price, allow_negative_numbers = true)]
+    pub price_cache_write: Option<PriceArg>,
 }
 
 #[derive(Debug, Args)]
@@ -299,6 +324,9 @@ pub struct ModelUpdateArgs {
     /// New deployment name; an empty string clears it.
     #[arg(long)]
     pub deployment: Option<String>,
+    /// New prices; `none` removes a price, a price not given stays as it is.
+    #[command(flatten)]
+    pub prices: PriceArgs,
 }
 
 // ---- virtual keys ----
@@ -712,6 +740,92 @@ mod tests {
             panic!("wrong command");
         };
         assert_eq!(add.tps, Some(-5));
+    }
+
+    #[test]
+    fn model_prices_parse_exactly() {
+        let cli = Cli::try_parse_from([
+            "llmctl",
+            "model",
+            "add",
+            "--conn-id",
+            "OpenAI",
+            "--name",
+            "gpt-4o",
+            "--remote",
+            "gpt-4o",
+            "--price-input",
+            "2.50",
+            "--price-output",
+            "10",
+            "--price-cache-read",
+            "1.25",
+        ])
+        .unwrap();
+        let Command::Model(ModelCommand::Add(add)) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(add.prices.price_input, Some(PriceArg::MicroUsd(2_500_000)));
+        assert_eq!(
+            add.prices.price_output,
+            Some(PriceArg::MicroUsd(10_000_000))
+        );
+        assert_eq!(
+            add.prices.price_cache_read,
+            Some(PriceArg::MicroUsd(1_250_000))
+        );
+        assert_eq!(add.prices.price_cache_write, None);
+
+        let cli = Cli::try_parse_from([
+            "llmctl",
+            "model",
+            "update",
+            "gpt-4o",
+            "--price-cache-read",
+            "none",
+            "--price-cache-write",
+            "3.125",
+        ])
+        .unwrap();
+        let Command::Model(ModelCommand::Update(update)) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(update.prices.price_input, None);
+        assert_eq!(update.prices.price_cache_read, Some(PriceArg::None));
+        assert_eq!(
+            update.prices.price_cache_write,
+            Some(PriceArg::MicroUsd(3_125_000))
+        );
+    }
+
+    #[test]
+    fn bad_prices_are_usage_errors_naming_the_flag_and_the_value() {
+        for (value, why) in [
+            ("1.0000001", "at most 6 decimal places"),
+            ("-1", "must not be negative"),
+            ("abc", "expected a price"),
+            ("", "expected a price"),
+            ("99999999999999999999", "too large"),
+        ] {
+            let err = Cli::try_parse_from([
+                "llmctl",
+                "model",
+                "update",
+                "gpt-4o",
+                "--price-output",
+                value,
+            ])
+            .unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!(
+                    "invalid value '{value}' for '--price-output <USD>'"
+                )),
+                "{text}"
+            );
+            assert!(text.contains(why), "{value}: {text}");
+        }
     }
 
     #[test]

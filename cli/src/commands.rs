@@ -10,7 +10,7 @@ use llm_proxy_proto::v1::{
     CreateAssignmentRequest, CreateConnectionRequest, CreateProviderModelRequest,
     CreateVirtualKeyRequest, DeleteRequest, GetRequest, ListAssignmentsRequest,
     ListConnectionsRequest, ListDataPlanesRequest, ListProviderModelsRequest,
-    ListVirtualKeysRequest, UpdateAssignmentRequest, UpdateConnectionRequest,
+    ListVirtualKeysRequest, PriceUpdate, UpdateAssignmentRequest, UpdateConnectionRequest,
     UpdateProviderModelRequest, UpdateVirtualKeyRequest,
 };
 
@@ -21,6 +21,7 @@ use crate::args::{
     VkeyCommand, VkeyUpdateArgs,
 };
 use crate::client::Admin;
+use crate::price::PriceArg;
 use crate::render;
 
 /// Runs an admin command (everything but `serve`) against the control plane and prints the result.
@@ -168,12 +169,19 @@ async fn model(
             name,
             remote,
             deployment,
+            prices,
         }) => {
+            // `none` on add is the same as leaving the flag out: no price.
+            let price = |arg: Option<PriceArg>| arg.and_then(PriceArg::micro_usd);
             let request = CreateProviderModelRequest {
                 connection_id: conn_id,
                 name,
                 remote,
                 deployment,
+                price_input: price(prices.price_input),
+                price_output: price(prices.price_output),
+                price_cache_read: price(prices.price_cache_read),
+                price_cache_write: price(prices.price_cache_write),
             };
             let created = admin
                 .client
@@ -209,12 +217,17 @@ async fn model(
             name,
             remote,
             deployment,
+            prices,
         }) => {
             let request = UpdateProviderModelRequest {
                 id,
                 name,
                 remote,
                 deployment,
+                price_input: price_update(prices.price_input),
+                price_output: price_update(prices.price_output),
+                price_cache_read: price_update(prices.price_cache_read),
+                price_cache_write: price_update(prices.price_cache_write),
             };
             let updated = admin
                 .client
@@ -236,6 +249,13 @@ async fn model(
                 .into_inner();
             render::deleted(format, &deleted_id(response.id, id))
         }
+    })
+}
+
+/// A `--price-*` flag of `model update`: absent leaves the price alone, `none` removes it.
+fn price_update(arg: Option<PriceArg>) -> Option<PriceUpdate> {
+    arg.map(|arg| PriceUpdate {
+        micro_usd_per_million: arg.micro_usd(),
     })
 }
 

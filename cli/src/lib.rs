@@ -9,6 +9,7 @@
 mod args;
 mod client;
 mod commands;
+mod price;
 mod render;
 mod serve;
 mod table;

@@ -13,6 +13,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::args::OutputFormat;
+use crate::price::format_usd;
 use crate::table::{format_fields, format_table};
 
 /// Shown in tables for an unset value.
@@ -102,6 +103,10 @@ impl Resource for ProviderModel {
         "NAME",
         "REMOTE",
         "DEPLOYMENT",
+        "IN_USD/1M",
+        "OUT_USD/1M",
+        "CACHE_READ_USD/1M",
+        "CACHE_WRITE_USD/1M",
         "CREATED_AT",
     ];
 
@@ -120,30 +125,50 @@ impl Resource for ProviderModel {
             "name": self.name,
             "remote": self.remote,
             "deployment": self.deployment,
+            // Integers, micro-USD per million tokens (DESIGN §18): exact for any consumer.
+            "price_input": self.price_input,
+            "price_output": self.price_output,
+            "price_cache_read": self.price_cache_read,
+            "price_cache_write": self.price_cache_write,
             "created_at": rfc3339(self.created_at.as_ref()),
             "updated_at": rfc3339(self.updated_at.as_ref()),
         })
     }
 
     fn fields(&self) -> Vec<(&'static str, String)> {
+        let price = |p: Option<i64>| {
+            p.map_or_else(
+                || NONE.to_owned(),
+                |p| format!("{} USD/1M tokens", format_usd(p)),
+            )
+        };
         vec![
             ("id", self.id.clone()),
             ("connection_id", self.connection_id.clone()),
             ("name", self.name.clone()),
             ("remote", self.remote.clone()),
             ("deployment", or_none(self.deployment.as_deref())),
+            ("price_input", price(self.price_input)),
+            ("price_output", price(self.price_output)),
+            ("price_cache_read", price(self.price_cache_read)),
+            ("price_cache_write", price(self.price_cache_write)),
             ("created_at", full_time(self.created_at.as_ref())),
             ("updated_at", full_time(self.updated_at.as_ref())),
         ]
     }
 
     fn row(&self) -> Vec<String> {
+        let price = |p: Option<i64>| p.map_or_else(|| NONE.to_owned(), format_usd);
         vec![
             self.id.clone(),
             self.connection_id.clone(),
             self.name.clone(),
             self.remote.clone(),
             or_none(self.deployment.as_deref()),
+            price(self.price_input),
+            price(self.price_output),
+            price(self.price_cache_read),
+            price(self.price_cache_write),
             short_time(self.created_at.as_ref()),
         ]
     }
@@ -588,9 +613,8 @@ mod tests {
         assert!(empty["created_at"].is_null());
     }
 
-    #[test]
-    fn model_json() {
-        let model = ProviderModel {
+    fn model() -> ProviderModel {
+        ProviderModel {
             id: "model-abc".to_owned(),
             connection_id: "conn-abc".to_owned(),
             name: "gpt-4-turbo".to_owned(),
@@ -598,7 +622,25 @@ mod tests {
             deployment: None,
             created_at: ts(T0, 0),
             updated_at: ts(T0, 0),
-        };
+            ..ProviderModel::default()
+        }
+    }
+
+    /// gpt-4o's prices: $2.50 in, $10 out, $1.25 cached, no cache-write price.
+    fn priced_model() -> ProviderModel {
+        ProviderModel {
+            name: "gpt-4o".to_owned(),
+            price_input: Some(2_500_000),
+            price_output: Some(10_000_000),
+            price_cache_read: Some(1_250_000),
+            price_cache_write: None,
+            ..model()
+        }
+    }
+
+    #[test]
+    fn model_json() {
+        let model = model();
         let value = model.to_json();
         assert_eq!(
             keys(&value),
@@ -608,17 +650,75 @@ mod tests {
                 "name",
                 "remote",
                 "deployment",
+                "price_input",
+                "price_output",
+                "price_cache_read",
+                "price_cache_write",
                 "created_at",
                 "updated_at"
             ])
         );
         assert!(value["deployment"].is_null());
+        for price in [
+            "price_input",
+            "price_output",
+            "price_cache_read",
+            "price_cache_write",
+        ] {
+            assert!(value[price].is_null(), "{price}");
+        }
         assert_eq!(value["remote"], "gpt-4-turbo-preview");
         let with = ProviderModel {
             deployment: Some("gpt4-prod".to_owned()),
             ..model
         };
         assert_eq!(with.to_json()["deployment"], "gpt4-prod");
+    }
+
+    #[test]
+    fn model_prices_are_integers_in_json_and_usd_in_tables() {
+        let value = priced_model().to_json();
+        assert_eq!(value["price_input"], 2_500_000);
+        assert_eq!(value["price_output"], 10_000_000);
+        assert_eq!(value["price_cache_read"], 1_250_000);
+        assert!(value["price_cache_write"].is_null());
+
+        let text = one(OutputFormat::Table, &priced_model());
+        assert!(
+            text.contains(
+                "price_input: 2.50 USD/1M tokens\nprice_output: 10.00 USD/1M tokens\nprice_cache_read: 1.25 USD/1M tokens\nprice_cache_write: -\n"
+            ),
+            "{text}"
+        );
+        let tiny = ProviderModel {
+            price_input: Some(1),
+            price_cache_write: Some(3_125_000),
+            ..model()
+        };
+        let text = list(OutputFormat::Table, &[priced_model(), tiny]);
+        let lines: Vec<&str> = text.lines().collect();
+        let cells = |line: &str| {
+            line.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cells(lines[0]),
+            [
+                "ID",
+                "CONNECTION_ID",
+                "NAME",
+                "REMOTE",
+                "DEPLOYMENT",
+                "IN_USD/1M",
+                "OUT_USD/1M",
+                "CACHE_READ_USD/1M",
+                "CACHE_WRITE_USD/1M",
+                "CREATED_AT"
+            ]
+        );
+        assert_eq!(cells(lines[1])[5..9], ["2.50", "10.00", "1.25", "-"]);
+        assert_eq!(cells(lines[2])[5..9], ["0.000001", "-", "-", "3.125"]);
     }
 
     #[test]

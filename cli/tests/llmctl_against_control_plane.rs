@@ -626,6 +626,142 @@ async fn each_error_is_one_exact_line() {
     cp.shutdown().await;
 }
 
+/// Prices (DESIGN §18): typed in USD per million tokens, stored and shown in JSON as integer
+/// micro-USD, shown in tables as USD; `none` removes one; bad values are one-line errors.
+#[tokio::test(flavor = "multi_thread")]
+async fn model_prices_in_usd_and_micro_usd() {
+    let cp = control_plane(None).await;
+    let ctl = Ctl::new(&cp, None);
+    ctl.ok(&openai_connection("OpenAI", "https://api.openai.com"))
+        .await;
+    let gpt = ctl
+        .json(&[
+            "model",
+            "add",
+            "--conn-id",
+            "OpenAI",
+            "--name",
+            "gpt-4o",
+            "--remote",
+            "gpt-4o",
+            "--price-input",
+            "2.50",
+            "--price-output",
+            "10",
+            "--price-cache-read",
+            "1.25",
+        ])
+        .await;
+    assert_eq!(gpt["price_input"], 2_500_000);
+    assert_eq!(gpt["price_output"], 10_000_000);
+    assert_eq!(gpt["price_cache_read"], 1_250_000);
+    assert_eq!(gpt["price_cache_write"], Value::Null);
+    let plain = ctl
+        .json(&[
+            "model",
+            "add",
+            "--conn-id",
+            "OpenAI",
+            "--name",
+            "plain",
+            "--remote",
+            "plain",
+        ])
+        .await;
+    for price in [
+        "price_input",
+        "price_output",
+        "price_cache_read",
+        "price_cache_write",
+    ] {
+        assert_eq!(plain[price], Value::Null, "{price}");
+    }
+
+    let table = ctl.ok(&["model", "get", "gpt-4o"]).await;
+    assert!(
+        table.contains("price_input: 2.50 USD/1M tokens\nprice_output: 10.00 USD/1M tokens\nprice_cache_read: 1.25 USD/1M tokens\nprice_cache_write: -\n"),
+        "{table}"
+    );
+    let list = ctl.ok(&["model", "list"]).await;
+    let row = list.lines().find(|l| l.contains("gpt-4o")).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[5..9], ["2.50", "10.00", "1.25", "-"], "{list}");
+
+    // Update: set one, remove one, leave the others.
+    let updated = ctl
+        .json(&[
+            "model",
+            "update",
+            "gpt-4o",
+            "--price-cache-read",
+            "none",
+            "--price-cache-write",
+            "3.125",
+            "--price-output",
+            "0.000001",
+        ])
+        .await;
+    assert_eq!(
+        (
+            updated["price_input"].as_i64(),
+            updated["price_output"].as_i64(),
+            updated["price_cache_read"].as_i64(),
+            updated["price_cache_write"].as_i64()
+        ),
+        (Some(2_500_000), Some(1), None, Some(3_125_000))
+    );
+    let listed = ctl.json(&["model", "list"]).await;
+    let got = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "gpt-4o")
+        .unwrap();
+    assert_eq!(got, &updated);
+    let table = ctl.ok(&["model", "get", "gpt-4o"]).await;
+    assert!(
+        table.contains("price_output: 0.000001 USD/1M tokens\n"),
+        "{table}"
+    );
+
+    // Refused by clap, with the flag and the value named (exit code 2)...
+    assert_eq!(
+        ctl.usage_error(&["model", "update", "gpt-4o", "--price-input", "1.0000001"])
+            .await,
+        "error: invalid value '1.0000001' for '--price-input <USD>': a price has at most 6 decimal places (it is kept in micro-USD per million tokens)"
+    );
+    assert_eq!(
+        ctl.usage_error(&["model", "update", "gpt-4o", "--price-output", "-1"])
+            .await,
+        "error: invalid value '-1' for '--price-output <USD>': a price must not be negative"
+    );
+    let line = ctl
+        .usage_error(&["model", "update", "gpt-4o", "--price-input", "abc"])
+        .await;
+    assert!(
+        line.starts_with("error: invalid value 'abc' for '--price-input <USD>': expected a price"),
+        "{line}"
+    );
+    // ...and by the control plane past its bound (exit code 1).
+    assert_eq!(
+        ctl.fails(&[
+            "model",
+            "update",
+            "gpt-4o",
+            "--price-input",
+            "1000000.000001"
+        ])
+        .await,
+        "error: price_input must be at most 1000000000000 micro-USD per million tokens ($1000000 per million tokens), got 1000000000001"
+    );
+    assert_eq!(
+        ctl.json(&["model", "get", "gpt-4o"]).await,
+        updated,
+        "nothing changed"
+    );
+    cp.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn control_planes_out_of_reach_are_explained_in_one_line() {
     // Refused before any connection attempt.

@@ -53,7 +53,17 @@ fn model(row: ModelRow) -> ProviderModel {
         deployment: row.deployment,
         created_at: Some(timestamp(row.created_at)),
         updated_at: Some(timestamp(row.updated_at)),
+        price_input: row.price_input,
+        price_output: row.price_output,
+        price_cache_read: row.price_cache_read,
+        price_cache_write: row.price_cache_write,
     }
+}
+
+/// An update's [`PriceUpdate`]: absent leaves the price as it is (`None`), present sets it or,
+/// without a value, removes it (`Some(value)`).
+fn price_update(update: Option<PriceUpdate>) -> Option<Option<i64>> {
+    update.map(|u| u.micro_usd_per_million)
 }
 
 fn virtual_key(row: VirtualKeyRow) -> VirtualKey {
@@ -193,6 +203,10 @@ impl AdminService for AdminApi {
                 name: req.name,
                 remote: req.remote,
                 deployment: req.deployment,
+                price_input: req.price_input,
+                price_output: req.price_output,
+                price_cache_read: req.price_cache_read,
+                price_cache_write: req.price_cache_write,
             })
             .await?;
         Ok(Response::new(model(written.value)))
@@ -229,6 +243,10 @@ impl AdminService for AdminApi {
             name: req.name,
             remote: req.remote,
             deployment: req.deployment.map(|d| (!d.trim().is_empty()).then_some(d)),
+            price_input: price_update(req.price_input),
+            price_output: price_update(req.price_output),
+            price_cache_read: price_update(req.price_cache_read),
+            price_cache_write: price_update(req.price_cache_write),
         };
         let written = self.store.update_model(&req.id, patch).await?;
         Ok(Response::new(model(written.value)))

@@ -258,3 +258,51 @@ impl Database {
         )
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::rows::ModelRow;
+    use crate::schema::provider_models;
+    use diesel::{QueryDsl as _, SelectableHelper as _};
+
+    /// A model stored before prices existed has none after the upgrade (the new columns are
+    /// NULL), and it still reads.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn models_stored_before_prices_have_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let conn = establish_sqlite(path.to_str().unwrap()).await.unwrap();
+        let mut harness = AsyncMigrationHarness::new(conn);
+        // The first migration only: the schema as it was before prices.
+        harness.run_next_migration(SQLITE_MIGRATIONS).unwrap();
+        let mut conn = harness.into_inner();
+        conn.batch_execute(
+            "INSERT INTO connections (id, name, provider, endpoint, credential, options, created_at, updated_at) \
+             VALUES ('conn-1', 'OpenAI', 'openai', 'https://api.openai.com', x'00', '{}', 1, 1); \
+             INSERT INTO provider_models (id, connection_id, name, remote, created_at, updated_at) \
+             VALUES ('model-1', 'conn-1', 'gpt-4o', 'gpt-4o', 1, 1);",
+        )
+        .await
+        .unwrap();
+        let mut harness = AsyncMigrationHarness::new(conn);
+        harness.run_pending_migrations(SQLITE_MIGRATIONS).unwrap();
+        let mut conn = harness.into_inner();
+        let row: ModelRow = provider_models::table
+            .select(ModelRow::as_select())
+            .first(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(row.name, "gpt-4o");
+        assert_eq!(
+            [
+                row.price_input,
+                row.price_output,
+                row.price_cache_read,
+                row.price_cache_write
+            ],
+            [None; 4]
+        );
+    }
+}

@@ -270,6 +270,10 @@ pub async fn build_snapshot(
                 name: m.name,
                 remote: m.remote,
                 deployment: m.deployment,
+                price_input: m.price_input,
+                price_output: m.price_output,
+                price_cache_read: m.price_cache_read,
+                price_cache_write: m.price_cache_write,
             })
             .collect(),
         virtual_keys: rows

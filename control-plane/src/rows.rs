@@ -28,6 +28,11 @@ pub struct ModelRow {
     pub deployment: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Micro-USD per million tokens (DESIGN §18); `None` = no price.
+    pub price_input: Option<i64>,
+    pub price_output: Option<i64>,
+    pub price_cache_read: Option<i64>,
+    pub price_cache_write: Option<i64>,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]

@@ -30,6 +30,10 @@ diesel::table! {
         deployment -> Nullable<Text>,
         created_at -> BigInt,
         updated_at -> BigInt,
+        price_input -> Nullable<BigInt>,
+        price_output -> Nullable<BigInt>,
+        price_cache_read -> Nullable<BigInt>,
+        price_cache_write -> Nullable<BigInt>,
     }
 }
 

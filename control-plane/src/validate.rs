@@ -151,6 +151,32 @@ pub fn positive(field: &'static str, value: i64) -> Result<i64, StoreError> {
     }
 }
 
+/// The highest price accepted, in micro-USD per million tokens: $1M per million tokens, i.e. $1
+/// per token. Real prices are below $1000 per million tokens, so anything past this is a mistake
+/// (typically a unit slip: USD or pico-USD where micro-USD was meant), and the bound keeps the
+/// cost of a request of up to 9 million tokens within an `i64` of pico-USD (DESIGN §18).
+pub const MAX_PRICE_MICRO_USD_PER_MILLION: i64 = 1_000_000_000_000;
+
+/// A model price in micro-USD per million tokens: 0 (free) up to
+/// [`MAX_PRICE_MICRO_USD_PER_MILLION`].
+pub fn price(field: &'static str, value: i64) -> Result<i64, StoreError> {
+    if value < 0 {
+        return Err(StoreError::invalid(
+            field,
+            format!("must not be negative, got {value} micro-USD per million tokens"),
+        ));
+    }
+    if value > MAX_PRICE_MICRO_USD_PER_MILLION {
+        return Err(StoreError::invalid(
+            field,
+            format!(
+                "must be at most {MAX_PRICE_MICRO_USD_PER_MILLION} micro-USD per million tokens ($1000000 per million tokens), got {value}"
+            ),
+        ));
+    }
+    Ok(value)
+}
+
 /// A user-chosen virtual key. The message never echoes the key.
 pub fn user_key(value: &str) -> Result<(), StoreError> {
     let len = value.chars().count();
@@ -284,6 +310,26 @@ mod tests {
         );
         assert!(positive("tpm", -5).is_err());
         assert!(alias("gpt 4").is_err());
+    }
+
+    #[test]
+    fn prices_are_bounded() {
+        assert_eq!(price("price_input", 0).unwrap(), 0);
+        assert_eq!(price("price_input", 2_500_000).unwrap(), 2_500_000);
+        assert_eq!(
+            price("price_output", MAX_PRICE_MICRO_USD_PER_MILLION).unwrap(),
+            MAX_PRICE_MICRO_USD_PER_MILLION
+        );
+        assert_eq!(
+            message(price("price_input", -1).unwrap_err()),
+            "price_input must not be negative, got -1 micro-USD per million tokens"
+        );
+        assert_eq!(
+            message(price("price_cache_read", MAX_PRICE_MICRO_USD_PER_MILLION + 1).unwrap_err()),
+            "price_cache_read must be at most 1000000000000 micro-USD per million tokens ($1000000 per million tokens), got 1000000000001"
+        );
+        assert!(price("price_cache_write", i64::MIN).is_err());
+        assert!(price("price_cache_write", i64::MAX).is_err());
     }
 
     #[test]

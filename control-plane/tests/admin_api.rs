@@ -52,6 +52,7 @@ async fn add_model(
             name: name.into(),
             remote: format!("{name}-remote"),
             deployment: deployment.map(Into::into),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -285,6 +286,7 @@ async fn models_crud(backend: Backend) {
             name: Some("gpt-4o-azure".into()),
             remote: Some("gpt-4o-2024-08-06".into()),
             deployment: Some(String::new()),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -302,6 +304,240 @@ async fn models_crud(backend: Backend) {
         Code::NotFound,
         &az.id,
     );
+    cp.shutdown().await;
+}
+
+/// The four prices of a model, in the order input, output, cache read, cache write.
+fn prices(m: &ProviderModel) -> [Option<i64>; 4] {
+    [
+        m.price_input,
+        m.price_output,
+        m.price_cache_read,
+        m.price_cache_write,
+    ]
+}
+
+fn set_price(micro_usd_per_million: i64) -> Option<PriceUpdate> {
+    Some(PriceUpdate {
+        micro_usd_per_million: Some(micro_usd_per_million),
+    })
+}
+
+fn unset_price() -> Option<PriceUpdate> {
+    Some(PriceUpdate {
+        micro_usd_per_million: None,
+    })
+}
+
+/// Prices (DESIGN §18): stored in micro-USD per million tokens, returned by every read, changed
+/// one by one (set, unset, left alone) by updates, bounded, and carried by the snapshot.
+async fn model_prices(backend: Backend) {
+    let db = common::fresh_db(backend).await;
+    let cp = common::start(&db).await;
+    let mut admin = common::admin(&cp, None).await;
+    add_connection(
+        &mut admin,
+        "OpenAI",
+        "openai",
+        "https://api.openai.com",
+        &[],
+    )
+    .await;
+
+    // gpt-4o: $2.50 in, $10 out, $1.25 cached; no cache-write price.
+    let gpt = admin
+        .create_provider_model(CreateProviderModelRequest {
+            connection_id: "OpenAI".into(),
+            name: "gpt-4o".into(),
+            remote: "gpt-4o".into(),
+            price_input: Some(2_500_000),
+            price_output: Some(10_000_000),
+            price_cache_read: Some(1_250_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        prices(&gpt),
+        [Some(2_500_000), Some(10_000_000), Some(1_250_000), None]
+    );
+    // A model without prices, and a free one (0 is a price).
+    let plain = add_model(&mut admin, "OpenAI", "plain", None).await;
+    assert_eq!(prices(&plain), [None; 4]);
+    let free = admin
+        .create_provider_model(CreateProviderModelRequest {
+            connection_id: "OpenAI".into(),
+            name: "free".into(),
+            remote: "llama".into(),
+            price_input: Some(0),
+            price_output: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(prices(&free), [Some(0), Some(0), None, None]);
+
+    // Reads return what was stored.
+    let got = admin
+        .get_provider_model(get("OpenAI/gpt-4o"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(prices(&got), prices(&gpt));
+    let listed = admin
+        .list_provider_models(ListProviderModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let by_name: HashMap<&str, [Option<i64>; 4]> = listed
+        .iter()
+        .map(|m| (m.name.as_str(), prices(m)))
+        .collect();
+    assert_eq!(by_name["gpt-4o"], prices(&gpt));
+    assert_eq!(by_name["plain"], [None; 4]);
+    assert_eq!(by_name["free"], [Some(0), Some(0), None, None]);
+
+    // An update without prices leaves them alone.
+    let renamed = admin
+        .update_provider_model(UpdateProviderModelRequest {
+            id: gpt.id.clone(),
+            remote: Some("gpt-4o-2024-08-06".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(prices(&renamed), prices(&gpt));
+    // Set one, unset another, leave the rest.
+    let repriced = admin
+        .update_provider_model(UpdateProviderModelRequest {
+            id: gpt.id.clone(),
+            price_output: set_price(8_000_000),
+            price_cache_read: unset_price(),
+            price_cache_write: set_price(3_125_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        prices(&repriced),
+        [Some(2_500_000), Some(8_000_000), None, Some(3_125_000)]
+    );
+    assert_eq!(
+        prices(
+            &admin
+                .get_provider_model(get(&gpt.id))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        prices(&repriced)
+    );
+
+    // Out of range: refused with the field named, nothing changed.
+    let max = llm_proxy_control_plane::validate::MAX_PRICE_MICRO_USD_PER_MILLION;
+    let create = |field: &str, value: i64| {
+        let mut request = CreateProviderModelRequest {
+            connection_id: "OpenAI".into(),
+            name: "bad".into(),
+            remote: "bad".into(),
+            ..Default::default()
+        };
+        match field {
+            "price_input" => request.price_input = Some(value),
+            "price_output" => request.price_output = Some(value),
+            "price_cache_read" => request.price_cache_read = Some(value),
+            _ => request.price_cache_write = Some(value),
+        }
+        request
+    };
+    for field in [
+        "price_input",
+        "price_output",
+        "price_cache_read",
+        "price_cache_write",
+    ] {
+        for value in [-1, i64::MIN, max + 1] {
+            assert_status(
+                admin.create_provider_model(create(field, value)).await,
+                Code::InvalidArgument,
+                field,
+            );
+        }
+    }
+    let negative = admin
+        .update_provider_model(UpdateProviderModelRequest {
+            id: gpt.id.clone(),
+            price_input: set_price(-2_500_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(negative.code(), Code::InvalidArgument);
+    assert_eq!(
+        negative.message(),
+        "price_input must not be negative, got -2500000 micro-USD per million tokens"
+    );
+    assert_status(
+        admin
+            .update_provider_model(UpdateProviderModelRequest {
+                id: gpt.id.clone(),
+                price_cache_write: set_price(max + 1),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "price_cache_write",
+    );
+    // The bound itself is a price.
+    let dearest = admin
+        .update_provider_model(UpdateProviderModelRequest {
+            id: free.id.clone(),
+            price_output: set_price(max),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dearest.price_output, Some(max));
+    assert_eq!(
+        prices(
+            &admin
+                .get_provider_model(get(&gpt.id))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        prices(&repriced)
+    );
+
+    // The snapshot carries the prices to the data planes.
+    let built = llm_proxy_control_plane::hub::build_snapshot(&cp.store, 0)
+        .await
+        .unwrap();
+    let snapshot_prices: HashMap<String, [Option<i64>; 4]> = built
+        .snapshot
+        .models
+        .into_iter()
+        .map(|m| {
+            (
+                m.name,
+                [
+                    m.price_input,
+                    m.price_output,
+                    m.price_cache_read,
+                    m.price_cache_write,
+                ],
+            )
+        })
+        .collect();
+    assert_eq!(snapshot_prices["gpt-4o"], prices(&repriced));
+    assert_eq!(snapshot_prices["plain"], [None; 4]);
+    assert_eq!(snapshot_prices["free"], [Some(0), Some(max), None, None]);
     cp.shutdown().await;
 }
 
@@ -732,6 +968,7 @@ async fn bad_input_is_rejected_with_the_field_named(backend: Backend) {
         name: name.into(),
         remote: remote.into(),
         deployment: None,
+        ..Default::default()
     };
     assert_status(
         admin.create_provider_model(model("nope", "m", "r")).await,
@@ -1074,6 +1311,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     connections_crud,
     models_crud,
+    model_prices,
     virtual_keys_crud,
     assignments_crud,
     deleting_referenced_rows_needs_force,

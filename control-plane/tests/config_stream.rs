@@ -112,6 +112,7 @@ async fn subscribe_and_receive(backend: Backend) {
             name: "gpt-4".into(),
             remote: "gpt-4-0613".into(),
             deployment: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -441,6 +442,7 @@ async fn snapshot_of_100k_virtual_keys_passes_the_stream() {
             name: "gpt-4o-mini".into(),
             remote: "gpt-4o-mini".into(),
             deployment: None,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -78,6 +78,7 @@ async fn add_connection(admin: &mut AdminServiceClient<Channel>, name: &str, cre
             name: format!("{name}-model"),
             remote: "gpt-4o".into(),
             deployment: None,
+            ..Default::default()
         })
         .await
         .unwrap();

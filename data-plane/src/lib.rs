@@ -7,6 +7,7 @@
 pub mod body;
 pub mod clock;
 pub mod conversation;
+pub mod cost;
 pub mod errors;
 pub mod front_door;
 pub mod gateway;

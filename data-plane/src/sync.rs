@@ -882,7 +882,7 @@ mod tests {
                     connection_id: "conn".into(),
                     name: "gpt-4o".into(),
                     remote: "gpt-4o".into(),
-                    deployment: None,
+                    ..Default::default()
                 })
                 .into_iter()
                 .collect(),

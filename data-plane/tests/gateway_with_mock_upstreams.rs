@@ -98,6 +98,7 @@ async fn fixture_with(redis_url: Option<SecretString>) -> Fixture {
                 name: name.into(),
                 remote: remote.into(),
                 deployment: deployment.map(Into::into),
+                ..Default::default()
             })
             .await
             .unwrap();

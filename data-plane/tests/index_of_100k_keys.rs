@@ -30,6 +30,7 @@ fn a_100k_key_snapshot_applies_and_every_key_resolves() {
             name: "gpt-4o-mini".into(),
             remote: "gpt-4o-mini".into(),
             deployment: None,
+            ..Default::default()
         }],
         virtual_keys: (0..KEYS)
             .map(|i| SnapshotVirtualKey {

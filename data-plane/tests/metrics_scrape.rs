@@ -295,6 +295,7 @@ async fn configure(cp: &RunningControlPlane, ok: &MockUpstream, broken: &MockUps
                 name: name.into(),
                 remote: remote.into(),
                 deployment: None,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -195,6 +195,7 @@ async fn request_span_reaches_the_collector_with_its_attributes_and_no_secret() 
             name: "gpt-4o".into(),
             remote: "gpt-4o-2024-08-06".into(),
             deployment: None,
+            ..Default::default()
         })
         .await
         .unwrap();

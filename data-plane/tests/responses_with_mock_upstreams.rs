@@ -120,6 +120,7 @@ async fn fixture() -> Fixture {
                 name: name.into(),
                 remote: "gpt-4.1".into(),
                 deployment: Some(deployment.into()),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -130,6 +131,7 @@ async fn fixture() -> Fixture {
             name: "gpt-second".into(),
             remote: "gpt-4.1".into(),
             deployment: None,
+            ..Default::default()
         })
         .await
         .unwrap();

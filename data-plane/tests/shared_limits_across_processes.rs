@@ -73,6 +73,7 @@ async fn control_plane(upstream: &str, tps: Option<i64>, tpm: Option<i64>) -> (S
             name: "m".into(),
             remote: REMOTE_MODEL.into(),
             deployment: None,
+            ..Default::default()
         })
         .await
         .unwrap();

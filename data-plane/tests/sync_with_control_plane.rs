@@ -7,9 +7,9 @@ use llm_proxy_control_plane::crypto::MasterKeys;
 use llm_proxy_control_plane::hub::HubTimings;
 use llm_proxy_control_plane::server::{self, RunningControlPlane, ServerSettings};
 use llm_proxy_control_plane::store::{
-    NewAssignment, NewConnection, NewModel, NewVirtualKey, Store, VirtualKeyPatch,
+    ModelPatch, NewAssignment, NewConnection, NewModel, NewVirtualKey, Store, VirtualKeyPatch,
 };
-use llm_proxy_data_plane::index::{AuthError, Provider};
+use llm_proxy_data_plane::index::{AuthError, Prices, Provider};
 use llm_proxy_data_plane::sync::{self, ConfigHandle, SyncSettings};
 use secrecy::{ExposeSecret as _, SecretString};
 use std::future::Future;
@@ -90,6 +90,9 @@ async fn seed(store: &Store) -> i64 {
             name: "gpt-4".into(),
             remote: "gpt-4-0613".into(),
             deployment: None,
+            price_input: Some(30_000_000),
+            price_output: Some(60_000_000),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -161,6 +164,15 @@ async fn snapshot_reaches_the_index_and_key_changes_apply() {
     assert_eq!(target.connection.endpoint, "https://api.openai.com");
     assert_eq!(target.connection.timeout, Duration::from_secs(20));
     assert_eq!(target.limits.tps, Some(5));
+    // The model's prices, ready for each request's cost (DESIGN §18).
+    assert_eq!(
+        target.model.prices,
+        Some(Prices {
+            input: Some(30_000_000),
+            output: Some(60_000_000),
+            ..Prices::default()
+        })
+    );
     assert!(
         !format!("{index:?} {key:?}").contains("sk-live-credential"),
         "Debug must not print credentials"
@@ -168,6 +180,36 @@ async fn snapshot_reaches_the_index_and_key_changes_apply() {
     assert_eq!(
         index.authenticate("vk-unknown-123456", NOW).unwrap_err(),
         AuthError::UnknownKey
+    );
+
+    // New prices apply with the next version, like any change.
+    let repriced = cp
+        .store
+        .update_model(
+            "gpt-4",
+            ModelPatch {
+                price_input: Some(None),
+                price_cache_read: Some(Some(15_000_000)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    eventually(
+        "snapshot with the new prices",
+        handle.wait_for_version(repriced.version),
+    )
+    .await;
+    let index = handle.current().unwrap();
+    let key = index.authenticate(KEY, NOW).unwrap();
+    let target = key.pool("chat").unwrap().attempt_order(42).next().unwrap();
+    assert_eq!(
+        target.model.prices,
+        Some(Prices {
+            output: Some(60_000_000),
+            cache_read: Some(15_000_000),
+            ..Prices::default()
+        })
     );
 
     // (2) Disabling the key takes effect with the next version.

@@ -45,11 +45,17 @@ pub struct ConnectionPatch {
     pub unset_options: Vec<String>,
 }
 
+#[derive(Default)]
 pub struct NewModel {
     pub connection: String,
     pub name: String,
     pub remote: String,
     pub deployment: Option<String>,
+    /// Micro-USD per million tokens (DESIGN §18); `None` = no price.
+    pub price_input: Option<i64>,
+    pub price_output: Option<i64>,
+    pub price_cache_read: Option<i64>,
+    pub price_cache_write: Option<i64>,
 }
 
 #[derive(Default)]
@@ -58,6 +64,11 @@ pub struct ModelPatch {
     pub remote: Option<String>,
     /// `Some(None)` clears the deployment.
     pub deployment: Option<Option<String>>,
+    /// `None` leaves a price unchanged, `Some(None)` removes it, `Some(Some(v))` sets it.
+    pub price_input: Option<Option<i64>>,
+    pub price_output: Option<Option<i64>>,
+    pub price_cache_read: Option<Option<i64>>,
+    pub price_cache_write: Option<Option<i64>>,
 }
 
 pub struct NewVirtualKey {
@@ -252,6 +263,16 @@ impl Store {
             .as_deref()
             .map(validate::deployment)
             .transpose()?;
+        for (field, value) in [
+            ("price_input", input.price_input),
+            ("price_output", input.price_output),
+            ("price_cache_read", input.price_cache_read),
+            ("price_cache_write", input.price_cache_write),
+        ] {
+            if let Some(v) = value {
+                validate::price(field, v)?;
+            }
+        }
         let result = on_backend!(self, create_model(&input));
         self.written(result)
     }
@@ -277,6 +298,16 @@ impl Store {
         }
         if let Some(Some(deployment)) = &patch.deployment {
             patch.deployment = Some(Some(validate::deployment(deployment)?));
+        }
+        for (field, value) in [
+            ("price_input", patch.price_input),
+            ("price_output", patch.price_output),
+            ("price_cache_read", patch.price_cache_read),
+            ("price_cache_write", patch.price_cache_write),
+        ] {
+            if let Some(Some(v)) = value {
+                validate::price(field, v)?;
+            }
         }
         let result = on_backend!(self, update_model(r, &patch));
         self.written(result)

@@ -381,6 +381,10 @@ macro_rules! backend_queries {
                         deployment: input.deployment.clone(),
                         created_at: now,
                         updated_at: now,
+                        price_input: input.price_input,
+                        price_output: input.price_output,
+                        price_cache_read: input.price_cache_read,
+                        price_cache_write: input.price_cache_write,
                     };
                     diesel::insert_into(provider_models::table)
                         .values(&row)
@@ -431,12 +435,28 @@ macro_rules! backend_queries {
                     if let Some(deployment) = &patch.deployment {
                         row.deployment = deployment.clone();
                     }
+                    if let Some(price) = patch.price_input {
+                        row.price_input = price;
+                    }
+                    if let Some(price) = patch.price_output {
+                        row.price_output = price;
+                    }
+                    if let Some(price) = patch.price_cache_read {
+                        row.price_cache_read = price;
+                    }
+                    if let Some(price) = patch.price_cache_write {
+                        row.price_cache_write = price;
+                    }
                     row.updated_at = now_micros();
                     diesel::update(provider_models::table.filter(provider_models::id.eq(&row.id)))
                         .set((
                             provider_models::name.eq(&row.name),
                             provider_models::remote.eq(&row.remote),
                             provider_models::deployment.eq(&row.deployment),
+                            provider_models::price_input.eq(row.price_input),
+                            provider_models::price_output.eq(row.price_output),
+                            provider_models::price_cache_read.eq(row.price_cache_read),
+                            provider_models::price_cache_write.eq(row.price_cache_write),
                             provider_models::updated_at.eq(row.updated_at),
                         ))
                         .execute(c)

@@ -47,6 +47,22 @@ pub(super) fn limits(a: &SnapshotAssignment) -> Result<Limits, String> {
     })
 }
 
+/// A model's prices from the snapshot; `Err` names the first negative one (the control plane
+/// refuses those, so only a bug or a version skew sends one).
+pub(super) fn prices(m: &SnapshotModel) -> Result<Option<Prices>, String> {
+    let price = |field: &str, value: Option<i64>| {
+        value
+            .map(|v| u64::try_from(v).map_err(|_| format!("{field} must not be negative, got {v}")))
+            .transpose()
+    };
+    Ok(Prices::new(
+        price("price_input", m.price_input)?,
+        price("price_output", m.price_output)?,
+        price("price_cache_read", m.price_cache_read)?,
+        price("price_cache_write", m.price_cache_write)?,
+    ))
+}
+
 /// What makes two assignments route alike (see [`Route`]).
 #[derive(PartialEq, Eq, Hash)]
 pub(super) struct RouteKey {
@@ -197,12 +213,22 @@ impl IndexBuilder {
     }
 
     fn add_model(&mut self, m: SnapshotModel) {
+        // A bad price costs the model its prices (no cost is recorded rather than a wrong one),
+        // not its routing.
+        let prices = prices(&m).unwrap_or_else(|reason| {
+            tracing::warn!(model_id = %m.id, %reason, "ignoring the model's prices");
+            None
+        });
         let SnapshotModel {
             id,
             connection_id,
             name,
             remote,
             deployment,
+            price_input: _,
+            price_output: _,
+            price_cache_read: _,
+            price_cache_write: _,
         } = m;
         let counts = &mut self.index.counts;
         let Some(conn) = self.connections.get(&connection_id) else {
@@ -218,6 +244,7 @@ impl IndexBuilder {
             name,
             remote,
             deployment,
+            prices,
         });
         if self
             .models

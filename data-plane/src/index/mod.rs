@@ -29,6 +29,7 @@ mod builder;
 mod digest;
 mod pool;
 
+pub use crate::cost::Prices;
 pub use builder::IndexBuilder;
 pub use llm_proxy_catalog::{ConnectionOption, DEFAULT_UPSTREAM_TIMEOUT, Provider};
 pub use pool::{AttemptOrder, Pool};
@@ -64,6 +65,8 @@ pub struct ModelEntry {
     pub remote: String,
     /// Azure deployment name.
     pub deployment: Option<String>,
+    /// For the cost of each request (DESIGN §18); `None` when the model has no price.
+    pub prices: Option<Prices>,
 }
 
 /// Rate limits of one assignment; `None` = unlimited.
@@ -366,6 +369,7 @@ mod tests {
             name: name.into(),
             remote: format!("{name}-remote"),
             deployment: None,
+            ..Default::default()
         }
     }
 
@@ -512,6 +516,59 @@ mod tests {
         );
         assert!(key.pool("orphan").is_none());
         assert!(key.pool("palm").is_none());
+    }
+
+    #[test]
+    fn models_keep_their_prices() {
+        let mut s = snapshot();
+        s.models[0] = SnapshotModel {
+            price_input: Some(2_500_000),
+            price_output: Some(10_000_000),
+            price_cache_read: Some(1_250_000),
+            ..model("model-a", "conn-a", "gpt-4")
+        };
+        // A negative price (only a buggy or skewed control plane sends one) drops the model's
+        // prices, not the model.
+        s.models[1] = SnapshotModel {
+            price_input: Some(3_000_000),
+            price_output: Some(-1),
+            ..model("model-b", "conn-b", "gpt-4-azure")
+        };
+        let index = ConfigIndex::build(s).unwrap();
+        let key = index.authenticate("vk-ok-123456", 0).unwrap();
+        let priced = key.pool("gpt-4").unwrap().target(0).unwrap().model;
+        assert_eq!(
+            priced.prices,
+            Some(Prices {
+                input: Some(2_500_000),
+                output: Some(10_000_000),
+                cache_read: Some(1_250_000),
+                cache_write: None,
+            })
+        );
+        let skewed = key.pool("gpt-4-azure").unwrap().target(0).unwrap().model;
+        assert_eq!(skewed.id, "model-b");
+        assert_eq!(skewed.prices, None);
+        assert_eq!(index.counts.models, 2);
+    }
+
+    #[test]
+    fn a_model_without_prices_has_none() {
+        let index = ConfigIndex::build(snapshot()).unwrap();
+        let key = index.authenticate("vk-ok-123456", 0).unwrap();
+        let unpriced = key.pool("gpt-4").unwrap().target(0).unwrap().model;
+        assert_eq!(unpriced.prices, None);
+        let free = super::builder::prices(&SnapshotModel {
+            price_input: Some(0),
+            ..model("m", "c", "free")
+        });
+        assert_eq!(
+            free,
+            Ok(Some(Prices {
+                input: Some(0),
+                ..Prices::default()
+            }))
+        );
     }
 
     #[test]

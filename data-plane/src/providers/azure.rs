@@ -225,6 +225,7 @@ mod tests {
                 name: "gpt-4o".into(),
                 remote: "gpt-4o".into(),
                 deployment: deployment.map(Into::into),
+                prices: None,
             },
             connection: ConnectionEntry {
                 id: "conn-1".into(),

@@ -143,6 +143,7 @@ pub async fn add_models_for_key(
                 name: (*name).into(),
                 remote: (*remote).into(),
                 deployment: None,
+                ..Default::default()
             })
             .await
             .unwrap();
