@@ -30,6 +30,15 @@ impl Operation {
         }
     }
 
+    /// `gen_ai.operation.name` (OpenTelemetry GenAI semantic conventions), for inference calls.
+    pub fn gen_ai_operation(self) -> Option<&'static str> {
+        match self {
+            Operation::ChatCompletions | Operation::Messages | Operation::Responses => Some("chat"),
+            Operation::Embeddings => Some("embeddings"),
+            Operation::CountTokens => None,
+        }
+    }
+
     /// The path suffix after `/v1/`: OpenAI's (shared by OpenAI and Azure) or Anthropic's.
     pub fn path(self) -> &'static str {
         match self {

@@ -4,7 +4,7 @@
 use crate::body::{self, ParsedRequest};
 use crate::errors::ApiError;
 use crate::inbound::{InboundDialect, InboundRequest};
-use crate::index::{ConfigIndex, KeyEntry, Target};
+use crate::index::{ConfigIndex, ConnectionEntry, KeyEntry, Target};
 use crate::limits::Limits;
 use crate::metrics::{LimitResult, Metrics, UpstreamErrorKind};
 use crate::providers::capped::{self, CappedReadError};
@@ -20,6 +20,7 @@ use axum::extract::{Path, Query, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use llm_proxy_catalog::Provider;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -576,6 +577,10 @@ impl RequestRecord {
         self.provider = provider;
         self.span.record("provider", provider);
         self.span.record("model", target.model.remote.as_str());
+        self.span
+            .record("gen_ai.system", gen_ai_system(target.connection));
+        self.span
+            .record("gen_ai.request.model", target.model.remote.as_str());
     }
 
     fn usage(&self, metrics: &Metrics, usage: &Usage) {
@@ -601,6 +606,11 @@ fn record_usage(
     let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     span.record("prompt_tokens", signed(usage.prompt_tokens));
     span.record("completion_tokens", signed(usage.completion_tokens));
+    span.record("gen_ai.usage.input_tokens", signed(usage.prompt_tokens));
+    span.record(
+        "gen_ai.usage.output_tokens",
+        signed(usage.completion_tokens),
+    );
     if let Some(alias) = alias {
         metrics.tokens(
             alias,
@@ -608,6 +618,24 @@ fn record_usage(
             usage.prompt_tokens,
             usage.completion_tokens,
         );
+    }
+}
+
+/// The OpenTelemetry GenAI `gen_ai.system` of a connection (the semantic conventions' names).
+fn gen_ai_system(connection: &ConnectionEntry) -> &'static str {
+    match connection.provider {
+        Provider::OpenAi => "openai",
+        Provider::Azure => "az.ai.openai",
+        Provider::Anthropic => "anthropic",
+        Provider::Bedrock => "aws.bedrock",
+        Provider::Google => {
+            use secrecy::ExposeSecret as _;
+            // Only to tell Vertex from the Gemini API by the credential's shape.
+            match providers::google::api_of(connection, connection.credential.expose_secret()) {
+                providers::google::Api::Vertex => "gcp.vertex_ai",
+                providers::google::Api::Gemini => "gcp.gemini",
+            }
+        }
     }
 }
 
@@ -637,6 +665,7 @@ pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-i
 fn start_request(
     headers: &HeaderMap,
     operation: &'static str,
+    gen_ai_operation: Option<&'static str>,
 ) -> (RequestRecord, TraceContext, HeaderValue) {
     let started = Instant::now();
     let request_id = request_id(headers);
@@ -656,6 +685,12 @@ fn start_request(
         prompt_tokens = Empty,
         completion_tokens = Empty,
         upstream_ms = Empty,
+        // OpenTelemetry GenAI semantic conventions (DESIGN §18), next to the names above.
+        gen_ai.operation.name = gen_ai_operation,
+        gen_ai.system = Empty,
+        gen_ai.request.model = Empty,
+        gen_ai.usage.input_tokens = Empty,
+        gen_ai.usage.output_tokens = Empty,
     );
     let mut trace = TraceContext::of_request(headers);
     if let Some(ids) = llm_proxy_telemetry::link_span(&span, trace.client_parent()) {
@@ -677,7 +712,11 @@ async fn handle(
     body: Body,
     inbound: InboundRequest,
 ) -> Response {
-    let (mut record, trace, request_id) = start_request(&headers, inbound.operation.span_name());
+    let (mut record, trace, request_id) = start_request(
+        &headers,
+        inbound.operation.span_name(),
+        inbound.operation.gen_ai_operation(),
+    );
     let span = record.span.clone();
     let result = handle_inner(&state, &headers, body, &inbound, trace, &mut record)
         .instrument(span)
@@ -926,7 +965,7 @@ async fn stored_response(state: AppState, headers: HeaderMap, call: StoredCall) 
         (_, "") => "responses.retrieve",
         _ => "responses.input_items",
     };
-    let (mut record, trace, request_id) = start_request(&headers, operation);
+    let (mut record, trace, request_id) = start_request(&headers, operation, None);
     let span = record.span.clone();
     let result = stored_response_inner(&state, &headers, &call, trace, &mut record)
         .instrument(span)

@@ -267,6 +267,15 @@ async fn request_span_reaches_the_collector_with_its_attributes_and_no_secret() 
     assert_eq!(int_attribute(&span, "status"), 200);
     assert_eq!(int_attribute(&span, "prompt_tokens"), 9);
     assert_eq!(int_attribute(&span, "completion_tokens"), 3);
+    // OpenTelemetry GenAI semantic conventions (DESIGN §18).
+    assert_eq!(string_attribute(&span, "gen_ai.operation.name"), "chat");
+    assert_eq!(string_attribute(&span, "gen_ai.system"), "openai");
+    assert_eq!(
+        string_attribute(&span, "gen_ai.request.model"),
+        "gpt-4o-2024-08-06"
+    );
+    assert_eq!(int_attribute(&span, "gen_ai.usage.input_tokens"), 9);
+    assert_eq!(int_attribute(&span, "gen_ai.usage.output_tokens"), 3);
     match attribute(&span, "upstream_ms") {
         Some(AnyValue::DoubleValue(ms)) => assert!(ms > 0.0, "upstream_ms {ms}"),
         other => panic!("upstream_ms: {other:?}"),
