@@ -602,12 +602,7 @@ fn record_usage(
     span.record("prompt_tokens", signed(usage.prompt_tokens));
     span.record("completion_tokens", signed(usage.completion_tokens));
     if let Some(alias) = alias {
-        metrics.tokens(
-            alias,
-            provider,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-        );
+        metrics.tokens(alias, provider, usage);
     }
 }
 
