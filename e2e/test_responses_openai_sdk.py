@@ -553,6 +553,7 @@ def test_passthrough_usage_reaches_the_metrics(gateway):
     client.responses.create(model=METERED_PASSTHROUGH, input=PROMPT)
     with client.responses.stream(model=METERED_PASSTHROUGH, input=PROMPT) as stream:
         list(stream)
+    # gpt-4o without CACHEME: no cached or reasoning tokens, so no cache_read or reasoning series.
     wait_for_token_counts(gateway, METERED_PASSTHROUGH,
                           {"prompt": 2 * RESPONSES_INPUT_TOKENS, "completion": 2 * RESPONSES_OUTPUT_TOKENS})
 

@@ -7,6 +7,7 @@
 
 use crate::ratelimit::AnyLimiter;
 use crate::sync::ConfigHandle;
+use crate::usage::Usage;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -277,15 +278,29 @@ impl Metrics {
             .observe(time.as_secs_f64());
     }
 
-    pub fn tokens(&self, alias: &Arc<str>, provider: &'static str, prompt: u64, completion: u64) {
-        for (kind, count) in [("prompt", prompt), ("completion", completion)] {
-            self.tokens
-                .get_or_create(&TokenLabels {
-                    alias: alias.clone(),
-                    provider,
-                    kind,
-                })
-                .inc_by(count);
+    /// Counts one answer's tokens by kind (DESIGN §18). `prompt` and `completion` (every token,
+    /// cached or reasoning included) are counted on every answer with usage; their subsets
+    /// `cache_read`, `cache_write` (of prompt) and `reasoning` (of completion) only when the
+    /// answer had some, so that an alias whose provider never reports a kind exports no series
+    /// of it (a missing series says "never reported", not "reported zero").
+    pub fn tokens(&self, alias: &Arc<str>, provider: &'static str, usage: &Usage) {
+        let kinds = [
+            ("prompt", usage.prompt_tokens, true),
+            ("completion", usage.completion_tokens, true),
+            ("cache_read", usage.cache_read_tokens, false),
+            ("cache_write", usage.cache_write_tokens, false),
+            ("reasoning", usage.reasoning_tokens, false),
+        ];
+        for (kind, count, always) in kinds {
+            if always || count > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        alias: alias.clone(),
+                        provider,
+                        kind,
+                    })
+                    .inc_by(count);
+            }
         }
     }
 
@@ -341,7 +356,7 @@ impl Metrics {
         );
         registry.register(
             "llm_proxy_tokens",
-            "Tokens reported by upstreams, by kind (prompt or completion)",
+            "Tokens reported by upstreams, by kind: prompt and completion (all of them), and their parts cache_read, cache_write (of prompt) and reasoning (of completion), a part's series appearing with its first nonzero count",
             self.tokens.clone(),
         );
         registry.register(
@@ -403,5 +418,71 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sorted `llm_proxy_tokens_total` lines of the exposition.
+    fn token_lines(metrics: &Metrics) -> Vec<String> {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut out = String::new();
+        encode(&mut out, &registry).unwrap();
+        let mut lines: Vec<String> = out
+            .lines()
+            .filter(|l| l.starts_with("llm_proxy_tokens_total{"))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn token_kinds_are_counted_and_parts_appear_once_reported() {
+        let metrics = Metrics::new();
+        let alias: Arc<str> = Arc::from("chat");
+        let plain = Usage {
+            prompt_tokens: 8,
+            completion_tokens: 9,
+            total_tokens: 17,
+            ..Usage::default()
+        };
+        metrics.tokens(&alias, "openai", &plain);
+        assert_eq!(
+            token_lines(&metrics),
+            [
+                r#"llm_proxy_tokens_total{alias="chat",provider="openai",kind="completion"} 9"#,
+                r#"llm_proxy_tokens_total{alias="chat",provider="openai",kind="prompt"} 8"#,
+            ]
+        );
+        // Even an answer of zero tokens has its prompt and completion series.
+        metrics.tokens(&Arc::from("empty"), "openai", &Usage::default());
+        metrics.tokens(
+            &alias,
+            "openai",
+            &Usage {
+                prompt_tokens: 1036,
+                completion_tokens: 100,
+                total_tokens: 1136,
+                cache_read_tokens: 1024,
+                cache_write_tokens: 6,
+                reasoning_tokens: 64,
+            },
+        );
+        assert_eq!(
+            token_lines(&metrics),
+            [
+                r#"llm_proxy_tokens_total{alias="chat",provider="openai",kind="cache_read"} 1024"#,
+                r#"llm_proxy_tokens_total{alias="chat",provider="openai",kind="cache_write"} 6"#,
+                r#"llm_proxy_tokens_total{alias="chat",provider="openai",kind="completion"} 109"#,
+                r#"llm_proxy_tokens_total{alias="chat",provider="openai",kind="prompt"} 1044"#,
+                r#"llm_proxy_tokens_total{alias="chat",provider="openai",kind="reasoning"} 64"#,
+                r#"llm_proxy_tokens_total{alias="empty",provider="openai",kind="completion"} 0"#,
+                r#"llm_proxy_tokens_total{alias="empty",provider="openai",kind="prompt"} 0"#,
+            ]
+        );
     }
 }

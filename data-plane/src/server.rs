@@ -612,12 +612,7 @@ fn record_usage(
         signed(usage.completion_tokens),
     );
     if let Some(alias) = alias {
-        metrics.tokens(
-            alias,
-            provider,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-        );
+        metrics.tokens(alias, provider, usage);
     }
 }
 

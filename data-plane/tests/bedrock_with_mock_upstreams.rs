@@ -549,6 +549,38 @@ async fn tool_calls_round_trip_through_tool_use_and_tool_result_blocks() {
 // ConverseStream
 
 #[tokio::test(flavor = "multi_thread")]
+async fn every_token_kind_converse_reports_reaches_the_metrics() {
+    let f = fixture().await;
+    // Answered: 30 input tokens, 4 read from the cache, 6 written to it; 20 output tokens.
+    let answer = ok_json(
+        f.post(r#"{"model":"sonnet","messages":[{"role":"user","content":"Tell me a joke."}]}"#)
+            .await,
+    )
+    .await;
+    assert_eq!(
+        answer["usage"]["prompt_tokens_details"],
+        json!({"cached_tokens": 4, "cache_write_tokens": 6})
+    );
+    // Streamed: 9 input tokens, 3 read from the cache; 5 output tokens.
+    let text = f
+        .post(r#"{"model":"sonnet","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(
+        common::token_counts(&f.dp, "sonnet"),
+        common::kinds(&[
+            ("prompt", 30 + 4 + 6 + 9 + 3),
+            ("completion", 20 + 5),
+            ("cache_read", 4 + 3),
+            ("cache_write", 6),
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn converse_stream_frames_split_across_chunks_become_openai_chunks_with_usage_only_on_request()
  {
     let f = fixture().await;

@@ -231,6 +231,75 @@ async fn openai_stream_asks_for_usage_and_strips_it_unless_the_client_asked() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn every_token_kind_openai_and_azure_report_reaches_the_metrics() {
+    let f = fixture().await;
+    // `usage-P-C-K-R`: the mock reports P prompt tokens (K cached), C completion (R reasoning).
+    let answer: Value = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-4","messages":[{"role":"user","content":"usage-1036-100-1024-64"}]}"#,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer["usage"]["prompt_tokens_details"]["cached_tokens"],
+        1024
+    );
+    // Streamed: the usage chunk the gateway asked for (and strips, the client did not ask).
+    let text = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-4","stream":true,"messages":[{"role":"user","content":"usage-2000-50-1500-30"}]}"#,
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n") && !text.contains("cached_tokens"));
+    assert_eq!(
+        common::token_counts(&f.dp, "gpt-4"),
+        common::kinds(&[
+            ("prompt", 1036 + 2000),
+            ("completion", 100 + 50),
+            ("cache_read", 1024 + 1500),
+            ("reasoning", 64 + 30),
+        ])
+    );
+
+    // Azure answers in the same shapes.
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"azure-4o","messages":[{"role":"user","content":"usage-300-20-256-0"}]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        common::token_counts(&f.dp, "azure-4o"),
+        common::kinds(&[("prompt", 300), ("completion", 20), ("cache_read", 256)])
+    );
+
+    // Embeddings have prompt tokens only (a completion series of 0, no parts).
+    let response = f
+        .post(
+            "/v1/embeddings",
+            CLIENT_KEY,
+            r#"{"model":"embed","input":"hello"}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        common::token_counts(&f.dp, "embed"),
+        common::kinds(&[("prompt", 7), ("completion", 0)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn embeddings_pass_through_float_and_base64() {
     let f = fixture().await;
     for (format, expected) in [

@@ -393,6 +393,64 @@ async fn ai_studio_embeddings_use_batch_embed_contents_in_float_and_base64() {
     assert_eq!(base64_f32(&vector(0)), "AACAPgAAAL8AAIA/");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn every_token_kind_gemini_reports_reaches_the_metrics() {
+    let f = fixture().await;
+    // Answered: 15 prompt tokens (5 cached), 6 candidate tokens after 40 of thinking.
+    let response = f
+        .post("/v1/chat/completions", &plain_chat("gemini-flash"))
+        .await;
+    assert_eq!(response.status(), 200);
+    // Streamed: 9 prompt tokens, 5 candidate tokens after 12 of thinking; counted although the
+    // client did not ask for usage.
+    let text = f
+        .post(
+            "/v1/chat/completions",
+            r#"{"model":"gemini-flash","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(
+        common::token_counts(&f.dp, "gemini-flash"),
+        common::kinds(&[
+            ("prompt", 15 + 9),
+            // Thoughts are completion tokens, and counted apart as reasoning.
+            ("completion", 6 + 40 + 5 + 12),
+            ("cache_read", 5),
+            ("reasoning", 40 + 12),
+        ])
+    );
+    // Vertex reports the same usageMetadata.
+    let response = f
+        .post("/v1/chat/completions", &plain_chat("express-flash"))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        common::token_counts(&f.dp, "express-flash"),
+        common::kinds(&[
+            ("prompt", 15),
+            ("completion", 46),
+            ("cache_read", 5),
+            ("reasoning", 40),
+        ])
+    );
+    // Vertex embeddings: prompt tokens only.
+    let response = f
+        .post(
+            "/v1/embeddings",
+            r#"{"model":"project-embed","input":["hello big world","bye"]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        common::token_counts(&f.dp, "project-embed"),
+        common::kinds(&[("prompt", 4), ("completion", 0)])
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Vertex AI
 

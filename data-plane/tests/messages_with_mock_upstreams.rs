@@ -14,8 +14,8 @@ use llm_proxy_control_plane::server::RunningControlPlane;
 use llm_proxy_data_plane::gateway::RunningGateway;
 use llm_proxy_mock_upstream::MockUpstream;
 use llm_proxy_mock_upstream::anthropic::{
-    ANTHROPIC_KEY, BEDROCK_VERSION, CACHE_CREATION_TOKENS, CACHE_READ_TOKENS, THINKING_SIGNATURE,
-    TOOL_USE_ID, VERTEX_VERSION,
+    ANTHROPIC_KEY, BEDROCK_VERSION, CACHE_CREATION_TOKENS, CACHE_READ_TOKENS, INPUT_TOKENS,
+    OUTPUT_TOKENS, THINKING_SIGNATURE, TOOL_USE_ID, VERTEX_VERSION,
 };
 use llm_proxy_mock_upstream::google::VERTEX_TOKEN;
 use llm_proxy_mock_upstream::openai::OPENAI_KEY;
@@ -178,10 +178,6 @@ impl Fixture {
     fn last(&self) -> Recorded {
         self.mock.last().expect("the mock saw no request")
     }
-
-    fn metrics(&self) -> String {
-        self.dp.metrics.render(&self.dp.config, &self.dp.limiter)
-    }
 }
 
 /// A Claude Code-like request for `model`, with odd spacing so that byte-for-byte relaying shows.
@@ -209,15 +205,18 @@ fn sse_events(text: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-fn tokens_total(metrics: &str, alias: &str, kind: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("llm_proxy_tokens_total{"))
-        .filter(|l| {
-            l.contains(&format!("alias=\"{alias}\"")) && l.contains(&format!("kind=\"{kind}\""))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+/// The token counts of `n` answers of the mock's Claude to a request with `cache_control`:
+/// the cache tokens are parts of the prompt; thinking has no count of its own.
+fn cached_counts(n: u64) -> std::collections::BTreeMap<String, u64> {
+    common::kinds(&[
+        (
+            "prompt",
+            n * (INPUT_TOKENS + CACHE_CREATION_TOKENS + CACHE_READ_TOKENS),
+        ),
+        ("completion", n * OUTPUT_TOKENS),
+        ("cache_read", n * CACHE_READ_TOKENS),
+        ("cache_write", n * CACHE_CREATION_TOKENS),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,12 +242,8 @@ async fn anthropic_passthrough_keeps_the_body_and_headers() {
     assert_eq!(upstream.header("anthropic-beta"), Some(BETAS));
     common::assert_key_not_forwarded(&upstream, CLIENT_KEY);
 
-    // Usage counts the cache tokens as prompt tokens.
-    let prompt = tokens_total(&f.metrics(), "claude", "prompt");
-    assert!(
-        prompt >= CACHE_CREATION_TOKENS + CACHE_READ_TOKENS,
-        "prompt tokens {prompt}"
-    );
+    // Usage counts the cache tokens as prompt tokens, and each kind apart.
+    assert_eq!(common::token_counts(&f.dp, "claude"), cached_counts(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,12 +281,8 @@ async fn passthrough_streams_are_relayed_and_counted() {
     assert_eq!(names.first().map(String::as_str), Some("message_start"));
     assert_eq!(names.last().map(String::as_str), Some("message_stop"));
     assert!(names.iter().any(|n| n == "content_block_delta"));
-    let prompt = tokens_total(&f.metrics(), "claude", "prompt");
-    assert!(
-        prompt >= CACHE_CREATION_TOKENS + CACHE_READ_TOKENS,
-        "{prompt}"
-    );
-    assert!(tokens_total(&f.metrics(), "claude", "completion") > 0);
+    // message_start's input and cache counts with message_delta's output count.
+    assert_eq!(common::token_counts(&f.dp, "claude"), cached_counts(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,6 +314,11 @@ async fn bedrock_invoke_gets_the_version_and_betas_in_the_body() {
     assert_eq!(events.last().unwrap().0, "message_stop");
     assert!(f.last().path.ends_with("/invoke-with-response-stream"));
     assert!(!String::from_utf8_lossy(&f.last().body).contains("\"stream\""));
+    // Claude on Bedrock reports Anthropic's usage, answers and streams alike.
+    assert_eq!(
+        common::token_counts(&f.dp, "bedrock-claude"),
+        cached_counts(2)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,6 +337,11 @@ async fn newer_bedrock_claude_and_the_option_use_the_messages_endpoint() {
         assert_eq!(upstream.header("anthropic-beta"), Some(BETAS));
         let body: Value = upstream.json();
         assert!(body["model"].as_str().unwrap().contains("anthropic.claude"));
+        assert_eq!(
+            common::token_counts(&f.dp, alias),
+            cached_counts(1),
+            "{alias}"
+        );
     }
 }
 
@@ -362,6 +363,10 @@ async fn vertex_claude_uses_raw_predict() {
         &format!(r#""anthropic_version":"{VERTEX_VERSION}""#),
     );
     assert_eq!(String::from_utf8_lossy(&upstream.body), expected);
+    assert_eq!(
+        common::token_counts(&f.dp, "vertex-claude"),
+        cached_counts(1)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -533,7 +538,39 @@ async fn messages_clients_reach_openai_models_through_translation() {
     assert_eq!(stop, Some(json!("tool_use")));
     assert_eq!(events[0].1["message"]["model"], "gpt-4o");
     assert_eq!(events.last().unwrap().0, "message_stop");
-    assert!(tokens_total(&f.metrics(), "gpt", "prompt") > 0);
+    // The mock's defaults: 8 + 9 answered, 12 + 3 streamed.
+    assert_eq!(
+        common::token_counts(&f.dp, "gpt"),
+        common::kinds(&[("prompt", 8 + 12), ("completion", 9 + 3)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_and_reasoning_tokens_of_openai_models_reach_messages_clients_and_the_metrics() {
+    let f = fixture().await;
+    // `usage-P-C-K-R`: the mock reports P prompt tokens (K cached), C completion (R reasoning).
+    let body = r#"{"model":"gpt","max_tokens":256,"messages":[{"role":"user","content":"usage-1036-100-1024-64"}]}"#;
+    let response = f.messages(body).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    // Anthropic's split: input_tokens without the cached ones.
+    assert_eq!(
+        answer["usage"],
+        json!({"input_tokens": 12, "output_tokens": 100, "cache_creation_input_tokens": 0,
+               "cache_read_input_tokens": 1024})
+    );
+    let streamed = body.replacen("{\"model\"", "{\"stream\":true,\"model\"", 1);
+    let text = f.messages(&streamed).await.text().await.unwrap();
+    assert_eq!(sse_events(&text).last().unwrap().0, "message_stop");
+    assert_eq!(
+        common::token_counts(&f.dp, "gpt"),
+        common::kinds(&[
+            ("prompt", 2 * 1036),
+            ("completion", 2 * 100),
+            ("cache_read", 2 * 1024),
+            ("reasoning", 2 * 64),
+        ])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

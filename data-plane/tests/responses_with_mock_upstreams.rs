@@ -205,10 +205,6 @@ impl Fixture {
             .unwrap()
     }
 
-    fn metrics(&self) -> String {
-        self.dp.metrics.render(&self.dp.config, &self.dp.limiter)
-    }
-
     /// The connection id behind a connection name.
     async fn connection_id(&self, name: &str) -> String {
         self.cp
@@ -251,17 +247,6 @@ fn sse_events(text: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-fn tokens_total(metrics: &str, alias: &str, kind: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("llm_proxy_tokens_total{"))
-        .filter(|l| {
-            l.contains(&format!("alias=\"{alias}\"")) && l.contains(&format!("kind=\"{kind}\""))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// A Codex-like request, with odd spacing so that byte-for-byte relaying shows.
 fn codex_body(model: &str, stream: bool, text: &str) -> String {
     format!(
@@ -299,9 +284,11 @@ async fn openai_passthrough_keeps_the_body_and_tags_the_id() {
     assert_eq!(answer["object"], "response");
     assert_eq!(answer["model"], "gpt-4.1");
 
-    let metrics = f.metrics();
-    assert_eq!(tokens_total(&metrics, "gpt", "prompt"), INPUT_TOKENS);
-    assert_eq!(tokens_total(&metrics, "gpt", "completion"), OUTPUT_TOKENS);
+    // Neither cached nor reasoning tokens reported: no series of them.
+    assert_eq!(
+        common::token_counts(&f.dp, "gpt"),
+        common::kinds(&[("prompt", INPUT_TOKENS), ("completion", OUTPUT_TOKENS)])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,15 +331,16 @@ async fn openai_passthrough_streams_relay_the_events_with_tagged_ids_and_usage()
         .unwrap();
     assert_eq!(call["arguments"], WEATHER_ARGUMENTS);
 
-    // Usage from response.completed, cached tokens included in the prompt.
-    let metrics = f.metrics();
+    // Usage from response.completed: cached tokens are part of the prompt, reasoning tokens
+    // of the completion.
     assert_eq!(
-        tokens_total(&metrics, "gpt-reasoning", "prompt"),
-        INPUT_TOKENS + CACHED_TOKENS
-    );
-    assert_eq!(
-        tokens_total(&metrics, "gpt-reasoning", "completion"),
-        OUTPUT_TOKENS + REASONING_TOKENS
+        common::token_counts(&f.dp, "gpt-reasoning"),
+        common::kinds(&[
+            ("prompt", INPUT_TOKENS + CACHED_TOKENS),
+            ("completion", OUTPUT_TOKENS + REASONING_TOKENS),
+            ("cache_read", CACHED_TOKENS),
+            ("reasoning", REASONING_TOKENS),
+        ])
     );
 }
 
@@ -554,10 +542,30 @@ async fn upstream_errors_keep_their_status_and_mid_stream_failures_end_with_an_e
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn translated_targets_answer_with_store_false_and_complete_usage() {
     let f = fixture().await;
-    for (alias, upstream_path) in [
-        ("claude", "/v1/messages"),
-        ("gemini", "/v1beta/models/gemini-2.5-flash:generateContent"),
-        ("converse", "/model/amazon.nova-pro-v1%3A0/converse"),
+    // The kinds each mock reports: Claude plain counts (no cache_control sent); Gemini's tool
+    // call 42 prompt and 8 + 20 thinking tokens; Converse 30 + 4 cache read + 6 cache write in
+    // and 20 out.
+    for (alias, upstream_path, counted) in [
+        (
+            "claude",
+            "/v1/messages",
+            common::kinds(&[("prompt", 25), ("completion", 12)]),
+        ),
+        (
+            "gemini",
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            common::kinds(&[("prompt", 42), ("completion", 28), ("reasoning", 20)]),
+        ),
+        (
+            "converse",
+            "/model/amazon.nova-pro-v1%3A0/converse",
+            common::kinds(&[
+                ("prompt", 40),
+                ("completion", 20),
+                ("cache_read", 4),
+                ("cache_write", 6),
+            ]),
+        ),
     ] {
         let answer = f
             .create(serde_json::from_str(&codex_body(alias, false, "say hi")).unwrap())
@@ -597,7 +605,7 @@ async fn translated_targets_answer_with_store_false_and_complete_usage() {
         for dropped in ["web_search", "client_metadata", "prompt_cache_key"] {
             assert!(!body.contains(dropped), "{alias}: {dropped} in {body}");
         }
-        assert!(tokens_total(&f.metrics(), alias, "prompt") > 0, "{alias}");
+        assert_eq!(common::token_counts(&f.dp, alias), counted, "{alias}");
     }
     // The developer message and the instructions became Claude's system prompt.
     let answer = f

@@ -83,9 +83,9 @@ pub const THINKING_SIGNATURE: &str =
 /// Cache tokens reported when any part of the request has `cache_control`.
 pub const CACHE_CREATION_TOKENS: u64 = 1024;
 pub const CACHE_READ_TOKENS: u64 = 2048;
-/// Default usage.
-const INPUT_TOKENS: u64 = 25;
-const OUTPUT_TOKENS: u64 = 12;
+/// Default usage: fresh input tokens (the cache tokens come on top) and output tokens.
+pub const INPUT_TOKENS: u64 = 25;
+pub const OUTPUT_TOKENS: u64 = 12;
 /// The `request-id` header of the Anthropic API's answers.
 const REQUEST_ID: &str = "req_011CMockAnthropicUpstream0001";
 

@@ -11,9 +11,12 @@
 //! The remote model name the gateway sends steers the contents of an authenticated answer:
 //! `server-error` answers OpenAI's 500 (`server_error`, as [`server_error`]), and `usage-P-C`
 //! (e.g. `usage-40-10`) makes the chat completion, and the usage chunk of a stream, report P
-//! prompt and C completion tokens instead of the defaults (8 + 9, 12 + 3 streamed). A test whose
-//! model name is asserted elsewhere can put `usage-P-C` in a message instead: the first one
-//! anywhere in the request body counts.
+//! prompt and C completion tokens instead of the defaults (8 + 9, 12 + 3 streamed);
+//! `usage-P-C-K-R` adds the details of a reasoning model with a cache hit: K of the P prompt
+//! tokens read from the cache (`prompt_tokens_details.cached_tokens`) and R of the C completion
+//! tokens spent reasoning (`completion_tokens_details.reasoning_tokens`). A test whose model
+//! name is asserted elsewhere can put the marker in a message instead: the first one anywhere
+//! in the request body counts.
 //!
 //! Both [`OPENAI_KEY`] and [`OPENAI_SECOND_KEY`] are accepted, for tests needing two distinct
 //! credentials.
@@ -335,8 +338,8 @@ pub fn server_error() -> Response {
     )
 }
 
-/// The usage object asked for by the first `usage-P-C` in `text` (P prompt, C completion
-/// tokens), if any.
+/// The usage object asked for by the first `usage-P-C` or `usage-P-C-K-R` in `text` (P prompt
+/// tokens of which K cached, C completion tokens of which R reasoning), if any.
 pub fn requested_usage(text: &str) -> Option<Value> {
     fn number(text: &str) -> Option<(u64, &str)> {
         let end = text
@@ -346,12 +349,25 @@ pub fn requested_usage(text: &str) -> Option<Value> {
     }
     text.match_indices("usage-").find_map(|(at, marker)| {
         let (prompt, rest) = number(&text[at + marker.len()..])?;
-        let (completion, _) = number(rest.strip_prefix('-')?)?;
-        Some(json!({
+        let (completion, rest) = number(rest.strip_prefix('-')?)?;
+        let mut usage = json!({
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-        }))
+        });
+        let details = rest
+            .strip_prefix('-')
+            .and_then(number)
+            .and_then(|(cached, rest)| Some((cached, number(rest.strip_prefix('-')?)?.0)));
+        if let Some((cached, reasoning)) = details {
+            // As OpenAI writes them (wire formats §1.7).
+            usage["prompt_tokens_details"] = json!({"cached_tokens": cached, "audio_tokens": 0});
+            usage["completion_tokens_details"] = json!({
+                "reasoning_tokens": reasoning, "audio_tokens": 0,
+                "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
+            });
+        }
+        Some(usage)
     })
 }
 

@@ -109,6 +109,38 @@ async fn usage_p_c_sets_the_usage_of_answers_and_streams() {
 }
 
 #[tokio::test]
+async fn usage_p_c_k_r_adds_cached_and_reasoning_details() {
+    let state = Arc::new(MockState::default());
+    let (status, body) = call(
+        &state,
+        OPENAI_KEY,
+        json!({"model": "gpt-5", "messages": [{"role": "user", "content": "usage-1036-100-1024-64 hi"}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 1036, "completion_tokens": 100, "total_tokens": 1136,
+               "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+               "completion_tokens_details": {"reasoning_tokens": 64, "audio_tokens": 0,
+                   "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}})
+    );
+    // Three numbers are the plain form.
+    let (_, body) = call(
+        &state,
+        OPENAI_KEY,
+        json!({"model": "usage-40-10-5", "messages": []}),
+    )
+    .await;
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 40, "completion_tokens": 10, "total_tokens": 50})
+    );
+}
+
+#[tokio::test]
 #[allow(
     clippy::disallowed_methods,
     reason = "the handles are kept and awaited"

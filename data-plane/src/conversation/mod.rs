@@ -225,6 +225,22 @@ impl TokenUsage {
             total_tokens: prompt.saturating_add(self.output),
             cache_read_tokens: self.cache_read,
             cache_write_tokens: self.cache_write,
+            reasoning_tokens: self.reasoning,
+        }
+    }
+
+    /// The model's split of OpenAI-split counts: `input` without the cached tokens OpenAI counts
+    /// in `prompt_tokens` (saturating: the counts come from the upstream).
+    pub fn from_usage(usage: Usage) -> Self {
+        TokenUsage {
+            input: usage
+                .prompt_tokens
+                .saturating_sub(usage.cache_read_tokens)
+                .saturating_sub(usage.cache_write_tokens),
+            output: usage.completion_tokens,
+            cache_read: usage.cache_read_tokens,
+            cache_write: usage.cache_write_tokens,
+            reasoning: usage.reasoning_tokens,
         }
     }
 }

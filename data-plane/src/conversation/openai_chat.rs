@@ -58,6 +58,7 @@ use crate::providers::openai_request::{
     self as openai, ContentPart, get, parse_as, split_data_url, unsupported,
 };
 use crate::sse::{self, ChunkWriter, EventSplitter};
+use crate::usage::OpenAiUsage;
 use axum::http::StatusCode;
 use bytes::BytesMut;
 use serde::Deserialize;
@@ -755,7 +756,7 @@ struct Completion {
     #[serde(default)]
     choices: Vec<Choice>,
     #[serde(default)]
-    usage: Option<UsageJson>,
+    usage: Option<OpenAiUsage>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -793,49 +794,9 @@ struct AnswerFunction {
     arguments: Option<String>,
 }
 
-#[derive(Debug, Default, Clone, Copy, Deserialize)]
-#[serde(default)]
-struct UsageJson {
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    prompt_tokens_details: Option<PromptDetails>,
-    completion_tokens_details: Option<CompletionDetails>,
-}
-
-#[derive(Debug, Default, Clone, Copy, Deserialize)]
-#[serde(default)]
-struct PromptDetails {
-    cached_tokens: Option<u64>,
-    cache_write_tokens: Option<u64>,
-}
-
-#[derive(Debug, Default, Clone, Copy, Deserialize)]
-#[serde(default)]
-struct CompletionDetails {
-    reasoning_tokens: Option<u64>,
-}
-
-impl UsageJson {
-    /// In the model's split: `input` without the cached tokens OpenAI counts in `prompt_tokens`.
-    fn tokens(self) -> TokenUsage {
-        let details = self.prompt_tokens_details.unwrap_or_default();
-        let cache_read = details.cached_tokens.unwrap_or(0);
-        let cache_write = details.cache_write_tokens.unwrap_or(0);
-        TokenUsage {
-            // Saturating: the counts come from the upstream.
-            input: self
-                .prompt_tokens
-                .saturating_sub(cache_read)
-                .saturating_sub(cache_write),
-            output: self.completion_tokens,
-            cache_read,
-            cache_write,
-            reasoning: self
-                .completion_tokens_details
-                .and_then(|d| d.reasoning_tokens)
-                .unwrap_or(0),
-        }
-    }
+/// The model's counts of an OpenAI usage object (read as the passthrough reads it).
+fn tokens(usage: OpenAiUsage) -> TokenUsage {
+    TokenUsage::from_usage(usage.into())
 }
 
 fn usage_json(usage: &TokenUsage) -> Value {
@@ -962,7 +923,7 @@ pub fn parse_reply(body: &[u8], provider: &str) -> Result<Reply, ApiError> {
         model: completion.model.unwrap_or_default(),
         content,
         stop: stop_reason(choice.finish_reason.as_deref(), called_tools),
-        usage: completion.usage.unwrap_or_default().tokens(),
+        usage: tokens(completion.usage.unwrap_or_default()),
     })
 }
 
@@ -1016,7 +977,7 @@ struct Chunk {
     #[serde(default)]
     choices: Vec<ChunkChoice>,
     #[serde(default)]
-    usage: Option<UsageJson>,
+    usage: Option<OpenAiUsage>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1239,7 +1200,7 @@ impl OpenAiChunkReader {
             });
         }
         if let Some(usage) = chunk.usage {
-            self.usage = usage.tokens();
+            self.usage = tokens(usage);
         }
         // `n` > 1 is refused, so only choice 0 is the answer.
         for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {

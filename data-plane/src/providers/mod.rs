@@ -25,7 +25,7 @@ pub use crate::inbound::Operation;
 use crate::index::{Provider, Target};
 use crate::limits::Limits;
 use crate::sse::{self, StreamEnd};
-use crate::usage::Usage;
+use crate::usage::{OpenAiUsage, Usage};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use serde::Deserialize;
@@ -485,7 +485,7 @@ fn stream_options_with_usage(request: &ParsedRequest<'_>) -> String {
 
 #[derive(Deserialize)]
 struct UsageOnly {
-    usage: Option<Usage>,
+    usage: Option<OpenAiUsage>,
 }
 
 /// Usage of a non-streamed OpenAI-format answer, if it reports one; an error when the answer is
@@ -498,7 +498,7 @@ pub fn openai_usage(body: &[u8], provider: &str) -> Result<Option<Usage>, ApiErr
         .is_some_and(|b| *b == b'{');
     if is_object {
         match serde_json::from_slice::<UsageOnly>(body) {
-            Ok(only) => return Ok(only.usage),
+            Ok(only) => return Ok(only.usage.map(Usage::from)),
             Err(_) if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() => {
                 return Ok(None);
             }
@@ -685,6 +685,37 @@ mod tests {
         .unwrap();
         assert_eq!(usage.total(), 17);
         assert_eq!(openai_usage(br#"{"id":"x"}"#, "openai").unwrap(), None);
+        // Every kind a chat completion reports (wire formats §1.7: a reasoning model, a cache hit).
+        let usage = openai_usage(
+            br#"{"id":"chatcmpl-1","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1036,"completion_tokens":377,"total_tokens":1413,"prompt_tokens_details":{"cached_tokens":1024,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":320,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#,
+            "azure",
+        )
+        .unwrap();
+        assert_eq!(
+            usage,
+            Some(Usage {
+                prompt_tokens: 1036,
+                completion_tokens: 377,
+                total_tokens: 1413,
+                cache_read_tokens: 1024,
+                cache_write_tokens: 0,
+                reasoning_tokens: 320,
+            })
+        );
+        // Embeddings: prompt tokens only.
+        let usage = openai_usage(
+            br#"{"object":"list","data":[],"model":"text-embedding-3-small","usage":{"prompt_tokens":7,"total_tokens":7}}"#,
+            "openai",
+        )
+        .unwrap();
+        assert_eq!(
+            usage,
+            Some(Usage {
+                prompt_tokens: 7,
+                total_tokens: 7,
+                ..Usage::default()
+            })
+        );
         // Valid JSON with a usage the gateway cannot read: relayed, the estimate stands.
         assert_eq!(
             openai_usage(br#" {"usage":{"prompt_tokens":-1}}"#, "openai").unwrap(),

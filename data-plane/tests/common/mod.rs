@@ -219,6 +219,35 @@ pub fn sse_data(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The data plane's `llm_proxy_tokens_total` series of `alias`, as kind → count (summed over
+/// providers): a kind without a series is absent.
+pub fn token_counts(dp: &RunningGateway, alias: &str) -> BTreeMap<String, u64> {
+    let text = dp.metrics.render(&dp.config, &dp.limiter);
+    let mut counts = BTreeMap::new();
+    let alias = format!("alias=\"{alias}\"");
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("llm_proxy_tokens_total{") else {
+            continue;
+        };
+        let (labels, value) = rest.rsplit_once("} ").expect("a sample line");
+        if !labels.split(',').any(|label| label == alias) {
+            continue;
+        }
+        let kind = labels
+            .split(',')
+            .find_map(|label| label.strip_prefix("kind=\""))
+            .and_then(|kind| kind.strip_suffix('"'))
+            .expect("a kind label");
+        *counts.entry(kind.to_owned()).or_default() += value.parse::<u64>().expect("a count");
+    }
+    counts
+}
+
+/// `pairs` as [`token_counts`] returns them.
+pub fn kinds(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+}
+
 // ---------------------------------------------------------------------------------------------
 // The real data plane binary
 

@@ -506,14 +506,40 @@ mod tests {
                 STREAM,
                 "pieces of {piece}"
             );
-            let usage = relay.usage().unwrap();
             // A zero input count in message_delta does not undo message_start's.
-            assert_eq!(usage.prompt_tokens, 25 + 1024 + 2048);
-            assert_eq!(usage.completion_tokens, 12);
-            assert_eq!(
-                (usage.cache_read_tokens, usage.cache_write_tokens),
-                (2048, 1024)
-            );
+            assert_eq!(relay.usage(), Some(CACHED_USAGE));
+        }
+    }
+
+    /// 25 fresh input tokens, 1024 written to the cache, 2048 read from it, 12 output.
+    const CACHED_USAGE: Usage = Usage {
+        prompt_tokens: 25 + 1024 + 2048,
+        completion_tokens: 12,
+        total_tokens: 25 + 1024 + 2048 + 12,
+        cache_read_tokens: 2048,
+        cache_write_tokens: 1024,
+        // Anthropic counts thinking in `output_tokens` without reporting it apart.
+        reasoning_tokens: 0,
+    };
+
+    #[test]
+    fn answers_report_every_kind_to_every_client() {
+        let answer = MessagesAnswer {
+            model: "claude-sonnet-4-5".into(),
+            framing: Framing::Sse,
+            count_tokens: false,
+            bedrock_errors: false,
+        };
+        let body = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"thinking","thinking":"Hm.","signature":"c2ln"},{"type":"text","text":"Hi"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":25,"cache_creation_input_tokens":1024,"cache_read_input_tokens":2048,"output_tokens":12,"service_tier":"standard"}}"#;
+        for client in [
+            InboundDialect::Anthropic,
+            InboundDialect::OpenAi,
+            InboundDialect::Responses,
+        ] {
+            let (_, usage) = answer
+                .translate(Bytes::from_static(body.as_bytes()), client, "anthropic")
+                .unwrap();
+            assert_eq!(usage, Some(CACHED_USAGE), "{client:?}");
         }
     }
 

@@ -500,16 +500,25 @@ impl TokenUsage {
             total_tokens: prompt_tokens.saturating_add(self.output_tokens),
             cache_read_tokens: self.cache_read_input_tokens,
             cache_write_tokens: self.cache_write_input_tokens,
+            // Converse counts reasoning in `outputTokens` without reporting it apart.
+            reasoning_tokens: 0,
         }
     }
 
     pub fn to_json(self) -> Value {
         let usage = self.usage();
+        let mut details = json!({ "cached_tokens": self.cache_read_input_tokens });
+        // OpenAI's newer usage type has the cache writes (optional, so only when there are
+        // some): Anthropic and Responses clients, whose answers are read back from this JSON,
+        // see them, and they are counted.
+        if self.cache_write_input_tokens > 0 {
+            details["cache_write_tokens"] = json!(self.cache_write_input_tokens);
+        }
         json!({
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens,
-            "prompt_tokens_details": { "cached_tokens": self.cache_read_input_tokens },
+            "prompt_tokens_details": details,
         })
     }
 }
@@ -600,4 +609,51 @@ pub fn answer(
         serde_json::to_vec(&out).unwrap_or_default(),
         response.usage.map(|u| u.usage()),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_has_the_cache_kinds_converse_reports() {
+        // wire formats §5.3: Converse counts cache reads and writes apart from `inputTokens`.
+        let body = br#"{"output":{"message":{"role":"assistant","content":[{"reasoningContent":{"reasoningText":{"text":"Count.","signature":"c2ln"}}},{"text":"1, 2, 3"}]}},
+            "stopReason":"end_turn",
+            "usage":{"inputTokens":10,"outputTokens":8,"totalTokens":2066,"cacheReadInputTokens":2000,"cacheWriteInputTokens":48},
+            "metrics":{"latencyMs":812}}"#;
+        let expected = Usage {
+            prompt_tokens: 10 + 2000 + 48,
+            completion_tokens: 8,
+            total_tokens: 2066,
+            cache_read_tokens: 2000,
+            cache_write_tokens: 48,
+            reasoning_tokens: 0,
+        };
+        let (out, usage) = answer(body, "anthropic.claude-sonnet-4-5", Some("req-1")).unwrap();
+        assert_eq!(usage, Some(expected));
+        let out: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            out["usage"]["prompt_tokens_details"],
+            json!({"cached_tokens": 2000, "cache_write_tokens": 48})
+        );
+        // Anthropic and Responses clients get the counts read back from the OpenAI answer.
+        let reply = crate::conversation::openai_chat::parse_reply(
+            &serde_json::to_vec(&out).unwrap(),
+            "bedrock",
+        )
+        .unwrap();
+        assert_eq!(reply.usage.reported_usage(), Some(expected));
+    }
+
+    #[test]
+    fn cache_writes_are_written_only_when_there_are_some() {
+        let usage: TokenUsage =
+            serde_json::from_str(r#"{"inputTokens":3,"outputTokens":4,"totalTokens":7}"#).unwrap();
+        assert_eq!(
+            usage.to_json(),
+            json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                   "prompt_tokens_details": {"cached_tokens": 0}})
+        );
+    }
 }

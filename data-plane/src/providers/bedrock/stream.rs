@@ -401,6 +401,54 @@ mod tests {
     }
 
     #[test]
+    fn the_metadata_usage_has_the_cache_kinds() {
+        let mut out = BytesMut::new();
+        let mut stream = ConverseStream::new("m", None, true);
+        for f in [
+            frame("messageStart", r#"{"role":"assistant"}"#),
+            frame(
+                "contentBlockDelta",
+                r#"{"contentBlockIndex":0,"delta":{"text":"Hi"}}"#,
+            ),
+            frame("messageStop", r#"{"stopReason":"end_turn"}"#),
+            frame(
+                "metadata",
+                r#"{"usage":{"inputTokens":41,"outputTokens":36,"totalTokens":2125,"cacheReadInputTokens":2000,"cacheWriteInputTokens":48},"metrics":{"latencyMs":1450}}"#,
+            ),
+        ] {
+            stream.push(&f, &mut out).unwrap();
+        }
+        stream.finish(&mut out).unwrap();
+        assert_eq!(
+            stream.usage(),
+            Some(Usage {
+                prompt_tokens: 41 + 2000 + 48,
+                completion_tokens: 36,
+                total_tokens: 41 + 2000 + 48 + 36,
+                cache_read_tokens: 2000,
+                cache_write_tokens: 48,
+                reasoning_tokens: 0,
+            })
+        );
+        // The usage chunk carries them for the readers of Anthropic and Responses clients.
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        let usage: Vec<serde_json::Value> = text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+            .filter(|chunk| chunk["usage"].is_object())
+            .map(|chunk| chunk["usage"].clone())
+            .collect();
+        assert_eq!(
+            usage,
+            [serde_json::json!({
+                "prompt_tokens": 2089, "completion_tokens": 36, "total_tokens": 2125,
+                "prompt_tokens_details": {"cached_tokens": 2000, "cache_write_tokens": 48}
+            })]
+        );
+    }
+
+    #[test]
     fn usage_sums_saturate() {
         let usage: TokenUsage = serde_json::from_str(&format!(
             r#"{{"inputTokens":{max},"outputTokens":{max},"cacheReadInputTokens":{max}}}"#,

@@ -504,7 +504,9 @@ impl UsageMetadata {
             total_tokens,
             // Gemini counts cached tokens inside `promptTokenCount`, as OpenAI does.
             cache_read_tokens: self.cached_content_token_count,
+            // Context caches are created apart (`cachedContents`), never by a generation.
             cache_write_tokens: 0,
+            reasoning_tokens: self.thoughts_token_count,
         }
     }
 
@@ -1067,6 +1069,54 @@ mod tests {
             err.message.contains("100 bytes (--max-stream-event-bytes)"),
             "{}",
             err.message
+        );
+    }
+
+    #[test]
+    fn usage_has_every_kind_gemini_reports_and_thoughts_are_completion_tokens() {
+        // wire formats §3.3, with a cache hit and a tool-use prompt.
+        let body = br#"{"candidates":[{"content":{"role":"model","parts":[{"text":"Let me think...","thought":true},{"text":"It is 21 degrees.","thoughtSignature":"EjQK"}]},"finishReason":"STOP","index":0}],
+            "usageMetadata":{"promptTokenCount":15,"candidatesTokenCount":6,"thoughtsTokenCount":40,"cachedContentTokenCount":5,"toolUsePromptTokenCount":3,"totalTokenCount":64,
+                "promptTokensDetails":[{"modality":"TEXT","tokenCount":15}],"cacheTokensDetails":[{"modality":"TEXT","tokenCount":5}]},
+            "modelVersion":"gemini-2.5-flash","responseId":"r1"}"#;
+        let expected = Usage {
+            prompt_tokens: 15 + 3,
+            completion_tokens: 6 + 40,
+            total_tokens: 64,
+            cache_read_tokens: 5,
+            cache_write_tokens: 0,
+            reasoning_tokens: 40,
+        };
+        let (out, usage) = answer(body, "gemini-2.5-flash", 8).unwrap();
+        assert_eq!(usage, Some(expected));
+        // Anthropic and Responses clients get the counts read back from the OpenAI answer.
+        let reply = crate::conversation::openai_chat::parse_reply(&out, PROVIDER).unwrap();
+        assert_eq!(reply.usage.reported_usage(), Some(expected));
+
+        // Streamed: the last chunk's usageMetadata.
+        let mut stream = GeminiStream::new("gemini-2.5-flash", true);
+        let mut out = BytesMut::new();
+        stream
+            .push(
+                concat!(
+                    "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"It is\"}],\"role\":\"model\"},\"index\":0}],\"usageMetadata\":{\"promptTokenCount\":9,\"totalTokenCount\":9}}\r\n\r\n",
+                    "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\" 21\"}],\"role\":\"model\"},\"finishReason\":\"STOP\",\"index\":0}],\"usageMetadata\":{\"promptTokenCount\":9,\"candidatesTokenCount\":5,\"thoughtsTokenCount\":12,\"cachedContentTokenCount\":4,\"totalTokenCount\":26}}\r\n\r\n",
+                )
+                .as_bytes(),
+                &mut out,
+            )
+            .unwrap();
+        stream.finish(&mut out).unwrap();
+        assert_eq!(
+            stream.usage(),
+            Some(Usage {
+                prompt_tokens: 9,
+                completion_tokens: 17,
+                total_tokens: 26,
+                cache_read_tokens: 4,
+                cache_write_tokens: 0,
+                reasoning_tokens: 12,
+            })
         );
     }
 

@@ -134,13 +134,15 @@ pub struct ResponsesAnswer {
     pub connection_id: String,
 }
 
-/// The Responses API's usage object.
+/// The Responses API's usage object: `input_tokens` counts the cached ones and `output_tokens`
+/// the reasoning ones, as OpenAI chat's counts do.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct ResponsesUsage {
     input_tokens: u64,
     input_tokens_details: Option<InputDetails>,
     output_tokens: u64,
+    output_tokens_details: Option<OutputDetails>,
     total_tokens: u64,
 }
 
@@ -148,6 +150,12 @@ struct ResponsesUsage {
 #[serde(default)]
 struct InputDetails {
     cached_tokens: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct OutputDetails {
+    reasoning_tokens: u64,
 }
 
 impl ResponsesUsage {
@@ -160,7 +168,12 @@ impl ResponsesUsage {
                 .input_tokens_details
                 .as_ref()
                 .map_or(0, |d| d.cached_tokens),
+            // The Responses API reports no cache writes.
             cache_write_tokens: 0,
+            reasoning_tokens: self
+                .output_tokens_details
+                .as_ref()
+                .map_or(0, |d| d.reasoning_tokens),
         }
     }
 }
@@ -639,15 +652,16 @@ mod tests {
                 tag_id("conn-a", "resp_up0")
             )));
             assert!(relay.complete());
-            let usage = relay.usage().unwrap();
             assert_eq!(
-                (
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                    usage.total(),
-                    usage.cache_read_tokens
-                ),
-                (37, 11, 48, 5)
+                relay.usage(),
+                Some(Usage {
+                    prompt_tokens: 37,
+                    completion_tokens: 11,
+                    total_tokens: 48,
+                    cache_read_tokens: 5,
+                    cache_write_tokens: 0,
+                    reasoning_tokens: 4,
+                })
             );
         }
     }
@@ -709,7 +723,35 @@ mod tests {
                 tag_id("conn-b", "resp_x")
             )
         );
-        assert_eq!(usage.unwrap().total(), 7);
+        assert_eq!(
+            usage,
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                total_tokens: 7,
+                ..Usage::default()
+            })
+        );
+        // A reasoning model's answer with a cache hit (wire formats: Responses usage).
+        let (_, usage) = answer
+            .translate(
+                Bytes::from_static(
+                    br#"{"id":"resp_y","object":"response","usage":{"input_tokens":1061,"input_tokens_details":{"cached_tokens":1024},"output_tokens":75,"output_tokens_details":{"reasoning_tokens":64},"total_tokens":1136}}"#,
+                ),
+                "azure",
+            )
+            .unwrap();
+        assert_eq!(
+            usage,
+            Some(Usage {
+                prompt_tokens: 1061,
+                completion_tokens: 75,
+                total_tokens: 1136,
+                cache_read_tokens: 1024,
+                cache_write_tokens: 0,
+                reasoning_tokens: 64,
+            })
+        );
         // A delete confirmation: the id is tagged, no usage.
         let (out, usage) = answer
             .translate(

@@ -5,7 +5,7 @@
 
 use crate::errors::ApiError;
 use crate::sse::{EventSplitter, StreamTranslator, data_of, event_too_large, stream_truncated};
-use crate::usage::Usage;
+use crate::usage::{OpenAiUsage, Usage};
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -13,7 +13,7 @@ use serde::de::IgnoredAny;
 #[derive(Deserialize)]
 struct ChunkProbe {
     choices: Option<Vec<IgnoredAny>>,
-    usage: Option<Usage>,
+    usage: Option<OpenAiUsage>,
 }
 
 /// OpenAI-format upstreams (OpenAI, Azure): events pass through byte for byte, except the usage
@@ -54,8 +54,8 @@ impl OpenAiPassthrough {
             }
             Some(data) => match serde_json::from_str::<ChunkProbe>(&data) {
                 Ok(probe) => {
-                    if probe.usage.is_some() {
-                        self.usage = probe.usage;
+                    if let Some(usage) = probe.usage {
+                        self.usage = Some(usage.into());
                     }
                     let no_choices = probe.choices.as_ref().is_some_and(Vec::is_empty);
                     !(no_choices && (probe.usage.is_none() || !self.client_wants_usage))
@@ -172,6 +172,31 @@ mod tests {
         assert!(!text.contains("total_tokens"), "{text}");
         assert!(text.contains("\"content\":\"Hi\"") && text.ends_with("data: [DONE]\n\n"));
         assert_eq!(end.unwrap().0.unwrap().total(), 7, "usage still counted");
+    }
+
+    #[tokio::test]
+    async fn the_usage_chunk_gives_every_kind() {
+        // wire formats §1.8: a gpt-5 stream's usage chunk, with a cache hit added.
+        let chunks = vec![
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":1036,\"completion_tokens\":100,\"total_tokens\":1136,\"prompt_tokens_details\":{\"cached_tokens\":1024,\"audio_tokens\":0},\"completion_tokens_details\":{\"reasoning_tokens\":64,\"audio_tokens\":0,\"accepted_prediction_tokens\":0,\"rejected_prediction_tokens\":0}},\"obfuscation\":\"t9\"}\n\n",
+            "data: [DONE]\n\n",
+        ];
+        let (_, end) = run(chunks, false).await;
+        assert_eq!(
+            end,
+            Some((
+                Some(Usage {
+                    prompt_tokens: 1036,
+                    completion_tokens: 100,
+                    total_tokens: 1136,
+                    cache_read_tokens: 1024,
+                    cache_write_tokens: 0,
+                    reasoning_tokens: 64,
+                }),
+                true
+            ))
+        );
     }
 
     #[tokio::test]
