@@ -89,6 +89,7 @@ mod tests {
             total_tokens: prompt.saturating_add(completion),
             cache_read_tokens: cache_read,
             cache_write_tokens: cache_write,
+            reasoning_tokens: 0,
         }
     }
 

@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 /// `Content-Type` of the exposition: prometheus-client writes OpenMetrics text (`# EOF`, counters
@@ -208,6 +209,7 @@ pub struct Metrics {
     overhead: Histogram,
     time_to_first_token: HistogramFamily<RouteLabels>,
     tokens: Family<TokenLabels, Counter>,
+    cost_usd: Family<RouteLabels, Counter<f64, AtomicU64>>,
     ratelimit_decisions: Family<DecisionLabels, Counter>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     pub front_door: FrontDoorMetrics,
@@ -229,6 +231,7 @@ impl Metrics {
             overhead: overhead_buckets(),
             time_to_first_token: Family::new_with_constructor(latency_buckets),
             tokens: Family::default(),
+            cost_usd: Family::default(),
             ratelimit_decisions: Family::default(),
             upstream_errors: Family::default(),
             front_door: FrontDoorMetrics::default(),
@@ -304,6 +307,22 @@ impl Metrics {
         }
     }
 
+    /// The cost of one answer (DESIGN §18), exact in pico-USD until this float counter: the
+    /// accounting of record is the control plane's, this is for dashboards.
+    pub fn cost(&self, alias: &Arc<str>, provider: &'static str, pico_usd: u128) {
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "a dashboard figure: f64 holds any single request's cost to far below a micro-USD"
+        )]
+        let usd = pico_usd as f64 / 1e12;
+        self.cost_usd
+            .get_or_create(&RouteLabels {
+                alias: alias.clone(),
+                provider,
+            })
+            .inc_by(usd);
+    }
+
     pub fn ratelimit_decision(&self, result: LimitResult) {
         let result = match result {
             LimitResult::Allowed => "allowed",
@@ -358,6 +377,11 @@ impl Metrics {
             "llm_proxy_tokens",
             "Tokens reported by upstreams, by kind: prompt and completion (all of them), and their parts cache_read, cache_write (of prompt) and reasoning (of completion), a part's series appearing with its first nonzero count",
             self.tokens.clone(),
+        );
+        registry.register(
+            "llm_proxy_cost_usd",
+            "Cost of upstream answers in USD from the provider model's prices (models without prices add nothing)",
+            self.cost_usd.clone(),
         );
         registry.register(
             "llm_proxy_ratelimit_decisions",

@@ -2,6 +2,7 @@
 //! through its adapter, and relay the answer.
 
 use crate::body::{self, ParsedRequest};
+use crate::cost::Prices;
 use crate::errors::ApiError;
 use crate::inbound::{InboundDialect, InboundRequest};
 use crate::index::{ConfigIndex, ConnectionEntry, KeyEntry, Target};
@@ -422,6 +423,7 @@ struct SettleOnEnd {
     started: Instant,
     alias: Option<Arc<str>>,
     provider: &'static str,
+    prices: Option<Prices>,
 }
 
 impl StreamEnd for SettleOnEnd {
@@ -441,10 +443,11 @@ impl StreamEnd for SettleOnEnd {
             span,
             alias,
             provider,
+            prices,
             ..
         } = *self;
         if let Some(usage) = &usage {
-            record_usage(&span, &metrics, alias.as_ref(), provider, usage);
+            record_usage(&span, &metrics, alias.as_ref(), provider, prices, usage);
         }
         if let Some(reservation) = reservation {
             // A stream that did not complete may have generated more than it reported so far
@@ -568,6 +571,8 @@ struct RequestRecord {
     started: Instant,
     alias: Option<Arc<str>>,
     provider: &'static str,
+    /// The prices of the model routed to, for the cost of its answer.
+    prices: Option<Prices>,
     /// Time the upstream took (to its whole answer, or to a stream's head).
     upstream: Option<Duration>,
 }
@@ -575,6 +580,7 @@ struct RequestRecord {
 impl RequestRecord {
     fn routed(&mut self, target: &Target<'_>, provider: &'static str) {
         self.provider = provider;
+        self.prices = target.model.prices;
         self.span.record("provider", provider);
         self.span.record("model", target.model.remote.as_str());
         self.span
@@ -589,18 +595,20 @@ impl RequestRecord {
             metrics,
             self.alias.as_ref(),
             self.provider,
+            self.prices,
             usage,
         );
     }
 }
 
-/// Token counts on the request span (signed: OpenTelemetry exports a u64 as text) and in the
-/// token metrics.
+/// Token counts on the request span (signed: OpenTelemetry exports a u64 as text), in the
+/// token metrics and, for a priced model, in the cost metric.
 fn record_usage(
     span: &tracing::Span,
     metrics: &Metrics,
     alias: Option<&Arc<str>>,
     provider: &'static str,
+    prices: Option<Prices>,
     usage: &Usage,
 ) {
     let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -613,6 +621,9 @@ fn record_usage(
     );
     if let Some(alias) = alias {
         metrics.tokens(alias, provider, usage);
+        if let Some(prices) = prices {
+            metrics.cost(alias, provider, prices.cost_pico_usd(usage));
+        }
     }
 }
 
@@ -696,6 +707,7 @@ fn start_request(
         started,
         alias: None,
         provider: "",
+        prices: None,
         upstream: None,
     };
     (record, trace, request_id)
@@ -1222,6 +1234,7 @@ async fn call_upstream(
             started: record.started,
             alias: record.alias.clone(),
             provider,
+            prices: record.prices,
         });
         // A stream that fails before its first event was settled through `on_end`.
         let body = wire

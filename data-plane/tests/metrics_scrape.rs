@@ -285,9 +285,20 @@ async fn configure(cp: &RunningControlPlane, ok: &MockUpstream, broken: &MockUps
             .await
             .unwrap();
     }
-    for (connection, name, remote) in [
-        ("OpenAI-Main", "gpt-4o-mini", "gpt-4o-mini-2024-07-18"),
-        ("OpenAI-Broken", "gpt-4o-broken", BROKEN_REMOTE),
+    // gpt-4o-mini at $0.15 in, $0.60 out per million tokens (micro-USD per million).
+    for (connection, name, remote, prices) in [
+        (
+            "OpenAI-Main",
+            "gpt-4o-mini",
+            "gpt-4o-mini-2024-07-18",
+            (Some(150_000), Some(600_000)),
+        ),
+        (
+            "OpenAI-Broken",
+            "gpt-4o-broken",
+            BROKEN_REMOTE,
+            (None, None),
+        ),
     ] {
         store
             .create_model(NewModel {
@@ -295,6 +306,8 @@ async fn configure(cp: &RunningControlPlane, ok: &MockUpstream, broken: &MockUps
                 name: name.into(),
                 remote: remote.into(),
                 deployment: None,
+                price_input: prices.0,
+                price_output: prices.1,
                 ..Default::default()
             })
             .await
@@ -553,6 +566,20 @@ async fn data_plane_metrics_show_every_series_after_traffic() {
         ),
         9.0 * limited_ok
     );
+
+    // Cost from the model's prices: (20 × 0.15 + 12 × 0.60) / 1e6 USD on `chat`, (8 × 0.15 +
+    // 9 × 0.60) / 1e6 per answer on `limited`; the unpriced model has no series.
+    m.assert_type("llm_proxy_cost_usd", "counter");
+    let cost = "llm_proxy_cost_usd_total";
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+    let chat_cost = m.value(cost, &[("alias", "chat"), openai]);
+    assert!(close(chat_cost, 10.2e-6), "chat cost {chat_cost}");
+    let limited_cost = m.value(cost, &[("alias", "limited"), openai]);
+    assert!(
+        close(limited_cost, 6.6e-6 * limited_ok),
+        "limited cost {limited_cost}"
+    );
+    assert_eq!(m.get(cost, &[("alias", "broken"), openai]), None);
 
     // Rate limiting (through Redis) and upstream failures.
     m.assert_type("llm_proxy_ratelimit_decisions", "counter");
