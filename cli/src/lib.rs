@@ -2,7 +2,8 @@
 //! and `llmctl serve`, the all-in-one gateway. The program lives here, in a library, so that its
 //! two binaries, `llmctl` and `llm-proxy` (the name the seed's guide uses), are the same code.
 //!
-//! Errors end the process with exit code 1 and exactly one `error: ...` line on stderr; clap's
+//! Errors end the process with exit code 1 and exactly one `error: ...` line on stderr (for
+//! `llmctl serve` under `LLM_PROXY_LOG_FORMAT=json`, one JSON line instead); clap's
 //! usage errors keep clap's format and exit code 2. Usage lines show the name the program was
 //! invoked as (clap takes it from `argv[0]`); `--version` says `llmctl` under either name.
 
@@ -28,8 +29,14 @@ pub async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),
     };
+    let serving = matches!(cli.command, Command::Serve(_));
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
+        // `llmctl serve` is a server: its error is a JSON line under JSON logs, like the rest.
+        Err(err) if serving => {
+            llm_proxy_telemetry::fatal("llmctl", &one_line(&format!("{err:#}")));
+            ExitCode::FAILURE
+        }
         Err(err) => {
             eprintln!("error: {}", one_line(&format!("{err:#}")));
             ExitCode::FAILURE

@@ -13,9 +13,13 @@ use llm_proxy_data_plane::gateway::{self, GatewaySettings, RunningGateway};
 use llm_proxy_data_plane::limits::LimitFlags;
 use llm_proxy_data_plane::process;
 use llm_proxy_data_plane::sync::SyncSettings;
+use llm_proxy_telemetry::LogFormat;
 use secrecy::SecretString;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+/// The `target` of the lines `llmctl serve` prints (its log lines' crate).
+const TARGET: &str = "llmctl";
 
 /// Flags of `llmctl serve` (DESIGN §16).
 #[derive(Debug, Clone, Args)]
@@ -79,9 +83,13 @@ pub async fn run(args: ServeArgs, allow_plaintext: bool) -> anyhow::Result<()> {
     let key_path = args.data_dir.join("master.key");
     let (master_key, created) = master_key::load_or_create(&key_path).await?;
     if created {
-        eprintln!(
-            "generated a new master key at {} (mode 0600): back it up, the stored provider keys cannot be read without it",
-            key_path.display()
+        let path = key_path.display().to_string();
+        llm_proxy_telemetry::notice(
+            TARGET,
+            &format!(
+                "generated a new master key at {path} (mode 0600): back it up, the stored provider keys cannot be read without it"
+            ),
+            &[("path", &path)],
         );
     }
     let database_url = match args.database_url {
@@ -127,11 +135,70 @@ pub async fn run(args: ServeArgs, allow_plaintext: bool) -> anyhow::Result<()> {
         let _ = axum::serve(metrics, app).await;
     });
 
+    if LogFormat::from_env() == LogFormat::Json {
+        // Every line JSON (DESIGN §16): the addresses as one log line on stderr, no guide.
+        let (api, admin, metrics, data) = (
+            format!("http://{}", shown(dp.addr)),
+            cp.grpc_addr.to_string(),
+            format!("http://{metrics_addr}"),
+            args.data_dir.display().to_string(),
+        );
+        llm_proxy_telemetry::notice(
+            TARGET,
+            &format!(
+                "llm-proxy is running: OpenAI-compatible API on {api}, admin API (gRPC) on {admin}, metrics on {metrics}"
+            ),
+            &[
+                ("addr", &dp.addr.to_string()),
+                ("grpc_addr", &admin),
+                ("metrics_addr", &metrics_addr.to_string()),
+                ("data_dir", &data),
+            ],
+        );
+    } else {
+        print_banner(&args.data_dir, &dp, &cp, metrics_addr);
+    }
+    let failed = async {
+        match cp.database_ready().await {
+            // Ready: from now on only a signal ends the process.
+            Ok(()) => std::future::pending().await,
+            Err(err) => err,
+        }
+    };
+    let failure = tokio::select! {
+        () = process::shutdown_signal() => None,
+        err = failed => Some(err),
+    };
+    llm_proxy_telemetry::notice(TARGET, "shutting down", &[]);
+    metrics_task.abort();
+    match Arc::try_unwrap(dp) {
+        Ok(dp) => dp.shutdown(Duration::from_secs(10)).await,
+        // A health check still holds it for a moment: at least stop accepting.
+        Err(dp) => dp.begin_shutdown(),
+    }
+    if let Ok(cp) = Arc::try_unwrap(cp) {
+        cp.shutdown().await;
+    }
+    // Flushing spans blocks until the collector answers (bounded by the exporter's timeout).
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    match failure {
+        Some(err) => Err(err.into()),
+        None => Ok(()),
+    }
+}
+
+/// The human start-up banner on stdout: where everything listens, and what to type next.
+fn print_banner(
+    data_dir: &std::path::Path,
+    dp: &RunningGateway,
+    cp: &RunningControlPlane,
+    metrics_addr: SocketAddr,
+) {
     println!("llm-proxy is running");
     println!("  OpenAI-compatible API: http://{}", shown(dp.addr));
     println!("  admin API (gRPC, for llmctl): {}", cp.grpc_addr);
     println!("  metrics, /healthz, /readyz: http://{metrics_addr}");
-    println!("  data: {}", args.data_dir.display());
+    println!("  data: {}", data_dir.display());
     println!();
     println!("next, in another terminal:");
     println!(
@@ -148,33 +215,6 @@ pub async fn run(args: ServeArgs, allow_plaintext: bool) -> anyhow::Result<()> {
         "then point the OpenAI SDK at base_url=\"http://localhost:{}\" with api_key=\"vk-front-1234\"",
         dp.addr.port()
     );
-    let failed = async {
-        match cp.database_ready().await {
-            // Ready: from now on only a signal ends the process.
-            Ok(()) => std::future::pending().await,
-            Err(err) => err,
-        }
-    };
-    let failure = tokio::select! {
-        () = process::shutdown_signal() => None,
-        err = failed => Some(err),
-    };
-    eprintln!("shutting down");
-    metrics_task.abort();
-    match Arc::try_unwrap(dp) {
-        Ok(dp) => dp.shutdown(Duration::from_secs(10)).await,
-        // A health check still holds it for a moment: at least stop accepting.
-        Err(dp) => dp.begin_shutdown(),
-    }
-    if let Ok(cp) = Arc::try_unwrap(cp) {
-        cp.shutdown().await;
-    }
-    // Flushing spans blocks until the collector answers (bounded by the exporter's timeout).
-    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
-    match failure {
-        Some(err) => Err(err.into()),
-        None => Ok(()),
-    }
 }
 
 /// How to reach a listener from this machine (`0.0.0.0:8132` → `localhost:8132`).

@@ -139,12 +139,16 @@ async fn check_config(args: ServeArgs) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Listens at once; the database is brought up in the background (`/readyz` says when).
     let running = server::launch(settings(args).await?).await?;
-    eprintln!(
-        "llm-proxy control plane listening on {} (gRPC), metrics on {}",
-        running.grpc_addr,
-        running
-            .metrics_addr
-            .map_or_else(|| "-".to_owned(), |a| a.to_string())
+    let addr = running.grpc_addr.to_string();
+    let metrics_addr = running
+        .metrics_addr
+        .map_or_else(|| "-".to_owned(), |a| a.to_string());
+    // Test harnesses wait for this line (plain text, or JSON with the addresses as fields):
+    // printed whatever RUST_LOG says.
+    llm_proxy_telemetry::notice(
+        module_path!(),
+        &format!("llm-proxy control plane listening on {addr} (gRPC), metrics on {metrics_addr}"),
+        &[("addr", &addr), ("metrics_addr", &metrics_addr)],
     );
     let failed = async {
         match running.database_ready().await {
@@ -191,15 +195,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::CheckConfig(args)) => check_config(args).await,
         Some(Command::Migrate(args)) => {
             let (_, applied) = server::migrate(&database_url(args)?).await?;
-            eprintln!("migrations applied: {applied}");
+            let applied = applied.to_string();
+            llm_proxy_telemetry::notice(
+                module_path!(),
+                &format!("migrations applied: {applied}"),
+                &[("applied", &applied)],
+            );
             Ok(())
         }
         Some(Command::RotateMasterKey(args)) => {
             let url = database_url(args.database)?;
             let keys = master_keys(args.master_key).await?;
             let (count, key_id) = server::rotate_master_key(&url, &keys).await?;
-            eprintln!(
-                "re-encrypted {count} connection credential(s) under master key id {key_id}; keys after the first can now be removed"
+            let count = count.to_string();
+            llm_proxy_telemetry::notice(
+                module_path!(),
+                &format!(
+                    "re-encrypted {count} connection credential(s) under master key id {key_id}; keys after the first can now be removed"
+                ),
+                &[("count", &count), ("key_id", &key_id)],
             );
             Ok(())
         }
@@ -208,10 +222,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
+    // Errors go through `fatal`: one `error: ...` line, or a JSON line under JSON logs.
     let telemetry = match llm_proxy_telemetry::init_from_env("llm-proxy-control-plane", "info") {
         Ok(telemetry) => telemetry,
         Err(err) => {
-            eprintln!("error: {err}");
+            llm_proxy_telemetry::fatal(module_path!(), &err.to_string());
             std::process::exit(1);
         }
     };
@@ -221,14 +236,17 @@ fn main() {
     {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
+            llm_proxy_telemetry::fatal(
+                module_path!(),
+                &format!("cannot start the async runtime: {err}"),
+            );
             std::process::exit(1);
         }
     };
     let result = runtime.block_on(run(cli));
     telemetry.shutdown();
     if let Err(err) = result {
-        eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
+        llm_proxy_telemetry::fatal(module_path!(), &format!("{err:#}").replace('\n', " "));
         std::process::exit(1);
     }
 }

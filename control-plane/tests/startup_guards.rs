@@ -1,6 +1,7 @@
 //! What the control plane refuses at start (DESIGN §19), through the real binary: a blank token,
 //! and plaintext gRPC on a non-loopback address without `--allow-plaintext`; and the one token
-//! trimming rule on both sides of a call.
+//! trimming rule on both sides of a call. Under `LLM_PROXY_LOG_FORMAT=json` every line it writes
+//! on stderr is JSON, the listening line and the refusals included (DESIGN §16).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,6 +10,7 @@ use llm_proxy_data_plane::gateway::{self, GatewaySettings};
 use llm_proxy_data_plane::sync::SyncSettings;
 use llm_proxy_proto::v1::ListConnectionsRequest;
 use secrecy::{ExposeSecret as _, SecretString};
+use serde_json::Value;
 use std::time::Duration;
 
 /// Runs the binary with `args` and exactly the `env` given (plus a master key and a SQLite URL);
@@ -154,4 +156,91 @@ async fn configured_and_presented_tokens_are_trimmed_alike() {
         .expect("the data plane got no snapshot");
     dp.shutdown(Duration::from_secs(1)).await;
     cp.shutdown().await;
+}
+
+const JSON_LOGS: (&str, &str) = ("LLM_PROXY_LOG_FORMAT", "json");
+
+/// Each line of `stderr` as JSON (panics on a line that is not).
+fn json_lines(stderr: &str) -> Vec<Value> {
+    stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_json_logs_every_stderr_line_is_json_listening_line_included() {
+    let db = common::fresh_sqlite();
+    let key = common::new_master_key();
+    // The harness finds the addresses in the JSON listening line's fields.
+    let cp = common::spawn_cp_binary(&db.url, key.expose_secret(), &[JSON_LOGS]).await;
+    common::wait_ready(cp.metrics_addr, Duration::from_secs(30)).await;
+    let (addr, metrics_addr) = (cp.addr, cp.metrics_addr);
+    let log = cp.stop().await;
+    let lines = json_lines(&log);
+    let listening: Vec<&Value> = lines
+        .iter()
+        .filter(|line| {
+            line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("llm-proxy control plane listening on "))
+        })
+        .collect();
+    let [listening] = listening.as_slice() else {
+        panic!("one listening line expected:\n{log}");
+    };
+    assert_eq!(
+        listening["fields"]["message"],
+        format!("llm-proxy control plane listening on {addr} (gRPC), metrics on {metrics_addr}")
+    );
+    assert_eq!(listening["fields"]["addr"], addr.to_string());
+    assert_eq!(
+        listening["fields"]["metrics_addr"],
+        metrics_addr.to_string()
+    );
+    assert_eq!(listening["level"], "INFO");
+    assert_eq!(listening["target"], "llm_proxy_control_plane");
+    // The log lines (RUST_LOG=info,...=debug in the harness) are there too, not only the notice.
+    assert!(lines.len() > 1, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_json_logs_refusals_and_notices_are_json_lines() {
+    let args = [
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let env: Vec<(&str, &str)> = TOKENS.iter().copied().chain([JSON_LOGS]).collect();
+    let (code, _, stderr) = run(&args, &env).await;
+    assert_eq!(code, 1, "{stderr}");
+    let lines = json_lines(&stderr);
+    let [refusal] = lines.as_slice() else {
+        panic!("one line expected: {stderr}");
+    };
+    assert_eq!(refusal["level"], "ERROR");
+    assert_eq!(refusal["target"], "llm_proxy_control_plane");
+    let message = refusal["fields"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("refusing plaintext gRPC on 0.0.0.0:0"),
+        "{message}"
+    );
+    assert!(!message.starts_with("error: "), "{message}");
+
+    // A one-off command's report too.
+    let (code, _, stderr) = run(&["migrate"], &[JSON_LOGS]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let lines = json_lines(&stderr);
+    let applied = lines
+        .iter()
+        .find(|line| line["fields"]["applied"].is_string())
+        .unwrap_or_else(|| panic!("no report: {stderr}"));
+    let count = applied["fields"]["applied"].as_str().unwrap();
+    assert!(count.parse::<u32>().unwrap() > 0, "{applied}");
+    assert_eq!(
+        applied["fields"]["message"],
+        format!("migrations applied: {count}")
+    );
 }

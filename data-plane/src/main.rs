@@ -134,12 +134,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     let running = gateway::start(settings).await?;
-    eprintln!(
-        "llm-proxy data plane listening on {} (metrics on {})",
-        running.addr,
-        running
-            .metrics_addr
-            .map_or_else(|| "-".to_owned(), |a| a.to_string())
+    let addr = running.addr.to_string();
+    let metrics_addr = running
+        .metrics_addr
+        .map_or_else(|| "-".to_owned(), |a| a.to_string());
+    // Test harnesses and scripts wait for this line (plain text, or JSON with the addresses as
+    // fields): printed whatever RUST_LOG says.
+    llm_proxy_telemetry::notice(
+        module_path!(),
+        &format!("llm-proxy data plane listening on {addr} (metrics on {metrics_addr})"),
+        &[("addr", &addr), ("metrics_addr", &metrics_addr)],
     );
     process::shutdown_signal().await;
     tracing::info!("shutting down: draining in-flight requests");
@@ -154,10 +158,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
+    // Errors go through `fatal`: one `error: ...` line, or a JSON line under JSON logs.
     let telemetry = match llm_proxy_telemetry::init_from_env("llm-proxy-data-plane", "info") {
         Ok(telemetry) => telemetry,
         Err(err) => {
-            eprintln!("error: {err}");
+            llm_proxy_telemetry::fatal(module_path!(), &err.to_string());
             std::process::exit(1);
         }
     };
@@ -167,14 +172,17 @@ fn main() {
     {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
+            llm_proxy_telemetry::fatal(
+                module_path!(),
+                &format!("cannot start the async runtime: {err}"),
+            );
             std::process::exit(1);
         }
     };
     let result = runtime.block_on(run(cli));
     telemetry.shutdown();
     if let Err(err) = result {
-        eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
+        llm_proxy_telemetry::fatal(module_path!(), &format!("{err:#}").replace('\n', " "));
         std::process::exit(1);
     }
 }

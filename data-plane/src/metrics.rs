@@ -1,7 +1,8 @@
 //! Prometheus metrics of the data plane (DESIGN §16), served on the metrics port.
 //!
 //! Label sets are bounded: aliases and providers come from the config (never from the client's
-//! text), status is the HTTP status code the gateway answered (a short fixed set), and error kinds and decisions are fixed lists.
+//! text), status is the exact HTTP status code the gateway answered (`429`, not `4xx`: a short
+//! set, since the gateway answers few codes), and error kinds and decisions are fixed lists.
 //! Requests refused before routing (no key, unknown alias) carry empty `alias` and `provider`;
 //! a request refused by a rate limit carries the alias and the provider of the last target tried.
 
@@ -350,7 +351,7 @@ impl Metrics {
     fn register(&self, registry: &mut Registry) {
         registry.register(
             "llm_proxy_requests",
-            "Requests answered, by alias, provider and status class",
+            "Requests answered, by alias, provider and exact HTTP status code",
             self.requests.clone(),
         );
         registry.register(
@@ -507,6 +508,32 @@ mod tests {
                 r#"llm_proxy_tokens_total{alias="empty",provider="openai",kind="completion"} 0"#,
                 r#"llm_proxy_tokens_total{alias="empty",provider="openai",kind="prompt"} 0"#,
             ]
+        );
+    }
+
+    #[test]
+    fn requests_are_counted_by_exact_status_code() {
+        let metrics = Metrics::new();
+        let chat: Arc<str> = Arc::from("chat");
+        for status in [200, 200, 429, 401, 404] {
+            metrics.request(&chat, "openai", status, Duration::from_millis(5), None);
+        }
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        for (status, count) in [("200", 2), ("429", 1), ("401", 1), ("404", 1)] {
+            let series = format!(
+                "llm_proxy_requests_total{{alias=\"chat\",provider=\"openai\",status=\"{status}\"}} {count}\n"
+            );
+            assert!(text.contains(&series), "{series} missing in:\n{text}");
+        }
+        assert!(!text.contains("xx\""), "a status class in:\n{text}");
+        assert!(
+            text.contains(
+                "# HELP llm_proxy_requests Requests answered, by alias, provider and exact HTTP status code.\n"
+            ),
+            "{text}"
         );
     }
 }

@@ -510,7 +510,19 @@ async fn data_plane_metrics_show_every_series_after_traffic() {
             ["", "chat", "limited", "broken"].contains(&sample.labels["alias"].as_str()),
             "unexpected alias label: {sample:?}"
         );
+        // The exact code, never a class such as `4xx` (DESIGN §16).
+        let status = &sample.labels["status"];
+        assert!(
+            status.len() == 3 && status.parse::<u16>().is_ok_and(|s| (100..600).contains(&s)),
+            "not an HTTP status code: {sample:?}"
+        );
     }
+    assert!(
+        m.text.contains(
+            "# HELP llm_proxy_requests Requests answered, by alias, provider and exact HTTP status code.\n"
+        ),
+        "help text of llm_proxy_requests"
+    );
 
     // Latencies.
     m.assert_type("llm_proxy_request_duration_seconds", "histogram");

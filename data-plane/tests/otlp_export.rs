@@ -13,7 +13,7 @@ mod common;
 use common::PATIENCE;
 use llm_proxy_control_plane::store::{NewAssignment, NewModel, NewVirtualKey};
 use llm_proxy_mock_upstream::MockUpstream;
-use llm_proxy_telemetry::{LogFormat, OtlpSettings, TelemetrySettings};
+use llm_proxy_telemetry::{LogFormat, OtlpProtocol, OtlpSettings, TelemetrySettings};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -171,6 +171,7 @@ async fn request_span_reaches_the_collector_with_its_attributes_and_no_secret() 
             log_format: LogFormat::Json,
             otlp: Some(OtlpSettings {
                 endpoint: Some(format!("http://{collector_addr}")),
+                protocol: OtlpProtocol::Grpc,
             }),
         },
         logs.clone(),

@@ -1,18 +1,21 @@
 //! Telemetry shared by the llm-proxy binaries (DESIGN §3, §13): logs on stderr filtered by
 //! `RUST_LOG`, human-readable or JSON (`LLM_PROXY_LOG_FORMAT=json`), and OpenTelemetry trace export
-//! over OTLP/gRPC when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set.
+//! over OTLP (`grpc` or `http/protobuf`) when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `..._TRACES_ENDPOINT`) is set.
 //!
 //! The two outputs are filtered separately: `RUST_LOG=warn` quiets the logs without turning off
 //! the request spans sent to the collector.
 
 mod health;
+mod lines;
 
 pub use health::{HealthSource, METRICS_CONTENT_TYPE, health_router};
+pub use lines::{fatal, notice};
 
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState, TracerProvider as _,
 };
-use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
@@ -39,9 +42,9 @@ pub enum TelemetryError {
     #[error("invalid RUST_LOG filter: {0}")]
     Filter(String),
     #[error(
-        "OTEL_EXPORTER_OTLP_PROTOCOL={0} is not supported: this build exports OTLP over gRPC only (set it to grpc, or unset it)"
+        "unsupported OTLP protocol {value:?} in {var}: use grpc (the default) or http/protobuf"
     )]
-    Protocol(String),
+    Protocol { var: &'static str, value: String },
     #[error("cannot start the OTLP export runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot set up OTLP trace export: {0}")]
@@ -50,17 +53,78 @@ pub enum TelemetryError {
     AlreadyInstalled,
 }
 
+/// The variable choosing the log format.
+pub const LOG_FORMAT_VAR: &str = "LLM_PROXY_LOG_FORMAT";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Human,
     Json,
 }
 
-/// Where spans go over OTLP/gRPC.
+impl LogFormat {
+    /// `LLM_PROXY_LOG_FORMAT`: `json` (any case) for one JSON object per line, anything else
+    /// human-readable.
+    pub fn from_env() -> Self {
+        Self::parse(std::env::var(LOG_FORMAT_VAR).ok().as_deref())
+    }
+
+    fn parse(value: Option<&str>) -> Self {
+        match value {
+            Some(v) if v.trim().eq_ignore_ascii_case("json") => Self::Json,
+            _ => Self::Human,
+        }
+    }
+}
+
+/// The OTLP transport: `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else `OTEL_EXPORTER_OTLP_PROTOCOL`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// `grpc` (collectors listen on 4317). The default when neither variable is set: the
+    /// OpenTelemetry spec's default is `http/protobuf`, but this gateway has always exported over
+    /// gRPC, and deployments that set only an endpoint (`http://collector:4317`) rely on it.
+    #[default]
+    Grpc,
+    /// `http/protobuf`: protobuf POSTed to `/v1/traces` (collectors listen on 4318).
+    HttpProtobuf,
+}
+
+const TRACES_PROTOCOL_VAR: &str = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
+const PROTOCOL_VAR: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
+
+impl OtlpProtocol {
+    /// The signal's own variable wins over the general one (as in the OpenTelemetry spec); blank
+    /// counts as unset. `http/json` is refused: the JSON encoding is not built in.
+    fn from_lookup(lookup: &impl Fn(&str) -> Option<String>) -> Result<Self, TelemetryError> {
+        for var in [TRACES_PROTOCOL_VAR, PROTOCOL_VAR] {
+            let Some(value) = lookup(var) else { continue };
+            let value = value.trim();
+            if value.is_empty() {
+                continue;
+            }
+            // Matched without case, as the exporter itself does.
+            return match value.to_ascii_lowercase().as_str() {
+                "grpc" => Ok(Self::Grpc),
+                "http/protobuf" => Ok(Self::HttpProtobuf),
+                _ => Err(TelemetryError::Protocol {
+                    var,
+                    value: value.to_owned(),
+                }),
+            };
+        }
+        Ok(Self::default())
+    }
+}
+
+/// Where and how spans go over OTLP.
 #[derive(Debug, Clone, Default)]
 pub struct OtlpSettings {
-    /// `http://host:4317`; `None` lets the exporter read `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`.
+    /// The collector's URL, used as is (for `http/protobuf` the whole URL, path included:
+    /// `http://host:4318/v1/traces`). `None` lets the exporter read the standard variables:
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as is, else `OTEL_EXPORTER_OTLP_ENDPOINT`, to which
+    /// `http/protobuf` appends `/v1/traces` (the spec's rule; gRPC takes it as is).
     pub endpoint: Option<String>,
+    pub protocol: OtlpProtocol,
 }
 
 #[derive(Debug, Clone)]
@@ -78,38 +142,40 @@ fn env_set(name: &str) -> bool {
 }
 
 impl TelemetrySettings {
-    /// From the environment: `RUST_LOG` (else `default_filter`), `LLM_PROXY_LOG_FORMAT`, and the
-    /// OpenTelemetry variables (`OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` turn export
-    /// off; only the `grpc` protocol is built in).
+    /// From the environment: see [`TelemetrySettings::from_lookup`].
     pub fn from_env(
         service_name: &'static str,
         default_filter: &str,
     ) -> Result<Self, TelemetryError> {
-        let log_filter = std::env::var("RUST_LOG")
-            .ok()
+        Self::from_lookup(service_name, default_filter, |name| {
+            std::env::var(name).ok()
+        })
+    }
+
+    /// From variables read through `lookup` (the environment in the binaries; a map in tests,
+    /// since the environment is shared by every thread): `RUST_LOG` (else `default_filter`),
+    /// `LLM_PROXY_LOG_FORMAT`, and the OpenTelemetry variables. Export is on when an OTLP endpoint
+    /// is set, unless `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`; its protocol is
+    /// `grpc` or `http/protobuf` (see [`OtlpProtocol`]), anything else is refused.
+    pub fn from_lookup(
+        service_name: &'static str,
+        default_filter: &str,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, TelemetryError> {
+        let set = |name: &str| lookup(name).is_some_and(|v| !v.trim().is_empty());
+        let log_filter = lookup("RUST_LOG")
             .filter(|f| !f.trim().is_empty())
             .unwrap_or_else(|| default_filter.to_owned());
-        let log_format = match std::env::var("LLM_PROXY_LOG_FORMAT") {
-            Ok(f) if f.eq_ignore_ascii_case("json") => LogFormat::Json,
-            _ => LogFormat::Human,
-        };
-        let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim() == "true")
-            || std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim() == "none");
+        let log_format = LogFormat::parse(lookup(LOG_FORMAT_VAR).as_deref());
+        let disabled = lookup("OTEL_SDK_DISABLED").is_some_and(|v| v.trim() == "true")
+            || lookup("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim() == "none");
         let wanted =
-            env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+            set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
         let otlp = if wanted && !disabled {
-            for var in [
-                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-                "OTEL_EXPORTER_OTLP_PROTOCOL",
-            ] {
-                if let Ok(protocol) = std::env::var(var)
-                    && protocol.trim() != "grpc"
-                    && !protocol.trim().is_empty()
-                {
-                    return Err(TelemetryError::Protocol(protocol));
-                }
-            }
-            Some(OtlpSettings::default())
+            Some(OtlpSettings {
+                endpoint: None,
+                protocol: OtlpProtocol::from_lookup(&lookup)?,
+            })
         } else {
             None
         };
@@ -167,9 +233,14 @@ pub fn init_from_env(
     init(&TelemetrySettings::from_env(service_name, default_filter)?)
 }
 
-/// Installs the global subscriber writing logs to stderr.
+/// Installs the global subscriber writing logs to stderr; under JSON logs, panics are reported
+/// as JSON lines too.
 pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
-    init_with_writer(settings, std::io::stderr)
+    let telemetry = init_with_writer(settings, std::io::stderr)?;
+    if settings.log_format == LogFormat::Json {
+        lines::install_json_panic_hook();
+    }
+    Ok(telemetry)
 }
 
 /// Installs the global subscriber writing logs to `writer` (tests capture them).
@@ -230,12 +301,16 @@ where
     Ok(telemetry)
 }
 
+/// How long one export may take before it is given up.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn tracer_provider(
     service_name: &'static str,
     otlp: &OtlpSettings,
 ) -> Result<(SdkTracerProvider, tokio::runtime::Runtime), TelemetryError> {
-    // The SDK's batch processor exports from its own thread, but the tonic exporter needs a Tokio
-    // reactor; a small runtime of our own runs the exports, away from the request workers.
+    // The SDK's batch processor exports from its own thread, but both exporters (tonic, reqwest)
+    // need a Tokio reactor; a small runtime of our own runs the exports, away from the request
+    // workers.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("otlp-export")
@@ -244,15 +319,39 @@ fn tracer_provider(
         .map_err(TelemetryError::Runtime)?;
     let exporter = {
         let _entered = runtime.enter();
-        let mut builder = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_timeout(Duration::from_secs(5));
-        if let Some(endpoint) = &otlp.endpoint {
-            builder = builder.with_endpoint(endpoint.clone());
-        }
-        builder
-            .build()
-            .map_err(|e| TelemetryError::Exporter(e.to_string()))?
+        let built = match otlp.protocol {
+            OtlpProtocol::Grpc => {
+                let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_timeout(EXPORT_TIMEOUT);
+                if let Some(endpoint) = &otlp.endpoint {
+                    builder = builder.with_endpoint(endpoint.clone());
+                }
+                builder.build()
+            }
+            OtlpProtocol::HttpProtobuf => {
+                // reqwest's async client, not the blocking one: each export is a task on the
+                // runtime above (see `OnRuntime`), and reqwest's blocking client panics when it
+                // blocks inside an async runtime (it would also stall that runtime's one worker).
+                // Built here, with the workspace's reqwest features: rustls, no native TLS.
+                let client = reqwest::Client::builder()
+                    .timeout(EXPORT_TIMEOUT)
+                    .build()
+                    .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+                // The protocol is given, not read again from the environment by the exporter:
+                // these settings decided it.
+                let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_http_client(client)
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_timeout(EXPORT_TIMEOUT);
+                if let Some(endpoint) = &otlp.endpoint {
+                    builder = builder.with_endpoint(endpoint.clone());
+                }
+                builder.build()
+            }
+        };
+        built.map_err(|e| TelemetryError::Exporter(e.to_string()))?
     };
     let exporter = OnRuntime {
         inner: Arc::new(exporter),
@@ -342,4 +441,151 @@ pub fn link_span(span: &tracing::Span, client: Option<RemoteParent>) -> Option<S
         span_id: u64::from_be_bytes(ids.span_id().to_bytes()),
         flags: ids.trace_flags().to_u8(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LogFormat, OtlpProtocol, TelemetryError, TelemetrySettings};
+    use std::collections::HashMap;
+
+    /// Settings from exactly these variables (never the process's environment).
+    fn settings(vars: &[(&str, &str)]) -> Result<TelemetrySettings, TelemetryError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        TelemetrySettings::from_lookup("svc", "info", move |name| vars.get(name).cloned())
+    }
+
+    fn protocol(vars: &[(&str, &str)]) -> OtlpProtocol {
+        settings(vars)
+            .unwrap()
+            .otlp
+            .expect("export should be on")
+            .protocol
+    }
+
+    const ENDPOINT: (&str, &str) = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317");
+
+    #[test]
+    fn grpc_is_accepted_and_the_default() {
+        assert_eq!(protocol(&[ENDPOINT]), OtlpProtocol::Grpc);
+        assert_eq!(
+            protocol(&[ENDPOINT, ("OTEL_EXPORTER_OTLP_PROTOCOL", " ")]),
+            OtlpProtocol::Grpc
+        );
+        assert_eq!(
+            protocol(&[ENDPOINT, ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]),
+            OtlpProtocol::Grpc
+        );
+        assert_eq!(
+            protocol(&[
+                (
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    "http://collector:4317"
+                ),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "GRPC"),
+            ]),
+            OtlpProtocol::Grpc
+        );
+    }
+
+    #[test]
+    fn http_protobuf_is_accepted() {
+        assert_eq!(
+            protocol(&[ENDPOINT, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]),
+            OtlpProtocol::HttpProtobuf
+        );
+        assert_eq!(
+            protocol(&[
+                ENDPOINT,
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", " http/protobuf\n")
+            ]),
+            OtlpProtocol::HttpProtobuf
+        );
+    }
+
+    #[test]
+    fn the_traces_variable_wins_over_the_general_one() {
+        assert_eq!(
+            protocol(&[
+                ENDPOINT,
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+            ]),
+            OtlpProtocol::HttpProtobuf
+        );
+        // Even over a value that would be refused on its own.
+        assert_eq!(
+            protocol(&[
+                ENDPOINT,
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+            ]),
+            OtlpProtocol::Grpc
+        );
+    }
+
+    #[test]
+    fn http_json_is_refused_naming_the_value_and_the_accepted_ones() {
+        for var in [
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        ] {
+            let err = settings(&[ENDPOINT, (var, "http/json")]).unwrap_err();
+            assert!(
+                matches!(&err, TelemetryError::Protocol { value, .. } if value == "http/json"),
+                "{err:?}"
+            );
+            let message = err.to_string();
+            assert_eq!(
+                message,
+                format!(
+                    "unsupported OTLP protocol \"http/json\" in {var}: use grpc (the default) or http/protobuf"
+                )
+            );
+        }
+        let err = settings(&[ENDPOINT, ("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")]).unwrap_err();
+        assert!(err.to_string().contains("\"thrift\""), "{err}");
+    }
+
+    #[test]
+    fn the_protocol_is_not_checked_while_export_is_off() {
+        let refused = ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json");
+        assert!(settings(&[refused]).unwrap().otlp.is_none());
+        assert!(
+            settings(&[ENDPOINT, refused, ("OTEL_SDK_DISABLED", "true")])
+                .unwrap()
+                .otlp
+                .is_none()
+        );
+        assert!(
+            settings(&[ENDPOINT, refused, ("OTEL_TRACES_EXPORTER", "none")])
+                .unwrap()
+                .otlp
+                .is_none()
+        );
+        assert!(
+            settings(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "  ")])
+                .unwrap()
+                .otlp
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn logs_settings_come_from_the_lookup() {
+        let plain = settings(&[]).unwrap();
+        assert_eq!(plain.log_format, LogFormat::Human);
+        assert_eq!(plain.log_filter, "info");
+        let json = settings(&[("LLM_PROXY_LOG_FORMAT", "JSON"), ("RUST_LOG", "warn")]).unwrap();
+        assert_eq!(json.log_format, LogFormat::Json);
+        assert_eq!(json.log_filter, "warn");
+        assert_eq!(
+            settings(&[("LLM_PROXY_LOG_FORMAT", "text")])
+                .unwrap()
+                .log_format,
+            LogFormat::Human
+        );
+    }
 }

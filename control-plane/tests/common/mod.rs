@@ -192,6 +192,26 @@ impl CpProcess {
     }
 }
 
+/// The addresses in the control plane's listening line: `llm-proxy control plane listening on
+/// ADDR (gRPC), metrics on ADDR`, or under `LLM_PROXY_LOG_FORMAT=json` a JSON line with that
+/// message and the `addr` and `metrics_addr` fields. `None` for any other line.
+pub fn cp_listening_line(line: &str) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+    const PREFIX: &str = "llm-proxy control plane listening on ";
+    if let Ok(json) = serde_json::from_str::<serde_json::Value>(line) {
+        let fields = &json["fields"];
+        if !fields["message"].as_str()?.starts_with(PREFIX) {
+            return None;
+        }
+        let addr = |name: &str| fields[name].as_str().and_then(|a| a.parse().ok());
+        return Some((addr("addr")?, addr("metrics_addr")?));
+    }
+    let rest = line.strip_prefix(PREFIX)?;
+    Some((
+        rest.split_whitespace().next()?.parse().ok()?,
+        rest.rsplit(' ').next()?.parse().ok()?,
+    ))
+}
+
 /// Starts the real binary on loopback ports with `DATABASE_URL=url` (and `env`); returns once it
 /// printed its addresses (it listens before its database is ready).
 pub async fn spawn_cp_binary(url: &str, master_key: &str, env: &[(&str, &str)]) -> CpProcess {
@@ -218,12 +238,8 @@ pub async fn spawn_cp_binary(url: &str, master_key: &str, env: &[(&str, &str)]) 
         while let Some(line) = lines.next_line().await.unwrap() {
             log.lock().unwrap().push_str(&line);
             log.lock().unwrap().push('\n');
-            if let Some(rest) = line.strip_prefix("llm-proxy control plane listening on ") {
-                let grpc: std::net::SocketAddr =
-                    rest.split_whitespace().next().unwrap().parse().unwrap();
-                let metrics: std::net::SocketAddr =
-                    rest.rsplit(' ').next().unwrap().parse().unwrap();
-                return (grpc, metrics);
+            if let Some(addrs) = cp_listening_line(&line) {
+                return addrs;
             }
         }
         panic!("control plane exited: {}", log.lock().unwrap());

@@ -256,11 +256,44 @@ pub struct DataPlaneProcess {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
+    /// Every line the child wrote on stderr so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    drain: tokio::task::JoinHandle<()>,
+}
+
+/// The addresses in the data plane's listening line: `llm-proxy data plane listening on ADDR
+/// (metrics on ADDR)`, or under `LLM_PROXY_LOG_FORMAT=json` a JSON line with that message and the
+/// `addr` and `metrics_addr` fields. `None` for any other line.
+pub fn dp_listening_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    const PREFIX: &str = "llm-proxy data plane listening on ";
+    if let Ok(json) = serde_json::from_str::<serde_json::Value>(line) {
+        let fields = &json["fields"];
+        if !fields["message"].as_str()?.starts_with(PREFIX) {
+            return None;
+        }
+        let addr = |name: &str| fields[name].as_str().and_then(|a| a.parse().ok());
+        return Some((addr("addr")?, addr("metrics_addr")?));
+    }
+    let words: Vec<&str> = line.strip_prefix(PREFIX)?.split_whitespace().collect();
+    Some((
+        words.first()?.parse().ok()?,
+        words.get(3)?.trim_end_matches(')').parse().ok()?,
+    ))
 }
 
 impl DataPlaneProcess {
     /// Starts the binary on local ports, subscribed to the control plane at `cp`, with `args`.
     pub async fn start(cp: SocketAddr, node: &str, args: &[&str]) -> Self {
+        Self::start_with_env(cp, node, args, &[]).await
+    }
+
+    /// [`DataPlaneProcess::start`] with `env` on top of `RUST_LOG=warn`.
+    pub async fn start_with_env(
+        cp: SocketAddr,
+        node: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         use std::process::Stdio;
         use tokio::io::{AsyncBufReadExt as _, BufReader};
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-proxy-data-plane"))
@@ -274,31 +307,64 @@ impl DataPlaneProcess {
             .args(args)
             .env_remove("REDIS_URL")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (addr, metrics) = tokio::time::timeout(PATIENCE, async {
             while let Some(line) = lines.next_line().await.unwrap() {
-                // "llm-proxy data plane listening on ADDR (metrics on ADDR)"
-                if let Some(rest) = line.strip_prefix("llm-proxy data plane listening on ") {
-                    let words: Vec<&str> = rest.split_whitespace().collect();
-                    let metrics = words[3].trim_end_matches(')');
-                    return (words[0].parse().unwrap(), metrics.parse().unwrap());
+                let found = dp_listening_line(&line);
+                log.lock().unwrap().push(line);
+                if let Some(addrs) = found {
+                    return addrs;
                 }
             }
-            panic!("data plane exited before listening");
+            panic!(
+                "data plane exited before listening: {:?}",
+                log.lock().unwrap()
+            );
         })
         .await
         .expect("data plane did not start");
         // Keep draining stderr so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let sink = log.clone();
+        let drain = tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
         Self {
             child,
             addr,
             metrics,
+            log,
+            drain,
         }
+    }
+
+    /// Sends SIGTERM, waits for the process to end and returns how it ended and all its stderr.
+    pub async fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let pid = self.child.id().expect("data plane exited").to_string();
+        let sent = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("data plane did not stop after SIGTERM")
+            .unwrap();
+        // The pipe is closed once the process is gone: the drain ends with it.
+        tokio::time::timeout(PATIENCE, &mut self.drain)
+            .await
+            .expect("stderr not closed")
+            .unwrap();
+        let log = self.log.lock().unwrap().clone();
+        (status, log)
     }
 
     /// A line of the child's `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
