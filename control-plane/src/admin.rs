@@ -8,6 +8,7 @@ use crate::store::{
     AssignmentPatch, ConnectionPatch, ModelPatch, NewAssignment, NewConnection, NewModel,
     NewVirtualKey, Store, VirtualKeyPatch, Written,
 };
+use crate::usage::{self, Group, UsageQuery, UsageSum};
 use llm_proxy_proto::Timestamp;
 use llm_proxy_proto::v1::admin_service_server::AdminService;
 use llm_proxy_proto::v1::*;
@@ -29,6 +30,73 @@ fn micros(field: &'static str, ts: &Timestamp) -> Result<i64, StoreError> {
         .checked_mul(1_000_000)
         .and_then(|s| s.checked_add(i64::from(ts.nanos / 1000)))
         .ok_or_else(|| StoreError::invalid(field, "is out of range"))
+}
+
+/// A filter given as an optional string: absent or blank means no filter.
+fn filter(value: Option<String>) -> Option<String> {
+    value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+}
+
+fn usage_query(request: QueryUsageRequest) -> Result<UsageQuery, StoreError> {
+    let seconds = |field: &'static str, ts: &Timestamp| {
+        micros(field, ts)?;
+        Ok::<_, StoreError>(ts.seconds)
+    };
+    let since = match &request.since {
+        Some(ts) => Some(usage::since_bound(seconds("since", ts)?)),
+        None => None,
+    };
+    let until = match &request.until {
+        Some(ts) => Some(usage::until_bound(seconds("until", ts)?, ts.nanos)),
+        None => None,
+    };
+    let mut group_by = Vec::new();
+    for value in &request.group_by {
+        let group = match UsageGroup::try_from(*value) {
+            Ok(UsageGroup::Vkey) => Group::Vkey,
+            Ok(UsageGroup::Model) => Group::Model,
+            Ok(UsageGroup::Alias) => Group::Alias,
+            Ok(UsageGroup::Day) => Group::Day,
+            Ok(UsageGroup::Hour) => Group::Hour,
+            Ok(UsageGroup::Unspecified) | Err(_) => {
+                return Err(StoreError::invalid(
+                    "group_by",
+                    format!("must be one of vkey, model, alias, day, hour; got {value}"),
+                ));
+            }
+        };
+        if !group_by.contains(&group) {
+            group_by.push(group);
+        }
+    }
+    Ok(UsageQuery {
+        vkey: filter(request.vkey),
+        model: filter(request.model),
+        alias: filter(request.alias),
+        since,
+        until,
+        group_by,
+    })
+}
+
+fn usage_total(sum: UsageSum) -> UsageTotal {
+    let at = |secs: i64| timestamp(secs.saturating_mul(1_000_000));
+    UsageTotal {
+        vkey_id: sum.vkey_id,
+        vkey_name: sum.vkey_name,
+        model_id: sum.model_id,
+        model_name: sum.model_name,
+        alias: sum.alias,
+        day: sum.day.map(at),
+        hour: sum.hour.map(at),
+        requests: sum.requests,
+        input_tokens: sum.input_tokens,
+        output_tokens: sum.output_tokens,
+        cache_read_tokens: sum.cache_read_tokens,
+        cache_write_tokens: sum.cache_write_tokens,
+        reasoning_tokens: sum.reasoning_tokens,
+        cost_pico_usd: sum.cost_pico_usd.to_string(),
+    }
 }
 
 fn connection(row: ConnectionRow) -> Result<Connection, StoreError> {
@@ -426,6 +494,17 @@ impl AdminService for AdminApi {
         let rows = self.store.list_data_planes().await?;
         Ok(Response::new(ListDataPlanesResponse {
             data_planes: rows.into_iter().map(data_plane).collect(),
+        }))
+    }
+
+    async fn query_usage(
+        &self,
+        request: Request<QueryUsageRequest>,
+    ) -> Result<Response<QueryUsageResponse>, Status> {
+        let query = usage_query(request.into_inner())?;
+        let sums = self.store.query_usage(&query).await?;
+        Ok(Response::new(QueryUsageResponse {
+            rows: sums.into_iter().map(usage_total).collect(),
         }))
     }
 }

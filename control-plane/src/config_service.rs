@@ -3,11 +3,13 @@
 use crate::error::StoreError;
 use crate::hub::{PublishedSnapshot, SnapshotHub};
 use crate::readiness::Readiness;
+use crate::rows::UsageRow;
 use crate::store::{Store, now_micros};
+use crate::usage::{self, UsageBatch};
 use llm_proxy_proto::v1::config_service_server::ConfigService;
 use llm_proxy_proto::v1::{
-    ConfigEvent, Heartbeat, ReportStatusRequest, ReportStatusResponse, Snapshot, SubscribeRequest,
-    config_event,
+    ConfigEvent, Heartbeat, ReportStatusRequest, ReportStatusResponse, ReportUsageRequest,
+    ReportUsageResponse, Snapshot, SubscribeRequest, config_event,
 };
 use prometheus_client::metrics::gauge::Gauge;
 use std::sync::Arc;
@@ -107,6 +109,69 @@ fn node_id(value: &str) -> Result<String, Status> {
         ));
     }
     Ok(value.to_owned())
+}
+
+/// A name the data plane knew: kept as given, cut to a sane length.
+fn known_name(value: &str) -> String {
+    value.trim().chars().take(usage::MAX_ID_LEN).collect()
+}
+
+/// One reported row, checked; errors name the field and the row ("hour_unix in rows[3] must…").
+fn usage_row(i: usize, row: &llm_proxy_proto::v1::UsageRow) -> Result<UsageRow, StoreError> {
+    let at = |e: StoreError| match e {
+        StoreError::Invalid { field, reason } => StoreError::Invalid {
+            field,
+            reason: format!("in rows[{i}] {reason}"),
+        },
+        other => other,
+    };
+    let id = |field, value: &str| usage::batch_id(field, value).map_err(at);
+    let count = |field, value| usage::count(field, value).map_err(at);
+    Ok(UsageRow {
+        vkey_id: id("vkey_id", &row.vkey_id)?,
+        assignment_id: id("assignment_id", &row.assignment_id)?,
+        hour: usage::hour("hour_unix", row.hour_unix).map_err(at)?,
+        vkey_name: known_name(&row.vkey_name),
+        model_id: id("model_id", &row.model_id)?,
+        model_name: known_name(&row.model_name),
+        alias: id("alias", &row.alias)?,
+        requests: count("requests", row.requests)?,
+        input_tokens: count("input_tokens", row.input_tokens)?,
+        output_tokens: count("output_tokens", row.output_tokens)?,
+        cache_read_tokens: count("cache_read_tokens", row.cache_read_tokens)?,
+        cache_write_tokens: count("cache_write_tokens", row.cache_write_tokens)?,
+        reasoning_tokens: count("reasoning_tokens", row.reasoning_tokens)?,
+        cost_pico_usd: usage::parse_cost("cost_pico_usd", &row.cost_pico_usd).map_err(at)?,
+    })
+}
+
+/// A reported batch, checked and merged per (key, assignment, hour).
+pub fn usage_batch(request: ReportUsageRequest) -> Result<UsageBatch, StoreError> {
+    let node_id = usage::batch_id("node_id", &request.node_id)?;
+    let boot_id = usage::batch_id("boot_id", &request.boot_id)?;
+    let sequence = usage::sequence(request.sequence)?;
+    if request.rows.len() > usage::MAX_BATCH_ROWS {
+        return Err(StoreError::invalid(
+            "rows",
+            format!(
+                "must be at most {} per batch, got {}: split the batch",
+                usage::MAX_BATCH_ROWS,
+                request.rows.len()
+            ),
+        ));
+    }
+    let rows = request
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(i, row)| usage_row(i, row))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(UsageBatch {
+        node_id,
+        boot_id,
+        sequence,
+        rows: usage::merge(rows)?,
+    })
 }
 
 fn heartbeat(hub: &SnapshotHub, current: Option<&PublishedSnapshot>) -> ConfigEvent {
@@ -279,5 +344,18 @@ impl ConfigService for ConfigApi {
             .report_status(&node, request.applied_version, &error)
             .await?;
         Ok(Response::new(ReportStatusResponse {}))
+    }
+
+    async fn report_usage(
+        &self,
+        request: Request<ReportUsageRequest>,
+    ) -> Result<Response<ReportUsageResponse>, Status> {
+        let batch = usage_batch(request.into_inner())?;
+        self.readiness.check()?;
+        let added = self.store.report_usage(&batch).await?;
+        if !added {
+            tracing::debug!(node_id = %batch.node_id, boot_id = %batch.boot_id, sequence = batch.sequence, "usage batch already written; acknowledged again");
+        }
+        Ok(Response::new(ReportUsageResponse { added }))
     }
 }

@@ -20,4 +20,5 @@ pub mod rpc_observer;
 pub mod schema;
 pub mod server;
 pub mod store;
+pub mod usage;
 pub mod validate;

@@ -1,6 +1,9 @@
 //! Row types of the tables in [`crate::schema`].
 
-use crate::schema::{assignments, connections, data_planes, provider_models, virtual_keys};
+use crate::schema::{
+    assignments, connections, data_planes, provider_models, usage_batches, usage_hourly,
+    virtual_keys,
+};
 use diesel::prelude::*;
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
@@ -72,4 +75,34 @@ pub struct DataPlaneRow {
     pub last_seen: i64,
     pub connected: bool,
     pub error: String,
+}
+
+/// One hour of one assignment of one virtual key (DESIGN §18). `hour` is unix seconds of the
+/// hour's start; `cost_pico_usd` is in 1e-12 USD.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = usage_hourly, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct UsageRow {
+    pub vkey_id: String,
+    pub assignment_id: String,
+    pub hour: i64,
+    pub vkey_name: String,
+    pub model_id: String,
+    pub model_name: String,
+    pub alias: String,
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_read_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub cost_pico_usd: i64,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = usage_batches, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
+pub struct UsageBatchRow {
+    pub node_id: String,
+    pub boot_id: String,
+    pub sequence: i64,
+    pub received_at: i64,
 }

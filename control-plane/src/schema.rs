@@ -76,6 +76,34 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    usage_hourly (vkey_id, assignment_id, hour) {
+        vkey_id -> Text,
+        assignment_id -> Text,
+        hour -> BigInt,
+        vkey_name -> Text,
+        model_id -> Text,
+        model_name -> Text,
+        alias -> Text,
+        requests -> BigInt,
+        input_tokens -> BigInt,
+        output_tokens -> BigInt,
+        cache_read_tokens -> BigInt,
+        cache_write_tokens -> BigInt,
+        reasoning_tokens -> BigInt,
+        cost_pico_usd -> BigInt,
+    }
+}
+
+diesel::table! {
+    usage_batches (node_id, boot_id, sequence) {
+        node_id -> Text,
+        boot_id -> Text,
+        sequence -> BigInt,
+        received_at -> BigInt,
+    }
+}
+
 diesel::joinable!(provider_models -> connections (connection_id));
 diesel::joinable!(assignments -> virtual_keys (vkey_id));
 diesel::joinable!(assignments -> provider_models (model_id));
@@ -87,4 +115,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     virtual_keys,
     assignments,
     data_planes,
+    usage_hourly,
+    usage_batches,
 );

@@ -14,6 +14,7 @@ use crate::crypto::MasterKeys;
 use crate::db::{Database, DbConn};
 use crate::error::StoreError;
 use crate::rows::{AssignmentRow, ConnectionRow, DataPlaneRow, ModelRow, VirtualKeyRow};
+use crate::usage::{UsageBatch, UsageQuery, UsageSum};
 use crate::validate;
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::BTreeMap;
@@ -504,6 +505,16 @@ impl Store {
             self,
             count_live_data_planes(now_micros() - LIVE_WINDOW_MICROS)
         )
+    }
+
+    /// Writes a validated usage batch (see [`crate::usage`]); `false` when that (node, boot,
+    /// sequence) was already written and nothing was added. Not a config write: no version bump.
+    pub async fn report_usage(&self, batch: &UsageBatch) -> Result<bool, StoreError> {
+        on_backend!(self, report_usage(batch, now_micros()))
+    }
+
+    pub async fn query_usage(&self, query: &UsageQuery) -> Result<Vec<UsageSum>, StoreError> {
+        on_backend!(self, query_usage(query))
     }
 
     /// True when a data plane row counts as connected right now.

@@ -11,16 +11,22 @@ use crate::crypto::{Location, MasterKeys};
 use crate::db::{CONFIG_CHANNEL, SqliteConn};
 use crate::error::StoreError;
 use crate::ids;
-use crate::rows::{AssignmentRow, ConnectionRow, DataPlaneRow, ModelRow, VirtualKeyRow};
-use crate::schema::{
-    assignments, config_state, connections, data_planes, provider_models, virtual_keys,
+use crate::rows::{
+    AssignmentRow, ConnectionRow, DataPlaneRow, ModelRow, UsageBatchRow, UsageRow, VirtualKeyRow,
 };
+use crate::schema::{
+    assignments, config_state, connections, data_planes, provider_models, usage_batches,
+    usage_hourly, virtual_keys,
+};
+use crate::usage::{self, Group, UsageBatch, UsageQuery, UsageSum};
 use crate::validate;
 use diesel::prelude::*;
 use diesel::sql_types::Text;
+use diesel::sql_types::{BigInt, Nullable};
+use diesel::upsert::excluded;
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use secrecy::{ExposeSecret, SecretString};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 const CREDENTIAL_AT: (&str, &str) = ("connections", "credential");
 
@@ -53,6 +59,144 @@ fn reference<'a>(field: &'static str, value: &'a str) -> Result<&'a str, StoreEr
     } else {
         Ok(value)
     }
+}
+
+/// The sums of one `QueryUsage` group as SQL returns them (see [`usage_sql`]).
+#[derive(QueryableByName)]
+struct UsageSumSql {
+    #[diesel(sql_type = Nullable<Text>)]
+    vkey_id: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    vkey_name: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    model_id: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    model_name: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    alias: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    day: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    hour: Option<i64>,
+    #[diesel(sql_type = BigInt)]
+    requests: i64,
+    #[diesel(sql_type = BigInt)]
+    input_tokens: i64,
+    #[diesel(sql_type = BigInt)]
+    output_tokens: i64,
+    #[diesel(sql_type = BigInt)]
+    cache_read_tokens: i64,
+    #[diesel(sql_type = BigInt)]
+    cache_write_tokens: i64,
+    #[diesel(sql_type = BigInt)]
+    reasoning_tokens: i64,
+    #[diesel(sql_type = BigInt)]
+    cost_micro: i64,
+    #[diesel(sql_type = BigInt)]
+    cost_pico: i64,
+}
+
+impl UsageSumSql {
+    fn into_sum(self) -> Result<UsageSum, StoreError> {
+        Ok(UsageSum {
+            cost_pico_usd: usage::join_cost(self.cost_micro, self.cost_pico)?,
+            vkey_id: self.vkey_id,
+            vkey_name: self.vkey_name,
+            model_id: self.model_id,
+            model_name: self.model_name,
+            alias: self.alias,
+            day: self.day,
+            hour: self.hour,
+            requests: self.requests,
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cache_read_tokens: self.cache_read_tokens,
+            cache_write_tokens: self.cache_write_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+        })
+    }
+}
+
+/// The `QueryUsage` statement: group columns from a fixed list (never user text), twelve bound
+/// parameters in a fixed order (see `query_usage`), `$n` on Postgres and `?` on SQLite. Each
+/// filter is `param IS NULL OR ...`, so absent filters need no other statement. The cost is
+/// summed in two parts that cannot overflow 64 bits for any realistic row count (whole micro-USD,
+/// and the remainder below one micro-USD), joined exactly in `u128` afterwards.
+fn usage_sql(groups: &[Group], postgres: bool) -> String {
+    let mut n = 0;
+    let mut p = || {
+        n += 1;
+        if postgres {
+            format!("${n}")
+        } else {
+            "?".to_owned()
+        }
+    };
+    let text = |on: bool, expr: &str| {
+        if on {
+            expr.to_owned()
+        } else {
+            "CAST(NULL AS TEXT)".to_owned()
+        }
+    };
+    let int = |on: bool, expr: &str| {
+        if on {
+            expr.to_owned()
+        } else {
+            "CAST(NULL AS BIGINT)".to_owned()
+        }
+    };
+    let has = |g: Group| groups.contains(&g);
+    const DAY: &str = "(hour - hour % 86400)";
+    let mut group_exprs = Vec::new();
+    for (g, expr) in [
+        (Group::Vkey, "vkey_id"),
+        (Group::Model, "model_id"),
+        (Group::Alias, "alias"),
+        (Group::Day, DAY),
+        (Group::Hour, "hour"),
+    ] {
+        if has(g) {
+            group_exprs.push(expr);
+        }
+    }
+    let sum = |col: &str| format!("CAST(COALESCE(SUM({col}), 0) AS BIGINT) AS {col}");
+    let (p1, p2, p3) = (p(), p(), p());
+    let (p4, p5, p6) = (p(), p(), p());
+    let (p7, p8) = (p(), p());
+    let (p9, p10) = (p(), p());
+    let (p11, p12) = (p(), p());
+    let mut sql = format!(
+        "SELECT {} AS vkey_id, {} AS vkey_name, {} AS model_id, {} AS model_name, {} AS alias, \
+         {} AS day, {} AS hour, {}, {}, {}, {}, {}, {}, \
+         CAST(COALESCE(SUM(cost_pico_usd / {micro}), 0) AS BIGINT) AS cost_micro, \
+         CAST(COALESCE(SUM(cost_pico_usd % {micro}), 0) AS BIGINT) AS cost_pico \
+         FROM usage_hourly \
+         WHERE (CAST({p1} AS TEXT) IS NULL OR vkey_id = {p2} OR vkey_name = {p3}) \
+         AND (CAST({p4} AS TEXT) IS NULL OR model_id = {p5} OR model_name = {p6}) \
+         AND (CAST({p7} AS TEXT) IS NULL OR alias = {p8}) \
+         AND (CAST({p9} AS BIGINT) IS NULL OR hour >= {p10}) \
+         AND (CAST({p11} AS BIGINT) IS NULL OR hour < {p12})",
+        text(has(Group::Vkey), "vkey_id"),
+        text(has(Group::Vkey), "MAX(vkey_name)"),
+        text(has(Group::Model), "model_id"),
+        text(has(Group::Model), "MAX(model_name)"),
+        text(has(Group::Alias), "alias"),
+        int(has(Group::Day), DAY),
+        int(has(Group::Hour), "hour"),
+        sum("requests"),
+        sum("input_tokens"),
+        sum("output_tokens"),
+        sum("cache_read_tokens"),
+        sum("cache_write_tokens"),
+        sum("reasoning_tokens"),
+        micro = usage::PICO_PER_MICRO,
+    );
+    if !group_exprs.is_empty() {
+        let list = group_exprs.join(", ");
+        sql.push_str(&format!(" GROUP BY {list} ORDER BY {list}"));
+    }
+    sql
 }
 
 macro_rules! backend_queries {
@@ -849,6 +993,99 @@ macro_rules! backend_queries {
                     .select(DataPlaneRow::as_select())
                     .load(c)
                     .await?)
+            }
+
+            /// Writes a batch and its (node, boot, sequence) in one transaction; `false` when
+            /// that batch was already written (nothing is added). Names are the control plane's
+            /// current ones where the key or model still exists, else the data plane's.
+            pub async fn report_usage(c: &mut Conn, batch: &UsageBatch, now: i64) -> Result<bool, StoreError> {
+                let marker = UsageBatchRow {
+                    node_id: batch.node_id.clone(),
+                    boot_id: batch.boot_id.clone(),
+                    sequence: batch.sequence,
+                    received_at: now,
+                };
+                c.transaction(async |c| {
+                    // A concurrent writer of the same batch waits on this key until the first
+                    // commits, then inserts nothing: the batch is added exactly once.
+                    let inserted = diesel::insert_into(usage_batches::table)
+                        .values(&marker)
+                        .on_conflict_do_nothing()
+                        .execute(c)
+                        .await?;
+                    if inserted == 0 {
+                        return Ok(false);
+                    }
+                    let mut vkey_ids: Vec<&str> = batch.rows.iter().map(|r| r.vkey_id.as_str()).collect();
+                    vkey_ids.sort_unstable();
+                    vkey_ids.dedup();
+                    let mut model_ids: Vec<&str> = batch.rows.iter().map(|r| r.model_id.as_str()).collect();
+                    model_ids.sort_unstable();
+                    model_ids.dedup();
+                    let vkey_names: HashMap<String, String> = virtual_keys::table
+                        .filter(virtual_keys::id.eq_any(&vkey_ids))
+                        .select((virtual_keys::id, virtual_keys::name))
+                        .load::<(String, String)>(c)
+                        .await?
+                        .into_iter()
+                        .collect();
+                    let model_names: HashMap<String, String> = provider_models::table
+                        .filter(provider_models::id.eq_any(&model_ids))
+                        .select((provider_models::id, provider_models::name))
+                        .load::<(String, String)>(c)
+                        .await?
+                        .into_iter()
+                        .collect();
+                    for row in &batch.rows {
+                        let row = UsageRow {
+                            vkey_name: vkey_names.get(&row.vkey_id).cloned().unwrap_or_else(|| row.vkey_name.clone()),
+                            model_name: model_names.get(&row.model_id).cloned().unwrap_or_else(|| row.model_name.clone()),
+                            ..row.clone()
+                        };
+                        diesel::insert_into(usage_hourly::table)
+                            .values(&row)
+                            .on_conflict((usage_hourly::vkey_id, usage_hourly::assignment_id, usage_hourly::hour))
+                            .do_update()
+                            .set((
+                                usage_hourly::requests.eq(usage_hourly::requests + excluded(usage_hourly::requests)),
+                                usage_hourly::input_tokens.eq(usage_hourly::input_tokens + excluded(usage_hourly::input_tokens)),
+                                usage_hourly::output_tokens.eq(usage_hourly::output_tokens + excluded(usage_hourly::output_tokens)),
+                                usage_hourly::cache_read_tokens.eq(usage_hourly::cache_read_tokens + excluded(usage_hourly::cache_read_tokens)),
+                                usage_hourly::cache_write_tokens.eq(usage_hourly::cache_write_tokens + excluded(usage_hourly::cache_write_tokens)),
+                                usage_hourly::reasoning_tokens.eq(usage_hourly::reasoning_tokens + excluded(usage_hourly::reasoning_tokens)),
+                                usage_hourly::cost_pico_usd.eq(usage_hourly::cost_pico_usd + excluded(usage_hourly::cost_pico_usd)),
+                                // The latest names, model and alias win (a rename shows at once).
+                                usage_hourly::vkey_name.eq(excluded(usage_hourly::vkey_name)),
+                                usage_hourly::model_id.eq(excluded(usage_hourly::model_id)),
+                                usage_hourly::model_name.eq(excluded(usage_hourly::model_name)),
+                                usage_hourly::alias.eq(excluded(usage_hourly::alias)),
+                            ))
+                            .execute(c)
+                            .await?;
+                    }
+                    Ok(true)
+                })
+                .await
+            }
+
+            pub async fn query_usage(c: &mut Conn, q: &UsageQuery) -> Result<Vec<UsageSum>, StoreError> {
+                let sql = usage_sql(&q.group_by, IS_POSTGRES);
+                let rows: Vec<UsageSumSql> = diesel::sql_query(sql)
+                    .bind::<Nullable<Text>, _>(q.vkey.as_deref())
+                    .bind::<Nullable<Text>, _>(q.vkey.as_deref())
+                    .bind::<Nullable<Text>, _>(q.vkey.as_deref())
+                    .bind::<Nullable<Text>, _>(q.model.as_deref())
+                    .bind::<Nullable<Text>, _>(q.model.as_deref())
+                    .bind::<Nullable<Text>, _>(q.model.as_deref())
+                    .bind::<Nullable<Text>, _>(q.alias.as_deref())
+                    .bind::<Nullable<Text>, _>(q.alias.as_deref())
+                    .bind::<Nullable<BigInt>, _>(q.since)
+                    .bind::<Nullable<BigInt>, _>(q.since)
+                    .bind::<Nullable<BigInt>, _>(q.until)
+                    .bind::<Nullable<BigInt>, _>(q.until)
+                    .load(c)
+                    .await?;
+                rows.into_iter().map(UsageSumSql::into_sum).collect()
             }
 
             pub async fn count_live_data_planes(c: &mut Conn, seen_since: i64) -> Result<i64, StoreError> {

@@ -1,0 +1,2 @@
+DROP TABLE usage_batches;
+DROP TABLE usage_hourly;
