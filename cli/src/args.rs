@@ -14,6 +14,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::price::{PriceArg, parse_price};
 use crate::serve::ServeArgs;
+use crate::usage::{GroupBy, TimeArg, parse_time};
 
 /// Default address of the control plane's gRPC API.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8131";
@@ -121,6 +122,8 @@ pub enum OutputFormat {
     Table,
     /// One JSON object (add/get/update/delete) or one JSON array (list).
     Json,
+    /// Comma-separated values under a header row (`llmctl usage` only).
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,8 +146,36 @@ pub enum Command {
     Unassign(IdArg),
     /// List the data planes known to the control plane.
     Dataplanes,
+    /// Tokens and cost reported by the data planes, summed per group (DESIGN §18).
+    Usage(UsageArgs),
     /// Run the all-in-one gateway: control plane + data plane in one process.
     Serve(ServeArgs),
+}
+
+// ---- usage ----
+
+/// `llmctl usage`. T is RFC 3339 (2026-12-01T10:00:00Z), a date (2026-12-01, 00:00 UTC) or a
+/// span back from now (24h, 7d).
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// Only this virtual key (ID or name; deleted keys keep their name here).
+    #[arg(long, value_name = "K")]
+    pub vkey: Option<String>,
+    /// Only this provider model (ID or name).
+    #[arg(long, value_name = "M")]
+    pub model: Option<String>,
+    /// Only this alias.
+    #[arg(long, value_name = "A")]
+    pub alias: Option<String>,
+    /// From T (its hour bucket included).
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    pub since: Option<TimeArg>,
+    /// Until T (hour buckets starting at or after T excluded).
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    pub until: Option<TimeArg>,
+    /// Group by (repeatable, or comma-separated); none gives one row of totals.
+    #[arg(long = "group-by", value_enum, value_delimiter = ',', num_args = 1..)]
+    pub group_by: Vec<GroupBy>,
 }
 
 // ---- connections ----

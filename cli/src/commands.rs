@@ -10,19 +10,20 @@ use llm_proxy_proto::v1::{
     CreateAssignmentRequest, CreateConnectionRequest, CreateProviderModelRequest,
     CreateVirtualKeyRequest, DeleteRequest, GetRequest, ListAssignmentsRequest,
     ListConnectionsRequest, ListDataPlanesRequest, ListProviderModelsRequest,
-    ListVirtualKeysRequest, PriceUpdate, UpdateAssignmentRequest, UpdateConnectionRequest,
-    UpdateProviderModelRequest, UpdateVirtualKeyRequest,
+    ListVirtualKeysRequest, PriceUpdate, QueryUsageRequest, UpdateAssignmentRequest,
+    UpdateConnectionRequest, UpdateProviderModelRequest, UpdateVirtualKeyRequest,
 };
 
 use crate::args::{
     AssignmentAddArgs, AssignmentCommand, AssignmentListArgs, AssignmentUpdateArgs, Command,
     ConnectionAddArgs, ConnectionCommand, ConnectionUpdateArgs, CredentialArgs, ForceDeleteArgs,
-    IdArg, ModelAddArgs, ModelCommand, ModelListArgs, ModelUpdateArgs, OutputFormat, VkeyAddArgs,
-    VkeyCommand, VkeyUpdateArgs,
+    IdArg, ModelAddArgs, ModelCommand, ModelListArgs, ModelUpdateArgs, OutputFormat, UsageArgs,
+    VkeyAddArgs, VkeyCommand, VkeyUpdateArgs,
 };
 use crate::client::Admin;
 use crate::price::PriceArg;
 use crate::render;
+use crate::usage;
 
 /// Runs an admin command (everything but `serve`) against the control plane and prints the result.
 pub async fn run(admin: &mut Admin, format: OutputFormat, command: Command) -> anyhow::Result<()> {
@@ -36,6 +37,9 @@ pub async fn execute(
     format: OutputFormat,
     command: Command,
 ) -> anyhow::Result<String> {
+    if format == OutputFormat::Csv && !matches!(command, Command::Usage(_)) {
+        bail!("-o csv is available for `llmctl usage` only; use -o table or -o json");
+    }
     Ok(match command {
         Command::Connection(cmd) => connection(admin, format, cmd).await?,
         Command::Model(cmd) => model(admin, format, cmd).await?,
@@ -52,8 +56,35 @@ pub async fn execute(
                 .into_inner();
             render::list(format, &response.data_planes)
         }
+        Command::Usage(args) => usage_report(admin, format, args).await?,
         Command::Serve(_) => bail!("`serve` is not an admin command"),
     })
+}
+
+async fn usage_report(
+    admin: &mut Admin,
+    format: OutputFormat,
+    args: UsageArgs,
+) -> anyhow::Result<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let groups = usage::canonical(&args.group_by);
+    let request = QueryUsageRequest {
+        vkey: args.vkey,
+        model: args.model,
+        alias: args.alias,
+        since: args.since.map(|t| t.resolve(now)),
+        until: args.until.map(|t| t.resolve(now)),
+        group_by: groups.iter().map(|g| g.proto() as i32).collect(),
+    };
+    let response = admin
+        .client
+        .query_usage(request)
+        .await
+        .map_err(|s| admin.error(s))?
+        .into_inner();
+    usage::render(format, &groups, &response.rows).map_err(anyhow::Error::msg)
 }
 
 async fn connection(

@@ -14,6 +14,7 @@ mod price;
 mod render;
 mod serve;
 mod table;
+mod usage;
 
 use std::process::ExitCode;
 

@@ -362,7 +362,8 @@ pub fn created_vkey_json(response: &CreateVirtualKeyResponse) -> Value {
 pub fn one<R: Resource>(format: OutputFormat, item: &R) -> String {
     match format {
         OutputFormat::Json => json_text(&item.to_json()),
-        OutputFormat::Table => format_fields(&item.fields()),
+        // -o csv is refused before any command runs (commands::execute), except for usage.
+        OutputFormat::Table | OutputFormat::Csv => format_fields(&item.fields()),
     }
 }
 
@@ -370,7 +371,7 @@ pub fn one<R: Resource>(format: OutputFormat, item: &R) -> String {
 pub fn list<R: Resource>(format: OutputFormat, items: &[R]) -> String {
     match format {
         OutputFormat::Json => json_text(&Value::Array(items.iter().map(R::to_json).collect())),
-        OutputFormat::Table => {
+        OutputFormat::Table | OutputFormat::Csv => {
             let rows: Vec<Vec<String>> = items.iter().map(R::row).collect();
             format_table(R::HEADERS, &rows)
         }
@@ -381,7 +382,9 @@ pub fn list<R: Resource>(format: OutputFormat, items: &[R]) -> String {
 pub fn created<R: Resource>(format: OutputFormat, item: &R) -> String {
     match format {
         OutputFormat::Json => json_text(&item.to_json()),
-        OutputFormat::Table => format!("{}{}", headline(item), format_fields(&item.fields())),
+        OutputFormat::Table | OutputFormat::Csv => {
+            format!("{}{}", headline(item), format_fields(&item.fields()))
+        }
     }
 }
 
@@ -389,7 +392,7 @@ pub fn created<R: Resource>(format: OutputFormat, item: &R) -> String {
 pub fn created_vkey(format: OutputFormat, response: &CreateVirtualKeyResponse) -> String {
     match format {
         OutputFormat::Json => json_text(&created_vkey_json(response)),
-        OutputFormat::Table => {
+        OutputFormat::Table | OutputFormat::Csv => {
             let Some(vkey) = &response.virtual_key else {
                 return "created virtual key\n".to_owned();
             };
@@ -410,7 +413,7 @@ pub fn created_vkey(format: OutputFormat, response: &CreateVirtualKeyResponse) -
 pub fn deleted(format: OutputFormat, id: &str) -> String {
     match format {
         OutputFormat::Json => json_text(&json!({ "id": id, "deleted": true })),
-        OutputFormat::Table => format!("deleted {id}\n"),
+        OutputFormat::Table | OutputFormat::Csv => format!("deleted {id}\n"),
     }
 }
 

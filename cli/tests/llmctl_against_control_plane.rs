@@ -5,7 +5,9 @@
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
 use llm_proxy_control_plane::crypto::MasterKeys;
+use llm_proxy_control_plane::rows::UsageRow;
 use llm_proxy_control_plane::server::{self, RunningControlPlane, ServerSettings};
+use llm_proxy_control_plane::usage::UsageBatch;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::Value;
 use std::process::Output;
@@ -947,5 +949,144 @@ async fn llm_proxy_is_llmctl_under_the_seed_guide_name() {
             .any(|l| l.starts_with("Usage: llm-proxy serve ")),
         "{text}"
     );
+    cp.shutdown().await;
+}
+
+/// A stored usage row (seeded through the store, as a data plane's batch would be).
+fn usage_row(vkey: &str, alias: &str, hour: i64, requests: i64, cost_pico_usd: i64) -> UsageRow {
+    UsageRow {
+        vkey_id: format!("vkey-{vkey}"),
+        assignment_id: format!("asg-{vkey}-{alias}"),
+        hour,
+        vkey_name: vkey.to_owned(),
+        model_id: "model-gpt".to_owned(),
+        model_name: "gpt-4o".to_owned(),
+        alias: alias.to_owned(),
+        requests,
+        input_tokens: 1000 * requests,
+        output_tokens: 100 * requests,
+        cache_read_tokens: 10 * requests,
+        cache_write_tokens: 0,
+        reasoning_tokens: requests,
+        cost_pico_usd,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_sums_in_table_json_and_csv() {
+    let cp = control_plane(None).await;
+    let ctl = Ctl::new(&cp, None);
+    // 2026-12-01T00:00:00Z and the hours after it.
+    let day = 1_796_083_200;
+    let rows = vec![
+        usage_row("Frontend", "gpt", day, 2, 1_500_000),
+        usage_row("Frontend", "gpt", day + 3600, 3, 2_000_000),
+        usage_row("Backend", "mini", day + 86_400, 5, 499_999),
+    ];
+    let batch = UsageBatch {
+        node_id: "dp-1".into(),
+        boot_id: "boot".into(),
+        sequence: 1,
+        rows,
+    };
+    assert!(cp.store.report_usage(&batch).await.unwrap());
+
+    // Totals: 3.999999 micro-USD rounds half up to 4.
+    let totals = ctl.json(&["usage"]).await;
+    assert_eq!(
+        totals,
+        serde_json::json!([{
+            "requests": 10, "input_tokens": 10_000, "output_tokens": 1000,
+            "cache_read_tokens": 100, "cache_write_tokens": 0, "reasoning_tokens": 10,
+            "cost_micro_usd": 4, "cost_usd": "0.000004"
+        }])
+    );
+    let by_key_day = ctl
+        .json(&["usage", "--group-by", "vkey", "--group-by", "day"])
+        .await;
+    let got: Vec<(String, String, String, i64, i64)> = by_key_day
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["vkey_id"].as_str().unwrap().to_owned(),
+                r["vkey_name"].as_str().unwrap().to_owned(),
+                r["day"].as_str().unwrap().to_owned(),
+                r["requests"].as_i64().unwrap(),
+                r["cost_micro_usd"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "vkey-Backend".into(),
+                "Backend".into(),
+                "2026-12-02".into(),
+                5,
+                0
+            ),
+            (
+                "vkey-Frontend".into(),
+                "Frontend".into(),
+                "2026-12-01".into(),
+                5,
+                4
+            ),
+        ]
+    );
+    // Filters and time bounds: a date, RFC 3339 (rounded down to its hour), a span from now.
+    let hours = ctl
+        .json(&[
+            "usage",
+            "--vkey",
+            "Frontend",
+            "--since",
+            "2026-12-01T01:59:00Z",
+            "--until",
+            "2026-12-02",
+            "--group-by",
+            "hour,alias",
+        ])
+        .await;
+    assert_eq!(hours.as_array().unwrap().len(), 1, "{hours}");
+    assert_eq!(hours[0]["hour"], "2026-12-01T01:00:00Z");
+    assert_eq!(hours[0]["alias"], "gpt");
+    assert_eq!(hours[0]["requests"], 3);
+    let recent = ctl.json(&["usage", "--since", "24h"]).await;
+    assert_eq!(recent[0]["requests"], 0);
+
+    let csv = ctl
+        .ok(&[
+            "-o",
+            "csv",
+            "usage",
+            "--model",
+            "gpt-4o",
+            "--group-by",
+            "alias",
+        ])
+        .await;
+    assert_eq!(
+        csv,
+        "alias,requests,input_tokens,output_tokens,cache_read_tokens,cache_write_tokens,reasoning_tokens,cost_micro_usd,cost_usd\n\
+         gpt,5,5000,500,50,0,5,4,0.000004\n\
+         mini,5,5000,500,50,0,5,0,0.000000\n"
+    );
+    let table = ctl.ok(&["usage", "--group-by", "alias"]).await;
+    assert!(table.starts_with("ALIAS"), "{table}");
+    assert!(table.contains("0.000004"), "{table}");
+
+    let err = ctl.usage_error(&["usage", "--since", "yesterday"]).await;
+    assert!(
+        err.contains("--since") && err.contains("yesterday"),
+        "{err}"
+    );
+    let err = ctl.usage_error(&["usage", "--group-by", "week"]).await;
+    assert!(err.contains("week"), "{err}");
+    let err = ctl.fails(&["-o", "csv", "vkey", "list"]).await;
+    assert!(err.contains("-o csv"), "{err}");
     cp.shutdown().await;
 }

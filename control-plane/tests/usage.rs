@@ -9,7 +9,7 @@ use llm_proxy_proto::Timestamp;
 use llm_proxy_proto::v1::*;
 use tonic::Code;
 
-const H0: i64 = 1_796_000_400; // 2026-11-29T01:00:00Z, on the hour
+const H0: i64 = 1_796_000_400; // 2026-11-30T01:00:00Z, on the hour
 const HOUR: i64 = 3600;
 
 fn row(vkey: &str, asg: &str, model: &str, alias: &str, hour: i64, n: i64) -> UsageRow {
