@@ -8,13 +8,14 @@ use crate::ratelimit::redis_client::{self, RedisClientError};
 use crate::ratelimit::{AnyLimiter, LocalLimiter};
 use crate::server::{self, AppState};
 use crate::sync::{self, ConfigHandle, SyncSettings};
+use crate::usage_report::{UsageSettings, UsageShipper};
 
 use secrecy::SecretString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -58,6 +59,8 @@ pub struct GatewaySettings {
     pub ratelimit_fail_mode: FailMode,
     /// Time budget of one Redis limiter call before the fail mode answers.
     pub ratelimit_redis_budget: Duration,
+    /// Usage shipping to the control plane (`--usage-report-interval-s`, `--usage-queue-max-batches`).
+    pub usage: UsageSettings,
 }
 
 impl GatewaySettings {
@@ -76,6 +79,7 @@ impl GatewaySettings {
             ratelimit_redis_budget: Duration::from_millis(
                 crate::ratelimit::redis::DEFAULT_BUDGET_MS,
             ),
+            usage: UsageSettings::default(),
         }
     }
 
@@ -92,6 +96,8 @@ pub struct RunningGateway {
     pub config: Arc<ConfigHandle>,
     pub limiter: Arc<AnyLimiter>,
     pub metrics: Arc<Metrics>,
+    /// Ships usage to the control plane; [`UsageShipper::flush`] sends what is pending now.
+    pub usage: Arc<UsageShipper>,
     /// Set when shutdown starts: `/readyz` answers 503 and responses carry `Connection: close`.
     draining: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
@@ -131,8 +137,10 @@ impl RunningGateway {
         self.shutdown(grace).await;
     }
 
-    /// Stops accepting, lets in-flight requests and streams finish for up to `grace`, then stops.
+    /// Stops accepting, lets in-flight requests and streams finish for up to `grace`, then
+    /// ships the usage still pending (within what is left of `grace`, at least a second) and stops.
     pub async fn shutdown(self, grace: Duration) {
+        let started = Instant::now();
         self.draining.store(true, Ordering::Release);
         self.begin_shutdown();
         let mut server = self.server;
@@ -142,6 +150,14 @@ impl RunningGateway {
                 "grace period over; closing remaining connections"
             );
             server.abort();
+        }
+        let left = grace
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
+        match tokio::time::timeout(left, self.usage.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(error = %err, "usage not shipped at shutdown"),
+            Err(_) => tracing::warn!("usage not shipped at shutdown: out of time"),
         }
         for task in self.others {
             task.abort();
@@ -234,7 +250,13 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     let limiter = Arc::new(limiter(&settings, &config).await?);
     let draining = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::new());
+    let usage = Arc::new(UsageShipper::new(
+        &settings.sync,
+        settings.usage,
+        metrics.clone(),
+    ));
     let state = AppState {
+        usage: usage.aggregator.clone(),
         metrics: metrics.clone(),
         draining: draining.clone(),
         config: config.clone(),
@@ -245,11 +267,16 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let sync_settings = settings.sync;
     let sync_config = config.clone();
-    let mut others = vec![crate::process::supervise(
-        "config_sync",
-        metrics.front_door.clone(),
-        move || sync::run(sync_settings.clone(), sync_config.clone()),
-    )];
+    let shipper = usage.clone();
+    let interval = settings.usage.interval;
+    let mut others = vec![
+        crate::process::supervise("config_sync", metrics.front_door.clone(), move || {
+            sync::run(sync_settings.clone(), sync_config.clone())
+        }),
+        crate::process::supervise("usage_report", metrics.front_door.clone(), move || {
+            shipper.clone().run(interval)
+        }),
+    ];
 
     let app = server::router(state);
     let stop = shutdown_rx.clone();
@@ -292,6 +319,7 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
         config,
         limiter,
         metrics,
+        usage,
         draining,
         shutdown: shutdown_tx,
         server,

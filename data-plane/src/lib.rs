@@ -23,3 +23,4 @@ pub mod sse;
 pub mod sync;
 pub mod trace;
 pub mod usage;
+pub mod usage_report;

@@ -6,6 +6,7 @@ use llm_proxy_data_plane::limits::LimitFlags;
 use llm_proxy_data_plane::process;
 use llm_proxy_data_plane::ratelimit::redis::FailMode;
 use llm_proxy_data_plane::sync::{self, ClientTlsFiles, SyncSettings};
+use llm_proxy_data_plane::usage_report::{self, UsageSettings};
 use secrecy::SecretString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,9 +69,27 @@ struct Cli {
     /// Seconds in-flight requests and streams get to finish after SIGTERM.
     #[arg(long, env = "LLM_PROXY_DP_SHUTDOWN_GRACE_S", default_value_t = 30)]
     shutdown_grace_s: u64,
-    /// Node id reported to the control plane (default: hostname + pid).
+    /// Node id reported to the control plane, with its status and usage (default: the hostname;
+    /// usage batches also carry a boot id, so a restart under the same id is not a duplicate).
     #[arg(long, env = "LLM_PROXY_DP_NODE_ID")]
     node_id: Option<String>,
+    /// Seconds between usage reports to the control plane (usage is also sent at shutdown).
+    #[arg(
+        long,
+        env = "LLM_PROXY_DP_USAGE_REPORT_INTERVAL_S",
+        default_value_t = usage_report::DEFAULT_REPORT_INTERVAL_S,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    usage_report_interval_s: u64,
+    /// Usage batches kept while the control plane does not acknowledge them; past it the oldest
+    /// are dropped (counted in llm_proxy_usage_dropped_total).
+    #[arg(
+        long,
+        env = "LLM_PROXY_DP_USAGE_QUEUE_MAX_BATCHES",
+        default_value_t = usage_report::DEFAULT_QUEUE_MAX_BATCHES,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    usage_queue_max_batches: usize,
     /// CA bundle to verify the control plane's certificate.
     #[arg(long, env = "LLM_PROXY_DP_TLS_CA")]
     tls_ca: Option<PathBuf>,
@@ -95,11 +114,14 @@ struct Cli {
     check_config: bool,
 }
 
+/// The hostname (DESIGN §18: stable across restarts; in Kubernetes the pod name).
 pub fn default_node_id() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
         .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "dp".to_owned());
-    format!("{host}-{}", std::process::id())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "dp".to_owned())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -124,6 +146,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         redis_ca_file: cli.redis_ca_file.clone(),
         ratelimit_fail_mode: cli.ratelimit_fail_mode,
         ratelimit_redis_budget: Duration::from_millis(cli.ratelimit_redis_budget_ms),
+        usage: UsageSettings {
+            interval: Duration::from_secs(cli.usage_report_interval_s),
+            queue_max_batches: cli.usage_queue_max_batches,
+        },
     };
     // Reject a malformed or plaintext-off-loopback --control-plane URL, or a bad token, now, not
     // in the background task.

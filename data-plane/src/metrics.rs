@@ -213,7 +213,14 @@ pub struct Metrics {
     cost_usd: Family<RouteLabels, Counter<f64, AtomicU64>>,
     ratelimit_decisions: Family<DecisionLabels, Counter>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    usage_dropped: Counter,
+    usage_batches: Family<UsageBatchLabels, Counter>,
     pub front_door: FrontDoorMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UsageBatchLabels {
+    result: &'static str,
 }
 
 impl Default for Metrics {
@@ -235,6 +242,8 @@ impl Metrics {
             cost_usd: Family::default(),
             ratelimit_decisions: Family::default(),
             upstream_errors: Family::default(),
+            usage_dropped: Counter::default(),
+            usage_batches: Family::default(),
             front_door: FrontDoorMetrics::default(),
         }
     }
@@ -348,7 +357,33 @@ impl Metrics {
             .inc();
     }
 
+    /// Usage rows dropped from a full queue (or refused by the control plane).
+    pub fn usage_dropped(&self, rows: u64) {
+        self.usage_dropped.inc_by(rows);
+    }
+
+    pub fn usage_dropped_total(&self) -> u64 {
+        self.usage_dropped.get()
+    }
+
+    /// One `ReportUsage` call by result: `sent`, `duplicate` or `failed`.
+    pub fn usage_batch(&self, result: &'static str) {
+        self.usage_batches
+            .get_or_create(&UsageBatchLabels { result })
+            .inc();
+    }
+
     fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "llm_proxy_usage_dropped",
+            "Usage rows dropped before the control plane acknowledged them (queue full, or refused)",
+            self.usage_dropped.clone(),
+        );
+        registry.register(
+            "llm_proxy_usage_batches",
+            "ReportUsage calls by result (sent, duplicate, failed)",
+            self.usage_batches.clone(),
+        );
         registry.register(
             "llm_proxy_requests",
             "Requests answered, by alias, provider and exact HTTP status code",

@@ -15,6 +15,7 @@ use crate::sse::StreamEnd;
 use crate::sync::ConfigHandle;
 use crate::trace::TraceContext;
 use crate::usage::Usage;
+use crate::usage_report::{UsageAggregator, UsageTarget};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, RawQuery, Request, State};
@@ -40,6 +41,8 @@ pub struct AppState {
     pub upstreams: Arc<Upstreams>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// Usage per (virtual key, assignment, hour), shipped to the control plane (DESIGN §18).
+    pub usage: Arc<UsageAggregator>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -424,6 +427,8 @@ struct SettleOnEnd {
     alias: Option<Arc<str>>,
     provider: &'static str,
     prices: Option<Prices>,
+    usage_target: Option<Arc<UsageTarget>>,
+    aggregator: Arc<UsageAggregator>,
 }
 
 impl StreamEnd for SettleOnEnd {
@@ -444,10 +449,13 @@ impl StreamEnd for SettleOnEnd {
             alias,
             provider,
             prices,
+            usage_target,
+            aggregator,
             ..
         } = *self;
         if let Some(usage) = &usage {
             record_usage(&span, &metrics, alias.as_ref(), provider, prices, usage);
+            count_usage(&aggregator, usage_target.as_deref(), prices, usage);
         }
         if let Some(reservation) = reservation {
             // A stream that did not complete may have generated more than it reported so far
@@ -573,6 +581,10 @@ struct RequestRecord {
     provider: &'static str,
     /// The prices of the model routed to, for the cost of its answer.
     prices: Option<Prices>,
+    /// The authenticated key, set once the request is about to be routed.
+    vkey_id: Option<Arc<str>>,
+    /// What the answer's usage is counted under (set with the key by [`Self::routed`]).
+    usage_target: Option<Arc<UsageTarget>>,
     /// Time the upstream took (to its whole answer, or to a stream's head).
     upstream: Option<Duration>,
 }
@@ -581,6 +593,21 @@ impl RequestRecord {
     fn routed(&mut self, target: &Target<'_>, provider: &'static str) {
         self.provider = provider;
         self.prices = target.model.prices;
+        // Built again only when a failover moves to another assignment.
+        if let Some(vkey_id) = &self.vkey_id
+            && self
+                .usage_target
+                .as_ref()
+                .is_none_or(|t| &*t.assignment_id != target.assignment_id)
+        {
+            self.usage_target = Some(Arc::new(UsageTarget {
+                vkey_id: vkey_id.clone(),
+                assignment_id: target.assignment_id.into(),
+                model_id: target.model.id.as_str().into(),
+                model_name: target.model.name.as_str().into(),
+                alias: target.alias.clone(),
+            }));
+        }
         self.span.record("provider", provider);
         self.span.record("model", target.model.remote.as_str());
         self.span
@@ -589,15 +616,34 @@ impl RequestRecord {
             .record("gen_ai.request.model", target.model.remote.as_str());
     }
 
-    fn usage(&self, metrics: &Metrics, usage: &Usage) {
+    fn usage(&self, state: &AppState, usage: &Usage) {
         record_usage(
             &self.span,
-            metrics,
+            &state.metrics,
             self.alias.as_ref(),
             self.provider,
             self.prices,
             usage,
         );
+        count_usage(
+            &state.usage,
+            self.usage_target.as_deref(),
+            self.prices,
+            usage,
+        );
+    }
+}
+
+/// Adds an upstream's answer to the usage shipped to the control plane (cost 0 without prices).
+fn count_usage(
+    aggregator: &UsageAggregator,
+    target: Option<&UsageTarget>,
+    prices: Option<Prices>,
+    usage: &Usage,
+) {
+    if let Some(target) = target {
+        let cost = prices.map_or(0, |p| p.cost_pico_usd(usage));
+        aggregator.add(target, usage, cost);
     }
 }
 
@@ -708,6 +754,8 @@ fn start_request(
         alias: None,
         provider: "",
         prices: None,
+        vkey_id: None,
+        usage_target: None,
         upstream: None,
     };
     (record, trace, request_id)
@@ -794,6 +842,7 @@ async fn handle_inner(
         .pool(alias)
         .ok_or_else(|| ApiError::model_not_found(alias))?;
     record.alias = Some(pool.alias().clone());
+    record.vkey_id = Some(Arc::from(key.id()));
     record.span.record("alias", &**pool.alias());
     record.span.record("stream", request.stream);
 
@@ -1038,6 +1087,7 @@ async fn stored_response_inner(
         .ok_or_else(|| stored_response_not_found(&call.id))?;
     let provider = target.connection.provider.as_str();
     record.alias = Some(target.alias.clone());
+    record.vkey_id = Some(Arc::from(key.id()));
     record.span.record("alias", &**target.alias);
     record.routed(&target, provider);
     let query = stored_query(call.query.as_deref())?;
@@ -1151,7 +1201,7 @@ async fn attempt(
         match call_upstream(state, ctx, &mut reservation, estimate, record).await {
             Ok(Answer::Complete { response, usage }) => {
                 if let Some(usage) = &usage {
-                    record.usage(&state.metrics, usage);
+                    record.usage(state, usage);
                 }
                 let actual = usage.map_or(estimate, |u| u.total());
                 (Attempt::Answered(response), actual)
@@ -1235,6 +1285,8 @@ async fn call_upstream(
             alias: record.alias.clone(),
             provider,
             prices: record.prices,
+            usage_target: record.usage_target.clone(),
+            aggregator: state.usage.clone(),
         });
         // A stream that fails before its first event was settled through `on_end`.
         let body = wire

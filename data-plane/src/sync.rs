@@ -367,7 +367,7 @@ impl SyncSettings {
         Ok(())
     }
 
-    fn authorization(&self) -> Result<Option<MetadataValue<Ascii>>, SyncError> {
+    pub(crate) fn authorization(&self) -> Result<Option<MetadataValue<Ascii>>, SyncError> {
         let Some(token) = &self.token else {
             return Ok(None);
         };
