@@ -5,7 +5,7 @@
 //! (the control plane ignores one it has already written).
 
 use crate::metrics::Metrics;
-use crate::sync::{SyncError, SyncSettings};
+use crate::sync::SyncSettings;
 use crate::usage::Usage;
 use llm_proxy_proto::v1::config_service_client::ConfigServiceClient;
 use llm_proxy_proto::v1::{ReportUsageRequest, UsageRow};
@@ -162,8 +162,9 @@ impl UsageAggregator {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {
-    #[error("cannot reach the control plane for usage reports: {0}")]
-    Settings(#[from] SyncError),
+    /// The control plane URL, TLS setting or token is invalid (the config sync says so too).
+    #[error("cannot set up usage reports: {0}")]
+    Setup(String),
     #[error("usage report refused: {code:?}: {message}")]
     Rpc { code: tonic::Code, message: String },
     #[error("usage report timed out")]
@@ -284,12 +285,7 @@ impl UsageShipper {
         self.enqueue(&mut queue);
         let client = match &self.client {
             Ok(client) => client,
-            Err(message) => {
-                return Err(ShipError::Rpc {
-                    code: tonic::Code::InvalidArgument,
-                    message: message.clone(),
-                });
-            }
+            Err(message) => return Err(ShipError::Setup(message.clone())),
         };
         while let Some(batch) = queue.batches.front() {
             let request = ReportUsageRequest {

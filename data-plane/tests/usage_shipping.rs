@@ -312,3 +312,27 @@ async fn shutdown_ships_what_is_pending() {
     dp.shutdown(Duration::from_secs(10)).await;
     assert_eq!(totals(&cp).await, expected);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_under_the_same_node_id_is_not_taken_for_a_duplicate() {
+    let mut f = fixture().await;
+    let mut expected = Totals::new();
+    mixed_traffic(&f, &mut expected).await;
+    // A new process with the same node id starts its sequence again, under a new boot id.
+    let restarted = gateway::start(gateway::GatewaySettings {
+        usage: UsageSettings {
+            interval: Duration::from_secs(3600),
+            queue_max_batches: 100,
+        },
+        ..common::data_plane_settings(&f.cp, "dp-usage", None)
+    })
+    .await
+    .unwrap();
+    common::wait_applied(&f.cp, &restarted).await;
+    let old = std::mem::replace(&mut f.dp, restarted);
+    old.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(f.totals().await, expected);
+    f.base = format!("http://{}", f.dp.addr);
+    mixed_traffic(&f, &mut expected).await;
+    flush_until(&f, &expected).await;
+}
