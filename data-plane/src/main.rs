@@ -114,14 +114,19 @@ struct Cli {
     check_config: bool,
 }
 
-/// The hostname (DESIGN §18: stable across restarts; in Kubernetes the pod name).
+/// The hostname and the process id. Not the bare hostname DESIGN §18 suggests: several data
+/// planes on one host without `--node-id` would share one id, and the control plane counts live
+/// data planes by node id (the Redis limiter's `local` fail mode divides limits by that count).
+/// Usage stays exact either way: batches are told apart by (node, boot, sequence), and a restart
+/// has a new boot id. Deployments that want a stable id set it (the chart: the pod name).
 pub fn default_node_id() -> String {
-    std::fs::read_to_string("/etc/hostname")
+    let host = std::fs::read_to_string("/etc/hostname")
         .ok()
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
-        .unwrap_or_else(|| "dp".to_owned())
+        .unwrap_or_else(|| "dp".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
