@@ -8,8 +8,9 @@ use crate::store::{Store, now_micros};
 use crate::usage::{self, UsageBatch};
 use llm_proxy_proto::v1::config_service_server::ConfigService;
 use llm_proxy_proto::v1::{
-    ConfigEvent, Heartbeat, ReportStatusRequest, ReportStatusResponse, ReportUsageRequest,
-    ReportUsageResponse, Snapshot, SubscribeRequest, config_event,
+    ConfigEvent, GetSpendRequest, GetSpendResponse, Heartbeat, ReportStatusRequest,
+    ReportStatusResponse, ReportUsageRequest, ReportUsageResponse, Snapshot, SubscribeRequest,
+    config_event,
 };
 use prometheus_client::metrics::gauge::Gauge;
 use std::sync::Arc;
@@ -358,4 +359,37 @@ impl ConfigService for ConfigApi {
         }
         Ok(Response::new(ReportUsageResponse { added }))
     }
+
+    async fn get_spend(
+        &self,
+        request: Request<GetSpendRequest>,
+    ) -> Result<Response<GetSpendResponse>, Status> {
+        let request = request.into_inner();
+        let query = spend_query(&request)?;
+        self.readiness.check()?;
+        let cost: u128 = self
+            .store
+            .query_usage(&query)
+            .await?
+            .iter()
+            .map(|sum| sum.cost_pico_usd)
+            .sum();
+        Ok(Response::new(GetSpendResponse {
+            cost_pico_usd: cost.to_string(),
+        }))
+    }
+}
+
+/// The usage query behind `GetSpend`: one key's total since an hour.
+fn spend_query(request: &GetSpendRequest) -> Result<usage::UsageQuery, StoreError> {
+    let vkey_id = request.vkey_id.trim();
+    if vkey_id.is_empty() {
+        return Err(StoreError::invalid("vkey_id", "must not be empty"));
+    }
+    let since = usage::hour("since_unix", request.since_unix)?;
+    Ok(usage::UsageQuery {
+        vkey: Some(vkey_id.to_owned()),
+        since: Some(since),
+        ..Default::default()
+    })
 }
