@@ -301,6 +301,7 @@ async fn vkey(admin: &mut Admin, format: OutputFormat, cmd: VkeyCommand) -> anyh
                 name,
                 key,
                 expires_at,
+                ..Default::default()
             };
             let response = admin
                 .client
@@ -347,6 +348,7 @@ async fn vkey(admin: &mut Admin, format: OutputFormat, cmd: VkeyCommand) -> anyh
                 enabled,
                 expires_at,
                 clear_expires_at: no_expiry,
+                ..Default::default()
             };
             let updated = admin
                 .client

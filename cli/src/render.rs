@@ -547,6 +547,7 @@ mod tests {
             expires_at: None,
             created_at: ts(T0, 0),
             updated_at: ts(T0, 0),
+            ..Default::default()
         }
     }
 

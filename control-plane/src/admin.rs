@@ -143,6 +143,8 @@ fn virtual_key(row: VirtualKeyRow) -> VirtualKey {
         expires_at: row.expires_at.map(timestamp),
         created_at: Some(timestamp(row.created_at)),
         updated_at: Some(timestamp(row.updated_at)),
+        budget_micro_usd: None,
+        budget_period: None,
     }
 }
 

@@ -285,6 +285,8 @@ pub async fn build_snapshot(
                 key_sha256: k.key_sha256,
                 enabled: k.enabled,
                 expires_at_unix: k.expires_at.map(|micros| micros.div_euclid(1_000_000)),
+                budget_micro_usd: None,
+                budget_period: String::new(),
             })
             .collect(),
         assignments: rows
@@ -421,6 +423,7 @@ mod tests {
             key_sha256: vec![7; 32],
             enabled: true,
             expires_at_unix: None,
+            ..Default::default()
         }
     }
 

@@ -65,6 +65,7 @@ async fn add_key(admin: &mut Admin, name: &str, key: Option<&str>) -> CreateVirt
             name: name.into(),
             key: key.map(Into::into),
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -574,6 +575,7 @@ async fn virtual_keys_crud(backend: Backend) {
             name: "Other".into(),
             key: Some("vk-front-1234".into()),
             expires_at: None,
+            ..Default::default()
         })
         .await;
     let status = dup.unwrap_err();
@@ -598,6 +600,7 @@ async fn virtual_keys_crud(backend: Backend) {
             enabled: Some(false),
             expires_at: Some(expiry),
             clear_expires_at: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1005,6 +1008,7 @@ async fn bad_input_is_rejected_with_the_field_named(backend: Backend) {
                 name: "".into(),
                 key: None,
                 expires_at: None,
+                ..Default::default()
             })
             .await,
         Code::InvalidArgument,
@@ -1016,6 +1020,7 @@ async fn bad_input_is_rejected_with_the_field_named(backend: Backend) {
                 name: "k".into(),
                 key: Some("short".into()),
                 expires_at: None,
+                ..Default::default()
             })
             .await,
         Code::InvalidArgument,
@@ -1028,6 +1033,7 @@ async fn bad_input_is_rejected_with_the_field_named(backend: Backend) {
                 name: "App".into(),
                 key: None,
                 expires_at: None,
+                ..Default::default()
             })
             .await,
         Code::AlreadyExists,

@@ -121,6 +121,7 @@ async fn subscribe_and_receive(backend: Backend) {
             name: "App".into(),
             key: Some("vk-app-123456".into()),
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -325,6 +326,7 @@ async fn subscribe_survives_a_refused_status_write() {
             name: "App".into(),
             key: None,
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap();
