@@ -123,6 +123,33 @@ impl ApiError {
         )
     }
 
+    /// A budget refusal (DESIGN §18): 429 `insufficient_quota` / `budget_exceeded` (Anthropic
+    /// clients see `rate_limit_error` from the status), with `x-should-retry: false` so that the
+    /// OpenAI and Anthropic SDKs do not retry what only a new period or a raise can change; or 503
+    /// when the budget cannot be checked.
+    pub fn budget(refusal: crate::budget::BudgetRefusal) -> Self {
+        match refusal {
+            crate::budget::BudgetRefusal::Exceeded {
+                limit_usd, period, ..
+            } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                format!(
+                    "budget exceeded: this key's budget of {limit_usd} USD per {period} is spent; it resets at the start of the next {period} (UTC) or when the budget is raised"
+                ),
+            )
+            .with_code("budget_exceeded")
+            .with_headers(vec![(
+                HeaderName::from_static("x-should-retry"),
+                HeaderValue::from_static("false"),
+            )]),
+            crate::budget::BudgetRefusal::Unavailable(message) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+                    .with_code("budget_unavailable")
+            }
+        }
+    }
+
     /// The shared limiter is down and the fail mode is closed.
     pub fn limiter_unavailable() -> Self {
         Self::new(

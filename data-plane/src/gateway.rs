@@ -1,6 +1,7 @@
 //! Starting a data plane: config sync, the API listener, the metrics/health listener, and a
 //! graceful shutdown that lets in-flight requests and streams finish within a grace period.
 
+use crate::budget::Budgets;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::ratelimit::redis::{FailMode, RedisLimiter, RedisLimiterConfig};
@@ -255,7 +256,17 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
         settings.usage,
         metrics.clone(),
     ));
+    let budgets = Arc::new(Budgets::new(
+        match &*limiter {
+            AnyLimiter::Redis(redis) => Some(redis.clone()),
+            AnyLimiter::Local(_) => None,
+        },
+        settings.ratelimit_fail_mode,
+        settings.ratelimit_redis_budget,
+        usage.clone(),
+    ));
     let state = AppState {
+        budgets,
         usage: usage.aggregator.clone(),
         metrics: metrics.clone(),
         draining: draining.clone(),

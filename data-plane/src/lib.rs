@@ -5,6 +5,7 @@
 //! the call to the provider adapter in [`providers`].
 
 pub mod body;
+pub mod budget;
 pub mod clock;
 pub mod conversation;
 pub mod cost;

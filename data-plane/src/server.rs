@@ -2,6 +2,7 @@
 //! through its adapter, and relay the answer.
 
 use crate::body::{self, ParsedRequest};
+use crate::budget::{BudgetReservation, Budgets};
 use crate::cost::Prices;
 use crate::errors::ApiError;
 use crate::inbound::{InboundDialect, InboundRequest};
@@ -43,6 +44,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Usage per (virtual key, assignment, hour), shipped to the control plane (DESIGN §18).
     pub usage: Arc<UsageAggregator>,
+    /// The budget counters of virtual keys (DESIGN §18).
+    pub budgets: Arc<Budgets>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -409,6 +412,45 @@ fn estimate_tokens(body_len: usize, request: &ParsedRequest<'_>) -> u64 {
     )
 }
 
+/// The cost a budgeted request reserves (DESIGN §18): its estimated tokens (~4 bytes of body per
+/// prompt token, the requested output cap or [`DEFAULT_OUTPUT_TOKEN_ESTIMATE`]) at the prices of
+/// the dearest model of its pool, since any of them may answer.
+fn estimate_cost_pico(
+    pool: &crate::index::Pool<'_>,
+    body_len: usize,
+    request: &ParsedRequest<'_>,
+) -> u128 {
+    let usage = Usage {
+        prompt_tokens: (body_len as u64).div_ceil(4),
+        completion_tokens: request
+            .max_output_tokens
+            .unwrap_or(DEFAULT_OUTPUT_TOKEN_ESTIMATE),
+        ..Usage::default()
+    };
+    pool.targets()
+        .filter_map(|t| t.model.prices.map(|p| p.cost_pico_usd(&usage)))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The real cost to settle a budget reservation with once an answer's usage is known: `None`
+/// keeps the estimate (nothing reported, or a stream cut short that may have cost more than it
+/// reported so far).
+fn budget_actual(
+    prices: Option<Prices>,
+    usage: Option<&Usage>,
+    completed: bool,
+    reservation: &BudgetReservation,
+) -> Option<u128> {
+    let usage = usage?;
+    let cost = prices.map_or(0, |p| p.cost_pico_usd(usage));
+    if completed || crate::budget::nano_usd_ceil(cost) >= reservation.reserved_nano() {
+        Some(cost)
+    } else {
+        None
+    }
+}
+
 fn attach_headers(response: &mut Response, headers: Vec<(HeaderName, HeaderValue)>) {
     for (name, value) in headers {
         response.headers_mut().insert(name, value);
@@ -429,6 +471,8 @@ struct SettleOnEnd {
     prices: Option<Prices>,
     usage_target: Option<Arc<UsageTarget>>,
     aggregator: Arc<UsageAggregator>,
+    budget: Option<BudgetReservation>,
+    budgets: Arc<Budgets>,
 }
 
 impl StreamEnd for SettleOnEnd {
@@ -451,11 +495,21 @@ impl StreamEnd for SettleOnEnd {
             prices,
             usage_target,
             aggregator,
+            budget,
+            budgets,
             ..
         } = *self;
         if let Some(usage) = &usage {
             record_usage(&span, &metrics, alias.as_ref(), provider, prices, usage);
             count_usage(&aggregator, usage_target.as_deref(), prices, usage);
+        }
+        if let Some(reservation) = budget {
+            let actual = budget_actual(prices, usage.as_ref(), completed, &reservation);
+            #[allow(
+                clippy::disallowed_methods,
+                reason = "runs from Drop, which cannot await; the settle is bounded by its Redis time budget"
+            )]
+            tokio::spawn(async move { budgets.settle(reservation, actual).await });
         }
         if let Some(reservation) = reservation {
             // A stream that did not complete may have generated more than it reported so far
@@ -587,6 +641,11 @@ struct RequestRecord {
     usage_target: Option<Arc<UsageTarget>>,
     /// Time the upstream took (to its whole answer, or to a stream's head).
     upstream: Option<Duration>,
+    /// The key's budget reservation until an answer settles it or a stream takes it.
+    budget: Option<BudgetReservation>,
+    /// Whether a failed attempt may have been billed (timeout, unreadable answer): a request that
+    /// ends without an answer then keeps its budget reservation instead of giving it back.
+    maybe_billed: bool,
 }
 
 impl RequestRecord {
@@ -757,6 +816,8 @@ fn start_request(
         vkey_id: None,
         usage_target: None,
         upstream: None,
+        budget: None,
+        maybe_billed: false,
     };
     (record, trace, request_id)
 }
@@ -776,6 +837,11 @@ async fn handle(
     let result = handle_inner(&state, &headers, body, &inbound, trace, &mut record)
         .instrument(span)
         .await;
+    // A reservation no answer took: given back, or kept when an upstream may have billed.
+    if let Some(reservation) = record.budget.take() {
+        let actual = (!record.maybe_billed).then_some(0);
+        state.budgets.settle(reservation, actual).await;
+    }
     let response = match result {
         Ok(response) => response,
         Err(err) => inbound.dialect.error_response(err),
@@ -851,6 +917,14 @@ async fn handle_inner(
             state, headers, &body, &request, inbound, pool, trace, record,
         )
         .await;
+    }
+    if let Some(budget) = key.budget() {
+        let estimate = estimate_cost_pico(&pool, body.len(), &request);
+        record.budget = state
+            .budgets
+            .acquire(key.id(), budget, estimate)
+            .await
+            .map_err(ApiError::budget)?;
     }
     // A Responses request continuing a stored response goes to the connection that stored it
     // (DESIGN §17), and only there.
@@ -1203,6 +1277,10 @@ async fn attempt(
                 if let Some(usage) = &usage {
                     record.usage(state, usage);
                 }
+                if let Some(reservation) = record.budget.take() {
+                    let actual = budget_actual(record.prices, usage.as_ref(), true, &reservation);
+                    state.budgets.settle(reservation, actual).await;
+                }
                 let actual = usage.map_or(estimate, |u| u.total());
                 (Attempt::Answered(response), actual)
             }
@@ -1214,7 +1292,10 @@ async fn attempt(
                 }
                 let settle_at = match failure.settle {
                     Settle::Nothing => 0,
-                    Settle::Estimate => estimate,
+                    Settle::Estimate => {
+                        record.maybe_billed = true;
+                        estimate
+                    }
                 };
                 let outcome = if failure.failover {
                     Attempt::Failover(failure.error)
@@ -1287,6 +1368,8 @@ async fn call_upstream(
             prices: record.prices,
             usage_target: record.usage_target.clone(),
             aggregator: state.usage.clone(),
+            budget: record.budget.take(),
+            budgets: state.budgets.clone(),
         });
         // A stream that fails before its first event was settled through `on_end`.
         let body = wire

@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::sync::SyncSettings;
 use crate::usage::Usage;
 use llm_proxy_proto::v1::config_service_client::ConfigServiceClient;
-use llm_proxy_proto::v1::{ReportUsageRequest, UsageRow};
+use llm_proxy_proto::v1::{GetSpendRequest, ReportUsageRequest, UsageRow};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -125,6 +125,19 @@ impl UsageAggregator {
         s.cache_write = s.cache_write.saturating_add(usage.cache_write_tokens);
         s.reasoning = s.reasoning.saturating_add(usage.reasoning_tokens);
         s.cost_pico_usd = s.cost_pico_usd.saturating_add(cost_pico_usd);
+    }
+
+    /// Pico-USD aggregated for `vkey_id` in the hours starting at or after `since_unix` (not
+    /// shipped yet).
+    pub fn cost_since(&self, vkey_id: &str, since_unix: i64) -> u128 {
+        let rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        rows.iter()
+            .filter(|(hour, _)| **hour >= since_unix)
+            .filter_map(|(_, by_key)| by_key.get(vkey_id))
+            .flat_map(|by_assignment| by_assignment.values())
+            .fold(0u128, |sum, slot| {
+                sum.saturating_add(slot.sums.cost_pico_usd)
+            })
     }
 
     /// Empties the aggregate into wire rows (converted after the lock is released).
@@ -330,6 +343,49 @@ impl UsageShipper {
         Ok(())
     }
 
+    /// A key's spend in the hours starting at or after `since_unix`, in pico-USD: the control
+    /// plane's recorded usage (`GetSpend`) plus what this data plane holds unshipped. The queue is
+    /// held meanwhile, so no batch moves from one side to the other during the count.
+    pub async fn spend_since(&self, vkey_id: &str, since_unix: i64) -> Result<u128, ShipError> {
+        let client = match &self.client {
+            Ok(client) => client,
+            Err(message) => return Err(ShipError::Setup(message.clone())),
+        };
+        let queue = self.queue.lock().await;
+        let queued = queue
+            .batches
+            .iter()
+            .flat_map(|b| &b.rows)
+            .filter(|r| r.vkey_id == vkey_id && r.hour_unix >= since_unix)
+            .map(|r| r.cost_pico_usd.parse::<u128>().unwrap_or(0))
+            .fold(0u128, u128::saturating_add);
+        let pending = self.aggregator.cost_since(vkey_id, since_unix);
+        let request = GetSpendRequest {
+            vkey_id: vkey_id.to_owned(),
+            since_unix,
+        };
+        let answer =
+            match tokio::time::timeout(REPORT_TIMEOUT, client.clone().get_spend(request)).await {
+                Ok(Ok(answer)) => answer.into_inner(),
+                Ok(Err(status)) => {
+                    return Err(ShipError::Rpc {
+                        code: status.code(),
+                        message: status.message().to_owned(),
+                    });
+                }
+                Err(_) => return Err(ShipError::Timeout),
+            };
+        drop(queue);
+        let recorded = answer
+            .cost_pico_usd
+            .parse::<u128>()
+            .map_err(|_| ShipError::Rpc {
+                code: tonic::Code::Internal,
+                message: format!("invalid cost_pico_usd {:?}", answer.cost_pico_usd),
+            })?;
+        Ok(recorded.saturating_add(queued).saturating_add(pending))
+    }
+
     /// Flushes every `interval` until the task is aborted (a failure is retried on the next tick).
     pub async fn run(self: Arc<Self>, interval: Duration) {
         let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(100)));
@@ -342,6 +398,21 @@ impl UsageShipper {
                 tracing::warn!(error = %err, queued, "usage report failed; retrying on the next tick");
             }
         }
+    }
+}
+
+impl crate::budget::SpendSource for UsageShipper {
+    fn spend_since<'a>(
+        &'a self,
+        vkey_id: &'a str,
+        since_unix: i64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u128, String>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            UsageShipper::spend_since(self, vkey_id, since_unix)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

@@ -118,6 +118,7 @@ impl IndexBuilder {
                 counts: IndexCounts::default(),
                 by_digest: KeyMap::default(),
                 keys: Vec::new(),
+                budgets: Vec::new(),
                 targets: Vec::new(),
                 routes: Vec::new(),
                 ids: String::new(),
@@ -128,6 +129,30 @@ impl IndexBuilder {
             route_numbers: HashMap::new(),
             aliases: HashSet::new(),
         })
+    }
+
+    /// Stores a key's budget and returns its position ([`NO_BUDGET`] without one); `None` for a
+    /// budget with a negative amount or an unknown period (refused by the control plane's
+    /// validation): such a key is skipped, not served without its budget.
+    fn budget_of(&mut self, k: &SnapshotVirtualKey) -> Result<Option<u32>, IndexError> {
+        let Some(micro) = k.budget_micro_usd else {
+            return Ok(Some(NO_BUDGET));
+        };
+        let (Ok(limit_micro_usd), Ok(period)) = (
+            u64::try_from(micro),
+            k.budget_period.parse::<BudgetPeriod>(),
+        ) else {
+            tracing::warn!(vkey_id = %k.id, budget_micro_usd = micro, budget_period = %k.budget_period, "skipping virtual key: invalid budget");
+            return Ok(None);
+        };
+        let Ok(position) = u32::try_from(self.index.budgets.len()) else {
+            return Err(IndexError::TooLarge);
+        };
+        self.index.budgets.push(Budget {
+            limit_micro_usd,
+            period,
+        });
+        Ok(Some(position))
     }
 
     /// Reserves room for a config the size of `previous` (configs change little between
@@ -334,10 +359,15 @@ impl IndexBuilder {
                 self.index.counts.skipped += 1;
                 continue;
             }
+            let Some(budget) = self.budget_of(k)? else {
+                self.index.counts.skipped += 1;
+                continue;
+            };
             let id = self.store_id(&k.id)?;
             self.index.by_digest.insert(digest, position);
             self.index.keys.push(KeyRecord {
                 id,
+                budget,
                 expires_at_unix: k.expires_at_unix.map_or(NEVER, |at| {
                     u32::try_from(at.clamp(0, i64::from(NEVER - 1))).unwrap_or(NEVER - 1)
                 }),

@@ -14,6 +14,7 @@
 //! revoked key would keep working) to protect a handful of broken entries. A skipped assignment
 //! simply does not route (404 `model_not_found`), which fails closed.
 
+use crate::budget::{Budget, BudgetPeriod};
 use llm_proxy_proto::v1::{
     Snapshot, SnapshotAssignment, SnapshotConnection, SnapshotModel, SnapshotVirtualKey,
 };
@@ -114,16 +115,22 @@ struct TargetRecord {
     route: u32,
 }
 
+/// [`KeyRecord::budget`] of a key without a budget.
+const NO_BUDGET: u32 = u32::MAX;
+
 /// [`KeyRecord::expires_at_unix`] of a key that never expires.
 const NEVER: u32 = u32::MAX;
 
 /// One virtual key: its targets are `targets[first_target..first_target + target_count]`, grouped
-/// by alias (each alias's targets contiguous, in snapshot order). 24 bytes.
+/// by alias (each alias's targets contiguous, in snapshot order). 28 bytes.
 #[derive(Debug)]
 struct KeyRecord {
     id: IdRef,
     first_target: u32,
     target_count: u32,
+    /// Position in [`ConfigIndex`]'s `budgets`, [`NO_BUDGET`] for a key without one (most keys:
+    /// the budget itself stays out of the record).
+    budget: u32,
     /// Unix seconds, [`NEVER`] if the key does not expire. 32 bits reach the year 2106: an expiry
     /// before 1970 is stored as 0 (expired) and one after 2106 as 2106.
     expires_at_unix: u32,
@@ -160,6 +167,11 @@ impl<'a> KeyEntry<'a> {
     /// Unix seconds; the key is expired from this instant on.
     pub fn expires_at_unix(&self) -> Option<i64> {
         (self.record.expires_at_unix != NEVER).then_some(i64::from(self.record.expires_at_unix))
+    }
+
+    /// The key's budget (DESIGN §18), if it has one.
+    pub fn budget(&self) -> Option<Budget> {
+        self.index.budgets.get(self.record.budget as usize).copied()
     }
 
     fn records(&self) -> &'a [TargetRecord] {
@@ -259,6 +271,7 @@ pub struct ConfigIndex {
     pub counts: IndexCounts,
     by_digest: KeyMap,
     keys: Vec<KeyRecord>,
+    budgets: Vec<Budget>,
     targets: Vec<TargetRecord>,
     routes: Vec<Route>,
     ids: String,

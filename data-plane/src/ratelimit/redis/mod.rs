@@ -337,6 +337,27 @@ impl RedisLimiter {
         }
     }
 
+    /// Runs a script of another shared mechanism (the budgets, `crate::budget`) over this
+    /// limiter's connection, within `budget`, under its circuit breaker: `None` when the breaker is
+    /// open (a probe is started when due) or the call fails or runs late, which the breaker
+    /// counts like a failed rate-limit call. The script must be idempotent to retry: it is resent
+    /// once after a dropped connection.
+    pub(crate) async fn run_script<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+        budget: Duration,
+    ) -> Option<T> {
+        let inner = &*self.inner;
+        match inner.breaker.gate() {
+            Gate::Redis => inner.call::<T>(invocation, budget).await.ok(),
+            Gate::Fallback => None,
+            Gate::FallbackAndProbe => {
+                spawn_probe(Arc::clone(&self.inner));
+                None
+            }
+        }
+    }
+
     async fn acquire_inner(
         &self,
         key: &str,
