@@ -224,7 +224,11 @@ async fn recorded_pico(cp: &RunningControlPlane, key: &Key) -> u128 {
 }
 
 /// Waits until every data plane has applied the control plane's current config.
-async fn wait_applied(cp: &RunningControlPlane, http: &reqwest::Client, planes: &[DataPlaneProcess]) {
+async fn wait_applied(
+    cp: &RunningControlPlane,
+    http: &reqwest::Client,
+    planes: &[DataPlaneProcess],
+) {
     let version = cp.store.current_version().await.unwrap().1;
     let deadline = Instant::now() + PATIENCE;
     for plane in planes {
@@ -245,7 +249,10 @@ async fn wait_applied(cp: &RunningControlPlane, http: &reqwest::Client, planes: 
             if applied >= version {
                 break;
             }
-            assert!(Instant::now() < deadline, "a data plane never applied version {version}: {ready}");
+            assert!(
+                Instant::now() < deadline,
+                "a data plane never applied version {version}: {ready}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -324,8 +331,16 @@ async fn a_budget_holds_across_three_data_planes_restarts_and_a_redis_flush() {
     for task in tasks {
         statuses.push(task.await.unwrap());
     }
-    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 5, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 7, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        7,
+        "{statuses:?}"
+    );
     assert_eq!(upstream_calls(&mock, &BURSTY), 5);
 
     // Raising the budget re-admits: two more dollars, two more requests.
