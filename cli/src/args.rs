@@ -12,7 +12,7 @@ use llm_proxy_proto::Timestamp;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::price::{PriceArg, parse_price};
+use crate::price::{UsdArg, parse_budget, parse_price};
 use crate::serve::ServeArgs;
 use crate::usage::{GroupBy, TimeArg, parse_time};
 
@@ -321,18 +321,18 @@ pub struct PriceArgs {
     /// Price of input tokens (those not read from or written to a prompt cache), USD per million
     /// tokens, e.g. 2.50; `none` = no price.
     #[arg(long, value_name = "USD", value_parser = parse_price, allow_negative_numbers = true)]
-    pub price_input: Option<PriceArg>,
+    pub price_input: Option<UsdArg>,
     /// Price of output tokens (reasoning included), USD per million tokens; `none` = no price.
     #[arg(long, value_name = "USD", value_parser = parse_price, allow_negative_numbers = true)]
-    pub price_output: Option<PriceArg>,
+    pub price_output: Option<UsdArg>,
     /// Price of input tokens read from the prompt cache, USD per million tokens (default: the
     /// input price); `none` = no price.
     #[arg(long, value_name = "USD", value_parser = parse_price, allow_negative_numbers = true)]
-    pub price_cache_read: Option<PriceArg>,
+    pub price_cache_read: Option<UsdArg>,
     /// Price of input tokens written to the prompt cache, USD per million tokens (default: the
     /// input price); `none` = no price.
     #[arg(long, value_name = "USD", value_parser = parse_price, allow_negative_numbers = true)]
-    pub price_cache_write: Option<PriceArg>,
+    pub price_cache_write: Option<UsdArg>,
 }
 
 #[derive(Debug, Args)]
@@ -389,6 +389,42 @@ pub struct VkeyAddArgs {
     /// Expiry, RFC 3339 (e.g. 2026-12-31T23:59:59Z).
     #[arg(long, value_name = "RFC3339", value_parser = parse_rfc3339)]
     pub expires_at: Option<Timestamp>,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
+}
+
+/// A virtual key's budget (DESIGN §18): the most it may spend per UTC calendar period, e.g.
+/// `--budget-usd 100 --budget-period month`. Data planes refuse its requests once the period's
+/// spend reaches it.
+#[derive(Debug, Args)]
+pub struct BudgetArgs {
+    /// Budget in USD per period, e.g. 100 or 25.50 (at most 6 decimal places); `none` = no
+    /// budget (on update: removes the budget and its period).
+    #[arg(long, value_name = "USD|none", value_parser = parse_budget, allow_negative_numbers = true)]
+    pub budget_usd: Option<UsdArg>,
+    /// Budget period, UTC: `day`, `week` (starting Monday) or `month` (default for a new budget;
+    /// on update a budget keeps its period unless this is given).
+    #[arg(long, value_name = "PERIOD")]
+    pub budget_period: Option<BudgetPeriod>,
+}
+
+/// The period of a budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BudgetPeriod {
+    Day,
+    Week,
+    Month,
+}
+
+impl BudgetPeriod {
+    /// The name the API takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetPeriod::Day => "day",
+            BudgetPeriod::Week => "week",
+            BudgetPeriod::Month => "month",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -415,6 +451,10 @@ pub struct VkeyUpdateArgs {
     /// Remove the expiry.
     #[arg(long)]
     pub no_expiry: bool,
+    /// New budget or period; `--budget-usd none` removes the budget (and its period), a flag not
+    /// given leaves it as it is.
+    #[command(flatten)]
+    pub budget: BudgetArgs,
 }
 
 // ---- assignments ----
@@ -796,14 +836,11 @@ mod tests {
         let Command::Model(ModelCommand::Add(add)) = cli.command else {
             panic!("wrong command");
         };
-        assert_eq!(add.prices.price_input, Some(PriceArg::MicroUsd(2_500_000)));
-        assert_eq!(
-            add.prices.price_output,
-            Some(PriceArg::MicroUsd(10_000_000))
-        );
+        assert_eq!(add.prices.price_input, Some(UsdArg::MicroUsd(2_500_000)));
+        assert_eq!(add.prices.price_output, Some(UsdArg::MicroUsd(10_000_000)));
         assert_eq!(
             add.prices.price_cache_read,
-            Some(PriceArg::MicroUsd(1_250_000))
+            Some(UsdArg::MicroUsd(1_250_000))
         );
         assert_eq!(add.prices.price_cache_write, None);
 
@@ -822,11 +859,101 @@ mod tests {
             panic!("wrong command");
         };
         assert_eq!(update.prices.price_input, None);
-        assert_eq!(update.prices.price_cache_read, Some(PriceArg::None));
+        assert_eq!(update.prices.price_cache_read, Some(UsdArg::None));
         assert_eq!(
             update.prices.price_cache_write,
-            Some(PriceArg::MicroUsd(3_125_000))
+            Some(UsdArg::MicroUsd(3_125_000))
         );
+    }
+
+    #[test]
+    fn vkey_budgets_parse_exactly() {
+        let cli = Cli::try_parse_from([
+            "llmctl",
+            "vkey",
+            "add",
+            "--name",
+            "team-a",
+            "--budget-usd",
+            "100",
+        ])
+        .unwrap();
+        let Command::Vkey(VkeyCommand::Add(add)) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(add.budget.budget_usd, Some(UsdArg::MicroUsd(100_000_000)));
+        assert_eq!(add.budget.budget_period, None);
+
+        let cli = Cli::try_parse_from([
+            "llmctl",
+            "vkey",
+            "update",
+            "team-a",
+            "--budget-usd",
+            "25.50",
+            "--budget-period",
+            "week",
+        ])
+        .unwrap();
+        let Command::Vkey(VkeyCommand::Update(update)) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(update.budget.budget_usd, Some(UsdArg::MicroUsd(25_500_000)));
+        assert_eq!(update.budget.budget_period, Some(BudgetPeriod::Week));
+        assert_eq!(BudgetPeriod::Week.as_str(), "week");
+
+        let cli =
+            Cli::try_parse_from(["llmctl", "vkey", "update", "team-a", "--budget-usd", "none"])
+                .unwrap();
+        let Command::Vkey(VkeyCommand::Update(update)) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(update.budget.budget_usd, Some(UsdArg::None));
+
+        let cli = Cli::try_parse_from(["llmctl", "vkey", "update", "team-a", "--enable"]).unwrap();
+        let Command::Vkey(VkeyCommand::Update(update)) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(update.budget.budget_usd, None);
+        assert_eq!(update.budget.budget_period, None);
+    }
+
+    #[test]
+    fn bad_budgets_are_usage_errors_naming_the_flag() {
+        for (value, why) in [
+            ("1.0000001", "at most 6 decimal places"),
+            ("-5", "must not be negative"),
+            ("lots", "expected a budget in USD"),
+        ] {
+            let err =
+                Cli::try_parse_from(["llmctl", "vkey", "update", "team-a", "--budget-usd", value])
+                    .unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!(
+                    "invalid value '{value}' for '--budget-usd <USD|none>'"
+                )),
+                "{text}"
+            );
+            assert!(text.contains(why), "{value}: {text}");
+        }
+        let err = Cli::try_parse_from([
+            "llmctl",
+            "vkey",
+            "add",
+            "--name",
+            "team-a",
+            "--budget-usd",
+            "10",
+            "--budget-period",
+            "year",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
+        let text = err.to_string();
+        assert!(text.contains("'--budget-period <PERIOD>'"), "{text}");
+        assert!(text.contains("day, week, month"), "{text}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use llm_proxy_proto::v1::{
-    CreateAssignmentRequest, CreateConnectionRequest, CreateProviderModelRequest,
+    BudgetUpdate, CreateAssignmentRequest, CreateConnectionRequest, CreateProviderModelRequest,
     CreateVirtualKeyRequest, DeleteRequest, GetRequest, ListAssignmentsRequest,
     ListConnectionsRequest, ListDataPlanesRequest, ListProviderModelsRequest,
     ListVirtualKeysRequest, PriceUpdate, QueryUsageRequest, UpdateAssignmentRequest,
@@ -21,7 +21,7 @@ use crate::args::{
     VkeyAddArgs, VkeyCommand, VkeyUpdateArgs,
 };
 use crate::client::Admin;
-use crate::price::PriceArg;
+use crate::price::UsdArg;
 use crate::render;
 use crate::usage;
 
@@ -203,7 +203,7 @@ async fn model(
             prices,
         }) => {
             // `none` on add is the same as leaving the flag out: no price.
-            let price = |arg: Option<PriceArg>| arg.and_then(PriceArg::micro_usd);
+            let price = |arg: Option<UsdArg>| arg.and_then(UsdArg::micro_usd);
             let request = CreateProviderModelRequest {
                 connection_id: conn_id,
                 name,
@@ -284,7 +284,7 @@ async fn model(
 }
 
 /// A `--price-*` flag of `model update`: absent leaves the price alone, `none` removes it.
-fn price_update(arg: Option<PriceArg>) -> Option<PriceUpdate> {
+fn price_update(arg: Option<UsdArg>) -> Option<PriceUpdate> {
     arg.map(|arg| PriceUpdate {
         micro_usd_per_million: arg.micro_usd(),
     })
@@ -296,11 +296,15 @@ async fn vkey(admin: &mut Admin, format: OutputFormat, cmd: VkeyCommand) -> anyh
             name,
             key,
             expires_at,
+            budget,
         }) => {
             let request = CreateVirtualKeyRequest {
                 name,
                 key,
                 expires_at,
+                // `none` on add is the same as leaving the flag out: no budget.
+                budget_micro_usd: budget.budget_usd.and_then(UsdArg::micro_usd),
+                budget_period: budget.budget_period.map(|p| p.as_str().to_owned()),
             };
             let response = admin
                 .client
@@ -335,6 +339,7 @@ async fn vkey(admin: &mut Admin, format: OutputFormat, cmd: VkeyCommand) -> anyh
             enable,
             expires_at,
             no_expiry,
+            budget,
         }) => {
             let enabled = match (enable, disable) {
                 (true, _) => Some(true),
@@ -347,6 +352,11 @@ async fn vkey(admin: &mut Admin, format: OutputFormat, cmd: VkeyCommand) -> anyh
                 enabled,
                 expires_at,
                 clear_expires_at: no_expiry,
+                // Absent leaves the budget alone, `none` removes it.
+                budget: budget.budget_usd.map(|arg| BudgetUpdate {
+                    micro_usd: arg.micro_usd(),
+                }),
+                budget_period: budget.budget_period.map(|p| p.as_str().to_owned()),
             };
             let updated = admin
                 .client

@@ -1,58 +1,109 @@
-//! Model prices as users type and read them: USD per million tokens, such as `2.50`, converted
-//! exactly to and from the integer micro-USD per million tokens that the API stores (DESIGN §18).
-//! The decimal text is read digit by digit: a price never passes through a float.
+//! Money as users type and read it: model prices in USD per million tokens (`2.50`) and
+//! virtual-key budgets in USD (`100`), converted exactly to and from the integer micro-USD that
+//! the API stores (DESIGN §18). The decimal text is read digit by digit: money never passes
+//! through a float.
 
 /// Micro-USD in one USD.
 const MICROS_PER_USD: i64 = 1_000_000;
 
-/// Decimal places a price may have: micro-USD is the unit.
+/// Decimal places an amount may have: micro-USD is the unit.
 const MAX_DECIMALS: usize = 6;
 
-/// A `--price-*` flag's value: a price, or `none` (no price: on `update` it removes the price).
+/// A `--price-*` or `--budget-usd` flag's value: an amount, or `none` (no amount: on `update` it
+/// removes it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PriceArg {
-    /// Micro-USD per million tokens.
+pub enum UsdArg {
+    /// Micro-USD (per million tokens for a price).
     MicroUsd(i64),
     None,
 }
 
-impl PriceArg {
-    /// The price, or `None` for `none`.
+impl UsdArg {
+    /// The amount, or `None` for `none`.
     pub fn micro_usd(self) -> Option<i64> {
         match self {
-            PriceArg::MicroUsd(v) => Some(v),
-            PriceArg::None => None,
+            UsdArg::MicroUsd(v) => Some(v),
+            UsdArg::None => None,
         }
     }
 }
 
+/// What an amount is, for the messages of [`parse_usd`].
+struct Amount {
+    /// `price`, `budget`.
+    noun: &'static str,
+    /// What the user types, e.g. `USD per million tokens`.
+    unit: &'static str,
+    /// An example: `2.50`.
+    example: &'static str,
+    /// Examples of plain decimals: `2.50 or 10`.
+    examples: &'static str,
+    /// What it is kept in, e.g. `micro-USD per million tokens`.
+    kept_in: &'static str,
+}
+
+const PRICE: Amount = Amount {
+    noun: "price",
+    unit: "USD per million tokens",
+    example: "2.50",
+    examples: "2.50 or 10",
+    kept_in: "micro-USD per million tokens",
+};
+
+const BUDGET: Amount = Amount {
+    noun: "budget",
+    unit: "USD",
+    example: "100",
+    examples: "100 or 25.50",
+    kept_in: "micro-USD",
+};
+
 /// Parses a `--price-*` value: USD per million tokens as a plain decimal (`10`, `2.50`, `0.000001`,
 /// at most 6 decimal places), or `none`. clap puts the flag and the value before the message.
-pub fn parse_price(text: &str) -> Result<PriceArg, String> {
+pub fn parse_price(text: &str) -> Result<UsdArg, String> {
+    parse_usd(text, &PRICE)
+}
+
+/// Parses a `--budget-usd` value: USD per budget period as a plain decimal (`100`, `25.50`, at
+/// most 6 decimal places), or `none`.
+pub fn parse_budget(text: &str) -> Result<UsdArg, String> {
+    parse_usd(text, &BUDGET)
+}
+
+/// A plain non-negative decimal in USD (at most 6 decimal places) as exact micro-USD, or `none`.
+fn parse_usd(text: &str, what: &Amount) -> Result<UsdArg, String> {
+    let Amount {
+        noun,
+        unit,
+        example,
+        examples,
+        kept_in,
+    } = what;
     let s = text.trim();
     if s.eq_ignore_ascii_case("none") {
-        return Ok(PriceArg::None);
+        return Ok(UsdArg::None);
     }
     if s.is_empty() {
-        return Err("expected a price in USD per million tokens such as 2.50, or none".to_owned());
+        return Err(format!(
+            "expected a {noun} in {unit} such as {example}, or none"
+        ));
     }
     if s.starts_with('-') {
-        return Err("a price must not be negative".to_owned());
+        return Err(format!("a {noun} must not be negative"));
     }
     let (whole, fraction) = s.split_once('.').unwrap_or((s, ""));
     let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
     if (whole.is_empty() && fraction.is_empty()) || !digits(whole) || !digits(fraction) {
-        return Err(
-            "expected a price in USD per million tokens as a plain decimal such as 2.50 or 10, or none"
-                .to_owned(),
-        );
+        return Err(format!(
+            "expected a {noun} in {unit} as a plain decimal such as {examples}, or none"
+        ));
     }
     if fraction.len() > MAX_DECIMALS {
         return Err(format!(
-            "a price has at most {MAX_DECIMALS} decimal places (it is kept in micro-USD per million tokens)"
+            "a {noun} has at most {MAX_DECIMALS} decimal places (it is kept in {kept_in})"
         ));
     }
-    let too_large = || "the price is too large".to_owned();
+    let too_large = || format!("the {noun} is too large");
     let whole: i64 = if whole.is_empty() {
         0
     } else {
@@ -66,20 +117,35 @@ pub fn parse_price(text: &str) -> Result<PriceArg, String> {
     whole
         .checked_mul(MICROS_PER_USD)
         .and_then(|micros| micros.checked_add(fraction))
-        .map(PriceArg::MicroUsd)
+        .map(UsdArg::MicroUsd)
         .ok_or_else(too_large)
 }
 
-/// Micro-USD per million tokens as USD for tables: at least 2 decimal places, more only as far
-/// as needed to be exact (`2.50`, `10.00`, `3.125`, `0.000001`).
-pub fn format_usd(micro_usd: i64) -> String {
+/// The sign, whole USD and the 6-digit micro-USD part of an amount.
+fn usd_parts(micro_usd: i64) -> (&'static str, u64, String) {
     let sign = if micro_usd < 0 { "-" } else { "" };
     let abs = micro_usd.unsigned_abs();
     let micros_per_usd = MICROS_PER_USD.unsigned_abs();
-    let fraction = format!("{:06}", abs % micros_per_usd);
+    (
+        sign,
+        abs / micros_per_usd,
+        format!("{:06}", abs % micros_per_usd),
+    )
+}
+
+/// Micro-USD as USD for tables: at least 2 decimal places, more only as far as needed to be exact
+/// (`2.50`, `10.00`, `3.125`, `0.000001`).
+pub fn format_usd(micro_usd: i64) -> String {
+    let (sign, whole, fraction) = usd_parts(micro_usd);
     let fraction = fraction.trim_end_matches('0');
-    let whole = abs / micros_per_usd;
     format!("{sign}{whole}.{fraction:0<2}")
+}
+
+/// Micro-USD as USD with exactly 6 decimal places, for `-o json` (`100.000000`): a decimal string
+/// that any consumer reads exactly.
+pub fn format_usd_6(micro_usd: i64) -> String {
+    let (sign, whole, fraction) = usd_parts(micro_usd);
+    format!("{sign}{whole}.{fraction}")
 }
 
 #[cfg(test)]
@@ -89,8 +155,8 @@ mod tests {
 
     fn micro(text: &str) -> i64 {
         match parse_price(text).unwrap() {
-            PriceArg::MicroUsd(v) => v,
-            PriceArg::None => panic!("{text}: none"),
+            UsdArg::MicroUsd(v) => v,
+            UsdArg::None => panic!("{text}: none"),
         }
     }
 
@@ -114,10 +180,10 @@ mod tests {
 
     #[test]
     fn none_means_no_price() {
-        assert_eq!(parse_price("none"), Ok(PriceArg::None));
-        assert_eq!(parse_price("NONE"), Ok(PriceArg::None));
-        assert_eq!(PriceArg::None.micro_usd(), None);
-        assert_eq!(PriceArg::MicroUsd(7).micro_usd(), Some(7));
+        assert_eq!(parse_price("none"), Ok(UsdArg::None));
+        assert_eq!(parse_price("NONE"), Ok(UsdArg::None));
+        assert_eq!(UsdArg::None.micro_usd(), None);
+        assert_eq!(UsdArg::MicroUsd(7).micro_usd(), Some(7));
     }
 
     #[test]
@@ -158,6 +224,54 @@ mod tests {
         // Never stored (the control plane refuses them), but shown faithfully.
         assert_eq!(format_usd(-2_500_000), "-2.50");
         assert_eq!(format_usd(i64::MIN), "-9223372036854.775808");
+    }
+
+    #[test]
+    fn budgets_parse_exactly() {
+        let budget = |text: &str| parse_budget(text).unwrap();
+        assert_eq!(budget("100"), UsdArg::MicroUsd(100_000_000));
+        assert_eq!(budget("25.50"), UsdArg::MicroUsd(25_500_000));
+        assert_eq!(budget("0"), UsdArg::MicroUsd(0));
+        assert_eq!(budget("0.000001"), UsdArg::MicroUsd(1));
+        assert_eq!(
+            budget("1000000000"),
+            UsdArg::MicroUsd(1_000_000_000_000_000)
+        );
+        assert_eq!(budget("none"), UsdArg::None);
+        assert_eq!(budget(" None "), UsdArg::None);
+    }
+
+    #[test]
+    fn bad_budgets_say_why_in_budget_words() {
+        let err = |text: &str| parse_budget(text).unwrap_err();
+        assert_eq!(
+            err("1.0000001"),
+            "a budget has at most 6 decimal places (it is kept in micro-USD)"
+        );
+        assert_eq!(err("-100"), "a budget must not be negative");
+        assert_eq!(err(""), "expected a budget in USD such as 100, or none");
+        assert_eq!(
+            err("$100"),
+            "expected a budget in USD as a plain decimal such as 100 or 25.50, or none"
+        );
+        assert_eq!(err("99999999999999999999"), "the budget is too large");
+    }
+
+    #[test]
+    fn json_amounts_have_six_places() {
+        assert_eq!(format_usd_6(100_000_000), "100.000000");
+        assert_eq!(format_usd_6(25_500_000), "25.500000");
+        assert_eq!(format_usd_6(1), "0.000001");
+        assert_eq!(format_usd_6(0), "0.000000");
+        assert_eq!(format_usd_6(1_000_000_000_000_000), "1000000000.000000");
+        assert_eq!(format_usd_6(-1_500_000), "-1.500000");
+        assert_eq!(format_usd_6(i64::MIN), "-9223372036854.775808");
+        for micros in [0, 1, 25_500_000, 1_000_000_000_000_000, i64::MAX] {
+            assert_eq!(
+                parse_budget(&format_usd_6(micros)),
+                Ok(UsdArg::MicroUsd(micros))
+            );
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::args::OutputFormat;
-use crate::price::format_usd;
+use crate::price::{format_usd, format_usd_6};
 use crate::table::{format_fields, format_table};
 
 /// Shown in tables for an unset value.
@@ -182,6 +182,7 @@ impl Resource for VirtualKey {
         "KEY_HINT",
         "ENABLED",
         "EXPIRES_AT",
+        "BUDGET_USD",
         "CREATED_AT",
     ];
 
@@ -200,6 +201,9 @@ impl Resource for VirtualKey {
             "key_hint": self.key_hint,
             "enabled": self.enabled,
             "expires_at": rfc3339(self.expires_at.as_ref()),
+            // A decimal string with 6 places (DESIGN §18): exact for any consumer.
+            "budget_usd": self.budget_micro_usd.map(format_usd_6),
+            "budget_period": self.budget_micro_usd.and(self.budget_period.as_deref()),
             "created_at": rfc3339(self.created_at.as_ref()),
             "updated_at": rfc3339(self.updated_at.as_ref()),
         })
@@ -212,6 +216,7 @@ impl Resource for VirtualKey {
             ("key_hint", self.key_hint.clone()),
             ("enabled", self.enabled.to_string()),
             ("expires_at", expiry(self.expires_at.as_ref(), full_time)),
+            ("budget_usd", budget(self)),
             ("created_at", full_time(self.created_at.as_ref())),
             ("updated_at", full_time(self.updated_at.as_ref())),
         ]
@@ -224,8 +229,18 @@ impl Resource for VirtualKey {
             self.key_hint.clone(),
             self.enabled.to_string(),
             expiry(self.expires_at.as_ref(), short_time),
+            budget(self),
             short_time(self.created_at.as_ref()),
         ]
+    }
+}
+
+/// A key's budget for tables: USD per period (`100.00/month`), `-` without a budget.
+fn budget(key: &VirtualKey) -> String {
+    match (key.budget_micro_usd, key.budget_period.as_deref()) {
+        (Some(micro_usd), Some(period)) => format!("{}/{period}", format_usd(micro_usd)),
+        (Some(micro_usd), None) => format_usd(micro_usd),
+        (None, _) => NONE.to_owned(),
     }
 }
 
@@ -547,6 +562,8 @@ mod tests {
             expires_at: None,
             created_at: ts(T0, 0),
             updated_at: ts(T0, 0),
+            budget_micro_usd: None,
+            budget_period: None,
         }
     }
 
@@ -733,11 +750,15 @@ mod tests {
             "key_hint",
             "enabled",
             "expires_at",
+            "budget_usd",
+            "budget_period",
             "created_at",
             "updated_at",
         ]);
         assert_eq!(keys(&value), expected);
         assert!(value["expires_at"].is_null());
+        assert!(value["budget_usd"].is_null());
+        assert!(value["budget_period"].is_null());
         assert_eq!(value["enabled"], true);
 
         let chosen = CreateVirtualKeyResponse {
@@ -770,6 +791,64 @@ mod tests {
         assert!(table.contains("shown only"));
         let table = created_vkey(OutputFormat::Table, &chosen);
         assert!(!table.contains("key: ") && !table.contains("shown only"));
+    }
+
+    #[test]
+    fn vkey_budget_is_a_decimal_string_in_json_and_usd_per_period_in_tables() {
+        let budgeted = VirtualKey {
+            budget_micro_usd: Some(100_000_000),
+            budget_period: Some("month".to_owned()),
+            ..vkey()
+        };
+        let value = budgeted.to_json();
+        assert_eq!(value["budget_usd"], "100.000000");
+        assert_eq!(value["budget_period"], "month");
+        let daily = VirtualKey {
+            budget_micro_usd: Some(2_500_001),
+            budget_period: Some("day".to_owned()),
+            ..vkey()
+        };
+        assert_eq!(daily.to_json()["budget_usd"], "2.500001");
+
+        let text = one(OutputFormat::Table, &budgeted);
+        assert!(
+            text.contains(
+                "budget_usd: 100.00/month
+"
+            ),
+            "{text}"
+        );
+        let text = one(OutputFormat::Table, &vkey());
+        assert!(
+            text.contains(
+                "budget_usd: -
+"
+            ),
+            "{text}"
+        );
+
+        let text = list(OutputFormat::Table, &[budgeted, daily, vkey()]);
+        let lines: Vec<&str> = text.lines().collect();
+        let cells = |line: &str| {
+            line.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cells(lines[0]),
+            [
+                "ID",
+                "NAME",
+                "KEY_HINT",
+                "ENABLED",
+                "EXPIRES_AT",
+                "BUDGET_USD",
+                "CREATED_AT"
+            ]
+        );
+        assert_eq!(cells(lines[1])[5], "100.00/month");
+        assert_eq!(cells(lines[2])[5], "2.500001/day");
+        assert_eq!(cells(lines[3])[5], "-");
     }
 
     #[test]

@@ -764,6 +764,172 @@ async fn model_prices_in_usd_and_micro_usd() {
     cp.shutdown().await;
 }
 
+/// Budgets (DESIGN §18): typed in USD, shown in JSON as a 6-place decimal string with the period,
+/// in tables as USD per period; `none` removes one; bad values are one-line errors.
+#[tokio::test(flavor = "multi_thread")]
+async fn vkey_budgets_in_usd_per_period() {
+    let cp = control_plane(None).await;
+    let ctl = Ctl::new(&cp, None);
+    let team = ctl
+        .json(&[
+            "vkey",
+            "add",
+            "--name",
+            "team-a",
+            "--key",
+            "vk-team-a-123456",
+            "--budget-usd",
+            "100",
+        ])
+        .await;
+    assert_eq!(team["budget_usd"], "100.000000");
+    assert_eq!(team["budget_period"], "month", "monthly by default");
+    let daily = ctl
+        .json(&[
+            "vkey",
+            "add",
+            "--name",
+            "ci",
+            "--key",
+            "vk-ci-1234567890",
+            "--budget-usd",
+            "2.5",
+            "--budget-period",
+            "day",
+        ])
+        .await;
+    assert_eq!(daily["budget_usd"], "2.500000");
+    assert_eq!(daily["budget_period"], "day");
+    // `none` on add: no budget, as without the flag.
+    let plain = ctl
+        .json(&[
+            "vkey",
+            "add",
+            "--name",
+            "plain",
+            "--key",
+            "vk-plain-1234567",
+            "--budget-usd",
+            "none",
+        ])
+        .await;
+    assert_eq!(plain["budget_usd"], Value::Null);
+    assert_eq!(plain["budget_period"], Value::Null);
+
+    let table = ctl.ok(&["vkey", "get", "team-a"]).await;
+    assert!(table.contains("budget_usd: 100.00/month\n"), "{table}");
+    let list = ctl.ok(&["vkey", "list"]).await;
+    let header: Vec<&str> = list.lines().next().unwrap().split_whitespace().collect();
+    let column = header.iter().position(|h| *h == "BUDGET_USD").unwrap();
+    let cell = |name: &str| {
+        let row = list.lines().find(|l| l.contains(name)).unwrap();
+        row.split_whitespace().nth(column).unwrap().to_owned()
+    };
+    assert_eq!(cell("team-a"), "100.00/month", "{list}");
+    assert_eq!(cell("ci"), "2.50/day", "{list}");
+    assert_eq!(cell("plain"), "-", "{list}");
+
+    // Update: a new amount keeps the period, a new period keeps the amount, `none` removes both.
+    let raised = ctl
+        .json(&["vkey", "update", "team-a", "--budget-usd", "250.75"])
+        .await;
+    assert_eq!(
+        (&raised["budget_usd"], &raised["budget_period"]),
+        (&Value::from("250.750000"), &Value::from("month"))
+    );
+    let weekly = ctl
+        .json(&["vkey", "update", "team-a", "--budget-period", "week"])
+        .await;
+    assert_eq!(
+        (&weekly["budget_usd"], &weekly["budget_period"]),
+        (&Value::from("250.750000"), &Value::from("week"))
+    );
+    let removed = ctl
+        .json(&["vkey", "update", "ci", "--budget-usd", "none"])
+        .await;
+    assert_eq!(removed["budget_usd"], Value::Null);
+    assert_eq!(removed["budget_period"], Value::Null);
+    let fresh = ctl
+        .json(&[
+            "vkey",
+            "update",
+            "plain",
+            "--budget-usd",
+            "0.000001",
+            "--budget-period",
+            "day",
+        ])
+        .await;
+    assert_eq!(fresh["budget_usd"], "0.000001");
+    assert_eq!(fresh["budget_period"], "day");
+    let listed = ctl.json(&["vkey", "list"]).await;
+    let got = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "team-a")
+        .unwrap();
+    assert_eq!(got, &weekly);
+
+    // Refused by clap, with the flag and the value named (exit code 2)...
+    assert_eq!(
+        ctl.usage_error(&["vkey", "update", "team-a", "--budget-usd", "1.0000001"])
+            .await,
+        "error: invalid value '1.0000001' for '--budget-usd <USD|none>': a budget has at most 6 decimal places (it is kept in micro-USD)"
+    );
+    assert_eq!(
+        ctl.usage_error(&["vkey", "update", "team-a", "--budget-usd", "-5"])
+            .await,
+        "error: invalid value '-5' for '--budget-usd <USD|none>': a budget must not be negative"
+    );
+    let line = ctl
+        .usage_error(&["vkey", "update", "team-a", "--budget-period", "year"])
+        .await;
+    assert!(
+        line.starts_with("error: invalid value 'year' for '--budget-period <PERIOD>'"),
+        "{line}"
+    );
+    // ...and by the control plane (exit code 1).
+    assert_eq!(
+        ctl.fails(&[
+            "vkey",
+            "update",
+            "team-a",
+            "--budget-usd",
+            "1000000000.000001"
+        ])
+        .await,
+        "error: budget_micro_usd must be at most 1000000000000000 micro-USD ($1000000000), got 1000000000000001"
+    );
+    let line = ctl
+        .fails(&["vkey", "update", "ci", "--budget-period", "day"])
+        .await;
+    assert!(
+        line.starts_with("error: budget_period needs a budget"),
+        "{line}"
+    );
+    let line = ctl
+        .fails(&[
+            "vkey",
+            "add",
+            "--name",
+            "nobudget",
+            "--budget-period",
+            "week",
+        ])
+        .await;
+    assert!(
+        line.starts_with("error: budget_period needs a budget"),
+        "{line}"
+    );
+    assert_eq!(
+        ctl.json(&["vkey", "get", "team-a"]).await,
+        weekly,
+        "nothing changed"
+    );
+    cp.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn control_planes_out_of_reach_are_explained_in_one_line() {
     // Refused before any connection attempt.

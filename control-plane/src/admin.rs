@@ -143,6 +143,8 @@ fn virtual_key(row: VirtualKeyRow) -> VirtualKey {
         expires_at: row.expires_at.map(timestamp),
         created_at: Some(timestamp(row.created_at)),
         updated_at: Some(timestamp(row.updated_at)),
+        budget_micro_usd: row.budget_micro_usd,
+        budget_period: row.budget_period,
     }
 }
 
@@ -344,6 +346,8 @@ impl AdminService for AdminApi {
                 name: req.name,
                 key: req.key.map(SecretString::from),
                 expires_at,
+                budget_micro_usd: req.budget_micro_usd,
+                budget_period: req.budget_period,
             })
             .await?;
         let (row, generated) = written.value;
@@ -395,6 +399,9 @@ impl AdminService for AdminApi {
             name: req.name,
             enabled: req.enabled,
             expires_at,
+            // Absent = unchanged; present without a value = remove, with one = set.
+            budget_micro_usd: req.budget.map(|b| b.micro_usd),
+            budget_period: req.budget_period,
         };
         let written = self.store.update_vkey(&req.id, patch).await?;
         Ok(Response::new(virtual_key(written.value)))

@@ -263,8 +263,8 @@ impl Database {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::rows::ModelRow;
-    use crate::schema::provider_models;
+    use crate::rows::{ModelRow, VirtualKeyRow};
+    use crate::schema::{provider_models, virtual_keys};
     use diesel::{QueryDsl as _, SelectableHelper as _};
 
     /// A model stored before prices existed has none after the upgrade (the new columns are
@@ -304,5 +304,42 @@ mod tests {
             ],
             [None; 4]
         );
+    }
+
+    /// A virtual key stored before budgets existed has none after the upgrade (both new columns
+    /// are NULL), and it still reads.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn keys_stored_before_budgets_have_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let conn = establish_sqlite(path.to_str().unwrap()).await.unwrap();
+        let mut harness = AsyncMigrationHarness::new(conn);
+        // Every migration before budgets: the schema as it was.
+        let pending = harness.pending_migrations(SQLITE_MIGRATIONS).unwrap();
+        let before: Vec<_> = pending
+            .iter()
+            .take_while(|m| !m.name().to_string().ends_with("_vkey_budgets"))
+            .collect();
+        assert!(before.len() < pending.len(), "the budget migration exists");
+        for migration in before {
+            harness.run_migration(migration.as_ref()).unwrap();
+        }
+        let mut conn = harness.into_inner();
+        conn.batch_execute(
+            "INSERT INTO virtual_keys (id, name, key_sha256, key_hint, enabled, created_at, updated_at) \
+             VALUES ('vkey-1', 'App', x'00', 'vk-ap…1234', 1, 1, 1);",
+        )
+        .await
+        .unwrap();
+        let mut harness = AsyncMigrationHarness::new(conn);
+        harness.run_pending_migrations(SQLITE_MIGRATIONS).unwrap();
+        let mut conn = harness.into_inner();
+        let row: VirtualKeyRow = virtual_keys::table
+            .select(VirtualKeyRow::as_select())
+            .first(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(row.name, "App");
+        assert_eq!((row.budget_micro_usd, row.budget_period), (None, None));
     }
 }

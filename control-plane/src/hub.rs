@@ -285,6 +285,15 @@ pub async fn build_snapshot(
                 key_sha256: k.key_sha256,
                 enabled: k.enabled,
                 expires_at_unix: k.expires_at.map(|micros| micros.div_euclid(1_000_000)),
+                budget_micro_usd: k.budget_micro_usd,
+                // Empty exactly when there is no budget (the store keeps a period with every
+                // budget and none without).
+                budget_period: match k.budget_micro_usd {
+                    Some(_) => k
+                        .budget_period
+                        .unwrap_or_else(|| crate::validate::DEFAULT_BUDGET_PERIOD.to_owned()),
+                    None => String::new(),
+                },
             })
             .collect(),
         assignments: rows
@@ -421,6 +430,7 @@ mod tests {
             key_sha256: vec![7; 32],
             enabled: true,
             expires_at_unix: None,
+            ..Default::default()
         }
     }
 

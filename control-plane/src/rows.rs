@@ -49,6 +49,10 @@ pub struct VirtualKeyRow {
     pub expires_at: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Micro-USD per budget period (DESIGN §18); `None` = no budget.
+    pub budget_micro_usd: Option<i64>,
+    /// `day`, `week` or `month`; `None` exactly when there is no budget.
+    pub budget_period: Option<String>,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]

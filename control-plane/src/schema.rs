@@ -47,6 +47,8 @@ diesel::table! {
         expires_at -> Nullable<BigInt>,
         created_at -> BigInt,
         updated_at -> BigInt,
+        budget_micro_usd -> Nullable<BigInt>,
+        budget_period -> Nullable<Text>,
     }
 }
 

@@ -177,6 +177,55 @@ pub fn price(field: &'static str, value: i64) -> Result<i64, StoreError> {
     Ok(value)
 }
 
+/// The highest budget accepted, in micro-USD per period: $1,000,000,000. Anything past it is a
+/// mistake (typically a unit slip: pico-USD where micro-USD was meant), and the bound keeps the
+/// budget in pico-USD (10^21) within a `u128`/`i128` with a wide margin (DESIGN §18).
+pub const MAX_BUDGET_MICRO_USD: i64 = 1_000_000_000_000_000;
+
+/// The budget periods (DESIGN §18): UTC calendar days, weeks starting Monday, months.
+pub const BUDGET_PERIODS: [&str; 3] = ["day", "week", "month"];
+
+/// The period of a budget set without one.
+pub const DEFAULT_BUDGET_PERIOD: &str = "month";
+
+/// A virtual key's budget in micro-USD per period: 0 (every request refused) up to
+/// [`MAX_BUDGET_MICRO_USD`].
+pub fn budget(value: i64) -> Result<i64, StoreError> {
+    if value < 0 {
+        return Err(StoreError::invalid(
+            "budget_micro_usd",
+            format!("must not be negative, got {value} micro-USD"),
+        ));
+    }
+    if value > MAX_BUDGET_MICRO_USD {
+        return Err(StoreError::invalid(
+            "budget_micro_usd",
+            format!("must be at most {MAX_BUDGET_MICRO_USD} micro-USD ($1000000000), got {value}"),
+        ));
+    }
+    Ok(value)
+}
+
+/// A budget period: exactly `day`, `week` or `month`.
+pub fn budget_period(value: &str) -> Result<String, StoreError> {
+    if BUDGET_PERIODS.contains(&value) {
+        Ok(value.to_owned())
+    } else {
+        Err(StoreError::invalid(
+            "budget_period",
+            format!("must be day, week or month, got {value:?}"),
+        ))
+    }
+}
+
+/// The message of a period given to a key that has no budget and gets none.
+pub fn budget_period_without_budget() -> StoreError {
+    StoreError::invalid(
+        "budget_period",
+        "needs a budget: give budget_micro_usd too (llmctl: --budget-usd)",
+    )
+}
+
 /// A user-chosen virtual key. The message never echoes the key.
 pub fn user_key(value: &str) -> Result<(), StoreError> {
     let len = value.chars().count();
@@ -330,6 +379,40 @@ mod tests {
         );
         assert!(price("price_cache_write", i64::MIN).is_err());
         assert!(price("price_cache_write", i64::MAX).is_err());
+    }
+
+    #[test]
+    fn budgets_are_bounded() {
+        assert_eq!(budget(0).unwrap(), 0);
+        assert_eq!(budget(100_000_000).unwrap(), 100_000_000);
+        assert_eq!(budget(MAX_BUDGET_MICRO_USD).unwrap(), MAX_BUDGET_MICRO_USD);
+        assert_eq!(
+            message(budget(-1).unwrap_err()),
+            "budget_micro_usd must not be negative, got -1 micro-USD"
+        );
+        assert_eq!(
+            message(budget(MAX_BUDGET_MICRO_USD + 1).unwrap_err()),
+            "budget_micro_usd must be at most 1000000000000000 micro-USD ($1000000000), got 1000000000000001"
+        );
+        assert!(budget(i64::MIN).is_err());
+        assert!(budget(i64::MAX).is_err());
+    }
+
+    #[test]
+    fn budget_periods_are_day_week_or_month() {
+        for period in ["day", "week", "month"] {
+            assert_eq!(budget_period(period).unwrap(), period);
+        }
+        assert_eq!(
+            message(budget_period("year").unwrap_err()),
+            "budget_period must be day, week or month, got \"year\""
+        );
+        for bad in ["", "Month", "DAY", " week", "monthly"] {
+            assert!(budget_period(bad).is_err(), "{bad:?}");
+        }
+        assert!(
+            message(budget_period_without_budget()).starts_with("budget_period needs a budget")
+        );
     }
 
     #[test]

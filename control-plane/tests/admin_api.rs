@@ -65,6 +65,7 @@ async fn add_key(admin: &mut Admin, name: &str, key: Option<&str>) -> CreateVirt
             name: name.into(),
             key: key.map(Into::into),
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -541,6 +542,282 @@ async fn model_prices(backend: Backend) {
     cp.shutdown().await;
 }
 
+fn budget_of(k: &VirtualKey) -> (Option<i64>, Option<&str>) {
+    (k.budget_micro_usd, k.budget_period.as_deref())
+}
+
+fn set_budget(micro_usd: i64) -> Option<BudgetUpdate> {
+    Some(BudgetUpdate {
+        micro_usd: Some(micro_usd),
+    })
+}
+
+fn remove_budget() -> Option<BudgetUpdate> {
+    Some(BudgetUpdate { micro_usd: None })
+}
+
+/// Budgets (DESIGN §18): micro-USD per day, week or month (default month), returned by every
+/// read, set, changed and removed by updates (each a new config version), bounded, and carried by
+/// the snapshot.
+async fn virtual_key_budgets(backend: Backend) {
+    let db = common::fresh_db(backend).await;
+    let cp = common::start(&db).await;
+    let mut admin = common::admin(&cp, None).await;
+    let create = |name: &str, budget: Option<i64>, period: Option<&str>| CreateVirtualKeyRequest {
+        name: name.into(),
+        budget_micro_usd: budget,
+        budget_period: period.map(Into::into),
+        ..Default::default()
+    };
+
+    // $100 with no period: monthly. $5 a day. $0 (every request refused) is a budget.
+    let monthly = admin
+        .create_virtual_key(create("monthly", Some(100_000_000), None))
+        .await
+        .unwrap()
+        .into_inner()
+        .virtual_key
+        .unwrap();
+    assert_eq!(budget_of(&monthly), (Some(100_000_000), Some("month")));
+    let daily = admin
+        .create_virtual_key(create("daily", Some(5_000_000), Some("day")))
+        .await
+        .unwrap()
+        .into_inner()
+        .virtual_key
+        .unwrap();
+    assert_eq!(budget_of(&daily), (Some(5_000_000), Some("day")));
+    let zero = admin
+        .create_virtual_key(create("zero", Some(0), Some("week")))
+        .await
+        .unwrap()
+        .into_inner()
+        .virtual_key
+        .unwrap();
+    assert_eq!(budget_of(&zero), (Some(0), Some("week")));
+    let plain = add_key(&mut admin, "plain", None)
+        .await
+        .virtual_key
+        .unwrap();
+    assert_eq!(budget_of(&plain), (None, None));
+
+    // Reads return what was stored.
+    let got = admin
+        .get_virtual_key(get("monthly"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(budget_of(&got), (Some(100_000_000), Some("month")));
+    let listed = admin
+        .list_virtual_keys(ListVirtualKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .virtual_keys;
+    let by_name: HashMap<&str, (Option<i64>, Option<&str>)> = listed
+        .iter()
+        .map(|k| (k.name.as_str(), budget_of(k)))
+        .collect();
+    assert_eq!(by_name["monthly"], (Some(100_000_000), Some("month")));
+    assert_eq!(by_name["daily"], (Some(5_000_000), Some("day")));
+    assert_eq!(by_name["zero"], (Some(0), Some("week")));
+    assert_eq!(by_name["plain"], (None, None));
+
+    // Refused on create, with the field named; nothing is written.
+    let before = version(&cp).await;
+    let max = llm_proxy_control_plane::validate::MAX_BUDGET_MICRO_USD;
+    for value in [-1, i64::MIN, max + 1, i64::MAX] {
+        assert_status(
+            admin
+                .create_virtual_key(create("bad", Some(value), None))
+                .await,
+            Code::InvalidArgument,
+            "budget_micro_usd",
+        );
+    }
+    let status = admin
+        .create_virtual_key(create("bad", Some(1), Some("year")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        status.message(),
+        "budget_period must be day, week or month, got \"year\""
+    );
+    for bad in ["Month", "", "monthly"] {
+        assert_status(
+            admin
+                .create_virtual_key(create("bad", Some(1), Some(bad)))
+                .await,
+            Code::InvalidArgument,
+            "budget_period",
+        );
+    }
+    let status = admin
+        .create_virtual_key(create("bad", None, Some("week")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("budget_period needs a budget"),
+        "{status:?}"
+    );
+    assert_eq!(version(&cp).await, before, "refused creates change nothing");
+    // The bound itself is a budget.
+    let richest = admin
+        .create_virtual_key(create("richest", Some(max), None))
+        .await
+        .unwrap()
+        .into_inner()
+        .virtual_key
+        .unwrap();
+    assert_eq!(budget_of(&richest), (Some(max), Some("month")));
+
+    let update =
+        |id: &str, budget: Option<BudgetUpdate>, period: Option<&str>| UpdateVirtualKeyRequest {
+            id: id.into(),
+            budget,
+            budget_period: period.map(Into::into),
+            ..Default::default()
+        };
+
+    // An update without a budget leaves it alone.
+    let renamed = admin
+        .update_virtual_key(UpdateVirtualKeyRequest {
+            id: daily.id.clone(),
+            name: Some("daily-2".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(budget_of(&renamed), (Some(5_000_000), Some("day")));
+    // A new amount keeps the period; each change is a new config version.
+    let v = version(&cp).await;
+    let raised = admin
+        .update_virtual_key(update(&daily.id, set_budget(7_500_000), None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(budget_of(&raised), (Some(7_500_000), Some("day")));
+    assert_eq!(version(&cp).await, v + 1);
+    // A new period alone keeps the amount.
+    let weekly = admin
+        .update_virtual_key(update(&daily.id, None, Some("week")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(budget_of(&weekly), (Some(7_500_000), Some("week")));
+    assert_eq!(version(&cp).await, v + 2);
+    // Both at once.
+    let both = admin
+        .update_virtual_key(update(&daily.id, set_budget(1_000_000), Some("month")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(budget_of(&both), (Some(1_000_000), Some("month")));
+    // Removing the budget removes its period.
+    let removed = admin
+        .update_virtual_key(update(&daily.id, remove_budget(), None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(budget_of(&removed), (None, None));
+    assert_eq!(version(&cp).await, v + 4);
+    // A key without a budget gets one: monthly unless a period comes with it.
+    let fresh = admin
+        .update_virtual_key(update(&plain.id, set_budget(20_000_000), None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(budget_of(&fresh), (Some(20_000_000), Some("month")));
+    let fresh_daily = admin
+        .update_virtual_key(update(&daily.id, set_budget(3_000_000), Some("day")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(budget_of(&fresh_daily), (Some(3_000_000), Some("day")));
+    let v = version(&cp).await;
+
+    // Refused updates: the field named, nothing changed.
+    let status = admin
+        .update_virtual_key(update(&plain.id, set_budget(max + 1), None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        status.message(),
+        "budget_micro_usd must be at most 1000000000000000 micro-USD ($1000000000), got 1000000000000001"
+    );
+    assert_status(
+        admin
+            .update_virtual_key(update(&plain.id, set_budget(-1), None))
+            .await,
+        Code::InvalidArgument,
+        "budget_micro_usd",
+    );
+    assert_status(
+        admin
+            .update_virtual_key(update(&plain.id, None, Some("fortnight")))
+            .await,
+        Code::InvalidArgument,
+        "budget_period",
+    );
+    // A period for a key without a budget, or with the budget being removed.
+    let other = add_key(&mut admin, "other", None)
+        .await
+        .virtual_key
+        .unwrap();
+    let v = v + 1;
+    let status = admin
+        .update_virtual_key(update(&other.id, None, Some("day")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("budget_period needs a budget"),
+        "{status:?}"
+    );
+    assert_status(
+        admin
+            .update_virtual_key(update(&plain.id, remove_budget(), Some("day")))
+            .await,
+        Code::InvalidArgument,
+        "budget_period",
+    );
+    assert_eq!(version(&cp).await, v, "refused updates change nothing");
+    let unchanged = admin
+        .get_virtual_key(get(&plain.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(budget_of(&unchanged), (Some(20_000_000), Some("month")));
+    let unchanged = admin
+        .get_virtual_key(get(&other.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(budget_of(&unchanged), (None, None));
+
+    // The snapshot carries the budgets to the data planes; "" is the period of no budget.
+    let built = llm_proxy_control_plane::hub::build_snapshot(&cp.store, 0)
+        .await
+        .unwrap();
+    let in_snapshot: HashMap<String, (Option<i64>, String)> = built
+        .snapshot
+        .virtual_keys
+        .into_iter()
+        .map(|k| (k.name, (k.budget_micro_usd, k.budget_period)))
+        .collect();
+    assert_eq!(in_snapshot["monthly"], (Some(100_000_000), "month".into()));
+    assert_eq!(in_snapshot["daily-2"], (Some(3_000_000), "day".into()));
+    assert_eq!(in_snapshot["zero"], (Some(0), "week".into()));
+    assert_eq!(in_snapshot["plain"], (Some(20_000_000), "month".into()));
+    assert_eq!(in_snapshot["richest"], (Some(max), "month".into()));
+    assert_eq!(in_snapshot["other"], (None, String::new()));
+    cp.shutdown().await;
+}
+
 async fn virtual_keys_crud(backend: Backend) {
     let db = common::fresh_db(backend).await;
     let cp = common::start(&db).await;
@@ -574,6 +851,7 @@ async fn virtual_keys_crud(backend: Backend) {
             name: "Other".into(),
             key: Some("vk-front-1234".into()),
             expires_at: None,
+            ..Default::default()
         })
         .await;
     let status = dup.unwrap_err();
@@ -598,6 +876,7 @@ async fn virtual_keys_crud(backend: Backend) {
             enabled: Some(false),
             expires_at: Some(expiry),
             clear_expires_at: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1005,6 +1284,7 @@ async fn bad_input_is_rejected_with_the_field_named(backend: Backend) {
                 name: "".into(),
                 key: None,
                 expires_at: None,
+                ..Default::default()
             })
             .await,
         Code::InvalidArgument,
@@ -1016,6 +1296,7 @@ async fn bad_input_is_rejected_with_the_field_named(backend: Backend) {
                 name: "k".into(),
                 key: Some("short".into()),
                 expires_at: None,
+                ..Default::default()
             })
             .await,
         Code::InvalidArgument,
@@ -1028,6 +1309,7 @@ async fn bad_input_is_rejected_with_the_field_named(backend: Backend) {
                 name: "App".into(),
                 key: None,
                 expires_at: None,
+                ..Default::default()
             })
             .await,
         Code::AlreadyExists,
@@ -1312,6 +1594,7 @@ on_both_backends!(
     connections_crud,
     models_crud,
     model_prices,
+    virtual_key_budgets,
     virtual_keys_crud,
     assignments_crud,
     deleting_referenced_rows_needs_force,

@@ -121,6 +121,7 @@ async fn subscribe_and_receive(backend: Backend) {
             name: "App".into(),
             key: Some("vk-app-123456".into()),
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -146,6 +147,8 @@ async fn subscribe_and_receive(backend: Backend) {
     );
     assert_eq!(latest.assignments[0].tps, Some(5));
     assert_eq!(latest.assignments[0].alias, "gpt-4");
+    assert_eq!(key.budget_micro_usd, None);
+    assert_eq!(key.budget_period, "", "no budget, no period");
 
     // Heartbeats flow while nothing changes.
     loop {
@@ -206,6 +209,33 @@ async fn subscribe_and_receive(backend: Backend) {
         next_event(&mut other_epoch).await,
         config_event::Event::Snapshot(_)
     ));
+
+    // A budget set, then removed, reaches the data plane as new snapshots (DESIGN §18).
+    admin
+        .update_virtual_key(UpdateVirtualKeyRequest {
+            id: "App".into(),
+            budget: Some(BudgetUpdate {
+                micro_usd: Some(25_000_000),
+            }),
+            budget_period: Some("day".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let budgeted = snapshot_at_least(&mut stream, current + 1).await;
+    assert_eq!(budgeted.virtual_keys[0].budget_micro_usd, Some(25_000_000));
+    assert_eq!(budgeted.virtual_keys[0].budget_period, "day");
+    admin
+        .update_virtual_key(UpdateVirtualKeyRequest {
+            id: "App".into(),
+            budget: Some(BudgetUpdate { micro_usd: None }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let unbudgeted = snapshot_at_least(&mut stream, current + 2).await;
+    assert_eq!(unbudgeted.virtual_keys[0].budget_micro_usd, None);
+    assert_eq!(unbudgeted.virtual_keys[0].budget_period, "");
 
     // Disconnecting marks the data plane as not connected.
     drop(stream);
@@ -325,6 +355,7 @@ async fn subscribe_survives_a_refused_status_write() {
             name: "App".into(),
             key: None,
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -464,6 +495,8 @@ async fn snapshot_of_100k_virtual_keys_passes_the_stream() {
             expires_at: None,
             created_at: now,
             updated_at: now,
+            budget_micro_usd: None,
+            budget_period: None,
         })
         .collect();
     let rows: Vec<AssignmentRow> = keys

@@ -90,6 +90,7 @@ async fn add_key(admin: &mut AdminServiceClient<Channel>, name: &str, key: &str)
             name: name.into(),
             key: Some(key.into()),
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -403,6 +403,7 @@ async fn queries_filter_and_group_exactly(backend: Backend) {
             name: "Frontend".into(),
             key: None,
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -108,6 +108,7 @@ async fn fixture_with(redis_url: Option<SecretString>) -> Fixture {
             name: "Frontend-App".into(),
             key: Some(SecretString::from(CLIENT_KEY)),
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -39,6 +39,7 @@ fn a_100k_key_snapshot_applies_and_every_key_resolves() {
                 key_sha256: Sha256::digest(format!("vk-team-{i:06}")).to_vec(),
                 enabled: true,
                 expires_at_unix: None,
+                ..Default::default()
             })
             .collect(),
         assignments: (0..KEYS)

@@ -318,6 +318,7 @@ async fn configure(cp: &RunningControlPlane, ok: &MockUpstream, broken: &MockUps
             name: "Metrics-App".into(),
             key: Some(SecretString::from(CLIENT_KEY)),
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap();

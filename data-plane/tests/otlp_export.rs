@@ -206,6 +206,7 @@ async fn request_span_reaches_the_collector_with_its_attributes_and_no_secret() 
             name: "Tracing".into(),
             key: Some(SecretString::from(CLIENT_KEY)),
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap()

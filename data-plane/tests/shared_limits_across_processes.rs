@@ -82,6 +82,7 @@ async fn control_plane(upstream: &str, tps: Option<i64>, tpm: Option<i64>) -> (S
             name: "Shared".into(),
             key: Some(SecretString::from(KEY)),
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -101,6 +101,7 @@ async fn seed(store: &Store) -> i64 {
             name: "App".into(),
             key: Some(SecretString::from(KEY)),
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -267,6 +268,7 @@ async fn keeps_serving_through_an_outage_and_reconnects() {
             name: "Second".into(),
             key: Some(SecretString::from("vk-second-123456")),
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap();

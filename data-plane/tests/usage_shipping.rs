@@ -79,6 +79,7 @@ async fn fixture() -> Fixture {
                 name: vkey.into(),
                 key: Some(SecretString::from(key)),
                 expires_at: None,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -72,10 +72,15 @@ pub struct ModelPatch {
     pub price_cache_write: Option<Option<i64>>,
 }
 
+#[derive(Default)]
 pub struct NewVirtualKey {
     pub name: String,
     pub key: Option<SecretString>,
     pub expires_at: Option<i64>,
+    /// Micro-USD per budget period (DESIGN §18); `None` = no budget.
+    pub budget_micro_usd: Option<i64>,
+    /// `day`, `week` or `month`; `None` with a budget = `month`. Refused without a budget.
+    pub budget_period: Option<String>,
 }
 
 #[derive(Default)]
@@ -84,6 +89,12 @@ pub struct VirtualKeyPatch {
     pub enabled: Option<bool>,
     /// `Some(None)` removes the expiry.
     pub expires_at: Option<Option<i64>>,
+    /// `None` leaves the budget unchanged, `Some(None)` removes it and its period,
+    /// `Some(Some(v))` sets it (keeping the key's period, `month` if it had none).
+    pub budget_micro_usd: Option<Option<i64>>,
+    /// A new period for the key's budget: the key must have one after `budget_micro_usd` is
+    /// applied.
+    pub budget_period: Option<String>,
 }
 
 #[derive(Default)]
@@ -333,6 +344,19 @@ impl Store {
         if let Some(key) = &input.key {
             validate::user_key(key.expose_secret())?;
         }
+        if let Some(budget) = input.budget_micro_usd {
+            validate::budget(budget)?;
+        }
+        input.budget_period = match (input.budget_micro_usd, input.budget_period.as_deref()) {
+            (Some(_), Some(period)) => Some(validate::budget_period(period)?),
+            (Some(_), None) => Some(validate::DEFAULT_BUDGET_PERIOD.to_owned()),
+            (None, Some(period)) => {
+                // A bad period is named as such before the missing budget.
+                validate::budget_period(period)?;
+                return Err(validate::budget_period_without_budget());
+            }
+            (None, None) => None,
+        };
         let result = on_backend!(self, create_vkey(&input));
         self.written(result)
     }
@@ -352,6 +376,16 @@ impl Store {
     ) -> Result<Written<VirtualKeyRow>, StoreError> {
         if let Some(name) = &patch.name {
             patch.name = Some(validate::name("name", name)?);
+        }
+        if let Some(Some(budget)) = patch.budget_micro_usd {
+            validate::budget(budget)?;
+        }
+        if let Some(period) = &patch.budget_period {
+            patch.budget_period = Some(validate::budget_period(period)?);
+            if patch.budget_micro_usd == Some(None) {
+                // Removing the budget removes its period: a new period makes no sense.
+                return Err(validate::budget_period_without_budget());
+            }
         }
         let result = on_backend!(self, update_vkey(r, &patch));
         self.written(result)

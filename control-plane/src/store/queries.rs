@@ -667,6 +667,8 @@ macro_rules! backend_queries {
                     expires_at: input.expires_at,
                     created_at: now,
                     updated_at: now,
+                    budget_micro_usd: input.budget_micro_usd,
+                    budget_period: input.budget_period.clone(),
                 };
                 c.transaction(async |c| {
                     ensure_vkey_name_free(c, &row.name).await?;
@@ -721,12 +723,33 @@ macro_rules! backend_queries {
                     if let Some(expires_at) = patch.expires_at {
                         row.expires_at = expires_at;
                     }
+                    match patch.budget_micro_usd {
+                        None => {}
+                        Some(None) => {
+                            row.budget_micro_usd = None;
+                            row.budget_period = None;
+                        }
+                        Some(Some(budget)) => {
+                            row.budget_micro_usd = Some(budget);
+                            if row.budget_period.is_none() {
+                                row.budget_period = Some(validate::DEFAULT_BUDGET_PERIOD.to_owned());
+                            }
+                        }
+                    }
+                    if let Some(period) = &patch.budget_period {
+                        if row.budget_micro_usd.is_none() {
+                            return Err(validate::budget_period_without_budget());
+                        }
+                        row.budget_period = Some(period.clone());
+                    }
                     row.updated_at = now_micros();
                     diesel::update(virtual_keys::table.filter(virtual_keys::id.eq(&row.id)))
                         .set((
                             virtual_keys::name.eq(&row.name),
                             virtual_keys::enabled.eq(row.enabled),
                             virtual_keys::expires_at.eq(row.expires_at),
+                            virtual_keys::budget_micro_usd.eq(row.budget_micro_usd),
+                            virtual_keys::budget_period.eq(&row.budget_period),
                             virtual_keys::updated_at.eq(row.updated_at),
                         ))
                         .execute(c)

@@ -380,6 +380,7 @@ mod tests {
             key_sha256: sha(key),
             enabled,
             expires_at_unix: expires,
+            ..Default::default()
         }
     }
 

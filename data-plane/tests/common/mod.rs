@@ -153,6 +153,7 @@ pub async fn add_models_for_key(
             name: vkey.into(),
             key: Some(SecretString::from(key)),
             expires_at: None,
+            ..Default::default()
         })
         .await
         .unwrap();
