@@ -3,9 +3,11 @@
 //! (two virtual keys; an OpenAI model and an Anthropic model with different prices, one with its
 //! cache prices unset so that they fall back to the input price; OpenAI chat and Anthropic
 //! Messages, streamed and not; cached prompt, cache-write and reasoning tokens; refusals, which
-//! are not counted). The control plane is SIGKILLed while requests are in flight and started again
-//! on the same address and database while more are; data planes queue what they cannot ship and
-//! resend it; one data plane ships only at shutdown and is SIGTERMed right after the traffic.
+//! are not counted). The control plane is SIGKILLed while requests are in flight, after it has
+//! written a batch whose acknowledgement a proxy in front of it held back (so that batch must be
+//! sent again and taken for a duplicate), and started again on the same address and database
+//! while more requests are answered; data planes queue what they cannot ship and resend it; one
+//! data plane ships only at shutdown and is SIGTERMed right after the traffic.
 //!
 //! The real `llmctl usage -o json` (totals, and grouped by key and model) must then equal, to the
 //! token and the micro-dollar, the sums this test computes itself from the usage it asked the mock
@@ -15,7 +17,7 @@
 //!
 //! The control plane and `llmctl` are binaries of other packages: they are taken from the
 //! directory of this package's data plane binary, where a workspace test run has built them; when
-//! one is missing or older than the workspace's sources, this test builds it there first.
+//! one is missing or older than its sources, this test builds it there first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(
     clippy::disallowed_methods,
@@ -314,14 +316,26 @@ async fn send(http: &reqwest::Client, base: &str, r: Planned) {
 /// Sends `requests` over the planes, [`CONCURRENCY`] at a time; counts the answered ones in
 /// `done`. Every 25th request is followed by two refusals (unknown alias, unknown key), which
 /// reach no upstream and must not be counted.
+///
+/// With a `gate` (index, open), the requests from that index on are sent once it is open.
 async fn traffic(
     http: &reqwest::Client,
     planes: &[String],
     requests: &[Planned],
     done: &AtomicUsize,
+    gate: Option<(usize, &tokio::sync::watch::Sender<bool>)>,
 ) {
     futures_util::stream::iter(requests.iter().copied().enumerate())
         .for_each_concurrent(CONCURRENCY, |(n, r)| async move {
+            if let Some((from, open)) = gate
+                && n >= from
+            {
+                let mut open = open.subscribe();
+                tokio::time::timeout(PATIENCE, open.wait_for(|open| *open))
+                    .await
+                    .expect("the gate never opened")
+                    .unwrap();
+            }
             let base = &planes[r.plane];
             send(http, base, r).await;
             if n % 25 == 0 {
@@ -352,17 +366,18 @@ async fn traffic(
 // ---------------------------------------------------------------------------------------------
 // The binaries of other packages
 
-/// The newest modification time of the sources of the workspace's binaries: the workspace
-/// manifest and lock file, and every file of the packages they are built from but their tests,
-/// examples and benches.
-fn newest_source() -> std::time::SystemTime {
+/// The newest modification time of the sources of `packages` (directories of the workspace):
+/// every file but manifests (cargo rebuilds nothing for most manifest edits), tests, examples
+/// and benches.
+fn newest_source(packages: &[&str]) -> std::time::SystemTime {
     fn walk(path: &Path, newest: &mut std::time::SystemTime) {
         let meta = std::fs::metadata(path).unwrap();
         if meta.is_dir() {
             for entry in std::fs::read_dir(path).unwrap() {
                 let entry = entry.unwrap();
-                let name = entry.file_name();
-                if !["target", "tests", "examples", "benches"].contains(&&*name.to_string_lossy()) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let skip = ["target", "tests", "examples", "benches", "Cargo.toml"];
+                if !skip.contains(&name.as_str()) {
                     walk(&entry.path(), newest);
                 }
             }
@@ -372,33 +387,25 @@ fn newest_source() -> std::time::SystemTime {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut newest = std::time::SystemTime::UNIX_EPOCH;
-    for member in [
-        "Cargo.toml",
-        "Cargo.lock",
-        "proto",
-        "catalog",
-        "telemetry",
-        "control-plane",
-        "data-plane",
-        "cli",
-    ] {
-        walk(&root.join(member), &mut newest);
+    for package in packages {
+        walk(&root.join(package), &mut newest);
     }
     newest
 }
 
 /// The binary `bin` of workspace package `package`, from the directory cargo put this package's
 /// data plane binary in (one per profile). A workspace test run (`cargo nextest run --workspace`)
-/// has built it there already; when it is missing or older than a source of the workspace, it is
-/// built first (`cargo build -p PACKAGE --bin BIN`), so that this test never runs stale code. A
-/// fresh binary is left alone: other tests may be running it.
-fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+/// has built it there already; when it is missing or older than a source it is built from
+/// (`sources`: directories of the workspace), it is built first (`cargo build -p PACKAGE --bin
+/// BIN`), so that this test does not run stale code. A fresh binary is left alone: other tests
+/// may be running it.
+fn workspace_binary(package: &str, bin: &str, sources: &[&str]) -> PathBuf {
     let dir = Path::new(env!("CARGO_BIN_EXE_llm-proxy-data-plane"))
         .parent()
         .unwrap();
     let path = dir.join(bin);
     let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-    if built.is_some_and(|built| built >= newest_source()) {
+    if built.is_some_and(|built| built >= newest_source(sources)) {
         return path;
     }
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
@@ -454,11 +461,10 @@ async fn fresh_postgres() -> String {
     format!("{base}{sep}options=-c%20search_path%3D{schema}")
 }
 
-/// A `llm-proxy-control-plane serve` process and everything it wrote on stderr.
+/// A `llm-proxy-control-plane serve` process.
 struct ControlPlane {
     child: tokio::process::Child,
     addr: SocketAddr,
-    log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ControlPlane {
@@ -519,7 +525,7 @@ impl ControlPlane {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self { child, addr, log }
+        Self { child, addr }
     }
 
     /// SIGKILL: no shutdown of any kind.
@@ -584,6 +590,79 @@ impl Ctl {
     }
 }
 
+/// What the [`HoldingProxy`] does with the control plane's bytes.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProxyState {
+    /// Bytes from the control plane are kept from the data planes (never delivered).
+    hold: bool,
+    /// Bumped to cut every open connection.
+    generation: u64,
+}
+
+/// A TCP proxy between the data planes and the control plane's gRPC port that can hold back
+/// everything the control plane answers: a batch the control plane has written is then not
+/// acknowledged, as when it dies between its commit and its answer.
+struct HoldingProxy {
+    addr: SocketAddr,
+    state: Arc<tokio::sync::watch::Sender<ProxyState>>,
+}
+
+impl HoldingProxy {
+    async fn start(target: SocketAddr) -> Self {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(tokio::sync::watch::Sender::new(ProxyState::default()));
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let mut cut = shared.subscribe();
+                let generation = cut.borrow().generation;
+                let hold = shared.subscribe();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut from_cp, mut to_cp) = outbound.into_split();
+                    let (mut from_dp, mut to_dp) = inbound.into_split();
+                    let up = tokio::io::copy(&mut from_dp, &mut to_cp);
+                    let down = async {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = from_cp.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            if hold.borrow().hold {
+                                // Held: never delivered; the connection waits to be cut.
+                                std::future::pending::<()>().await;
+                            }
+                            to_dp.write_all(&buf[..n]).await?;
+                        }
+                    };
+                    tokio::select! {
+                        _ = cut.wait_for(|s| s.generation != generation) => {}
+                        _ = async { tokio::join!(up, down) } => {}
+                    }
+                });
+            }
+        });
+        Self { addr, state }
+    }
+
+    fn hold(&self) {
+        self.state.send_modify(|s| s.hold = true);
+    }
+
+    /// Cuts every open connection (what was held is lost) and lets new ones through.
+    fn cut_and_release(&self) {
+        self.state.send_modify(|s| {
+            s.hold = false;
+            s.generation += 1;
+        });
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The data planes
 
@@ -603,8 +682,23 @@ async fn batches(http: &reqwest::Client, plane: &DataPlaneProcess, result: &str)
 
 #[tokio::test(flavor = "multi_thread")]
 async fn usage_is_exact_across_three_data_planes_a_killed_control_plane_and_a_shutdown() {
-    let cp_exe = workspace_binary("llm-proxy-control-plane", "llm-proxy-control-plane");
-    let llmctl = workspace_binary("llmctl", "llmctl");
+    let cp_exe = workspace_binary(
+        "llm-proxy-control-plane",
+        "llm-proxy-control-plane",
+        &["proto", "catalog", "telemetry", "control-plane"],
+    );
+    let llmctl = workspace_binary(
+        "llmctl",
+        "llmctl",
+        &[
+            "proto",
+            "catalog",
+            "telemetry",
+            "control-plane",
+            "data-plane",
+            "cli",
+        ],
+    );
     let mock = MockUpstream::start().await.unwrap();
     let db = fresh_postgres().await;
     let master_key = llm_proxy_control_plane::crypto::MasterKeys::generate_encoded();
@@ -688,13 +782,16 @@ async fn usage_is_exact_across_three_data_planes_a_killed_control_plane_and_a_sh
         }
     }
 
-    // Three data planes on one Redis. Two report every second; the third only at shutdown.
+    // Three data planes on one Redis, which reach the control plane through the proxy. Two report
+    // every second; the third only at shutdown.
+    let proxy = HoldingProxy::start(cp_addr).await;
     let redis = redis_url();
     let mut planes = Vec::new();
     for (n, interval) in ["1", "1", "3600"].into_iter().enumerate() {
         let args = ["--redis-url", &redis, "--usage-report-interval-s", interval];
-        planes
-            .push(DataPlaneProcess::start(cp_addr, &format!("dp-usage-cluster-{n}"), &args).await);
+        planes.push(
+            DataPlaneProcess::start(proxy.addr, &format!("dp-usage-cluster-{n}"), &args).await,
+        );
     }
     let http = reqwest::Client::new();
     for plane in &planes {
@@ -724,7 +821,7 @@ async fn usage_is_exact_across_three_data_planes_a_killed_control_plane_and_a_sh
     let done = AtomicUsize::new(0);
 
     // Phase 1: the control plane is up and receives batches.
-    traffic(&http, &bases, phase(0), &done).await;
+    traffic(&http, &bases, phase(0), &done, None).await;
     let deadline = Instant::now() + PATIENCE;
     while ctl.totals().await[0]["requests"] == 0 {
         assert!(
@@ -734,17 +831,33 @@ async fn usage_is_exact_across_three_data_planes_a_killed_control_plane_and_a_sh
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Phase 2: SIGKILL once requests of this phase are being answered; the rest of the phase is
-    // served with the control plane gone, and the planes that report every second fail to.
+    // Phase 2: from now on the data planes get no answer from the control plane. Once requests of
+    // this phase are answered and a batch has been written (but not acknowledged), the control
+    // plane is SIGKILLed; the second half of the phase is served with it gone, and the planes
+    // that report every second fail to.
+    proxy.hold();
+    let before = ctl.totals().await[0]["requests"].as_u64().unwrap();
+    let gate = tokio::sync::watch::Sender::new(false);
     let kill = async {
         let deadline = Instant::now() + PATIENCE;
-        while done.load(Ordering::Relaxed) < PER_PHASE + 10 {
-            assert!(Instant::now() < deadline, "phase 2 never got going");
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        while done.load(Ordering::Relaxed) < PER_PHASE + 10
+            || ctl.totals().await[0]["requests"].as_u64().unwrap() == before
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no batch written during phase 2 ({} requests answered)",
+                done.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         cp.kill().await;
+        proxy.cut_and_release();
+        gate.send_replace(true);
     };
-    tokio::join!(traffic(&http, &bases, phase(1), &done), kill);
+    tokio::join!(
+        traffic(&http, &bases, phase(1), &done, Some((PER_PHASE / 2, &gate))),
+        kill
+    );
     let deadline = Instant::now() + PATIENCE;
     for plane in &planes[..2] {
         while batches(&http, plane, "failed").await == 0 {
@@ -760,7 +873,7 @@ async fn usage_is_exact_across_three_data_planes_a_killed_control_plane_and_a_sh
     // Phase 3: the control plane starts again on the same address and database while requests
     // are answered; the queued batches go through.
     let (_, cp) = tokio::join!(
-        traffic(&http, &bases, phase(2), &done),
+        traffic(&http, &bases, phase(2), &done, None),
         ControlPlane::start(&cp_exe, cp_addr, &db, master_key)
     );
     assert_eq!(done.load(Ordering::Relaxed), plan.len());
@@ -816,6 +929,12 @@ async fn usage_is_exact_across_three_data_planes_a_killed_control_plane_and_a_sh
     assert_eq!(ctl.by_key_and_model().await, want_groups);
 
     // The other two shut down (whatever they still hold is shipped): nothing more is added.
+    // The batch written but not acknowledged in phase 2 was sent again and taken for what it is.
+    let mut duplicates = 0;
+    for plane in &planes {
+        duplicates += batches(&http, plane, "duplicate").await;
+    }
+    assert!(duplicates >= 1, "no batch was resent after the kill");
     for plane in planes {
         assert_eq!(
             metric(&http, &plane, "llm_proxy_usage_dropped_total").await,
@@ -832,7 +951,7 @@ async fn usage_is_exact_across_three_data_planes_a_killed_control_plane_and_a_sh
     assert_eq!(ctl.totals().await, want_totals);
     assert_eq!(ctl.by_key_and_model().await, want_groups);
     println!(
-        "{} requests, {} input and {} output tokens, {} cache read, {} cache write, {} reasoning, {} pico-USD: exact; control plane log: {} lines",
+        "{} requests, {} input and {} output tokens, {} cache read, {} cache write, {} reasoning, {} pico-USD: exact",
         total.requests,
         total.input,
         total.output,
@@ -840,7 +959,6 @@ async fn usage_is_exact_across_three_data_planes_a_killed_control_plane_and_a_sh
         total.cache_write,
         total.reasoning,
         total.cost_pico_usd,
-        cp.log.lock().unwrap().len()
     );
     cp.kill().await;
 }
