@@ -64,7 +64,7 @@ struct Prices {
 /// The OpenAI model: no cache prices (cached tokens cost the input price).
 const GPT: &str = "gpt";
 const GPT_PRICES: Prices = Prices {
-    input: 2_500_001,
+    input: 2_500_003,
     output: 10_000_003,
     cache_read: None,
     cache_write: None,
@@ -817,6 +817,16 @@ async fn usage_is_exact_across_three_data_planes_a_killed_control_plane_and_a_sh
             .add(&sums);
         total.add(&sums);
     }
+    // These figures round both ways to micro-USD: rounding always down (or up) would not pass.
+    let rests: Vec<u128> = expected
+        .values()
+        .chain([&total])
+        .map(|s| s.cost_pico_usd % 1_000_000)
+        .collect();
+    assert!(
+        rests.iter().any(|r| *r >= 500_000) && rests.iter().any(|r| *r < 500_000),
+        "{rests:?}"
+    );
     let phase = |n: usize| &plan[n * PER_PHASE..(n + 1) * PER_PHASE];
     let done = AtomicUsize::new(0);
 
