@@ -243,44 +243,38 @@ impl Budgets {
         let exceeded = || exceeded(&budget, &window);
         let ttl = window.end_unix.saturating_sub(now_unix).max(0) + 86_400;
         if let Some(redis) = &self.redis {
-            match self
+            use redis_scripts::Acquired;
+            let mut answer = self
                 .redis_acquire(redis, &key, limit, estimate, None, ttl)
-                .await
-            {
-                Some(redis_scripts::Acquired::Admitted) => {
+                .await;
+            if answer == Some(Acquired::Missing) {
+                let _one = self.restoring.lock().await;
+                // Another request may have restored it while this one waited.
+                answer = self
+                    .redis_acquire(redis, &key, limit, estimate, None, ttl)
+                    .await;
+                if answer == Some(Acquired::Missing) {
+                    let spent = match self.restored_spend(vkey_id, &window).await {
+                        Ok(spent) => spent,
+                        Err(reason) => return self.unrestorable(vkey_id, reason),
+                    };
+                    answer = self
+                        .redis_acquire(redis, &key, limit, estimate, Some(spent), ttl)
+                        .await;
+                }
+            }
+            match answer {
+                Some(Acquired::Admitted) => {
                     return Ok(Some(BudgetReservation {
                         key,
                         reserved_nano: estimate,
                         backend: Backend::Redis,
                     }));
                 }
-                Some(redis_scripts::Acquired::Refused) => return Err(exceeded()),
-                Some(redis_scripts::Acquired::Missing) => {
-                    let _one = self.restoring.lock().await;
-                    let spent = self.restored_spend(vkey_id, &window).await;
-                    let spent = match spent {
-                        Ok(spent) => Some(spent),
-                        Err(reason) => return self.unrestorable(vkey_id, reason),
-                    };
-                    match self
-                        .redis_acquire(redis, &key, limit, estimate, spent, ttl)
-                        .await
-                    {
-                        Some(redis_scripts::Acquired::Admitted) => {
-                            return Ok(Some(BudgetReservation {
-                                key,
-                                reserved_nano: estimate,
-                                backend: Backend::Redis,
-                            }));
-                        }
-                        Some(redis_scripts::Acquired::Refused) => return Err(exceeded()),
-                        // Flushed again between the two calls: as unreadable.
-                        Some(redis_scripts::Acquired::Missing) | None => {}
-                    }
-                }
-                None => {}
+                Some(Acquired::Refused) => return Err(exceeded()),
+                // No answer, or flushed again between the calls: the fail mode.
+                Some(Acquired::Missing) | None => {}
             }
-            // Redis did not answer: the fail mode.
             match self.fail_mode {
                 FailMode::Open => return Ok(None),
                 FailMode::Closed => {
