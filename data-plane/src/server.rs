@@ -6,7 +6,7 @@ use crate::budget::{BudgetReservation, Budgets};
 use crate::cost::Prices;
 use crate::errors::ApiError;
 use crate::inbound::{InboundDialect, InboundRequest};
-use crate::index::{ConfigIndex, ConnectionEntry, KeyEntry, Target};
+use crate::index::{ConfigIndex, ConnectionEntry, KeyEntry, Target, UsageTarget};
 use crate::limits::Limits;
 use crate::metrics::{LimitResult, Metrics, UpstreamErrorKind};
 use crate::providers::capped::{self, CappedReadError};
@@ -16,7 +16,7 @@ use crate::sse::StreamEnd;
 use crate::sync::ConfigHandle;
 use crate::trace::TraceContext;
 use crate::usage::Usage;
-use crate::usage_report::{UsageAggregator, UsageTarget};
+use crate::usage_report::UsageAggregator;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, RawQuery, Request, State};
@@ -469,7 +469,7 @@ struct SettleOnEnd {
     alias: Option<Arc<str>>,
     provider: &'static str,
     prices: Option<Prices>,
-    usage_target: Option<Arc<UsageTarget>>,
+    usage_target: Option<UsageTarget>,
     aggregator: Arc<UsageAggregator>,
     budget: Option<BudgetReservation>,
     budgets: Arc<Budgets>,
@@ -501,7 +501,7 @@ impl StreamEnd for SettleOnEnd {
         } = *self;
         if let Some(usage) = &usage {
             record_usage(&span, &metrics, alias.as_ref(), provider, prices, usage);
-            count_usage(&aggregator, usage_target.as_deref(), prices, usage);
+            count_usage(&aggregator, usage_target.as_ref(), prices, usage);
         }
         if let Some(reservation) = budget {
             let actual = budget_actual(prices, usage.as_ref(), completed, &reservation);
@@ -635,10 +635,9 @@ struct RequestRecord {
     provider: &'static str,
     /// The prices of the model routed to, for the cost of its answer.
     prices: Option<Prices>,
-    /// The authenticated key, set once the request is about to be routed.
-    vkey_id: Option<Arc<str>>,
-    /// What the answer's usage is counted under (set with the key by [`Self::routed`]).
-    usage_target: Option<Arc<UsageTarget>>,
+    /// What the answer's usage is counted under: the authenticated key, and the assignment
+    /// [`Self::routed`] names.
+    usage_target: Option<UsageTarget>,
     /// Time the upstream took (to its whole answer, or to a stream's head).
     upstream: Option<Duration>,
     /// The key's budget reservation until an answer settles it or a stream takes it.
@@ -652,20 +651,8 @@ impl RequestRecord {
     fn routed(&mut self, target: &Target<'_>, provider: &'static str) {
         self.provider = provider;
         self.prices = target.model.prices;
-        // Built again only when a failover moves to another assignment.
-        if let Some(vkey_id) = &self.vkey_id
-            && self
-                .usage_target
-                .as_ref()
-                .is_none_or(|t| &*t.assignment_id != target.assignment_id)
-        {
-            self.usage_target = Some(Arc::new(UsageTarget {
-                vkey_id: vkey_id.clone(),
-                assignment_id: target.assignment_id.into(),
-                model_id: target.model.id.as_str().into(),
-                model_name: target.model.name.as_str().into(),
-                alias: target.alias.clone(),
-            }));
+        if let Some(usage_target) = &mut self.usage_target {
+            usage_target.set_target(target);
         }
         self.span.record("provider", provider);
         self.span.record("model", target.model.remote.as_str());
@@ -684,12 +671,7 @@ impl RequestRecord {
             self.prices,
             usage,
         );
-        count_usage(
-            &state.usage,
-            self.usage_target.as_deref(),
-            self.prices,
-            usage,
-        );
+        count_usage(&state.usage, self.usage_target.as_ref(), self.prices, usage);
     }
 }
 
@@ -700,9 +682,9 @@ fn count_usage(
     prices: Option<Prices>,
     usage: &Usage,
 ) {
-    if let Some(target) = target {
+    if let Some(key) = target.and_then(UsageTarget::usage_key) {
         let cost = prices.map_or(0, |p| p.cost_pico_usd(usage));
-        aggregator.add(target, usage, cost);
+        aggregator.add(&key, usage, cost);
     }
 }
 
@@ -813,7 +795,6 @@ fn start_request(
         alias: None,
         provider: "",
         prices: None,
-        vkey_id: None,
         usage_target: None,
         upstream: None,
         budget: None,
@@ -908,7 +889,7 @@ async fn handle_inner(
         .pool(alias)
         .ok_or_else(|| ApiError::model_not_found(alias))?;
     record.alias = Some(pool.alias().clone());
-    record.vkey_id = Some(Arc::from(key.id()));
+    record.usage_target = Some(UsageTarget::for_key(&index, &key));
     record.span.record("alias", &**pool.alias());
     record.span.record("stream", request.stream);
 
@@ -1161,7 +1142,7 @@ async fn stored_response_inner(
         .ok_or_else(|| stored_response_not_found(&call.id))?;
     let provider = target.connection.provider.as_str();
     record.alias = Some(target.alias.clone());
-    record.vkey_id = Some(Arc::from(key.id()));
+    record.usage_target = Some(UsageTarget::for_key(&index, &key));
     record.span.record("alias", &**target.alias);
     record.routed(&target, provider);
     let query = stored_query(call.query.as_deref())?;

@@ -41,14 +41,16 @@ impl Default for UsageSettings {
     }
 }
 
-/// What a routed request is counted under; built once per routing (not per token count).
-#[derive(Debug)]
-pub struct UsageTarget {
-    pub vkey_id: Arc<str>,
-    pub assignment_id: Box<str>,
-    pub model_id: Box<str>,
-    pub model_name: Box<str>,
-    pub alias: Arc<str>,
+/// What one answer's usage is counted under, borrowed from wherever the request holds it (the
+/// config index, see `index::UsageTarget`): the aggregate copies the ids only for the first
+/// answer of a row in an interval.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageKey<'a> {
+    pub vkey_id: &'a str,
+    pub assignment_id: &'a str,
+    pub model_id: &'a str,
+    pub model_name: &'a str,
+    pub alias: &'a Arc<str>,
 }
 
 /// The sums of one (virtual key, assignment, hour).
@@ -93,26 +95,26 @@ fn now_unix() -> i64 {
 
 impl UsageAggregator {
     /// Counts one request answered by an upstream now.
-    pub fn add(&self, target: &UsageTarget, usage: &Usage, cost_pico_usd: u128) {
+    pub fn add(&self, target: &UsageKey<'_>, usage: &Usage, cost_pico_usd: u128) {
         self.add_at(target, now_unix(), usage, cost_pico_usd);
     }
 
-    pub fn add_at(&self, target: &UsageTarget, unix_s: i64, usage: &Usage, cost_pico_usd: u128) {
+    pub fn add_at(&self, target: &UsageKey<'_>, unix_s: i64, usage: &Usage, cost_pico_usd: u128) {
         let hour = hour_of(unix_s);
         // A poisoned lock only means another request panicked mid-add: the sums are still sums.
         let mut rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
         let by_key = rows.entry(hour).or_default();
-        let by_assignment = match by_key.get_mut(&*target.vkey_id) {
+        let by_assignment = match by_key.get_mut(target.vkey_id) {
             Some(m) => m,
-            None => by_key.entry(target.vkey_id.clone()).or_default(),
+            None => by_key.entry(Arc::from(target.vkey_id)).or_default(),
         };
-        let slot = match by_assignment.get_mut(&*target.assignment_id) {
+        let slot = match by_assignment.get_mut(target.assignment_id) {
             Some(s) => s,
             None => by_assignment
-                .entry(target.assignment_id.clone())
+                .entry(Box::from(target.assignment_id))
                 .or_insert_with(|| Slot {
-                    model_id: target.model_id.clone(),
-                    model_name: target.model_name.clone(),
+                    model_id: Box::from(target.model_id),
+                    model_name: Box::from(target.model_name),
                     alias: target.alias.clone(),
                     sums: Sums::default(),
                 }),
@@ -420,13 +422,15 @@ impl crate::budget::SpendSource for UsageShipper {
 mod tests {
     use super::*;
 
-    fn target(vkey: &str, assignment: &str) -> UsageTarget {
-        UsageTarget {
-            vkey_id: Arc::from(vkey),
-            assignment_id: assignment.into(),
-            model_id: "m1".into(),
-            model_name: "model".into(),
-            alias: Arc::from("alias"),
+    static ALIAS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("alias"));
+
+    fn target<'a>(vkey: &'a str, assignment: &'a str) -> UsageKey<'a> {
+        UsageKey {
+            vkey_id: vkey,
+            assignment_id: assignment,
+            model_id: "m1",
+            model_name: "model",
+            alias: &ALIAS,
         }
     }
 

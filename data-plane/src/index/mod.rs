@@ -15,6 +15,7 @@
 //! simply does not route (404 `model_not_found`), which fails closed.
 
 use crate::budget::{Budget, BudgetPeriod};
+use crate::usage_report::UsageKey;
 use llm_proxy_proto::v1::{
     Snapshot, SnapshotAssignment, SnapshotConnection, SnapshotModel, SnapshotVirtualKey,
 };
@@ -102,14 +103,14 @@ struct Route {
 }
 
 /// A string in [`ConfigIndex`]'s id arena.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct IdRef {
     start: u32,
     len: u32,
 }
 
 /// One assignment: its id (for rate-limit buckets and logs) and its route.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct TargetRecord {
     id: IdRef,
     route: u32,
@@ -146,6 +147,55 @@ pub struct Target<'a> {
     pub limits: Limits,
     pub model: &'a ModelEntry,
     pub connection: &'a ConnectionEntry,
+    /// Where the assignment is in its index, for [`UsageTarget`] (default: nowhere, for targets
+    /// built outside an index).
+    pub position: TargetPosition,
+}
+
+/// An assignment's place in its [`ConfigIndex`] (see [`Target::position`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TargetPosition(TargetRecord);
+
+/// What an answer's usage is counted under (DESIGN §18): a virtual key and one of its
+/// assignments, held as positions in the config index the request was served from. Making one
+/// and cloning it cost a reference count, no allocation; the ids and names are read from the
+/// index when the usage is counted. A stream holding one keeps its index alive until it ends,
+/// as a request in flight already does while it waits for its upstream.
+#[derive(Debug, Clone)]
+pub struct UsageTarget {
+    index: Arc<ConfigIndex>,
+    vkey: IdRef,
+    target: TargetRecord,
+}
+
+impl UsageTarget {
+    /// The usage of `key` (which must come from `index`), before it is routed: [`Self::set_target`]
+    /// names the assignment.
+    pub fn for_key(index: &Arc<ConfigIndex>, key: &KeyEntry<'_>) -> Self {
+        Self {
+            index: Arc::clone(index),
+            vkey: key.record.id,
+            target: TargetRecord::default(),
+        }
+    }
+
+    /// The assignment a request was routed to (a target of the same index).
+    pub fn set_target(&mut self, target: &Target<'_>) {
+        self.target = target.position.0;
+    }
+
+    /// The ids and names the usage is counted under; `None` only for a target built outside an
+    /// index.
+    pub fn usage_key(&self) -> Option<UsageKey<'_>> {
+        let route = self.index.routes.get(self.target.route as usize)?;
+        Some(UsageKey {
+            vkey_id: self.index.id(self.vkey),
+            assignment_id: self.index.id(self.target.id),
+            model_id: &route.model.id,
+            model_name: &route.model.name,
+            alias: &route.alias,
+        })
+    }
 }
 
 /// A virtual key and the aliases it may call.
@@ -348,6 +398,7 @@ impl ConfigIndex {
             limits: route.limits,
             model: &route.model,
             connection: &route.connection,
+            position: TargetPosition(record),
         }
     }
 }

@@ -209,6 +209,7 @@ mod tests {
                 limits: Limits::default(),
                 model: &self.model,
                 connection: &self.connection,
+                position: Default::default(),
             }
         }
     }
