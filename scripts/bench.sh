@@ -24,7 +24,10 @@
 # BENCH_CHUNK_DELAY_MS (2), BENCH_DELAY_MS (0), BENCH_DIALECT_ROUNDS (3: interleaved rounds of the
 # maximum-throughput rows of chat and each dialect), BENCH_SCALE_KEYS (100000; 0 skips the config-scale
 # run), BENCH_NO_BUILD=1 (use the binaries already built), BENCH_OUT (bench/RESULTS.md),
-# BENCH_KEEP=1 (keep the work dir), REDIS_URL (redis://127.0.0.1:6379), NGINX, CARGO_TARGET_DIR.
+# BENCH_KEEP=1 (keep the work dir), REDIS_URL (redis://127.0.0.1:6379), NGINX, CARGO_TARGET_DIR,
+# BENCH_AB_DP=/path/to/another/llm-proxy-data-plane (A; the built one is B): after the dialect
+# rounds, BENCH_AB_ROUNDS (3) rounds of the chat maximum-throughput rows, A then B back to back on
+# the same control plane, mock and port (for the before/after of a hot-path change).
 # Needs oha (cargo install oha --locked), nginx, taskset, python3, curl and a running Redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +45,8 @@ chunk_delay_ms=${BENCH_CHUNK_DELAY_MS:-2}
 delay_ms=${BENCH_DELAY_MS:-0}
 scale_keys=${BENCH_SCALE_KEYS:-100000}
 dialect_rounds=${BENCH_DIALECT_ROUNDS:-3}
+ab_dp=${BENCH_AB_DP:-}
+ab_rounds=${BENCH_AB_ROUNDS:-3}
 out=${BENCH_OUT:-bench/RESULTS.md}
 redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
 proxy_core=0
@@ -60,6 +65,8 @@ nginx_bin=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 [[ $(nproc) -ge 2 ]] || die "needs at least 2 cores (the proxy and the load generator are pinned apart)"
 [[ $seconds =~ ^[0-9]+$ && $seconds -gt 0 ]] || die "SECONDS must be a positive integer, not '$seconds'"
 [[ $dialect_rounds =~ ^[0-9]+$ ]] || die "BENCH_DIALECT_ROUNDS must be a number, not '$dialect_rounds'"
+[[ $ab_rounds =~ ^[0-9]+$ ]] || die "BENCH_AB_ROUNDS must be a number, not '$ab_rounds'"
+[[ -z $ab_dp || -x $ab_dp ]] || die "BENCH_AB_DP=$ab_dp is not an executable data plane binary"
 python3 - "$redis_url" <<'PY' || die "Redis is not reachable at $redis_url (set REDIS_URL)"
 import socket, sys, urllib.parse
 u = urllib.parse.urlparse(sys.argv[1])
@@ -242,9 +249,9 @@ start_cp() { # log file
 }
 ctl() { "$bin/llmctl" --server "http://127.0.0.1:$cp_port" "$@" >/dev/null; }
 
-start_dp() { # log file: the data plane on the proxy core, Redis limiter, no per-request logs
+start_dp() { # log file [binary]: the data plane on the proxy core, Redis limiter, no per-request logs
   LLM_PROXY_DP_SHUTDOWN_GRACE_S=2 LLM_PROXY_LOG_FORMAT=json RUST_LOG=warn,llm_proxy_data_plane::sync=info taskset -c "$proxy_core" \
-    "$bin/llm-proxy-data-plane" --listen "127.0.0.1:$dp_port" --metrics-listen "127.0.0.1:$dpm_port" \
+    "${2:-$bin/llm-proxy-data-plane}" --listen "127.0.0.1:$dp_port" --metrics-listen "127.0.0.1:$dpm_port" \
     --control-plane "http://127.0.0.1:$cp_port" --redis-url "$redis_url" 2>"$1" &
   dp_pid=$!; pids+=("$dp_pid")
 }
@@ -327,11 +334,12 @@ stop "$nginx_pid"
 head -c 64 /dev/urandom | base64 -w0 >"$work/master.key"
 start_cp "$work/cp.log"
 ctl connection add --name Mock --provider openai --endpoint "http://127.0.0.1:$mock_port" --api-key sk-bench
-ctl model add --conn-id Mock --name gpt-4o-mini --remote gpt-4o-mini
+# Priced as in production, so that every answer's cost is computed and counted.
+ctl model add --conn-id Mock --name gpt-4o-mini --remote gpt-4o-mini --price-input 0.15 --price-output 0.60 --price-cache-read 0.075
 ctl vkey add --name Bench --key "$key"
 ctl assign --vkey-id Bench --model-id gpt-4o-mini --alias gpt-4o-mini --tps 1000000
 ctl connection add --name MockAnthropic --provider anthropic --endpoint "http://127.0.0.1:$mock_port" --api-key sk-ant-bench
-ctl model add --conn-id MockAnthropic --name claude-bench --remote claude-bench
+ctl model add --conn-id MockAnthropic --name claude-bench --remote claude-bench --price-input 3 --price-output 15
 ctl assign --vkey-id Bench --model-id claude-bench --alias claude-bench --tps 1000000
 start_dp "$work/dp.log"
 wait_ok "the data plane" "$(url_of "$dp_port")"
@@ -352,7 +360,34 @@ for ((round = 1; round <= dialect_rounds; round++)); do
     timed_run llm-proxy-responses responses "$mode" "max@$round" "$c" "$(url_of "$dp_port")" "$key" "$dp_pid"
   done
 done
-stop "$dp_pid"
+# A/B: the chat maximum-throughput rows with another data plane binary (A) and this one (B), one
+# after the other, round after round, each started afresh and warmed up on the same port.
+if [[ -n $ab_dp ]]; then
+  for ((round = 1; round <= ab_rounds; round++)); do
+    for side in A B; do
+      stop "$dp_pid"
+      [[ $side == A ]] && dp_binary=$ab_dp || dp_binary=$bin/llm-proxy-data-plane
+      start_dp "$work/dp-ab-$side-$round.log" "$dp_binary"
+      wait_ok "the data plane ($side)" "$(url_of "$dp_port")"
+      oha_run "$work/runs/ab-$side-$round-warmup.json" "$(url_of "$dp_port")" chat "$conns" 500 json "$key" "$warmup_seconds"
+      for mode in json sse; do
+        [[ $mode == sse ]] && c=$sse_max_conns || c=$max_conns
+        timed_run "ab-$side" chat "$mode" "max@$round" "$c" "$(url_of "$dp_port")" "$key" "$dp_pid"
+      done
+    done
+  done
+fi
+stop "$dp_pid" # SIGTERM: the data plane ships its last usage
+# What the usage accounting stored for all of the above (DESIGN §18: rows per key × assignment ×
+# hour, not per request).
+python3 - "$work/cp.db" >"$work/usage.env" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+rows, requests, hours, pairs = db.execute(
+    "SELECT COUNT(*), COALESCE(SUM(requests), 0), COUNT(DISTINCT hour), "
+    "COUNT(DISTINCT vkey_id || ' ' || assignment_id) FROM usage_hourly").fetchone()
+print(f"usage_rows={rows}\nusage_requests={requests}\nusage_hours={hours}\nusage_pairs={pairs}")
+PY
 
 scale=$work/scale.env
 : >"$scale"
@@ -388,7 +423,7 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 [[ -z $(git status --porcelain -- . ":!$out" 2>/dev/null) ]] || commit="$commit (with uncommitted changes)"
 BENCH_SECONDS=$seconds BENCH_RATES="${rates[*]}" BENCH_MESSAGES_RATES="${messages_rates[*]}" BENCH_CONNS=$conns BENCH_MAX_CONNS=$max_conns BENCH_SSE_MAX_CONNS=$sse_max_conns \
   BENCH_TTFB_REQUESTS=$ttfb_requests BENCH_CHUNK_DELAY_MS=$chunk_delay_ms BENCH_DELAY_MS=$delay_ms \
-  BENCH_SCALE_KEYS=$scale_keys BENCH_DIALECT_ROUNDS=$dialect_rounds BENCH_COMMIT=$commit BENCH_NGINX_HWM_KIB=$nginx_hwm BENCH_DP_HWM_KIB=$dp_hwm \
+  BENCH_SCALE_KEYS=$scale_keys BENCH_DIALECT_ROUNDS=$dialect_rounds BENCH_AB_ROUNDS=$([[ -n $ab_dp ]] && echo "$ab_rounds" || echo 0) BENCH_AB_DP=$ab_dp BENCH_COMMIT=$commit BENCH_NGINX_HWM_KIB=$nginx_hwm BENCH_DP_HWM_KIB=$dp_hwm \
   BENCH_NGINX_VERSION=$("$nginx_bin" -v 2>&1 | sed 's/^nginx version: //') BENCH_OHA_VERSION=$(oha --version) \
   BENCH_REDIS_URL=$redis_url \
   python3 scripts/bench_report.py report "$work" >"$out"

@@ -563,6 +563,43 @@ def report(work):
         interleaved = [(m, i, c, a) for m, i, c, a in interleaved if c and a and c["cpu_us"] and a["cpu_us"] is not None]
         dialect_table(w, route, stream_events, dialect_rows[target], interleaved)
 
+    # ---- A/B ----
+    ab_rounds = int(env.get("BENCH_AB_ROUNDS", "0"))
+    if ab_rounds:
+        w("## A/B: data plane B ÷ A (OpenAI chat, maximum throughput, back to back)")
+        w("")
+        w(f"A: `{env.get('BENCH_AB_DP', '?')}`; B: the data plane of this commit. Each round starts A, "
+          "warms it up and runs both modes, then does the same with B, on the same control plane, mock and port.")
+        w("")
+        rows = []
+        ratios = {m: [] for m in MODES}
+        for m in MODES:
+            for i in range(1, ab_rounds + 1):
+                a, b = run("ab-A", m, f"max@{i}"), run("ab-B", m, f"max@{i}")
+                if not (a and b and a["cpu_us"] and b["cpu_us"] is not None):
+                    continue
+                ratios[m].append(b["cpu_us"] / a["cpu_us"])
+                rows.append([MODES[m], str(i), f"{a['rps']:.0f}", f"{b['rps']:.0f}", fmt(a["cpu_us"], 1),
+                             fmt(b["cpu_us"], 1), ratio(b["cpu_us"], a["cpu_us"], 3)])
+        w(table(["mode", "round", "A req/s", "B req/s", "A CPU/req µs", "B CPU/req µs", "B ÷ A"], rows))
+        w("")
+        for m, values in ratios.items():
+            if values:
+                median = sorted(values)[len(values) // 2]
+                w(f"- {MODES[m]}: median B ÷ A CPU/req {median:.3f} over {len(values)} rounds")
+        w("")
+
+    # ---- usage accounting ----
+    usage = read_env_file(os.path.join(work, "usage.env"))
+    if usage:
+        w("## Usage accounting (DESIGN §18)")
+        w("")
+        w(f"After every data plane run above (each shipped its usage at SIGTERM): `usage_hourly` holds "
+          f"{usage.get('usage_rows')} rows for {usage.get('usage_requests')} requests "
+          f"({usage.get('usage_pairs')} key × assignment pairs × {usage.get('usage_hours')} hour buckets): "
+          "the table grows with keys × assignments × hours, not with requests.")
+        w("")
+
     # ---- added latency ----
     w("## Added latency (proxy − direct, ms; fixed rates)")
     w("")
