@@ -14,7 +14,7 @@
 //!   the period's end: one script call per admitted request, one more to settle when the real cost
 //!   differs from the estimate. When Redis fails, the fail mode of the rate limiter applies
 //!   (`local`: the in-process counters below, `open`: admit, `closed`: 503);
-//! - without Redis, in this process ([`LocalCounters`]).
+//! - without Redis, in this process (`LocalCounters`).
 //!
 //! A counter that does not exist yet (first request of a period, a data plane restart without
 //! Redis, a Redis flush) is *restored* before anything is admitted: the control plane's recorded
