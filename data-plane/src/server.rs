@@ -1308,12 +1308,15 @@ async fn call_upstream(
         .await
         .map_err(UpstreamFailure::not_sent)?;
     let wire = outbound.wire;
-    let mut request = state
-        .upstreams
-        .client
-        .post(&outbound.url)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(outbound.body);
+    let client = &state.upstreams.client;
+    // A URL parsed once per connection goes as it is; text is parsed by reqwest (which reports a
+    // bad one as it always did).
+    let mut request = match outbound.url {
+        providers::UpstreamUrl::Parsed(url) => client.post(url),
+        providers::UpstreamUrl::Text(text) => client.post(text),
+    }
+    .header(header::CONTENT_TYPE, "application/json")
+    .body(outbound.body);
     for (name, value) in outbound.headers {
         request = request.header(name, value);
     }

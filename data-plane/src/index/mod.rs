@@ -50,6 +50,28 @@ pub struct ConnectionEntry {
     pub options: BTreeMap<String, String>,
     /// From option `timeout_s` (seconds, fractional allowed); [`DEFAULT_UPSTREAM_TIMEOUT`] otherwise.
     pub timeout: Duration,
+    /// The upstream URLs of operations whose path depends only on the connection, parsed once.
+    pub urls: UrlCache,
+}
+
+/// A connection's upstream URL per operation, parsed on first use and then cloned: reqwest parses
+/// a URL given as text on every call (about 6,600 instructions for a short one), a parsed
+/// [`url::Url`] it takes as it is. Only for paths that depend on the connection alone (OpenAI,
+/// Anthropic); the cache lives and dies with the index.
+#[derive(Debug, Default)]
+pub struct UrlCache([std::sync::OnceLock<Option<url::Url>>; 5]);
+
+impl UrlCache {
+    /// The URL of `operation`, made by `make` and parsed the first time; `None` when it does
+    /// not parse (the caller sends the text and reqwest reports the error as before).
+    pub fn get(
+        &self,
+        operation: crate::inbound::Operation,
+        make: impl FnOnce() -> String,
+    ) -> Option<url::Url> {
+        let slot = self.0.get(operation as usize)?;
+        slot.get_or_init(|| url::Url::parse(&make()).ok()).clone()
+    }
 }
 
 impl ConnectionEntry {
@@ -406,6 +428,35 @@ impl ConfigIndex {
 #[cfg(test)]
 mod tests {
     use super::builder::parse_timeout;
+
+    #[test]
+    fn a_connections_url_is_parsed_once_per_operation() {
+        use crate::inbound::Operation;
+        let cache = UrlCache::default();
+        let made = std::cell::Cell::new(0);
+        let make = || {
+            made.set(made.get() + 1);
+            "https://api.openai.com/v1/chat/completions".to_owned()
+        };
+        let first = cache.get(Operation::ChatCompletions, make).unwrap();
+        let again = cache.get(Operation::ChatCompletions, make).unwrap();
+        assert_eq!(first, again);
+        assert_eq!(first.as_str(), "https://api.openai.com/v1/chat/completions");
+        assert_eq!(made.get(), 1);
+        // Another operation has its own slot.
+        let embeddings = cache
+            .get(Operation::Embeddings, || {
+                "https://api.openai.com/v1/embeddings".to_owned()
+            })
+            .unwrap();
+        assert_eq!(embeddings.path(), "/v1/embeddings");
+        // Text that does not parse is not cached as a URL: the caller sends it as text.
+        assert!(
+            cache
+                .get(Operation::Responses, || "not a url".to_owned())
+                .is_none()
+        );
+    }
     use super::*;
 
     fn sha(key: &str) -> Vec<u8> {

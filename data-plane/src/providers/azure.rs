@@ -176,7 +176,7 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
         )
     };
     Ok(Outbound {
-        url,
+        url: url.into(),
         headers: api_key_header(connection)?.into_iter().collect(),
         body: openai_format_body(ctx, model_in_body, stream_usage),
         wire: WireFormat::OpenAi,
@@ -236,6 +236,7 @@ mod tests {
                 credential: "azure-key".to_owned().into(),
                 options,
                 timeout: Duration::from_secs(5),
+                urls: Default::default(),
             },
         }
     }
@@ -265,7 +266,10 @@ mod tests {
                 .any(|(n, v)| n == "api-key" && v == "azure-key")
         );
         let sent: serde_json::Value = serde_json::from_slice(&out.body).unwrap();
-        (out.url, sent["model"].as_str().unwrap().to_owned())
+        (
+            out.url.as_str().to_owned(),
+            sent["model"].as_str().unwrap().to_owned(),
+        )
     }
 
     #[test]

@@ -62,10 +62,45 @@ impl std::fmt::Debug for CallContext<'_> {
 
 #[derive(Debug)]
 pub struct Outbound {
-    pub url: String,
+    pub url: UpstreamUrl,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub body: Vec<u8>,
     pub wire: WireFormat,
+}
+
+/// Where an upstream call goes: parsed once per connection where the path allows it
+/// ([`crate::index::UrlCache`]), else text that reqwest parses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamUrl {
+    Parsed(url::Url),
+    Text(String),
+}
+
+impl UpstreamUrl {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Parsed(url) => url.as_str(),
+            Self::Text(text) => text,
+        }
+    }
+
+    /// `operation`'s URL on `connection`, from its cache (`make` builds the text once).
+    pub fn cached(
+        connection: &crate::index::ConnectionEntry,
+        operation: Operation,
+        make: impl Fn() -> String,
+    ) -> Self {
+        match connection.urls.get(operation, &make) {
+            Some(url) => Self::Parsed(url),
+            None => Self::Text(make()),
+        }
+    }
+}
+
+impl From<String> for UpstreamUrl {
+    fn from(text: String) -> Self {
+        Self::Text(text)
+    }
 }
 
 /// The upstream's wire format: how the provider is called and answers, and so what the gateway

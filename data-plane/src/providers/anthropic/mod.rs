@@ -311,7 +311,9 @@ pub async fn build(
                 _ => Operation::Messages,
             };
             Ok(Outbound {
-                url: url(&connection.endpoint, operation),
+                url: super::UpstreamUrl::cached(connection, operation, || {
+                    url(&connection.endpoint, operation)
+                }),
                 headers,
                 body,
                 wire: WireFormat::Messages(answer(Framing::Sse, false)),
@@ -322,7 +324,7 @@ pub async fn build(
                 bedrock::claude::invoke_url(&ctx.target.connection.endpoint, remote, streaming);
             let headers = bedrock::auth_headers(ctx.target.connection, &url, &body)?;
             Ok(Outbound {
-                url,
+                url: url.into(),
                 headers,
                 body,
                 wire: WireFormat::Messages(answer(Framing::EventStream, true)),
@@ -333,7 +335,7 @@ pub async fn build(
             let mut headers = bedrock::auth_headers(ctx.target.connection, &url, &body)?;
             headers.extend(version_and_beta_headers(ctx)?);
             Ok(Outbound {
-                url,
+                url: url.into(),
                 headers,
                 body,
                 wire: WireFormat::Messages(answer(Framing::Sse, true)),
@@ -348,7 +350,7 @@ pub async fn build(
                 }
             }
             Ok(Outbound {
-                url,
+                url: url.into(),
                 headers,
                 body,
                 wire: WireFormat::Messages(answer(Framing::Sse, false)),

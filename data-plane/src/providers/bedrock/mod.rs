@@ -214,7 +214,7 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
     let url = url(&connection.endpoint, model, streaming);
     let headers = auth_headers(connection, &url, &body)?;
     Ok(Outbound {
-        url,
+        url: url.into(),
         headers,
         body,
         wire: WireFormat::Bedrock(Answer {
@@ -274,6 +274,7 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect::<BTreeMap<_, _>>(),
             timeout: Duration::from_secs(60),
+            urls: Default::default(),
         }
     }
 

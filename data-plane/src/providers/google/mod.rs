@@ -320,7 +320,7 @@ pub async fn build(ctx: &CallContext<'_>, upstreams: &Upstreams) -> Result<Outbo
     // Authorization comes last so that a request refused above costs no token exchange.
     let auth_header = authorization(ctx, upstreams, &route, account).await?;
     Ok(Outbound {
-        url,
+        url: url.into(),
         headers: vec![auth_header],
         body,
         wire: WireFormat::Google(answer),
@@ -346,6 +346,7 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect::<BTreeMap<_, _>>(),
             timeout: Duration::from_secs(60),
+            urls: Default::default(),
         }
     }
 

@@ -4,7 +4,7 @@
 pub mod responses;
 pub mod stream;
 
-use super::{CallContext, Outbound, WireFormat, openai_format_body};
+use super::{CallContext, Outbound, UpstreamUrl, WireFormat, openai_format_body};
 use crate::errors::ApiError;
 use axum::http::{HeaderName, HeaderValue, header};
 use secrecy::ExposeSecret as _;
@@ -41,7 +41,9 @@ pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
     let target = ctx.target;
     let credential = target.connection.credential.expose_secret();
     Ok(Outbound {
-        url: url(&target.connection.endpoint, ctx.operation.path()),
+        url: UpstreamUrl::cached(target.connection, ctx.operation, || {
+            url(&target.connection.endpoint, ctx.operation.path())
+        }),
         headers: bearer(credential)?.into_iter().collect(),
         body: openai_format_body(ctx, &target.model.remote, true),
         wire: WireFormat::OpenAi,

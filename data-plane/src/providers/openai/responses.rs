@@ -522,7 +522,7 @@ pub fn build(ctx: &super::super::CallContext<'_>) -> Result<super::super::Outbou
     };
     let endpoint = endpoint(connection)?;
     Ok(super::super::Outbound {
-        url: endpoint.url("", None),
+        url: endpoint.url("", None).into(),
         headers: endpoint.auth.into_iter().collect(),
         body: passthrough_body(ctx.body, ctx.request, connection, model_in_body)?,
         wire: super::super::WireFormat::Responses(ResponsesAnswer {
