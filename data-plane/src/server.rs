@@ -747,9 +747,10 @@ pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
     {
         return value.clone();
     }
-    let id = format!("{:032x}", rand::random::<u128>());
+    let mut id = [0u8; 32];
+    crate::trace::write_hex(&mut id, rand::random::<u128>());
     // Hex digits are always a valid header value.
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -99,20 +99,60 @@ impl TraceContext {
     /// parent, or else a new parent id.
     pub fn upstream_header(&self) -> HeaderValue {
         let span_id = self.span_id.unwrap_or_else(|| rand::random::<u64>().max(1));
-        let text = format!(
-            "00-{:032x}-{span_id:016x}-{:02x}",
-            self.trace_id, self.flags
-        );
+        // `00-{trace:032x}-{span:016x}-{flags:02x}`, written in place (no formatter).
+        let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        write_hex(&mut text[3..35], self.trace_id);
+        write_hex(&mut text[36..52], u128::from(span_id));
+        write_hex(&mut text[53..55], u128::from(self.flags));
         // Hex digits and dashes are always a valid header value.
-        HeaderValue::from_str(&text).unwrap_or_else(|_| {
+        HeaderValue::from_bytes(&text).unwrap_or_else(|_| {
             HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-00")
         })
+    }
+}
+
+/// Writes the low `out.len()` hex digits of `value` into `out`, lowercase, zero-padded (what
+/// `format!("{value:0N$x}")` writes, without a formatter or an allocation).
+pub(crate) fn write_hex(out: &mut [u8], value: u128) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut rest = value;
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(rest & 0xf) as usize];
+        rest >>= 4;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_is_written_like_the_formatter() {
+        for value in [
+            0u128,
+            1,
+            0xab,
+            0x4bf92f3577b34da6a3ce929d0e0e4736,
+            u128::MAX,
+        ] {
+            let mut out = [0u8; 32];
+            write_hex(&mut out, value);
+            assert_eq!(std::str::from_utf8(&out).unwrap(), format!("{value:032x}"));
+        }
+        let mut short = [0u8; 2];
+        write_hex(&mut short, 0x1ff);
+        assert_eq!(&short, b"ff");
+        let t =
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let header = t.upstream_header();
+        let text = header.to_str().unwrap();
+        assert!(
+            text.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{text}"
+        );
+        assert!(text.ends_with("-01"), "{text}");
+        assert_eq!(text.len(), 55);
+    }
 
     #[test]
     fn parses_valid_and_refuses_malformed_traceparents() {
