@@ -66,6 +66,10 @@ pub fn upstream_client() -> Result<reqwest::Client, reqwest::Error> {
         // A redirect would carry provider credentials (e.g. Azure's `api-key`) to another host
         // and turn POSTs into GETs; a 3xx answer becomes a 502 instead.
         .redirect(reqwest::redirect::Policy::none())
+        // No retries inside the client: the gateway decides (failover to the pool's next target
+        // on a connect error or a 5xx). Off also spares every call the request copy (headers,
+        // extensions) the retry layer makes up front in case it retries.
+        .retry(reqwest::retry::never().max_retries_per_request(0))
         .tcp_nodelay(true)
         .build()
 }
