@@ -12,6 +12,11 @@
 # connection, passed through with the response id tagged; target llm-proxy-responses). Then a config-scale
 # run: 100k virtual keys and 300k assignments written straight into the control plane's SQLite
 # database, snapshot build/apply times, data plane memory and latency with it loaded.
+# For the CPU/req ratio to nginx (issue 19): maximum-throughput OpenAI chat rows with 16 KiB and
+# 128 KiB request bodies (the user message padded), nginx and the data plane in the same run, and
+# a last phase with the data plane on its in-process limiter (no --redis-url), every body size.
+# Every run also records the proxy's context switches and read/write syscalls (/proc); and
+# data-plane/examples/allocs_per_request.rs counts heap allocations per request.
 #
 # The proxy under test (nginx's worker or the data plane) runs on core 0; oha, the mock and the
 # TTFB client on core 1. Writes bench/RESULTS.md (see bench/README.md) and prints it.
@@ -28,6 +33,8 @@
 # BENCH_AB_DP=/path/to/another/llm-proxy-data-plane (A; the built one is B): after the dialect
 # rounds, BENCH_AB_ROUNDS (3) rounds of the chat maximum-throughput rows, A then B back to back on
 # the same control plane, mock and port (for the before/after of a hot-path change).
+# BENCH_BODY_KIB ("16 128"; "" skips: the padded body sizes, max throughput only), BENCH_LOCAL_LIMITER
+# (1; 0 skips the in-process limiter phase), BENCH_ALLOC_REQUESTS (2000; 0 skips the allocation count).
 # Needs oha (cargo install oha --locked), nginx, taskset, python3, curl and a running Redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +54,9 @@ scale_keys=${BENCH_SCALE_KEYS:-100000}
 dialect_rounds=${BENCH_DIALECT_ROUNDS:-3}
 ab_dp=${BENCH_AB_DP:-}
 ab_rounds=${BENCH_AB_ROUNDS:-3}
+read -r -a body_kibs <<<"${BENCH_BODY_KIB-16 128}"
+local_limiter=${BENCH_LOCAL_LIMITER:-1}
+alloc_requests=${BENCH_ALLOC_REQUESTS:-2000}
 out=${BENCH_OUT:-bench/RESULTS.md}
 redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
 proxy_core=0
@@ -66,6 +76,10 @@ nginx_bin=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 [[ $seconds =~ ^[0-9]+$ && $seconds -gt 0 ]] || die "SECONDS must be a positive integer, not '$seconds'"
 [[ $dialect_rounds =~ ^[0-9]+$ ]] || die "BENCH_DIALECT_ROUNDS must be a number, not '$dialect_rounds'"
 [[ $ab_rounds =~ ^[0-9]+$ ]] || die "BENCH_AB_ROUNDS must be a number, not '$ab_rounds'"
+[[ $alloc_requests =~ ^[0-9]+$ ]] || die "BENCH_ALLOC_REQUESTS must be a number, not '$alloc_requests'"
+for kib in "${body_kibs[@]}"; do
+  [[ $kib =~ ^[0-9]+$ && $kib -gt 0 ]] || die "BENCH_BODY_KIB must list positive numbers, not '$kib'"
+done
 [[ -z $ab_dp || -x $ab_dp ]] || die "BENCH_AB_DP=$ab_dp is not an executable data plane binary"
 python3 - "$redis_url" <<'PY' || die "Redis is not reachable at $redis_url (set REDIS_URL)"
 import socket, sys, urllib.parse
@@ -85,7 +99,8 @@ if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
   cargo build --release -q -p llm-proxy-control-plane -p llm-proxy-data-plane -p llmctl -p llm-proxy-mock-upstream --bins --examples
 fi
 bin=${CARGO_TARGET_DIR:-$root/target}/release
-for b in llm-proxy-control-plane llm-proxy-data-plane llmctl llm-proxy-mock-upstream examples/ttfb; do
+for b in llm-proxy-control-plane llm-proxy-data-plane llmctl llm-proxy-mock-upstream examples/ttfb \
+  $( ((alloc_requests > 0)) && echo examples/allocs_per_request || true); do
   [[ -x $bin/$b ]] || die "missing $bin/$b (build it, or unset BENCH_NO_BUILD)"
 done
 
@@ -125,6 +140,24 @@ messages_sse='{"model":"claude-bench","max_tokens":256,"messages":[{"role":"user
 responses_json='{"model":"gpt-4o-mini","input":"Say hello"}'
 responses_sse='{"model":"gpt-4o-mini","input":"Say hello","stream":true}'
 
+# The padded OpenAI chat bodies (BENCH_BODY_KIB): chat-MODE-Nk.json of exactly N KiB, the user
+# message "Say hello xxx…"; used (through oha -D) while body_kib is set.
+mkdir -p "$work/bodies"
+python3 - "$work/bodies" "$body_json" "$body_sse" "${body_kibs[@]}" <<'PY'
+import json, os, sys
+out, small = sys.argv[1], {"json": sys.argv[2], "sse": sys.argv[3]}
+for kib in sys.argv[4:]:
+    for mode, text in small.items():
+        body = json.loads(text)
+        base = len(json.dumps(body, separators=(",", ":")))
+        body["messages"][0]["content"] += " " + "x" * (int(kib) * 1024 - base - 1)
+        data = json.dumps(body, separators=(",", ":"))
+        assert len(data) == int(kib) * 1024, (kib, mode, len(data))
+        with open(os.path.join(out, f"chat-{mode}-{kib}k.json"), "w") as f:
+            f.write(data)
+PY
+body_kib=""
+
 # api mode key: the request of one API (chat: OpenAI chat completions; messages: Anthropic
 # Messages; responses: OpenAI Responses) in one mode (json, sse), in req_path, req_headers (curl/oha -H values), req_body and
 # req_end (the text that ends its stream).
@@ -145,6 +178,8 @@ request_of() {
     [[ $2 == sse ]] && req_body=$body_sse || req_body=$body_json
     req_end="data: [DONE]"
   fi
+  req_body_file=""
+  if [[ $1 == chat && -n $body_kib ]]; then req_body_file=$work/bodies/chat-$2-${body_kib}k.json; fi
 }
 header_args() { # flag: req_headers as repeated flag value pairs, into hargs
   local h
@@ -179,6 +214,16 @@ cpu_ticks() { # pids...: utime+stime summed (clock ticks; fields 14 and 15 of /p
   done
   echo "$total"
 }
+proc_counts() { # pids...: voluntary, nonvoluntary context switches (all threads) and syscr, syscw, summed
+  local v=0 n=0 r=0 w=0 p a b c d
+  for p in "$@"; do
+    read -r a b < <(awk '$1 == "voluntary_ctxt_switches:" {v += $2} $1 == "nonvoluntary_ctxt_switches:" {n += $2}
+      END {print v + 0, n + 0}' /proc/"$p"/task/*/status 2>/dev/null || true)
+    read -r c d < <(awk '$1 == "syscr:" {r = $2} $1 == "syscw:" {w = $2} END {print r + 0, w + 0}' "/proc/$p/io" 2>/dev/null || true)
+    v=$((v + ${a:-0})); n=$((n + ${b:-0})); r=$((r + ${c:-0})); w=$((w + ${d:-0}))
+  done
+  echo "$v $n $r $w"
+}
 status_kib() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"; } # pid field
 
 start_mock() {
@@ -189,7 +234,8 @@ start_mock() {
 }
 
 start_nginx() {
-  local dir=$work/nginx keepalive=$((sse_max_conns > max_conns ? sse_max_conns : max_conns)) user=""
+  local dir=$work/nginx keepalive=$((sse_max_conns > max_conns ? sse_max_conns : max_conns)) user="" buffer=16 kib
+  for kib in "${body_kibs[@]}"; do ((kib + 1 > buffer)) && buffer=$((kib + 1)); done
   mkdir -p "$dir"
   [[ $(id -u) -eq 0 ]] && user="user root;"
   cat >"$dir/nginx.conf" <<EOF
@@ -209,6 +255,10 @@ http {
   scgi_temp_path $dir/scgi;
   keepalive_requests 10000000;
   keepalive_timeout 300s;
+  # Request bodies in memory (nginx writes larger ones to a temporary file), up to the data
+  # plane's own limit (32 MiB).
+  client_body_buffer_size ${buffer}k;
+  client_max_body_size 32m;
   upstream mock {
     server 127.0.0.1:$mock_port;
     keepalive $keepalive;
@@ -249,10 +299,12 @@ start_cp() { # log file
 }
 ctl() { "$bin/llmctl" --server "http://127.0.0.1:$cp_port" "$@" >/dev/null; }
 
-start_dp() { # log file [binary]: the data plane on the proxy core, Redis limiter, no per-request logs
+start_dp() { # log file [binary [local]]: the data plane on the proxy core, Redis limiter (local: in-process), no per-request logs
+  local limiter=(--redis-url "$redis_url")
+  [[ ${3:-} == local ]] && limiter=()
   LLM_PROXY_DP_SHUTDOWN_GRACE_S=2 LLM_PROXY_LOG_FORMAT=json RUST_LOG=warn,llm_proxy_data_plane::sync=info taskset -c "$proxy_core" \
     "${2:-$bin/llm-proxy-data-plane}" --listen "127.0.0.1:$dp_port" --metrics-listen "127.0.0.1:$dpm_port" \
-    --control-plane "http://127.0.0.1:$cp_port" --redis-url "$redis_url" 2>"$1" &
+    --control-plane "http://127.0.0.1:$cp_port" "${limiter[@]}" 2>"$1" &
   dp_pid=$!; pids+=("$dp_pid")
 }
 
@@ -263,7 +315,8 @@ oha_run() { # out base-url api conns rate|max mode key [seconds]
   request_of "$3" "$6" "$7"
   header_args -H
   local args=(--no-tui --output-format json -z "${8:-$seconds}s" -w -c "$4" -m POST
-    "${hargs[@]}" -T application/json -d "$req_body")
+    "${hargs[@]}" -T application/json)
+  if [[ -n $req_body_file ]]; then args+=(-D "$req_body_file"); else args+=(-d "$req_body"); fi
   [[ $5 == max* ]] || args+=(-q "$5") # max, or max@N: round N of the interleaved dialect runs
   taskset -c "$load_core" oha "${args[@]}" "$2$req_path" >"$1" 2>"$1.err" || die "oha failed: $(cat "$1.err")"
   python3 "$root/scripts/bench_report.py" check "$1" || die "requests failed in $1 (see above)"
@@ -276,24 +329,28 @@ conns_for() { # api mode rate: enough connections to sustain the rate when answe
 }
 # Redis's CPU is read too (not changed: it is the machine's server, unpinned) when it is local.
 redis_pid=$(pgrep -x redis-server | head -n1 || true)
-timed_run() { # target api mode load conns base-url key proxy-pids...: one oha run, with the proxy's CPU and peak RSS
+timed_run() { # target api mode load conns base-url key proxy-pids...: one oha run, with the proxy's CPU, peak RSS,
+  # context switches and read/write syscalls
   local target=$1 api=$2 mode=$3 load=$4 c=$5 url=$6 k=$7 f t0 t1 c0=0 c1=0 r0=0 r1=0 hwm=0 ticks=- rticks=-
+  local counts0=() counts1=() sys="-\t-\t-\t-"
   shift 7
   say "$target: $mode at $load req/s, $c connections, $seconds s"
   f=$work/runs/$target-$mode-$load.json
-  if (($# > 0)); then c0=$(cpu_ticks "$@"); fi
+  if (($# > 0)); then read -r -a counts0 <<<"$(proc_counts "$@")"; c0=$(cpu_ticks "$@"); fi
   if [[ -n $redis_pid ]]; then r0=$(cpu_ticks "$redis_pid"); fi
   t0=$(date +%s.%N)
   oha_run "$f" "$url" "$api" "$c" "$load" "$mode" "$k"
   t1=$(date +%s.%N)
   if (($# > 0)); then
     c1=$(cpu_ticks "$@")
+    read -r -a counts1 <<<"$(proc_counts "$@")"
     ticks=$((c1 - c0))
+    sys="$((counts1[0] - counts0[0]))\t$((counts1[1] - counts0[1]))\t$((counts1[2] - counts0[2]))\t$((counts1[3] - counts0[3]))"
     hwm=$(status_kib "$1" VmHWM)
   fi
   if [[ -n $redis_pid ]]; then r1=$(cpu_ticks "$redis_pid"); rticks=$((r1 - r0)); fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$mode" "$load" "$c" "$f" "$ticks" \
-    "$(python3 -c "print($t1 - $t0)")" "$hwm" "$rticks" >>"$runs"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%b\n' "$target" "$mode" "$load" "$c" "$f" "$ticks" \
+    "$(python3 -c "print($t1 - $t0)")" "$hwm" "$rticks" "$sys" >>"$runs"
 }
 measure() { # target base-url api proxy-pids...: TTFB, then every load in both modes
   local target=$1 url=$2 api=$3 mode load c loads
@@ -329,6 +386,16 @@ measure direct "$(url_of "$mock_port")" chat
 start_nginx
 measure nginx "$(url_of "$nginx_port")" chat "$nginx_worker"
 nginx_hwm=$(status_kib "$nginx_worker" VmHWM)
+body_runs() { # target base-url proxy-pid: maximum throughput, both modes, with each padded body
+  for body_kib in "${body_kibs[@]}"; do
+    for mode in json sse; do
+      [[ $mode == sse ]] && c=$sse_max_conns || c=$max_conns
+      timed_run "$1-${body_kib}k" chat "$mode" max "$c" "$2" "$key" "$3"
+    done
+  done
+  body_kib=""
+}
+body_runs nginx "$(url_of "$nginx_port")" "$nginx_worker"
 stop "$nginx_pid"
 
 head -c 64 /dev/urandom | base64 -w0 >"$work/master.key"
@@ -360,6 +427,8 @@ for ((round = 1; round <= dialect_rounds; round++)); do
     timed_run llm-proxy-responses responses "$mode" "max@$round" "$c" "$(url_of "$dp_port")" "$key" "$dp_pid"
   done
 done
+# The padded bodies through the same data plane (Redis limiter), for the ratio to nginx's.
+body_runs llm-proxy "$(url_of "$dp_port")" "$dp_pid"
 # A/B: the chat maximum-throughput rows with another data plane binary (A) and this one (B), one
 # after the other, round after round, each started afresh and warmed up on the same port.
 if [[ -n $ab_dp ]]; then
@@ -376,6 +445,18 @@ if [[ -n $ab_dp ]]; then
       done
     done
   done
+fi
+# The in-process limiter: the same data plane binary without --redis-url, every body size.
+if [[ $local_limiter == 1 ]]; then
+  stop "$dp_pid"
+  start_dp "$work/dp-local.log" "$bin/llm-proxy-data-plane" local
+  wait_ok "the data plane (in-process limiter)" "$(url_of "$dp_port")"
+  oha_run "$work/runs/local-warmup.json" "$(url_of "$dp_port")" chat "$conns" 500 json "$key" "$warmup_seconds"
+  for mode in json sse; do
+    [[ $mode == sse ]] && c=$sse_max_conns || c=$max_conns
+    timed_run llm-proxy-local chat "$mode" max "$c" "$(url_of "$dp_port")" "$key" "$dp_pid"
+  done
+  body_runs llm-proxy-local "$(url_of "$dp_port")" "$dp_pid"
 fi
 stop "$dp_pid" # SIGTERM: the data plane ships its last usage
 # What the usage accounting stored for all of the above (DESIGN §18: rows per key × assignment ×
@@ -418,6 +499,12 @@ if ((scale_keys > 0)); then
   stop "$dp_pid"
 fi
 
+if ((alloc_requests > 0)); then
+  say "allocations per request ($alloc_requests sequential requests per mode, in one process)"
+  "$bin/examples/allocs_per_request" --requests "$alloc_requests" >"$work/allocs.json" 2>"$work/allocs.err" ||
+    die "allocs_per_request: $(tail -n 5 "$work/allocs.err")"
+fi
+
 mkdir -p "$(dirname "$out")"
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 [[ -z $(git status --porcelain -- . ":!$out" 2>/dev/null) ]] || commit="$commit (with uncommitted changes)"
@@ -425,7 +512,7 @@ BENCH_SECONDS=$seconds BENCH_RATES="${rates[*]}" BENCH_MESSAGES_RATES="${message
   BENCH_TTFB_REQUESTS=$ttfb_requests BENCH_CHUNK_DELAY_MS=$chunk_delay_ms BENCH_DELAY_MS=$delay_ms \
   BENCH_SCALE_KEYS=$scale_keys BENCH_DIALECT_ROUNDS=$dialect_rounds BENCH_AB_ROUNDS=$([[ -n $ab_dp ]] && echo "$ab_rounds" || echo 0) BENCH_AB_DP=$ab_dp BENCH_COMMIT=$commit BENCH_NGINX_HWM_KIB=$nginx_hwm BENCH_DP_HWM_KIB=$dp_hwm \
   BENCH_NGINX_VERSION=$("$nginx_bin" -v 2>&1 | sed 's/^nginx version: //') BENCH_OHA_VERSION=$(oha --version) \
-  BENCH_REDIS_URL=$redis_url \
+  BENCH_REDIS_URL=$redis_url BENCH_BODY_KIB="${body_kibs[*]}" BENCH_LOCAL_LIMITER=$local_limiter BENCH_ALLOC_REQUESTS=$alloc_requests \
   python3 scripts/bench_report.py report "$work" >"$out"
 cat "$out"
 say "wrote $out"

@@ -129,7 +129,11 @@ def read_runs(work):
     runs = {}
     with open(os.path.join(work, "runs.tsv")) as f:
         for line in f:
-            target, mode, load, conns, path, ticks, wall, hwm, redis_ticks = line.rstrip("\n").split("\t")
+            fields = line.rstrip("\n").split("\t")
+            target, mode, load, conns, path, ticks, wall, hwm, redis_ticks = fields[:9]
+            # Context switches (voluntary, nonvoluntary) and read/write syscalls of the proxy
+            # during the run; absent in older files, "-" without a proxy process.
+            counts = fields[9:13] if len(fields) >= 13 else ["-"] * 4
             d = load_oha(path)
             count = sum((d.get("statusCodeDistribution") or {}).values())
             p = d["latencyPercentiles"]
@@ -146,6 +150,8 @@ def read_runs(work):
                 "redis_us": None,
                 "hwm_mib": int(hwm) / MIB if hwm not in ("", "0") else None,
             }
+            for name, value in zip(("csw_v", "csw_n", "syscr", "syscw"), counts):
+                run[name] = int(value) / count if value not in ("-", "") and count else None
             if ticks != "-" and count:
                 cpu_s = int(ticks) / ticks_per_s
                 run["cpu_us"] = cpu_s / count * 1e6
@@ -184,6 +190,174 @@ def machine():
 
 def load_name(l):
     return "max" if l == "max" else f"{l}/s"
+
+
+def body_label(kib):
+    return "~100 B" if kib is None else f"{kib} KiB"
+
+
+def sized(target, kib):
+    """The target of a padded-body run (bench.sh's body_runs): nginx-16k, llm-proxy-local-128k, …"""
+    return target if kib is None else f"{target}-{kib}k"
+
+
+def cpu_vs_nginx(w, run, body_kibs, local):
+    """Data plane CPU/req against nginx's, same body size and mode, maximum throughput."""
+    w("## CPU/req vs nginx (OpenAI chat, maximum throughput, same run)")
+    w("")
+    rows = []
+    limiters = [("Redis", "llm-proxy")] + ([("in-process", "llm-proxy-local")] if local else [])
+    for limiter, target in limiters:
+        for kib in [None, *body_kibs]:
+            for m in MODES:
+                g, n = run(sized(target, kib), m, "max"), run(sized("nginx", kib), m, "max")
+                if not g:
+                    continue
+                gc, nc = g["cpu_us"], n and n["cpu_us"]
+                rows.append(
+                    [
+                        limiter,
+                        body_label(kib),
+                        MODES[m],
+                        f"{n['rps']:.0f}" if n else "n/a",
+                        f"{g['rps']:.0f}",
+                        fmt(nc, 1),
+                        fmt(gc, 1),
+                        ratio(gc, nc),
+                        fmt(gc - nc, 1, signed=True) if gc is not None and nc is not None else "n/a",
+                        fmt(n and n["busy"], 2),
+                        fmt(g["busy"], 2),
+                    ]
+                )
+    if not rows:
+        w("Not measured.")
+        w("")
+        return
+    w(
+        table(
+            [
+                "limiter",
+                "body",
+                "mode",
+                "nginx req/s",
+                "llm-proxy req/s",
+                "nginx CPU/req µs",
+                "llm-proxy CPU/req µs",
+                "÷ nginx",
+                "− nginx µs",
+                "nginx core busy",
+                "llm-proxy core busy",
+            ],
+            rows,
+        )
+    )
+    w("")
+    w(
+        "The data plane's CPU/req ÷ (and −) nginx's worker's at the same body size and mode. The ~100 B "
+        "rows are the max-throughput rows of the Runs table; the padded bodies (the user message of the "
+        "same request padded to the size) are runs of their own, nginx right after its other runs, the "
+        "Redis-limiter data plane after the dialect rounds; the in-process limiter rows come from the same "
+        "data plane binary restarted without `--redis-url` at the end."
+    )
+    w("")
+
+
+def syscalls_table(w, runs):
+    """Context switches and read/write syscalls per request of every run with a proxy process."""
+    w("## Context switches and syscalls per request")
+    w("")
+    rows = []
+    for (t, m, l), r in runs.items():  # in the order they ran
+        if "@" in l or r.get("csw_v") is None:
+            continue
+        rows.append(
+            [
+                t,
+                MODES.get(m, m),
+                load_name(l),
+                f"{r['rps']:.0f}",
+                fmt(r["csw_v"], 2),
+                fmt(r["csw_n"], 2),
+                fmt(r["csw_v"] + r["csw_n"], 2),
+                fmt(r["syscr"], 2),
+                fmt(r["syscw"], 2),
+            ]
+        )
+    if not rows:
+        w("Not measured.")
+        w("")
+        return
+    w(
+        table(
+            ["target", "mode", "load", "req/s", "voluntary cs/req", "nonvoluntary cs/req", "cs/req", "read syscalls/req", "write syscalls/req"],
+            rows,
+        )
+    )
+    w("")
+    w(
+        "Per request answered, during the run: context switches of the proxy process (`voluntary_ctxt_switches` + "
+        "`nonvoluntary_ctxt_switches` of /proc/PID/task/*/status, every live thread; nginx: its worker) and "
+        "`syscr`, `syscw` of /proc/PID/io. Those count the read(2)/readv/pread and write(2)/writev/pwrite/"
+        "sendfile families only, not recv*/send* nor epoll: both proxies read sockets with recv(2) (and the "
+        "data plane's single-buffer socket writes are send(2)), so syscr stays near 0 and syscw counts "
+        "mostly writev calls; compare the two proxies with that in mind. Interleaved and A/B rounds are left out."
+    )
+    w("")
+
+
+def allocs_section(w, work, env):
+    path = os.path.join(work, "allocs.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        a = json.load(f)
+    w("## Heap allocations per request (data plane)")
+    w("")
+    rows = []
+    for m in MODES:
+        x = a.get(m)
+        if not x:
+            continue
+        rows.append(
+            [
+                MODES[m],
+                x.get("body_bytes", "?"),
+                fmt(x["allocs_per_request"], 1),
+                fmt(x["reallocs_per_request"], 1),
+                f"{x['bytes_per_request']:.0f}",
+                fmt(x["through"]["allocs_per_request"], 1),
+                fmt(x["direct"]["allocs_per_request"], 1),
+                f"{x['through']['bytes_per_request']:.0f}",
+                f"{x['direct']['bytes_per_request']:.0f}",
+            ]
+        )
+    w(
+        table(
+            [
+                "mode",
+                "body bytes",
+                "data plane allocs/req",
+                "reallocs/req",
+                "bytes/req",
+                "through: allocs/req",
+                "direct: allocs/req",
+                "through: bytes/req",
+                "direct: bytes/req",
+            ],
+            rows,
+        )
+    )
+    w("")
+    w(
+        f"`data-plane/examples/allocs_per_request` ({a.get('requests')} sequential requests per mode on "
+        "one keep-alive connection, the benchmark's small bodies, lowest of 3 rounds): mock upstream, control plane, data plane "
+        "(in-process limiter) and the reqwest client in one process under a counting global allocator "
+        "(`stats_alloc`). **through** = client + data plane + mock, **direct** = the same requests from the "
+        "same client straight to the mock (client + mock); the data plane's figures are through − direct. "
+        "allocs = alloc and alloc_zeroed calls; reallocs are counted apart; bytes = bytes requested by both "
+        "(growth only, for reallocs). Counted only while the requests run, background tasks included."
+    )
+    w("")
 
 
 def dialect_table(w, route, stream_events, measured, interleaved):
@@ -322,6 +496,20 @@ def report(work):
         "rewritten; the mock's stream is 7 Anthropic events (3 for OpenAI chat, plus `[DONE]`); "
         f"loads: {', '.join([r + ' req/s' for r in env.get('BENCH_MESSAGES_RATES', top).split()] + ['max'])}"
     )
+    body_kibs = [int(k) for k in env.get("BENCH_BODY_KIB", "").split()]
+    local = env.get("BENCH_LOCAL_LIMITER", "0") == "1"
+    if body_kibs:
+        w(
+            f"- Request bodies: OpenAI chat at maximum throughput also with {' and '.join(f'{k} KiB' for k in body_kibs)} "
+            "bodies (the user message padded), non-streamed and streamed, through nginx and the data plane; nginx "
+            "keeps request bodies in memory (`client_body_buffer_size` above the largest)"
+        )
+    if local:
+        w(
+            "- In-process limiter (target llm-proxy-local): the same data plane binary restarted without "
+            "`--redis-url` after every other data plane run, warmed up, then OpenAI chat at maximum throughput, "
+            "every body size, both modes"
+        )
     w(
         "- Pinning: the proxy (nginx's worker, or the data plane) on core 0; oha, the mock and the TTFB "
         "client on core 1; the control plane and Redis unpinned"
@@ -552,6 +740,11 @@ def report(work):
         )
     )
     w("")
+
+    # ---- CPU/req vs nginx, context switches and syscalls, allocations ----
+    cpu_vs_nginx(w, run, body_kibs, local)
+    syscalls_table(w, runs)
+    allocs_section(w, work, env)
 
     # ---- other dialects ----
     for target, route, stream_events in DIALECTS:
