@@ -248,6 +248,8 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     })?;
     let config = ConfigHandle::new();
     let client = server::upstream_client().map_err(|e| GatewayError::Client(e.to_string()))?;
+    let http = crate::upstream_http::UpstreamHttp::from_env(client.clone())
+        .map_err(|e| GatewayError::Client(e.to_string()))?;
     let limiter = Arc::new(limiter(&settings, &config).await?);
     let draining = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::new());
@@ -272,7 +274,11 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
         draining: draining.clone(),
         config: config.clone(),
         limiter: limiter.clone(),
-        upstreams: Arc::new(crate::providers::Upstreams::new(client, settings.limits)),
+        upstreams: Arc::new(crate::providers::Upstreams::new(
+            http,
+            client,
+            settings.limits,
+        )),
         limits: settings.limits,
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -23,5 +23,6 @@ pub mod server;
 pub mod sse;
 pub mod sync;
 pub mod trace;
+pub mod upstream_http;
 pub mod usage;
 pub mod usage_report;

@@ -15,6 +15,7 @@ use crate::ratelimit::{AnyLimiter, Decision, LimitSpec, RateLimiter as _, Reserv
 use crate::sse::StreamEnd;
 use crate::sync::ConfigHandle;
 use crate::trace::TraceContext;
+use crate::upstream_http::{UpstreamHttp, UpstreamResponse};
 use crate::usage::Usage;
 use crate::usage_report::UsageAggregator;
 use axum::Router;
@@ -59,10 +60,11 @@ impl std::fmt::Debug for AppState {
 /// The shared upstream client: keep-alive pools, connect timeout; per-call timeouts come from the
 /// connection (`timeout_s`).
 pub fn upstream_client() -> Result<reqwest::Client, reqwest::Error> {
+    use crate::upstream_http::{CONNECT_TIMEOUT, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_HOST};
     reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
         // A redirect would carry provider credentials (e.g. Azure's `api-key`) to another host
         // and turn POSTs into GETs; a 3xx answer becomes a 502 instead.
         .redirect(reqwest::redirect::Policy::none())
@@ -1174,22 +1176,25 @@ async fn stored_response_inner(
     }
     state.metrics.ratelimit_decision(LimitResult::Allowed);
 
-    let url = endpoint.url(
+    let uri = providers::parse_uri(&endpoint.url(
         &format!("/{}{}", tagged.upstream_id, call.suffix),
         query.as_deref(),
-    );
+    ))
+    .map_err(|detail| ApiError::upstream_unreachable(provider, detail))?;
     let timeout = target.connection.timeout;
-    let mut request = state
-        .upstreams
-        .client
-        .request(call.method.clone(), url)
-        .timeout(timeout)
-        .header("traceparent", trace.upstream_header());
+    let mut request = http::Request::new(Bytes::new());
+    *request.method_mut() = call.method.clone();
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.insert(
+        HeaderName::from_static("traceparent"),
+        trace.upstream_header(),
+    );
     if let Some((name, value)) = endpoint.auth {
-        request = request.header(name, value);
+        headers.insert(name, value);
     }
     let sent_at = Instant::now();
-    let sent = send(request, timeout, provider).await;
+    let sent = send(&state.upstreams.http, request, timeout, provider).await;
     record.upstream = Some(sent_at.elapsed());
     let failed = |failure: UpstreamFailure| {
         if let Some(kind) = failure.kind {
@@ -1207,13 +1212,21 @@ async fn stored_response_inner(
         return Err(failed(UpstreamFailure::status(status, err)));
     }
     let ids = request_ids(response.headers());
-    let body = capped::read_capped(response, state.limits.max_upstream_body_bytes)
-        .await
-        .map_err(|err| {
-            failed(UpstreamFailure::invalid_answer(
-                ApiError::upstream_bad_answer(provider, err.to_string()),
-            ))
-        })?;
+    let body = tokio::time::timeout_at(
+        (sent_at + timeout).into(),
+        capped::read_capped(response.into_body(), state.limits.max_upstream_body_bytes),
+    )
+    .await
+    .map_err(|_elapsed| {
+        failed(UpstreamFailure::timeout(ApiError::upstream_timeout(
+            provider, timeout,
+        )))
+    })?
+    .map_err(|err| {
+        failed(UpstreamFailure::invalid_answer(
+            ApiError::upstream_bad_answer(provider, err.to_string()),
+        ))
+    })?;
     record.upstream = Some(sent_at.elapsed());
     let body = if call.suffix.is_empty() {
         // A response object or a delete confirmation: its ids tagged as the client knows them.
@@ -1313,28 +1326,32 @@ async fn call_upstream(
         .await
         .map_err(UpstreamFailure::not_sent)?;
     let wire = outbound.wire;
-    let client = &state.upstreams.client;
-    // A URL parsed once per connection goes as it is; text is parsed by reqwest (which reports a
-    // bad one as it always did).
-    let mut request = match outbound.url {
-        providers::UpstreamUrl::Parsed(url) => client.post(url),
-        providers::UpstreamUrl::Text(text) => client.post(text),
-    }
-    .header(header::CONTENT_TYPE, "application/json")
-    .body(outbound.body);
+    let uri = outbound.url.into_uri().map_err(|detail| {
+        UpstreamFailure::not_sent(ApiError::upstream_unreachable(provider, detail))
+    })?;
+    let mut request = http::Request::new(Bytes::from(outbound.body));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.reserve(outbound.headers.len() + 2);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     for (name, value) in outbound.headers {
-        request = request.header(name, value);
+        headers.append(name, value);
     }
     // Set after the adapter's headers: SigV4 does not sign it, and every provider accepts it.
-    request = request.header("traceparent", ctx.trace.upstream_header());
+    headers.insert(
+        HeaderName::from_static("traceparent"),
+        ctx.trace.upstream_header(),
+    );
     let timeout = connection.timeout;
     let streaming = ctx.request.stream && ctx.operation.is_chat();
-    if !streaming {
-        request = request.timeout(timeout);
-    }
-    // For streams the timeout covers the wait for the response head; then it applies per chunk.
+    // The timeout covers the wait for the answer's head, then the whole body of a complete
+    // answer; a stream's chunks each get it afresh (idle timeout).
     let sent_at = Instant::now();
-    let sent = send(request, timeout, provider).await;
+    let sent = send(&state.upstreams.http, request, timeout, provider).await;
     record.upstream = Some(sent_at.elapsed());
     let response = sent?;
     let status = response.status();
@@ -1364,7 +1381,7 @@ async fn call_upstream(
         let body = wire
             .stream(
                 &request_ids,
-                response.bytes_stream(),
+                http_body_util::BodyDataStream::new(response.into_body()),
                 ctx.request.include_usage,
                 timeout,
                 provider,
@@ -1387,20 +1404,27 @@ async fn call_upstream(
     }
     // Capped: a declared length over the cap is refused unread, an undeclared one when it
     // passes the cap (DESIGN §19).
-    let body = capped::read_capped(response, state.limits.max_upstream_body_bytes).await;
+    let body = tokio::time::timeout_at(
+        (sent_at + timeout).into(),
+        capped::read_capped(response.into_body(), state.limits.max_upstream_body_bytes),
+    )
+    .await;
     record.upstream = Some(sent_at.elapsed());
-    let body = body.map_err(|err| match err {
-        CappedReadError::Http(err) if err.is_timeout() => {
-            UpstreamFailure::timeout(ApiError::upstream_timeout(provider, timeout))
-        }
-        CappedReadError::Http(err) => UpstreamFailure::invalid_answer(
-            ApiError::upstream_bad_answer(provider, error_text(err)),
-        ),
-        too_large => UpstreamFailure::invalid_answer(ApiError::upstream_bad_answer(
-            provider,
-            format_args!("{too_large} (--max-upstream-body-bytes)"),
+    let body = match body {
+        Err(_elapsed) => Err(UpstreamFailure::timeout(ApiError::upstream_timeout(
+            provider, timeout,
+        ))),
+        Ok(Err(CappedReadError::Broken(detail))) => Err(UpstreamFailure::invalid_answer(
+            ApiError::upstream_bad_answer(provider, detail),
         )),
-    })?;
+        Ok(Err(too_large)) => Err(UpstreamFailure::invalid_answer(
+            ApiError::upstream_bad_answer(
+                provider,
+                format_args!("{too_large} (--max-upstream-body-bytes)"),
+            ),
+        )),
+        Ok(Ok(body)) => Ok(body),
+    }?;
     let (body, usage) = wire
         .translate(&request_ids, body, &state.limits, provider, ctx.dialect)
         .map_err(UpstreamFailure::invalid_answer)?;
@@ -1420,41 +1444,39 @@ async fn call_upstream(
 
 /// Sends an upstream request within `timeout` (to its answer's head).
 async fn send(
-    request: reqwest::RequestBuilder,
+    client: &UpstreamHttp,
+    request: http::Request<Bytes>,
     timeout: Duration,
     provider: &'static str,
-) -> Result<reqwest::Response, UpstreamFailure> {
-    match tokio::time::timeout(timeout, request.send()).await {
+) -> Result<UpstreamResponse, UpstreamFailure> {
+    match tokio::time::timeout(timeout, client.send(request)).await {
         Ok(Ok(response)) => Ok(response),
         // Only a failure to connect is safe to retry on the next target: once the request is
         // sent, the upstream may already be generating (and billing) the answer.
-        Ok(Err(err)) if err.is_connect() => Err(UpstreamFailure::connect(
-            ApiError::upstream_unreachable(provider, error_text(err)),
+        Ok(Err(err)) if err.connect => Err(UpstreamFailure::connect(
+            ApiError::upstream_unreachable(provider, err.detail),
+        )),
+        Ok(Err(err)) => Err(UpstreamFailure::invalid_answer(
+            ApiError::upstream_unreachable(provider, err.detail),
         )),
         Err(_) => Err(UpstreamFailure::timeout(ApiError::upstream_timeout(
             provider, timeout,
         ))),
-        Ok(Err(err)) if err.is_timeout() => Err(UpstreamFailure::timeout(
-            ApiError::upstream_timeout(provider, timeout),
-        )),
-        Ok(Err(err)) => Err(UpstreamFailure::invalid_answer(
-            ApiError::upstream_unreachable(provider, error_text(err)),
-        )),
     }
 }
 
 /// The headers and the start of an error answer's body. Bounded like the answer itself: an
 /// upstream may send an error head and stall, or an endless body (only its start is read, for
 /// the message).
-async fn error_answer(response: reqwest::Response, timeout: Duration) -> (HeaderMap, Bytes) {
-    let headers = response.headers().clone();
+async fn error_answer(response: UpstreamResponse, timeout: Duration) -> (HeaderMap, Bytes) {
+    let (head, body) = response.into_parts();
     let body = tokio::time::timeout(
         timeout,
-        capped::read_prefix(response, capped::MAX_ERROR_BODY_BYTES),
+        capped::read_prefix(body, capped::MAX_ERROR_BODY_BYTES),
     )
     .await
     .unwrap_or_default();
-    (headers, body)
+    (head.headers, body)
 }
 
 /// The upstream's request ids, passed on for support requests. The upstream's `x-request-id`
@@ -1473,20 +1495,6 @@ fn request_ids(from: &HeaderMap) -> HeaderMap {
         }
     }
     ids
-}
-
-/// The error with its causes on one line, without the upstream URL (internal detail, and some
-/// providers take keys in the query).
-fn error_text(err: reqwest::Error) -> String {
-    let err = err.without_url();
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(&err);
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 #[cfg(test)]

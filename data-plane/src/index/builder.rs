@@ -26,7 +26,7 @@ pub(super) fn connection_entry(c: SnapshotConnection) -> Result<ConnectionEntry,
         timeout,
         name: c.name,
         id: c.id,
-        urls: Default::default(),
+        cache: Default::default(),
     })
 }
 

@@ -16,6 +16,7 @@
 
 use crate::budget::{Budget, BudgetPeriod};
 use crate::usage_report::UsageKey;
+use http::HeaderValue;
 use llm_proxy_proto::v1::{
     Snapshot, SnapshotAssignment, SnapshotConnection, SnapshotModel, SnapshotVirtualKey,
 };
@@ -51,26 +52,41 @@ pub struct ConnectionEntry {
     /// From option `timeout_s` (seconds, fractional allowed); [`DEFAULT_UPSTREAM_TIMEOUT`] otherwise.
     pub timeout: Duration,
     /// The upstream URLs of operations whose path depends only on the connection, parsed once.
-    pub urls: UrlCache,
+    pub cache: ConnectionCache,
 }
 
-/// A connection's upstream URL per operation, parsed on first use and then cloned: reqwest parses
-/// a URL given as text on every call (about 6,600 instructions for a short one), a parsed
-/// [`url::Url`] it takes as it is. Only for paths that depend on the connection alone (OpenAI,
-/// Anthropic); the cache lives and dies with the index.
+/// What every call on a connection sends and can be made once, on first use, then cloned: the
+/// upstream URL per operation (a parse costs thousands of instructions, a clone two reference
+/// counts) and the header value carrying the credential (no `format!` and validation per call).
+/// URLs only for paths that depend on the connection alone (OpenAI, Anthropic). Lives and dies
+/// with the index, so a changed connection starts afresh.
 #[derive(Debug, Default)]
-pub struct UrlCache([std::sync::OnceLock<Option<url::Url>>; 5]);
+pub struct ConnectionCache {
+    urls: [std::sync::OnceLock<Option<http::Uri>>; 5],
+    /// `Debug` shows a sensitive value as `Sensitive`.
+    credential_header: std::sync::OnceLock<Option<HeaderValue>>,
+}
 
-impl UrlCache {
+impl ConnectionCache {
     /// The URL of `operation`, made by `make` and parsed the first time; `None` when it does
-    /// not parse (the caller sends the text and reqwest reports the error as before).
-    pub fn get(
+    /// not parse (the caller sends the text, whose parse reports the error).
+    pub fn url(
         &self,
         operation: crate::inbound::Operation,
         make: impl FnOnce() -> String,
-    ) -> Option<url::Url> {
-        let slot = self.0.get(operation as usize)?;
-        slot.get_or_init(|| url::Url::parse(&make()).ok()).clone()
+    ) -> Option<http::Uri> {
+        let slot = self.urls.get(operation as usize)?;
+        slot.get_or_init(|| crate::providers::parse_uri(&make()).ok())
+            .clone()
+    }
+
+    /// The header value carrying the credential, made by `make` the first time; `None` when
+    /// `make` has none (no credential, or not a valid header value: the caller reports it).
+    pub fn credential_header(
+        &self,
+        make: impl FnOnce() -> Option<HeaderValue>,
+    ) -> Option<HeaderValue> {
+        self.credential_header.get_or_init(make).clone()
     }
 }
 
@@ -432,20 +448,23 @@ mod tests {
     #[test]
     fn a_connections_url_is_parsed_once_per_operation() {
         use crate::inbound::Operation;
-        let cache = UrlCache::default();
+        let cache = ConnectionCache::default();
         let made = std::cell::Cell::new(0);
         let make = || {
             made.set(made.get() + 1);
             "https://api.openai.com/v1/chat/completions".to_owned()
         };
-        let first = cache.get(Operation::ChatCompletions, make).unwrap();
-        let again = cache.get(Operation::ChatCompletions, make).unwrap();
+        let first = cache.url(Operation::ChatCompletions, make).unwrap();
+        let again = cache.url(Operation::ChatCompletions, make).unwrap();
         assert_eq!(first, again);
-        assert_eq!(first.as_str(), "https://api.openai.com/v1/chat/completions");
+        assert_eq!(
+            first.to_string(),
+            "https://api.openai.com/v1/chat/completions"
+        );
         assert_eq!(made.get(), 1);
         // Another operation has its own slot.
         let embeddings = cache
-            .get(Operation::Embeddings, || {
+            .url(Operation::Embeddings, || {
                 "https://api.openai.com/v1/embeddings".to_owned()
             })
             .unwrap();
@@ -453,7 +472,7 @@ mod tests {
         // Text that does not parse is not cached as a URL: the caller sends it as text.
         assert!(
             cache
-                .get(Operation::Responses, || "not a url".to_owned())
+                .url(Operation::Responses, || "not a url".to_owned())
                 .is_none()
         );
     }

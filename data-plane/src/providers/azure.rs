@@ -236,7 +236,7 @@ mod tests {
                 credential: "azure-key".to_owned().into(),
                 options,
                 timeout: Duration::from_secs(5),
-                urls: Default::default(),
+                cache: Default::default(),
             },
         }
     }
@@ -267,7 +267,7 @@ mod tests {
         );
         let sent: serde_json::Value = serde_json::from_slice(&out.body).unwrap();
         (
-            out.url.as_str().to_owned(),
+            out.url.to_text(),
             sent["model"].as_str().unwrap().to_owned(),
         )
     }

@@ -3,6 +3,10 @@
 //! no upstream can make the gateway buffer more than the cap.
 
 use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt as _;
+use hyper::body::Body;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Most bytes of an upstream error answer (non-2xx) kept for its message.
 pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
@@ -14,44 +18,66 @@ pub enum CappedReadError {
     DeclaredTooLarge { declared: u64, cap: usize },
     #[error("the answer exceeds the limit of {cap} bytes")]
     TooLarge { cap: usize },
-    #[error(transparent)]
-    Http(#[from] reqwest::Error),
+    /// The connection failed midway (its causes on one line).
+    #[error("{0}")]
+    Broken(String),
 }
 
-/// The whole body of `response`, or an error once it is known to exceed `cap` bytes.
-pub async fn read_capped(
-    mut response: reqwest::Response,
-    cap: usize,
-) -> Result<Bytes, CappedReadError> {
-    if let Some(declared) = response.content_length() {
+impl CappedReadError {
+    fn broken(err: BoxError) -> Self {
+        // reqwest names the URL in its errors; some providers take keys in the query.
+        let err = match err.downcast::<reqwest::Error>() {
+            Ok(err) => Box::new((*err).without_url()) as BoxError,
+            Err(err) => err,
+        };
+        Self::Broken(crate::upstream_http::error_chain(&*err))
+    }
+}
+
+/// The whole of `body`, or an error once it is known to exceed `cap` bytes.
+pub async fn read_capped<B>(mut body: B, cap: usize) -> Result<Bytes, CappedReadError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let broken = |err: B::Error| CappedReadError::broken(err.into());
+    if let Some(declared) = body.size_hint().exact() {
         if usize::try_from(declared).map_or(true, |declared| declared > cap) {
             return Err(CappedReadError::DeclaredTooLarge { declared, cap });
         }
-        // hyper stops at the declared length: at most `cap` bytes.
-        return Ok(response.bytes().await?);
+        // hyper stops at the declared length: at most `cap` bytes. One chunk is kept as it is.
+        return Ok(body.collect().await.map_err(broken)?.to_bytes());
     }
-    let mut body = BytesMut::new();
-    while let Some(chunk) = response.chunk().await? {
-        if chunk.len() > cap - body.len() {
+    let mut out = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(chunk) = frame.map_err(broken)?.into_data() else {
+            continue; // trailers
+        };
+        if chunk.len() > cap - out.len() {
             return Err(CappedReadError::TooLarge { cap });
         }
-        body.extend_from_slice(&chunk);
+        out.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
+    Ok(out.freeze())
 }
 
-/// At most the first `cap` bytes of `response`'s body (an error answer, read for its message);
-/// the rest is never read. A body broken midway yields what arrived.
-pub async fn read_prefix(mut response: reqwest::Response, cap: usize) -> Bytes {
-    let mut body = BytesMut::new();
-    while body.len() < cap {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                let room = cap - body.len();
-                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+/// At most the first `cap` bytes of `body` (an error answer, read for its message); the rest is
+/// never read. A body broken midway yields what arrived.
+pub async fn read_prefix<B>(mut body: B, cap: usize) -> Bytes
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut out = BytesMut::new();
+    while out.len() < cap {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(chunk) = frame.into_data() {
+                    let room = cap - out.len();
+                    out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
             }
-            Ok(None) | Err(_) => break,
+            Some(Err(_)) | None => break,
         }
     }
-    body.freeze()
+    out.freeze()
 }

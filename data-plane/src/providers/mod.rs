@@ -69,18 +69,28 @@ pub struct Outbound {
 }
 
 /// Where an upstream call goes: parsed once per connection where the path allows it
-/// ([`crate::index::UrlCache`]), else text that reqwest parses.
+/// ([`crate::index::ConnectionCache`]), else text parsed per call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamUrl {
-    Parsed(url::Url),
+    Parsed(http::Uri),
     Text(String),
 }
 
 impl UpstreamUrl {
-    pub fn as_str(&self) -> &str {
+    /// The URL as text (for tests and messages).
+    pub fn to_text(&self) -> String {
         match self {
-            Self::Parsed(url) => url.as_str(),
-            Self::Text(text) => text,
+            Self::Parsed(uri) => uri.to_string(),
+            Self::Text(text) => text.clone(),
+        }
+    }
+
+    /// The URL to send to, or why it is not one (without the URL: some providers take keys in
+    /// the query).
+    pub fn into_uri(self) -> Result<http::Uri, String> {
+        match self {
+            Self::Parsed(uri) => Ok(uri),
+            Self::Text(text) => parse_uri(&text),
         }
     }
 
@@ -90,11 +100,24 @@ impl UpstreamUrl {
         operation: Operation,
         make: impl Fn() -> String,
     ) -> Self {
-        match connection.urls.get(operation, &make) {
+        match connection.cache.url(operation, &make) {
             Some(url) => Self::Parsed(url),
             None => Self::Text(make()),
         }
     }
+}
+
+/// An upstream URL for hyper. The WHATWG parser goes first, as in reqwest: it normalises and
+/// percent-encodes what `http::Uri` alone would refuse; only `http` and `https` are sent to.
+pub fn parse_uri(text: &str) -> Result<http::Uri, String> {
+    let url = url::Url::parse(text).map_err(|err| format!("invalid upstream url: {err}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "invalid upstream url: scheme {:?} is not http or https",
+            url.scheme()
+        ));
+    }
+    http::Uri::try_from(url.as_str()).map_err(|err| format!("invalid upstream url: {err}"))
 }
 
 impl From<String> for UpstreamUrl {
@@ -118,9 +141,12 @@ pub enum WireFormat {
     Responses(openai::responses::ResponsesAnswer),
 }
 
-/// What adapters share across calls: the upstream HTTP client and cached access tokens.
+/// What adapters share across calls: the upstream HTTP clients and cached access tokens.
 #[derive(Debug)]
 pub struct Upstreams {
+    /// The client of calls relayed to providers (the hot path).
+    pub http: crate::upstream_http::UpstreamHttp,
+    /// reqwest, for the rest (token exchanges).
     pub client: reqwest::Client,
     /// The caps on what upstreams may send (DESIGN §19).
     pub limits: crate::limits::Limits,
@@ -128,8 +154,13 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn new(client: reqwest::Client, limits: crate::limits::Limits) -> Self {
+    pub fn new(
+        http: crate::upstream_http::UpstreamHttp,
+        client: reqwest::Client,
+        limits: crate::limits::Limits,
+    ) -> Self {
         Self {
+            http,
             client,
             limits,
             google_tokens: google::service_account::TokenCache::default(),

@@ -302,8 +302,16 @@ pub async fn build(
     match route {
         ClaudeRoute::Anthropic => {
             let connection = ctx.target.connection;
-            let mut key = header_value(connection.credential.expose_secret().trim(), "credential")?;
-            key.set_sensitive(true);
+            let make = || {
+                let mut key =
+                    header_value(connection.credential.expose_secret().trim(), "credential")?;
+                key.set_sensitive(true);
+                Ok::<_, ApiError>(key)
+            };
+            let key = match connection.cache.credential_header(|| make().ok()) {
+                Some(key) => key,
+                None => make()?,
+            };
             let mut headers = vec![(HeaderName::from_static("x-api-key"), key)];
             headers.extend(version_and_beta_headers(ctx)?);
             let operation = match ctx.operation {

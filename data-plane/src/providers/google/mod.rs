@@ -346,7 +346,7 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect::<BTreeMap<_, _>>(),
             timeout: Duration::from_secs(60),
-            urls: Default::default(),
+            cache: Default::default(),
         }
     }
 

@@ -306,12 +306,13 @@ pub async fn exchange(
             )
         })?;
     let status = response.status();
-    let body = crate::providers::capped::read_capped(response, MAX_TOKEN_ANSWER_BYTES)
+    let body = http::Response::from(response).into_body();
+    let body = crate::providers::capped::read_capped(body, MAX_TOKEN_ANSWER_BYTES)
         .await
         .map_err(|e| match e {
-            crate::providers::capped::CappedReadError::Http(e) => ApiError::upstream_unreachable(
+            crate::providers::capped::CappedReadError::Broken(e) => ApiError::upstream_unreachable(
                 super::PROVIDER,
-                format!("token endpoint {}: {}", account.token_uri, e.without_url()),
+                format!("token endpoint {}: {e}", account.token_uri),
             ),
             too_large => ApiError::upstream_bad_answer(
                 super::PROVIDER,

@@ -37,14 +37,28 @@ pub fn bearer(credential: &str) -> Result<Option<(HeaderName, HeaderValue)>, Api
     Ok(Some((header::AUTHORIZATION, value)))
 }
 
+/// `Authorization: Bearer …` for `connection`, made once per connection.
+fn credential_header(
+    connection: &crate::index::ConnectionEntry,
+) -> Result<Option<(HeaderName, HeaderValue)>, ApiError> {
+    let credential = connection.credential.expose_secret();
+    let cached = connection
+        .cache
+        .credential_header(|| bearer(credential).ok().flatten().map(|(_, value)| value));
+    match cached {
+        Some(value) => Ok(Some((header::AUTHORIZATION, value))),
+        // No credential, or one that is not a header value (reported here).
+        None => bearer(credential),
+    }
+}
+
 pub fn build(ctx: &CallContext<'_>) -> Result<Outbound, ApiError> {
     let target = ctx.target;
-    let credential = target.connection.credential.expose_secret();
     Ok(Outbound {
         url: UpstreamUrl::cached(target.connection, ctx.operation, || {
             url(&target.connection.endpoint, ctx.operation.path())
         }),
-        headers: bearer(credential)?.into_iter().collect(),
+        headers: credential_header(target.connection)?.into_iter().collect(),
         body: openai_format_body(ctx, &target.model.remote, true),
         wire: WireFormat::OpenAi,
     })
