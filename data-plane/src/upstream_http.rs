@@ -47,6 +47,8 @@ pub struct UpstreamHttp {
     sender: Sender,
 }
 
+// One per process, used on every call: an indirection would cost more than the bytes.
+#[allow(clippy::large_enum_variant)]
 enum Sender {
     Hyper(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
     /// Behind an HTTP proxy.
