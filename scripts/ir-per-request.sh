@@ -8,7 +8,8 @@
 # Each binary serves the same set-up in turn (OpenAI chat to the bench mock, in-process
 # limiter, priced model, one key), rounds A/B/A/B: 200 warm-up requests, then counters zeroed,
 # IR_REQUESTS (default 1000) sequential keep-alive requests, non-streamed then streamed.
-# Knobs: IR_ROUNDS (default 2), IR_REQUESTS. Needs valgrind and curl; release binaries of the
+# Knobs: IR_ROUNDS (default 2), IR_REQUESTS, IR_KEEP=DIR (keep each profile, for
+# callgrind_annotate). Needs valgrind and curl; release binaries of the
 # control plane, llmctl and the mock in CARGO_TARGET_DIR (or target/)/release.
 set -euo pipefail
 
@@ -97,6 +98,7 @@ measure() { # label binary
     local dump
     dump=$(ls "$out".* | tail -n1)
     line+=("$(($(ir_of "$dump") / requests))")
+    if [[ -n ${IR_KEEP:-} ]]; then mkdir -p "$IR_KEEP"; cp "$dump" "$IR_KEEP/$(basename "$2").$mode.$round.callgrind"; fi
   done
   kill "$vg"; wait "$vg" 2>/dev/null || true
   rm -f "$out" "$out".*

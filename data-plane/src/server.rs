@@ -770,7 +770,45 @@ fn start_request(
     let started = Instant::now();
     let request_id = request_id(headers);
     // Never a secret here: the key's id, not the key; the model names, not the credentials.
-    let span = tracing::info_span!(
+    let span = if llm_proxy_telemetry::exporting() {
+        exported_request_span(operation, gen_ai_operation, &request_id)
+    } else {
+        // Without OTLP export the span only gives log lines their request's context, and every
+        // field set on it costs the log layer a formatting pass (all of them: ~50,000
+        // instructions per request, a third of the request, measured with callgrind): only
+        // what a log reader needs. Recording a field a span lacks does nothing.
+        tracing::info_span!(
+            "request",
+            request_id = request_id.to_str().unwrap_or_default(),
+            vkey_id = Empty,
+            alias = Empty,
+        )
+    };
+    let mut trace = TraceContext::of_request(headers);
+    if let Some(ids) = llm_proxy_telemetry::link_span(&span, trace.client_parent()) {
+        trace = trace.with_span(ids);
+    }
+    let record = RequestRecord {
+        span,
+        started,
+        alias: None,
+        provider: "",
+        prices: None,
+        usage_target: None,
+        upstream: None,
+        budget: None,
+        maybe_billed: false,
+    };
+    (record, trace, request_id)
+}
+
+/// The request span exported over OTLP: the gateway's fields and the OpenTelemetry GenAI ones.
+fn exported_request_span(
+    operation: &'static str,
+    gen_ai_operation: Option<&'static str>,
+    request_id: &HeaderValue,
+) -> tracing::Span {
+    tracing::info_span!(
         "request",
         otel.name = operation,
         otel.kind = "server",
@@ -791,23 +829,7 @@ fn start_request(
         gen_ai.request.model = Empty,
         gen_ai.usage.input_tokens = Empty,
         gen_ai.usage.output_tokens = Empty,
-    );
-    let mut trace = TraceContext::of_request(headers);
-    if let Some(ids) = llm_proxy_telemetry::link_span(&span, trace.client_parent()) {
-        trace = trace.with_span(ids);
-    }
-    let record = RequestRecord {
-        span,
-        started,
-        alias: None,
-        provider: "",
-        prices: None,
-        usage_target: None,
-        upstream: None,
-        budget: None,
-        maybe_billed: false,
-    };
-    (record, trace, request_id)
+    )
 }
 
 async fn handle(

@@ -77,15 +77,29 @@ pub struct SendError {
 impl UpstreamHttp {
     /// hyper's client, or `proxied` when the environment names an HTTP proxy.
     pub fn from_env(proxied: reqwest::Client) -> Result<Self, rustls::Error> {
+        Self::from_lookup(proxied, |name| std::env::var_os(name))
+    }
+
+    /// As [`Self::from_env`], with the variables read through `lookup` (a map in tests: the
+    /// environment is shared by every thread).
+    pub fn from_lookup(
+        proxied: reqwest::Client,
+        lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Self, rustls::Error> {
         let proxy_set = PROXY_VARIABLES
             .iter()
-            .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()));
+            .any(|name| lookup(name).is_some_and(|value| !value.is_empty()));
         if proxy_set {
             tracing::info!("an HTTP proxy is set in the environment: upstream calls go through it");
             Ok(Self::reqwest(proxied))
         } else {
             Self::hyper()
         }
+    }
+
+    /// Whether calls go through reqwest (an HTTP proxy is set).
+    pub fn is_reqwest(&self) -> bool {
+        matches!(self.sender, Sender::Reqwest(_))
     }
 
     /// hyper's pooled client with rustls (the platform's roots) and HTTP/2 where offered.
@@ -162,4 +176,45 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = inner.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn client_with(vars: &[(&str, &str)]) -> UpstreamHttp {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        UpstreamHttp::from_lookup(reqwest::Client::new(), move |name| {
+            vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.into())
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn reqwest_serves_the_hot_path_only_behind_an_http_proxy() {
+        assert!(!client_with(&[]).is_reqwest());
+        assert!(!client_with(&[("HTTPS_PROXY", ""), ("NO_PROXY", "*")]).is_reqwest());
+        for name in PROXY_VARIABLES {
+            assert!(
+                client_with(&[(name, "http://proxy.internal:3128")]).is_reqwest(),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_error_reads_with_its_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("tcp connect error")]
+        struct Connect(#[source] std::io::Error);
+        let err = Connect(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ));
+        assert_eq!(error_chain(&err), "tcp connect error: connection refused");
+    }
 }

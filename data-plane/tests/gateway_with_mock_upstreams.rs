@@ -623,6 +623,40 @@ async fn a_slow_upstream_gives_504_after_the_connection_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_answer_whose_body_stalls_gives_504_at_the_connection_timeout() {
+    let f = fixture().await;
+    // timeout_s=2 bounds the head and the whole body: the mock sends a 200 head, the start of
+    // the body, then nothing.
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-4","messages":[{"role":"user","content":"SLOWBODY"}]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_timeout");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_redirect_is_not_followed() {
+    let f = fixture().await;
+    // A redirect would carry the connection's credential wherever it points.
+    let response = f
+        .post(
+            "/v1/chat/completions",
+            CLIENT_KEY,
+            r#"{"model":"gpt-4","messages":[{"role":"user","content":"REDIRECTME"}]}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "server_error", "{body}");
+    assert_eq!(f.mock.requests().len(), 1, "the redirect was followed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_data_plane_serves_while_the_control_plane_is_down_and_reconnects() {
     let mut f = fixture().await;
     let settings = (f.cp_settings)(&f);

@@ -5,7 +5,8 @@
 //!
 //! Words in the request body steer it: `RATELIMITME` (Azure 429 with `retry-after`), `BLOCKME`
 //! (Azure content filter 400), `HOLDME` (wait for [`MockState::release`]), `SLOWHEAD` (never
-//! answer), `SLOWSTREAM` (one event, then nothing), and the upstream garbage of DESIGN §19:
+//! answer), `SLOWBODY` (a 200 head and the start of its body, then nothing), `SLOWSTREAM` (one
+//! event, then nothing), `REDIRECTME` (a 307 to this same path), and the upstream garbage of DESIGN §19:
 //! `NOTJSON`, `TRUNCATEME`, `DECLARE200MB`, `UNDECLARED200MB`, `LINE50MB`, `ENDLESSERROR`.
 //!
 //! The remote model name the gateway sends steers the contents of an authenticated answer:
@@ -198,6 +199,25 @@ pub async fn answer(mock: &Arc<MockState>, recorded: Recorded) -> Response {
     }
     if text.contains("SLOWHEAD") {
         std::future::pending::<()>().await;
+    }
+    if text.contains("SLOWBODY") {
+        let start = futures_util::stream::once(async {
+            Ok::<_, std::io::Error>(Bytes::from_static(b"{\"id\":\"chatcmpl-slow\","))
+        });
+        let body = futures_util::StreamExt::chain(start, futures_util::stream::pending());
+        return (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            Body::from_stream(body),
+        )
+            .into_response();
+    }
+    if text.contains("REDIRECTME") {
+        return (
+            StatusCode::TEMPORARY_REDIRECT,
+            [("location", path.to_owned())],
+        )
+            .into_response();
     }
     if let Some(response) = garbage_answer(mock, &text) {
         return response;
