@@ -16,8 +16,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// `Content-Type` of the exposition: prometheus-client writes OpenMetrics text (`# EOF`, counters
@@ -182,7 +182,73 @@ impl FrontDoorMetrics {
     }
 }
 
+/// A cost in pico-USD as the counter's float USD.
+fn usd_of(pico_usd: u128) -> f64 {
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "a dashboard figure: f64 holds any single request's cost to far below a micro-USD"
+    )]
+    let usd = pico_usd as f64 / 1e12;
+    usd
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// The series of one route (alias × provider) that every answered request updates, each made on
+/// first use (as a family lookup would make it) and then updated without a lookup: a lookup
+/// hashes the labels and takes the family's lock, and a request made seven of them. Held by the
+/// config index's routes, so made per index; the handles share the series of the families.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    alias: Arc<str>,
+    provider: &'static str,
+    answered_ok: OnceLock<Counter>,
+    duration: OnceLock<Histogram>,
+    upstream_duration: OnceLock<Histogram>,
+    prompt_tokens: OnceLock<Counter>,
+    completion_tokens: OnceLock<Counter>,
+    cost_usd: OnceLock<Counter<f64, AtomicU64>>,
+}
+
+impl RouteMetrics {
+    pub fn new(alias: Arc<str>, provider: &'static str) -> Self {
+        Self {
+            alias,
+            provider,
+            answered_ok: OnceLock::new(),
+            duration: OnceLock::new(),
+            upstream_duration: OnceLock::new(),
+            prompt_tokens: OnceLock::new(),
+            completion_tokens: OnceLock::new(),
+            cost_usd: OnceLock::new(),
+        }
+    }
+
+    fn labels(&self) -> RouteLabels {
+        RouteLabels {
+            alias: self.alias.clone(),
+            provider: self.provider,
+        }
+    }
+
+    fn tokens<'a>(
+        &'a self,
+        slot: &'a OnceLock<Counter>,
+        metrics: &Metrics,
+        kind: &'static str,
+    ) -> &'a Counter {
+        slot.get_or_init(|| {
+            metrics
+                .tokens
+                .get_or_create(&TokenLabels {
+                    alias: self.alias.clone(),
+                    provider: self.provider,
+                    kind,
+                })
+                .clone()
+        })
+    }
+}
 
 fn latency_buckets() -> Histogram {
     // LLM calls: tens of milliseconds to minutes.
@@ -212,6 +278,8 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     cost_usd: Family<RouteLabels, Counter<f64, AtomicU64>>,
     ratelimit_decisions: Family<DecisionLabels, Counter>,
+    /// The series of `ratelimit_decisions` by [`LimitResult`], made on first use.
+    decisions: Arc<[OnceLock<Counter>; 3]>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     usage_dropped: Counter,
     usage_batches: Family<UsageBatchLabels, Counter>,
@@ -241,6 +309,7 @@ impl Metrics {
             tokens: Family::default(),
             cost_usd: Family::default(),
             ratelimit_decisions: Family::default(),
+            decisions: Arc::default(),
             upstream_errors: Family::default(),
             usage_dropped: Counter::default(),
             usage_batches: Family::default(),
@@ -282,6 +351,82 @@ impl Metrics {
         }
     }
 
+    /// [`Self::request`] of a routed request, through its route's handles.
+    pub fn routed_request(
+        &self,
+        route: &RouteMetrics,
+        status: u16,
+        duration: Duration,
+        upstream: Option<Duration>,
+    ) {
+        if status != 200 {
+            return self.request(&route.alias, route.provider, status, duration, upstream);
+        }
+        route
+            .answered_ok
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        alias: route.alias.clone(),
+                        provider: route.provider,
+                        status,
+                    })
+                    .clone()
+            })
+            .inc();
+        route
+            .duration
+            .get_or_init(|| self.request_duration.get_or_create(&route.labels()).clone())
+            .observe(duration.as_secs_f64());
+        if let Some(upstream) = upstream {
+            route
+                .upstream_duration
+                .get_or_init(|| {
+                    self.upstream_duration
+                        .get_or_create(&ProviderLabels {
+                            provider: route.provider,
+                        })
+                        .clone()
+                })
+                .observe(upstream.as_secs_f64());
+            self.overhead
+                .observe(duration.saturating_sub(upstream).as_secs_f64());
+        }
+    }
+
+    /// [`Self::tokens`] and [`Self::cost`] (with `pico_usd`) of a routed answer, through its
+    /// route's handles.
+    pub fn routed_usage(&self, route: &RouteMetrics, usage: &Usage, pico_usd: Option<u128>) {
+        route
+            .tokens(&route.prompt_tokens, self, "prompt")
+            .inc_by(usage.prompt_tokens);
+        route
+            .tokens(&route.completion_tokens, self, "completion")
+            .inc_by(usage.completion_tokens);
+        let subsets = [
+            ("cache_read", usage.cache_read_tokens),
+            ("cache_write", usage.cache_write_tokens),
+            ("reasoning", usage.reasoning_tokens),
+        ];
+        for (kind, count) in subsets {
+            if count > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        alias: route.alias.clone(),
+                        provider: route.provider,
+                        kind,
+                    })
+                    .inc_by(count);
+            }
+        }
+        if let Some(pico_usd) = pico_usd {
+            route
+                .cost_usd
+                .get_or_init(|| self.cost_usd.get_or_create(&route.labels()).clone())
+                .inc_by(usd_of(pico_usd));
+        }
+    }
+
     pub fn time_to_first_token(&self, alias: &Arc<str>, provider: &'static str, time: Duration) {
         self.time_to_first_token
             .get_or_create(&RouteLabels {
@@ -320,11 +465,7 @@ impl Metrics {
     /// The cost of one answer (DESIGN §18), exact in pico-USD until this float counter: the
     /// accounting of record is the control plane's, this is for dashboards.
     pub fn cost(&self, alias: &Arc<str>, provider: &'static str, pico_usd: u128) {
-        #[allow(
-            clippy::cast_precision_loss,
-            reason = "a dashboard figure: f64 holds any single request's cost to far below a micro-USD"
-        )]
-        let usd = pico_usd as f64 / 1e12;
+        let usd = usd_of(pico_usd);
         self.cost_usd
             .get_or_create(&RouteLabels {
                 alias: alias.clone(),
@@ -334,14 +475,18 @@ impl Metrics {
     }
 
     pub fn ratelimit_decision(&self, result: LimitResult) {
-        let result = match result {
-            LimitResult::Allowed => "allowed",
-            LimitResult::Limited => "limited",
-            LimitResult::Unavailable => "unavailable",
-        };
-        self.ratelimit_decisions
-            .get_or_create(&DecisionLabels { result })
-            .inc();
+        let slot = &self.decisions[result as usize];
+        slot.get_or_init(|| {
+            let result = match result {
+                LimitResult::Allowed => "allowed",
+                LimitResult::Limited => "limited",
+                LimitResult::Unavailable => "unavailable",
+            };
+            self.ratelimit_decisions
+                .get_or_create(&DecisionLabels { result })
+                .clone()
+        })
+        .inc();
     }
 
     pub fn upstream_error(&self, provider: &'static str, kind: UpstreamErrorKind) {
@@ -498,6 +643,82 @@ mod tests {
             .collect();
         lines.sort();
         lines
+    }
+
+    /// The sorted sample lines of the whole exposition (without `_created` times).
+    fn sample_lines(metrics: &Metrics) -> Vec<String> {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut out = String::new();
+        encode(&mut out, &registry).unwrap();
+        let mut lines: Vec<String> = out
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.contains("_created"))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn a_routes_handles_update_the_series_a_lookup_would() {
+        let by_lookup = Metrics::new();
+        let by_route = Metrics::new();
+        let alias: Arc<str> = Arc::from("chat");
+        let route = RouteMetrics::new(alias.clone(), "anthropic");
+        let cached = Usage {
+            prompt_tokens: 1036,
+            completion_tokens: 100,
+            total_tokens: 1136,
+            cache_read_tokens: 1024,
+            reasoning_tokens: 7,
+            ..Usage::default()
+        };
+        for (status, upstream, usage, cost) in [
+            (200, Some(3), Usage::default(), None),
+            (200, None, cached, Some(4_097_291_705_200)),
+            (429, None, Usage::default(), None),
+            (200, Some(1), cached, Some(1)),
+            (502, Some(2), Usage::default(), None),
+        ] {
+            let duration = Duration::from_millis(5);
+            let upstream = upstream.map(Duration::from_millis);
+            by_lookup.request(&alias, "anthropic", status, duration, upstream);
+            by_route.routed_request(&route, status, duration, upstream);
+            if status == 200 {
+                by_lookup.tokens(&alias, "anthropic", &usage);
+                if let Some(cost) = cost {
+                    by_lookup.cost(&alias, "anthropic", cost);
+                }
+                by_route.routed_usage(&route, &usage, cost);
+            }
+        }
+        for result in [
+            LimitResult::Allowed,
+            LimitResult::Limited,
+            LimitResult::Allowed,
+        ] {
+            by_lookup.ratelimit_decision(result);
+            by_route.ratelimit_decision(result);
+        }
+        let lines = sample_lines(&by_route);
+        assert_eq!(lines, sample_lines(&by_lookup));
+        assert!(
+            lines.contains(
+                &r#"llm_proxy_requests_total{alias="chat",provider="anthropic",status="200"} 3"#
+                    .to_owned()
+            )
+        );
+        assert!(lines.contains(
+            &r#"llm_proxy_tokens_total{alias="chat",provider="anthropic",kind="cache_read"} 2048"#
+                .to_owned()
+        ));
+        assert!(
+            lines
+                .contains(&r#"llm_proxy_ratelimit_decisions_total{result="allowed"} 2"#.to_owned())
+        );
+        // Series appear on first use only, as with lookups.
+        assert!(!lines.iter().any(|l| l.contains("unavailable")));
     }
 
     #[test]

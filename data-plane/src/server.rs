@@ -8,7 +8,7 @@ use crate::errors::ApiError;
 use crate::inbound::{InboundDialect, InboundRequest};
 use crate::index::{ConfigIndex, ConnectionEntry, KeyEntry, Target, UsageTarget};
 use crate::limits::Limits;
-use crate::metrics::{LimitResult, Metrics, UpstreamErrorKind};
+use crate::metrics::{LimitResult, Metrics, RouteMetrics, UpstreamErrorKind};
 use crate::providers::capped::{self, CappedReadError};
 use crate::providers::{self, CallContext, Operation, Upstreams};
 use crate::ratelimit::{AnyLimiter, Decision, LimitSpec, RateLimiter as _, Reservation};
@@ -474,6 +474,7 @@ struct SettleOnEnd {
     started: Instant,
     alias: Option<Arc<str>>,
     provider: &'static str,
+    route_metrics: Option<Arc<RouteMetrics>>,
     prices: Option<Prices>,
     usage_target: Option<UsageTarget>,
     aggregator: Arc<UsageAggregator>,
@@ -498,6 +499,7 @@ impl StreamEnd for SettleOnEnd {
             span,
             alias,
             provider,
+            route_metrics,
             prices,
             usage_target,
             aggregator,
@@ -506,8 +508,14 @@ impl StreamEnd for SettleOnEnd {
             ..
         } = *self;
         if let Some(usage) = &usage {
-            record_usage(&span, &metrics, alias.as_ref(), provider, prices, usage);
-            count_usage(&aggregator, usage_target.as_ref(), prices, usage);
+            let cost = prices.map(|p| p.cost_pico_usd(usage));
+            let route = RouteOf {
+                metrics: route_metrics.as_deref(),
+                alias: alias.as_ref(),
+                provider,
+            };
+            record_usage(&span, &metrics, route, cost, usage);
+            count_usage(&aggregator, usage_target.as_ref(), cost, usage);
         }
         if let Some(reservation) = budget {
             let actual = budget_actual(prices, usage.as_ref(), completed, &reservation);
@@ -646,6 +654,8 @@ struct RequestRecord {
     usage_target: Option<UsageTarget>,
     /// Time the upstream took (to its whole answer, or to a stream's head).
     upstream: Option<Duration>,
+    /// The metric series of the route [`Self::routed`] names.
+    route_metrics: Option<Arc<RouteMetrics>>,
     /// The key's budget reservation until an answer settles it or a stream takes it.
     budget: Option<BudgetReservation>,
     /// Whether a failed attempt may have been billed (timeout, unreadable answer): a request that
@@ -657,6 +667,7 @@ impl RequestRecord {
     fn routed(&mut self, target: &Target<'_>, provider: &'static str) {
         self.provider = provider;
         self.prices = target.model.prices;
+        self.route_metrics = target.metrics.cloned();
         if let Some(usage_target) = &mut self.usage_target {
             usage_target.set_target(target);
         }
@@ -669,15 +680,19 @@ impl RequestRecord {
     }
 
     fn usage(&self, state: &AppState, usage: &Usage) {
+        let cost = self.prices.map(|p| p.cost_pico_usd(usage));
         record_usage(
             &self.span,
             &state.metrics,
-            self.alias.as_ref(),
-            self.provider,
-            self.prices,
+            RouteOf {
+                metrics: self.route_metrics.as_deref(),
+                alias: self.alias.as_ref(),
+                provider: self.provider,
+            },
+            cost,
             usage,
         );
-        count_usage(&state.usage, self.usage_target.as_ref(), self.prices, usage);
+        count_usage(&state.usage, self.usage_target.as_ref(), cost, usage);
     }
 }
 
@@ -685,23 +700,30 @@ impl RequestRecord {
 fn count_usage(
     aggregator: &UsageAggregator,
     target: Option<&UsageTarget>,
-    prices: Option<Prices>,
+    cost: Option<u128>,
     usage: &Usage,
 ) {
     if let Some(key) = target.and_then(UsageTarget::usage_key) {
-        let cost = prices.map_or(0, |p| p.cost_pico_usd(usage));
-        aggregator.add(&key, usage, cost);
+        aggregator.add(&key, usage, cost.unwrap_or(0));
     }
 }
 
+/// Which series an answer's tokens go to: its route's handles, else a lookup by alias and
+/// provider.
+#[derive(Clone, Copy)]
+struct RouteOf<'a> {
+    metrics: Option<&'a RouteMetrics>,
+    alias: Option<&'a Arc<str>>,
+    provider: &'static str,
+}
+
 /// Token counts on the request span (signed: OpenTelemetry exports a u64 as text), in the
-/// token metrics and, for a priced model, in the cost metric.
+/// token metrics and, for a priced model (`cost`, pico-USD), in the cost metric.
 fn record_usage(
     span: &tracing::Span,
     metrics: &Metrics,
-    alias: Option<&Arc<str>>,
-    provider: &'static str,
-    prices: Option<Prices>,
+    route: RouteOf<'_>,
+    cost: Option<u128>,
     usage: &Usage,
 ) {
     let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -712,11 +734,22 @@ fn record_usage(
         "gen_ai.usage.output_tokens",
         signed(usage.completion_tokens),
     );
-    if let Some(alias) = alias {
-        metrics.tokens(alias, provider, usage);
-        if let Some(prices) = prices {
-            metrics.cost(alias, provider, prices.cost_pico_usd(usage));
+    match route {
+        RouteOf {
+            metrics: Some(handles),
+            ..
+        } => metrics.routed_usage(handles, usage, cost),
+        RouteOf {
+            alias: Some(alias),
+            provider,
+            ..
+        } => {
+            metrics.tokens(alias, provider, usage);
+            if let Some(cost) = cost {
+                metrics.cost(alias, provider, cost);
+            }
         }
+        RouteOf { .. } => {}
     }
 }
 
@@ -796,6 +829,7 @@ fn start_request(
         prices: None,
         usage_target: None,
         upstream: None,
+        route_metrics: None,
         budget: None,
         maybe_billed: false,
     };
@@ -877,13 +911,21 @@ fn finish_request(
             .span
             .record("upstream_ms", upstream.as_secs_f64() * 1000.0);
     }
-    state.metrics.request(
-        record.alias.as_ref().unwrap_or(&state.metrics.no_alias),
-        record.provider,
-        status.as_u16(),
-        record.started.elapsed(),
-        record.upstream,
-    );
+    match &record.route_metrics {
+        Some(route) => state.metrics.routed_request(
+            route,
+            status.as_u16(),
+            record.started.elapsed(),
+            record.upstream,
+        ),
+        None => state.metrics.request(
+            record.alias.as_ref().unwrap_or(&state.metrics.no_alias),
+            record.provider,
+            status.as_u16(),
+            record.started.elapsed(),
+            record.upstream,
+        ),
+    }
     response.headers_mut().insert(X_REQUEST_ID, request_id);
     closing_if_draining(state, response)
 }
@@ -1393,6 +1435,7 @@ async fn call_upstream(
             started: record.started,
             alias: record.alias.clone(),
             provider,
+            route_metrics: record.route_metrics.clone(),
             prices: record.prices,
             usage_target: record.usage_target.clone(),
             aggregator: state.usage.clone(),

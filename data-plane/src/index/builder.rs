@@ -328,6 +328,10 @@ impl IndexBuilder {
         }
         let number = u32::try_from(self.index.routes.len()).ok()?;
         self.index.routes.push(Route {
+            metrics: Arc::new(RouteMetrics::new(
+                key.alias.clone(),
+                connection.provider.as_str(),
+            )),
             alias: key.alias.clone(),
             weight,
             limits,

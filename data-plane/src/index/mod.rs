@@ -15,6 +15,7 @@
 //! simply does not route (404 `model_not_found`), which fails closed.
 
 use crate::budget::{Budget, BudgetPeriod};
+use crate::metrics::RouteMetrics;
 use crate::usage_report::UsageKey;
 use http::HeaderValue;
 use llm_proxy_proto::v1::{
@@ -138,6 +139,8 @@ struct Route {
     limits: Limits,
     model: Arc<ModelEntry>,
     connection: Arc<ConnectionEntry>,
+    /// The route's metric series, made on first use.
+    metrics: Arc<RouteMetrics>,
 }
 
 /// A string in [`ConfigIndex`]'s id arena.
@@ -185,6 +188,8 @@ pub struct Target<'a> {
     pub limits: Limits,
     pub model: &'a ModelEntry,
     pub connection: &'a ConnectionEntry,
+    /// The route's metric series (`None` for targets built outside an index).
+    pub metrics: Option<&'a Arc<RouteMetrics>>,
     /// Where the assignment is in its index, for [`UsageTarget`] (default: nowhere, for targets
     /// built outside an index).
     pub position: TargetPosition,
@@ -436,6 +441,7 @@ impl ConfigIndex {
             limits: route.limits,
             model: &route.model,
             connection: &route.connection,
+            metrics: Some(&route.metrics),
             position: TargetPosition(record),
         }
     }

@@ -209,6 +209,7 @@ mod tests {
                 limits: Limits::default(),
                 model: &self.model,
                 connection: &self.connection,
+                metrics: None,
                 position: Default::default(),
             }
         }
