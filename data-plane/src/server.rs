@@ -157,7 +157,7 @@ fn now_unix() -> i64 {
 /// current anthropic SDK sends Bearer).
 fn presented_key(headers: &HeaderMap, dialect: InboundDialect) -> Option<&str> {
     if dialect == InboundDialect::Anthropic
-        && let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok())
+        && let Some(key) = headers.get(X_API_KEY).and_then(|v| v.to_str().ok())
     {
         return Some(key.trim());
     }
@@ -173,9 +173,9 @@ fn presented_key(headers: &HeaderMap, dialect: InboundDialect) -> Option<&str> {
             return Some(key.trim());
         }
     }
-    ["api-key", "x-goog-api-key"]
-        .iter()
-        .find_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()))
+    [API_KEY, X_GOOG_API_KEY]
+        .into_iter()
+        .find_map(|name| headers.get(name).and_then(|v| v.to_str().ok()))
         .map(str::trim)
 }
 
@@ -776,7 +776,7 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// The client's `x-request-id` when it is a sane token, else a new random one.
 pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(value) = headers.get("x-request-id")
+    if let Some(value) = headers.get(X_REQUEST_ID)
         && !value.is_empty()
         && value.len() <= MAX_REQUEST_ID_LEN
         && value
@@ -792,7 +792,11 @@ pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
+// Header names as constants: a lookup by `&str` parses and validates the name every time.
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 
 /// A request's span, trace context and record, as every route starts them.
 fn start_request(
@@ -1547,16 +1551,29 @@ async fn error_answer(response: UpstreamResponse, timeout: Duration) -> (HeaderM
 /// The upstream's request ids, passed on for support requests. The upstream's `x-request-id`
 /// becomes `x-upstream-request-id`: `x-request-id` is the gateway's own.
 fn request_ids(from: &HeaderMap) -> HeaderMap {
-    let mut ids = HeaderMap::new();
-    for (name, as_name) in [
-        ("x-request-id", "x-upstream-request-id"),
+    const IDS: [(HeaderName, HeaderName); 4] = [
+        (
+            X_REQUEST_ID,
+            HeaderName::from_static("x-upstream-request-id"),
+        ),
         // Anthropic's.
-        ("request-id", "x-upstream-request-id"),
-        ("apim-request-id", "apim-request-id"),
-        ("x-amzn-requestid", "x-amzn-requestid"),
-    ] {
+        (
+            HeaderName::from_static("request-id"),
+            HeaderName::from_static("x-upstream-request-id"),
+        ),
+        (
+            HeaderName::from_static("apim-request-id"),
+            HeaderName::from_static("apim-request-id"),
+        ),
+        (
+            HeaderName::from_static("x-amzn-requestid"),
+            HeaderName::from_static("x-amzn-requestid"),
+        ),
+    ];
+    let mut ids = HeaderMap::new();
+    for (name, as_name) in IDS {
         if let Some(value) = from.get(name) {
-            ids.insert(HeaderName::from_static(as_name), value.clone());
+            ids.insert(as_name, value.clone());
         }
     }
     ids

@@ -63,8 +63,9 @@ impl TraceContext {
 
     /// The client's trace, or a new sampled one.
     pub fn of_request(headers: &HeaderMap) -> Self {
+        const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
         headers
-            .get("traceparent")
+            .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(Self::parse)
             .unwrap_or_else(|| Self {
