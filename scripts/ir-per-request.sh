@@ -8,7 +8,8 @@
 # Each binary serves the same set-up in turn (OpenAI chat to the bench mock, in-process
 # limiter, priced model, one key), rounds A/B/A/B: 200 warm-up requests, then counters zeroed,
 # IR_REQUESTS (default 1000) sequential keep-alive requests, non-streamed then streamed.
-# Knobs: IR_ROUNDS (default 2), IR_REQUESTS, IR_KEEP=DIR (keep each profile, for
+# Knobs: IR_API (chat, or responses: OpenAI's Responses API passed through), IR_ROUNDS
+# (default 2), IR_REQUESTS, IR_KEEP=DIR (keep each profile, for
 # callgrind_annotate). Needs valgrind and curl; release binaries of the
 # control plane, llmctl and the mock in CARGO_TARGET_DIR (or target/)/release.
 set -euo pipefail
@@ -55,9 +56,15 @@ ctl model add --conn-id Mock --name gpt-4o-mini --remote gpt-4o-mini --price-inp
 ctl vkey add --name Bench --key "$key"
 ctl assign --vkey-id Bench --model-id gpt-4o-mini --alias gpt-4o-mini --tps 1000000
 
-url=http://127.0.0.1:$dp_port/v1/chat/completions
-body_json='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
-body_sse='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+if [[ ${IR_API:-chat} == responses ]]; then
+  url=http://127.0.0.1:$dp_port/v1/responses
+  body_json='{"model":"gpt-4o-mini","input":"hi"}'
+  body_sse='{"model":"gpt-4o-mini","stream":true,"input":"hi"}'
+else
+  url=http://127.0.0.1:$dp_port/v1/chat/completions
+  body_json='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+  body_sse='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+fi
 requests_of() { # count mode: a curl config of `count` requests on one keep-alive connection
   local body=$body_json
   [[ $2 == sse ]] && body=$body_sse
