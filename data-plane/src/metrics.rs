@@ -632,16 +632,8 @@ mod tests {
 
     /// The sorted `llm_proxy_tokens_total` lines of the exposition.
     fn token_lines(metrics: &Metrics) -> Vec<String> {
-        let mut registry = Registry::default();
-        metrics.register(&mut registry);
-        let mut out = String::new();
-        encode(&mut out, &registry).unwrap();
-        let mut lines: Vec<String> = out
-            .lines()
-            .filter(|l| l.starts_with("llm_proxy_tokens_total{"))
-            .map(str::to_owned)
-            .collect();
-        lines.sort();
+        let mut lines = sample_lines(metrics);
+        lines.retain(|l| l.starts_with("llm_proxy_tokens_total{"));
         lines
     }
 

@@ -314,14 +314,7 @@ impl From<tonic::Status> for SyncError {
 
 /// An error and its sources on one line (transport errors hide the cause in `source()`).
 fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    crate::upstream_http::error_chain(err)
 }
 
 impl SyncSettings {

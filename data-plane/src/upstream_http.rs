@@ -167,7 +167,7 @@ impl UpstreamHttp {
 }
 
 /// `err` and its causes on one line.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(inner) = source {
