@@ -10,7 +10,9 @@
 # IR_REQUESTS (default 1000) sequential keep-alive requests, non-streamed then streamed.
 # Knobs: IR_API (chat, or responses: OpenAI's Responses API passed through), IR_ROUNDS
 # (default 2), IR_REQUESTS, IR_KEEP=DIR (keep each profile, for
-# callgrind_annotate). Needs valgrind and curl; release binaries of the
+# callgrind_annotate), IR_CPU=N (run the data plane on CPU N only, as bench.sh does: with one
+# CPU it picks its single-threaded runtime). A DP_BINARY may be a script that execs the data
+# plane (e.g. to set its environment). Needs valgrind and curl; release binaries of the
 # control plane, llmctl and the mock in CARGO_TARGET_DIR (or target/)/release.
 set -euo pipefail
 
@@ -81,7 +83,9 @@ ir_of() { # callgrind output file: total instructions (the `summary:` line)
 }
 measure() { # label binary
   local out=$work/cg.out
-  valgrind --tool=callgrind --callgrind-out-file="$out" "$2" --listen "127.0.0.1:$dp_port" \
+  local pin=()
+  [[ -n ${IR_CPU:-} ]] && pin=(taskset -c "$IR_CPU")
+  "${pin[@]}" valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$out" "$2" --listen "127.0.0.1:$dp_port" \
     --metrics-listen "127.0.0.1:$dpm_port" --control-plane "http://127.0.0.1:$cp_port" \
     2>"$work/dp.log" &
   local vg=$!

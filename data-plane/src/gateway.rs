@@ -295,7 +295,10 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
         }),
     ];
 
-    let app = server::router(state);
+    let routes = crate::front_door::Routes {
+        hot: Some(Arc::new(server::HotRoutes(state.clone()))),
+        router: server::router(state),
+    };
     let stop = shutdown_rx.clone();
     #[allow(
         clippy::disallowed_methods,
@@ -303,7 +306,7 @@ pub async fn start(settings: GatewaySettings) -> Result<RunningGateway, GatewayE
     )]
     let server = tokio::spawn(crate::front_door::serve(
         listener,
-        app,
+        routes,
         settings.limits,
         metrics.front_door.clone(),
         stop,

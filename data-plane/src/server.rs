@@ -111,6 +111,40 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The POST routes every inference request takes, served by the front door without the router
+/// ([`crate::front_door::HotRoutes`]); the router serves the same paths the same way.
+pub struct HotRoutes(pub AppState);
+
+impl HotRoutes {
+    /// The inbound request of a hot path, as `chat`, `messages` and `responses` make it.
+    fn inbound(path: &str) -> Option<InboundRequest> {
+        match path {
+            "/v1/chat/completions" => Some(InboundRequest::openai(Operation::ChatCompletions)),
+            "/v1/messages" => Some(InboundRequest::anthropic(Operation::Messages)),
+            "/v1/responses" => Some(InboundRequest::responses()),
+            _ => None,
+        }
+    }
+}
+
+impl crate::front_door::HotRoutes for HotRoutes {
+    fn takes(&self, method: &Method, path: &str) -> bool {
+        method == Method::POST && Self::inbound(path).is_some()
+    }
+
+    fn call(&self, request: Request) -> futures_util::future::BoxFuture<'static, Response> {
+        let Some(inbound) = Self::inbound(request.uri().path()) else {
+            // Not taken (see `takes`): the router's answer for an unknown path.
+            return Box::pin(std::future::ready(with_request_id(
+                request.headers(),
+                unknown_path(),
+            )));
+        };
+        let (parts, body) = request.into_parts();
+        Box::pin(handle(self.0.clone(), parts.headers, body, inbound))
+    }
+}
+
 /// An answer outside the request handlers, with the `x-request-id` every answer carries.
 fn with_request_id(headers: &HeaderMap, response: impl IntoResponse) -> Response {
     let mut response = response.into_response();
@@ -1394,14 +1428,17 @@ async fn call_upstream(
         .await
         .map_err(UpstreamFailure::not_sent)?;
     let wire = outbound.wire;
-    let uri = outbound.url.into_uri().map_err(|detail| {
+    let (uri, host) = outbound.url.into_uri().map_err(|detail| {
         UpstreamFailure::not_sent(ApiError::upstream_unreachable(provider, detail))
     })?;
     let mut request = http::Request::new(Bytes::from(outbound.body));
     *request.method_mut() = Method::POST;
     *request.uri_mut() = uri;
     let headers = request.headers_mut();
-    headers.reserve(outbound.headers.len() + 2);
+    headers.reserve(outbound.headers.len() + 3);
+    if let Some(host) = host {
+        headers.insert(header::HOST, host);
+    }
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

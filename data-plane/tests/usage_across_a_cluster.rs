@@ -783,12 +783,23 @@ async fn usage_is_exact_across_three_data_planes_a_killed_control_plane_and_a_sh
     }
 
     // Three data planes on one Redis, which reach the control plane through the proxy. Two report
-    // every second; the third only at shutdown.
+    // every second; the third only at shutdown. Their runtimes differ: single-threaded (what a
+    // one-CPU pod gets), two workers, and one per CPU of this machine.
     let proxy = HoldingProxy::start(cp_addr).await;
     let redis = redis_url();
     let mut planes = Vec::new();
-    for (n, interval) in ["1", "1", "3600"].into_iter().enumerate() {
-        let args = ["--redis-url", &redis, "--usage-report-interval-s", interval];
+    for (n, (interval, threads)) in [("1", "1"), ("1", "2"), ("3600", "0")]
+        .into_iter()
+        .enumerate()
+    {
+        let args = [
+            "--redis-url",
+            &redis,
+            "--usage-report-interval-s",
+            interval,
+            "--worker-threads",
+            threads,
+        ];
         planes.push(
             DataPlaneProcess::start(proxy.addr, &format!("dp-usage-cluster-{n}"), &args).await,
         );

@@ -63,22 +63,30 @@ pub struct ConnectionEntry {
 /// with the index, so a changed connection starts afresh.
 #[derive(Debug, Default)]
 pub struct ConnectionCache {
-    urls: [std::sync::OnceLock<Option<http::Uri>>; 5],
+    urls: [std::sync::OnceLock<Option<CachedUrl>>; 5],
     /// `Debug` shows a sensitive value as `Sensitive`.
     credential_header: std::sync::OnceLock<Option<HeaderValue>>,
 }
 
+/// A parsed upstream URL and, for plain HTTP, its `Host` header value.
+type CachedUrl = (http::Uri, Option<HeaderValue>);
+
 impl ConnectionCache {
-    /// The URL of `operation`, made by `make` and parsed the first time; `None` when it does
-    /// not parse (the caller sends the text, whose parse reports the error).
+    /// The URL of `operation` and, for plain HTTP, its `Host` header value
+    /// ([`crate::providers::host_header`]), made by `make` and parsed the first time; `None` when
+    /// it does not parse (the caller sends the text, whose parse reports the error).
     pub fn url(
         &self,
         operation: crate::inbound::Operation,
         make: impl FnOnce() -> String,
-    ) -> Option<http::Uri> {
+    ) -> Option<CachedUrl> {
         let slot = self.urls.get(operation as usize)?;
-        slot.get_or_init(|| crate::providers::parse_uri(&make()).ok())
-            .clone()
+        slot.get_or_init(|| {
+            let uri = crate::providers::parse_uri(&make()).ok()?;
+            let host = crate::providers::host_header(&uri);
+            Some((uri, host))
+        })
+        .clone()
     }
 
     /// The header value carrying the credential, made by `make` the first time; `None` when
@@ -460,20 +468,30 @@ mod tests {
             made.set(made.get() + 1);
             "https://api.openai.com/v1/chat/completions".to_owned()
         };
-        let first = cache.url(Operation::ChatCompletions, make).unwrap();
-        let again = cache.url(Operation::ChatCompletions, make).unwrap();
+        let (first, host) = cache.url(Operation::ChatCompletions, make).unwrap();
+        let (again, _) = cache.url(Operation::ChatCompletions, make).unwrap();
         assert_eq!(first, again);
         assert_eq!(
             first.to_string(),
             "https://api.openai.com/v1/chat/completions"
         );
+        // Over TLS the client writes `Host` itself (HTTP/1.1 only; HTTP/2 has `:authority`).
+        assert_eq!(host, None);
+        let (_, host) = cache
+            .url(Operation::Embeddings, || {
+                "http://10.0.0.7:8000/v1/embeddings".to_owned()
+            })
+            .unwrap();
+        assert_eq!(host.unwrap(), "10.0.0.7:8000");
         assert_eq!(made.get(), 1);
         // Another operation has its own slot.
+        let cache = ConnectionCache::default();
         let embeddings = cache
             .url(Operation::Embeddings, || {
                 "https://api.openai.com/v1/embeddings".to_owned()
             })
-            .unwrap();
+            .unwrap()
+            .0;
         assert_eq!(embeddings.path(), "/v1/embeddings");
         // Text that does not parse is not cached as a URL: the caller sends it as text.
         assert!(

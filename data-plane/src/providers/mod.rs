@@ -72,7 +72,8 @@ pub struct Outbound {
 /// ([`crate::index::ConnectionCache`]), else text parsed per call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamUrl {
-    Parsed(http::Uri),
+    /// A parsed URL and, for plain HTTP, its `Host` header value ([`host_header`]).
+    Parsed(http::Uri, Option<HeaderValue>),
     Text(String),
 }
 
@@ -80,17 +81,18 @@ impl UpstreamUrl {
     /// The URL as text (for tests and messages).
     pub fn to_text(&self) -> String {
         match self {
-            Self::Parsed(uri) => uri.to_string(),
+            Self::Parsed(uri, _) => uri.to_string(),
             Self::Text(text) => text.clone(),
         }
     }
 
-    /// The URL to send to, or why it is not one (without the URL: some providers take keys in
-    /// the query).
-    pub fn into_uri(self) -> Result<http::Uri, String> {
+    /// The URL to send to with its `Host` header value when it was made beforehand (else the
+    /// HTTP client writes it), or why it is not one (without the URL: some providers take keys
+    /// in the query).
+    pub fn into_uri(self) -> Result<(http::Uri, Option<HeaderValue>), String> {
         match self {
-            Self::Parsed(uri) => Ok(uri),
-            Self::Text(text) => parse_uri(&text),
+            Self::Parsed(uri, host) => Ok((uri, host)),
+            Self::Text(text) => parse_uri(&text).map(|uri| (uri, None)),
         }
     }
 
@@ -101,7 +103,7 @@ impl UpstreamUrl {
         make: impl Fn() -> String,
     ) -> Self {
         match connection.cache.url(operation, &make) {
-            Some(url) => Self::Parsed(url),
+            Some((url, host)) => Self::Parsed(url, host),
             None => Self::Text(make()),
         }
     }
@@ -118,6 +120,21 @@ pub fn parse_uri(text: &str) -> Result<http::Uri, String> {
         ));
     }
     http::Uri::try_from(url.as_str()).map_err(|err| format!("invalid upstream url: {err}"))
+}
+
+/// For a plain `http://` URL, the `Host` header hyper's client would write on every request
+/// (the host, and the port unless it is 80), made once per cached URL instead. `None` over TLS:
+/// there ALPN picks the protocol per connection, and HTTP/2 carries `:authority` instead (a
+/// `Host` would be sent beside it).
+pub fn host_header(uri: &http::Uri) -> Option<HeaderValue> {
+    if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
+        return None;
+    }
+    let host = uri.host()?;
+    match uri.port_u16() {
+        Some(port) if port != 80 => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
+        _ => HeaderValue::from_str(host).ok(),
+    }
 }
 
 impl From<String> for UpstreamUrl {
@@ -685,6 +702,23 @@ pub fn upstream_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_header_is_made_as_hypers_client_writes_it_for_plain_http_only() {
+        let host = |url: &str| {
+            host_header(&parse_uri(url).unwrap()).map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            host("http://mock:8080/v1/chat/completions").as_deref(),
+            Some("mock:8080")
+        );
+        assert_eq!(host("http://mock:80/v1").as_deref(), Some("mock"));
+        assert_eq!(host("http://mock/v1").as_deref(), Some("mock"));
+        assert_eq!(host("http://[::1]:9000/").as_deref(), Some("[::1]:9000"));
+        assert_eq!(host("http://user:pw@mock:81/").as_deref(), Some("mock:81"));
+        assert_eq!(host("https://api.openai.com/v1"), None);
+        assert_eq!(host("https://api.openai.com:8443/v1"), None);
+    }
 
     #[test]
     fn azure_content_filter_stays_a_400_with_its_code() {

@@ -38,7 +38,7 @@ pub fn bearer(credential: &str) -> Result<Option<(HeaderName, HeaderValue)>, Api
 }
 
 /// `Authorization: Bearer …` for `connection`, made once per connection.
-fn credential_header(
+pub(crate) fn credential_header(
     connection: &crate::index::ConnectionEntry,
 ) -> Result<Option<(HeaderName, HeaderValue)>, ApiError> {
     let credential = connection.credential.expose_secret();
