@@ -34,7 +34,9 @@
 # rounds, BENCH_AB_ROUNDS (3) rounds of the chat maximum-throughput rows, A then B back to back on
 # the same control plane, mock and port (for the before/after of a hot-path change).
 # BENCH_BODY_KIB ("16 128"; "" skips: the padded body sizes, max throughput only), BENCH_LOCAL_LIMITER
-# (1; 0 skips the in-process limiter phase), BENCH_ALLOC_REQUESTS (2000; 0 skips the allocation count).
+# (1; 0 skips the in-process limiter phase), BENCH_ALLOC_REQUESTS (2000; 0 skips the allocation count),
+# BENCH_LATENCY_ROUNDS (3: rounds of direct, nginx and the data plane back to back at the top fixed
+# rate, plus TTFB, whose medians are held to the latency budgets; 0 skips them).
 # Needs oha (cargo install oha --locked), nginx, taskset, python3, curl and a running Redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +58,7 @@ ab_dp=${BENCH_AB_DP:-}
 ab_rounds=${BENCH_AB_ROUNDS:-3}
 read -r -a body_kibs <<<"${BENCH_BODY_KIB-16 128}"
 local_limiter=${BENCH_LOCAL_LIMITER:-1}
+latency_rounds=${BENCH_LATENCY_ROUNDS:-3}
 alloc_requests=${BENCH_ALLOC_REQUESTS:-2000}
 out=${BENCH_OUT:-bench/RESULTS.md}
 redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
@@ -76,6 +79,7 @@ nginx_bin=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 [[ $seconds =~ ^[0-9]+$ && $seconds -gt 0 ]] || die "SECONDS must be a positive integer, not '$seconds'"
 [[ $dialect_rounds =~ ^[0-9]+$ ]] || die "BENCH_DIALECT_ROUNDS must be a number, not '$dialect_rounds'"
 [[ $ab_rounds =~ ^[0-9]+$ ]] || die "BENCH_AB_ROUNDS must be a number, not '$ab_rounds'"
+[[ $latency_rounds =~ ^[0-9]+$ ]] || die "BENCH_LATENCY_ROUNDS must be a number, not '$latency_rounds'"
 [[ $alloc_requests =~ ^[0-9]+$ ]] || die "BENCH_ALLOC_REQUESTS must be a number, not '$alloc_requests'"
 for kib in "${body_kibs[@]}"; do
   [[ $kib =~ ^[0-9]+$ && $kib -gt 0 ]] || die "BENCH_BODY_KIB must list positive numbers, not '$kib'"
@@ -317,7 +321,7 @@ oha_run() { # out base-url api conns rate|max mode key [seconds]
   local args=(--no-tui --output-format json -z "${8:-$seconds}s" -w -c "$4" -m POST
     "${hargs[@]}" -T application/json)
   if [[ -n $req_body_file ]]; then args+=(-D "$req_body_file"); else args+=(-d "$req_body"); fi
-  [[ $5 == max* ]] || args+=(-q "$5") # max, or max@N: round N of the interleaved dialect runs
+  [[ $5 == max* ]] || args+=(-q "${5%@*}") # max, or LOAD@N: round N of interleaved runs
   taskset -c "$load_core" oha "${args[@]}" "$2$req_path" >"$1" 2>"$1.err" || die "oha failed: $(cat "$1.err")"
   python3 "$root/scripts/bench_report.py" check "$1" || die "requests failed in $1 (see above)"
 }
@@ -352,17 +356,20 @@ timed_run() { # target api mode load conns base-url key proxy-pids...: one oha r
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%b\n' "$target" "$mode" "$load" "$c" "$f" "$ticks" \
     "$(python3 -c "print($t1 - $t0)")" "$hwm" "$rticks" "$sys" >>"$runs"
 }
+ttfb_run() { # out-base base-url api: sequential streams, time to first byte
+  request_of "$3" sse "$key"
+  header_args -H
+  taskset -c "$load_core" "$bin/examples/ttfb" --addr "${2#http://}" --path "$req_path" \
+    "${hargs[@]}" --body "$req_body" --end "$req_end" --requests "$ttfb_requests" --warmup 50 \
+    >"$1.json" 2>"$1.err" || die "ttfb ($1): $(cat "$1.err")"
+}
 measure() { # target base-url api proxy-pids...: TTFB, then every load in both modes
   local target=$1 url=$2 api=$3 mode load c loads
   shift 3
   if [[ $api != chat ]]; then loads=("${messages_rates[@]}" max); else loads=("${rates[@]}" max); fi
   say "$target: warm-up, then time to first byte ($ttfb_requests sequential streams)"
   oha_run "$work/runs/$target-warmup.json" "$url" "$api" "$conns" 500 json "$key" "$warmup_seconds"
-  request_of "$api" sse "$key"
-  header_args -H
-  taskset -c "$load_core" "$bin/examples/ttfb" --addr "${url#http://}" --path "$req_path" \
-    "${hargs[@]}" --body "$req_body" --end "$req_end" --requests "$ttfb_requests" --warmup 50 \
-    >"$work/ttfb-$target.json" 2>"$work/ttfb-$target.err" || die "ttfb ($target): $(cat "$work/ttfb-$target.err")"
+  ttfb_run "$work/ttfb-$target" "$url" "$api"
   for mode in json sse; do
     for load in "${loads[@]}"; do
       if [[ $load != max ]]; then
@@ -446,6 +453,25 @@ if [[ -n $ab_dp ]]; then
     done
   done
 fi
+# Latency at the top fixed rate and streaming TTFB drift from minute to minute by more than the
+# budgets they are held to (0.05 and 0.1 ms): run direct, nginx and the data plane again back to
+# back, round after round; the report holds the medians of the rounds to the budgets.
+if ((latency_rounds > 0)); then
+  start_nginx
+  top_rate=${rates[-1]}
+  c=$(conns_for chat json "$top_rate")
+  for ((round = 1; round <= latency_rounds; round++)); do
+    timed_run direct chat json "$top_rate@$round" "$c" "$(url_of "$mock_port")" "$key"
+    timed_run nginx chat json "$top_rate@$round" "$c" "$(url_of "$nginx_port")" "$key" "$nginx_worker"
+    timed_run llm-proxy chat json "$top_rate@$round" "$c" "$(url_of "$dp_port")" "$key" "$dp_pid"
+    for target in nginx llm-proxy; do
+      say "$target: time to first byte, round $round"
+      [[ $target == nginx ]] && port=$nginx_port || port=$dp_port
+      ttfb_run "$work/ttfb-$target@$round" "$(url_of "$port")" chat
+    done
+  done
+  stop "$nginx_pid"
+fi
 # The in-process limiter: the same data plane binary without --redis-url, every body size.
 if [[ $local_limiter == 1 ]]; then
   stop "$dp_pid"
@@ -512,7 +538,7 @@ BENCH_SECONDS=$seconds BENCH_RATES="${rates[*]}" BENCH_MESSAGES_RATES="${message
   BENCH_TTFB_REQUESTS=$ttfb_requests BENCH_CHUNK_DELAY_MS=$chunk_delay_ms BENCH_DELAY_MS=$delay_ms \
   BENCH_SCALE_KEYS=$scale_keys BENCH_DIALECT_ROUNDS=$dialect_rounds BENCH_AB_ROUNDS=$([[ -n $ab_dp ]] && echo "$ab_rounds" || echo 0) BENCH_AB_DP=$ab_dp BENCH_COMMIT=$commit BENCH_NGINX_HWM_KIB=$nginx_hwm BENCH_DP_HWM_KIB=$dp_hwm \
   BENCH_NGINX_VERSION=$("$nginx_bin" -v 2>&1 | sed 's/^nginx version: //') BENCH_OHA_VERSION=$(oha --version) \
-  BENCH_REDIS_URL=$redis_url BENCH_BODY_KIB="${body_kibs[*]}" BENCH_LOCAL_LIMITER=$local_limiter BENCH_ALLOC_REQUESTS=$alloc_requests \
+  BENCH_REDIS_URL=$redis_url BENCH_BODY_KIB="${body_kibs[*]}" BENCH_LOCAL_LIMITER=$local_limiter BENCH_ALLOC_REQUESTS=$alloc_requests BENCH_LATENCY_ROUNDS=$latency_rounds \
   python3 scripts/bench_report.py report "$work" >"$out"
 cat "$out"
 say "wrote $out"

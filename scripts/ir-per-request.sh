@@ -11,7 +11,8 @@
 # Knobs: IR_API (chat, or responses: OpenAI's Responses API passed through), IR_ROUNDS
 # (default 2), IR_REQUESTS, IR_KEEP=DIR (keep each profile, for
 # callgrind_annotate), IR_CPU=N (run the data plane on CPU N only, as bench.sh does: with one
-# CPU it picks its single-threaded runtime). A DP_BINARY may be a script that execs the data
+# CPU it picks its single-threaded runtime). The data plane logs at RUST_LOG, `warn` when unset
+# (as bench.sh runs it; the product's default, `info`, adds the request span's formatting). A DP_BINARY may be a script that execs the data
 # plane (e.g. to set its environment). Needs valgrind and curl; release binaries of the
 # control plane, llmctl and the mock in CARGO_TARGET_DIR (or target/)/release.
 set -euo pipefail
@@ -27,6 +28,7 @@ for b in llm-proxy-control-plane llmctl llm-proxy-mock-upstream; do
 done
 for dp in "$@"; do [[ -x $dp ]] || die "$dp is not an executable"; done
 rounds=${IR_ROUNDS:-2}
+export RUST_LOG=${RUST_LOG:-warn}
 requests=${IR_REQUESTS:-1000}
 
 work=$(mktemp -d)

@@ -24,5 +24,6 @@ pub mod sse;
 pub mod sync;
 pub mod trace;
 pub mod upstream_http;
+pub mod upstream_pool;
 pub mod usage;
 pub mod usage_report;

@@ -1,7 +1,7 @@
-//! The hot path's upstream HTTP client (DESIGN §15): hyper's pooled client (hyper-util's
-//! `legacy::Client`) over rustls, set up as reqwest sets up its own — aws-lc-rs, the platform's
-//! certificate verifier, ALPN `h2` then `http/1.1`, the same pool and connect settings. reqwest
-//! stays the client of every other upstream call (token exchanges, stored responses, telemetry).
+//! The hot path's upstream HTTP client (DESIGN §15): hyper's client connections, pooled per host
+//! by [`crate::upstream_pool`], over rustls set up as reqwest sets up its own — aws-lc-rs, the
+//! platform's certificate verifier, ALPN `h2` then `http/1.1`, the same pool and connect
+//! settings. reqwest stays the client of every other upstream call (token exchanges, telemetry).
 //!
 //! Why not reqwest here too: measured with callgrind, its layers cost about a tenth of a whole
 //! request's instructions on top of hyper — it parses every URL twice more (its redirect layer
@@ -17,8 +17,9 @@ use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::HttpConnector;
+
+use crate::upstream_pool::UpstreamPool;
 
 /// How long a TCP connect (plus DNS) to an upstream may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,7 +51,7 @@ pub struct UpstreamHttp {
 // One per process, used on every call: an indirection would cost more than the bytes.
 #[allow(clippy::large_enum_variant)]
 enum Sender {
-    Hyper(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+    Hyper(UpstreamPool),
     /// Behind an HTTP proxy.
     Reqwest(reqwest::Client),
 }
@@ -102,32 +103,11 @@ impl UpstreamHttp {
         matches!(self.sender, Sender::Reqwest(_))
     }
 
-    /// hyper's pooled client with rustls (the platform's roots) and HTTP/2 where offered.
+    /// hyper's client connections with rustls (the platform's roots) and HTTP/2 where offered,
+    /// pooled per host.
     pub fn hyper() -> Result<Self, rustls::Error> {
-        use rustls_platform_verifier::BuilderVerifierExt as _;
-        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_platform_verifier()?
-            .with_no_client_auth();
-        let mut tcp = HttpConnector::new();
-        // The TLS layer above takes `https` URLs.
-        tcp.enforce_http(false);
-        tcp.set_nodelay(true);
-        tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(tcp);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-            .build(connector);
         Ok(Self {
-            sender: Sender::Hyper(client),
+            sender: Sender::Hyper(UpstreamPool::new(connector()?)),
         })
     }
 
@@ -141,13 +121,10 @@ impl UpstreamHttp {
     /// whole call.
     pub async fn send(&self, request: http::Request<Bytes>) -> Result<UpstreamResponse, SendError> {
         match &self.sender {
-            Sender::Hyper(client) => match client.request(request.map(Full::new)).await {
-                Ok(response) => Ok(response.map(Either::Left)),
-                Err(err) => Err(SendError {
-                    connect: err.is_connect(),
-                    detail: error_chain(&err),
-                }),
-            },
+            Sender::Hyper(pool) => pool
+                .send(request.map(Full::new))
+                .await
+                .map(|response| response.map(Either::Left)),
             Sender::Reqwest(client) => {
                 let request = reqwest::Request::try_from(request.map(reqwest::Body::from))
                     .map_err(|err| SendError {
@@ -164,6 +141,27 @@ impl UpstreamHttp {
             }
         }
     }
+}
+
+/// TCP (no delay, connect timeout) then, for `https`, TLS with the platform's roots and ALPN
+/// `h2` then `http/1.1`.
+pub fn connector() -> Result<HttpsConnector<HttpConnector>, rustls::Error> {
+    use rustls_platform_verifier::BuilderVerifierExt as _;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_platform_verifier()?
+        .with_no_client_auth();
+    let mut tcp = HttpConnector::new();
+    // The TLS layer above takes `https` URLs.
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(tcp))
 }
 
 /// `err` and its causes on one line.

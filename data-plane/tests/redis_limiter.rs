@@ -133,6 +133,59 @@ async fn leases_grow_with_demand_and_answer_without_redis() {
 }
 
 #[tokio::test]
+async fn a_busy_lease_is_topped_up_in_the_background_before_it_expires() {
+    // Leases live 4 s. The test builds up a lease, lets half its life pass (the sleep is the
+    // behaviour under test), and checks that the next request is answered from the lease while
+    // a top-up runs in the background, after which the lease serves on without waiting.
+    let ttl = Duration::from_secs(4);
+    let l = limiter(RedisLimiterConfig {
+        lease_ttl: ttl,
+        ..config()
+    });
+    let key = assignment();
+    let spec = rps(3200, None);
+    for _ in 0..50 {
+        assert!(acquire(&l, &key, &spec, 0).await.0.allowed);
+    }
+    // Demand-sized leases of 1, 2, 4, ... 32: the last, taken by the 32nd request, has 13 left.
+    let before = l.stats();
+    assert_eq!(before.lease_hits + before.redis_calls, 50, "{before:?}");
+    assert_eq!(before.lease_refills, 0);
+    tokio::time::sleep(ttl / 2 + Duration::from_millis(100)).await;
+
+    let (d, _) = acquire(&l, &key, &spec, 0).await;
+    assert!(d.allowed);
+    let stats = l.stats();
+    assert_eq!(
+        stats.lease_hits,
+        before.lease_hits + 1,
+        "served by the lease"
+    );
+    let deadline = Instant::now() + CALL_DEADLINE;
+    while l.stats().lease_refills == 0 {
+        assert!(Instant::now() < deadline, "no top-up: {:?}", l.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let topped = l.stats();
+    assert_eq!(topped.redis_calls, before.redis_calls + 1, "{topped:?}");
+    assert_eq!(topped.lease_refills, 1);
+
+    // Back to one window's demand (51 acquires so far): 12 left + 39 taken. The time to live
+    // was renewed, so the next 51 requests come from the lease without another call.
+    let mut remaining = Vec::new();
+    for _ in 0..51 {
+        let (d, _) = acquire(&l, &key, &spec, 0).await;
+        assert!(d.allowed);
+        remaining.push(d.remaining_requests.unwrap());
+    }
+    let after = l.stats();
+    assert_eq!(after.redis_calls, topped.redis_calls, "{after:?}");
+    assert_eq!(after.lease_hits, topped.lease_hits + 51);
+    // The remaining count still only goes down between Redis calls.
+    assert!(remaining.windows(2).all(|w| w[1] < w[0]), "{remaining:?}");
+}
+
+#[tokio::test]
 async fn a_quiet_assignment_takes_no_lease() {
     // Short windows: each acquire comes in a window of its own, so demand stays 1.
     let l = limiter(RedisLimiterConfig {

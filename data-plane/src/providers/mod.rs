@@ -130,11 +130,7 @@ pub fn host_header(uri: &http::Uri) -> Option<HeaderValue> {
     if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
         return None;
     }
-    let host = uri.host()?;
-    match uri.port_u16() {
-        Some(port) if port != 80 => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
-        _ => HeaderValue::from_str(host).ok(),
-    }
+    crate::upstream_pool::host_value(uri)
 }
 
 impl From<String> for UpstreamUrl {

@@ -1,6 +1,12 @@
 //! Leases: a busy assignment with a high request limit takes several request tokens per Redis
 //! call and answers the next requests from them, so it needs far fewer calls than requests. Also
 //! the per-assignment demand that sizes each lease.
+//!
+//! A lease is *standing*: once half its time to live has passed, the request that uses it asks
+//! for a top-up in the background ([`Take::Leased`] with a refill), so a steadily busy
+//! assignment never makes a request wait for Redis. A top-up brings the lease back to one
+//! window's demand, no more, and renews its time to live: a data plane never holds more unused
+//! tokens than one lease (the bound of [`lease_size`]), as without top-ups.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -49,6 +55,20 @@ struct Lease {
     window_start: Instant,
     window_count: u32,
     previous_count: u32,
+    /// A background top-up is under way (at most one per assignment).
+    refilling: bool,
+}
+
+/// What [`Leases::take`] found.
+#[derive(Debug)]
+pub(super) enum Take {
+    /// A request token from a live lease: the admitting decision, and `Some(n)` when the lease
+    /// is past half its time to live and the caller should take `n` more request tokens in the
+    /// background (then [`Leases::store`] them, or call [`Leases::refill_failed`]).
+    Leased(Decision, Option<u32>),
+    /// No usable lease: ask Redis, the request waiting, for this many request tokens (the
+    /// demand seen in the last window, between 1 and the bound).
+    Ask(u32),
 }
 
 type LeaseShard = HashMap<Box<str>, Lease>;
@@ -79,12 +99,12 @@ impl Leases {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// One request token from a live lease taken with this spec (`Ok`, an admitting decision),
-    /// else the lease to ask Redis for (`Err`): the demand seen in the last window (this one or
-    /// the one before, whichever is larger), between 1 and `bound`.
-    pub(super) fn take(&self, key: &str, spec: &LimitSpec, bound: u32) -> Result<Decision, u32> {
+    /// One request token from a live lease taken with this spec, else the lease to ask Redis
+    /// for: the demand seen in the last window (this one or the one before, whichever is larger),
+    /// between 1 and `bound`. See [`Take`].
+    pub(super) fn take(&self, key: &str, spec: &LimitSpec, bound: u32) -> Take {
         if bound <= 1 {
-            return Err(1);
+            return Take::Ask(1);
         }
         let now = Instant::now();
         let mut shard = self.shard(key);
@@ -105,10 +125,11 @@ impl Leases {
                         window_start: now,
                         window_count: 1,
                         previous_count: 0,
+                        refilling: false,
                     },
                 );
             }
-            return Err(1);
+            return Take::Ask(1);
         };
         if now >= lease.window_start + self.ttl {
             let consecutive = now < lease.window_start + 2 * self.ttl;
@@ -117,13 +138,28 @@ impl Leases {
             lease.window_count = 0;
         }
         lease.window_count = lease.window_count.saturating_add(1);
+        let demand = lease.previous_count.max(lease.window_count).clamp(1, bound);
         if lease.left > 0 && lease.spec == *spec && now < lease.until {
             lease.left -= 1;
             let mut decision = lease.decision.clone();
             decision.remaining_requests = Some(lease.base_remaining.saturating_add(lease.left));
-            return Ok(decision);
+            let half_life_passed = lease.until.saturating_duration_since(now) <= self.ttl / 2;
+            let refill = (half_life_passed && !lease.refilling).then(|| {
+                lease.refilling = true;
+                // Back to one window's demand; at least one token, which renews the lease.
+                demand.saturating_sub(lease.left).max(1)
+            });
+            return Take::Leased(decision, refill);
         }
-        Err(lease.previous_count.max(lease.window_count).clamp(1, bound))
+        Take::Ask(demand)
+    }
+
+    /// A background top-up got nothing (Redis failed or the bucket is empty): the next request
+    /// past half-life may try again.
+    pub(super) fn refill_failed(&self, key: &str) {
+        if let Some(lease) = self.shard(key).get_mut(key) {
+            lease.refilling = false;
+        }
     }
 
     /// Keeps `spare` tokens of an admitted acquire for the next requests, on top of any still
@@ -143,6 +179,7 @@ impl Leases {
             spare
         };
         lease.spec = spec;
+        lease.refilling = false;
         lease.until = now + self.ttl;
         lease.decision = decision.clone();
         lease.base_remaining = base_remaining;

@@ -22,8 +22,10 @@
 //! A busy assignment with a high request limit and no token limit takes a *lease* of several
 //! request tokens per call ([`lease_size`]: at most 1/32 of the bucket, 50 ms of its rate, 1000
 //! requests, and this data plane's demand for it in the last 100 ms) and answers the next
-//! requests from it without Redis, for up to 100 ms; small, quiet or token-limited assignments
-//! keep one call per request.
+//! requests from it without Redis, for up to 100 ms. Past half that time, the request that uses
+//! the lease starts a top-up in the background (back to one window's demand, the time to live
+//! renewed), so a steadily busy assignment never waits for Redis; small, quiet or token-limited
+//! assignments keep one call per request.
 //!
 //! Reservations record which backend issued them ([`TAG_REDIS`] / [`TAG_LOCAL`]), so a settle goes
 //! where the tokens were taken even if the mode switched in between.
@@ -67,8 +69,8 @@ use arc_swap::ArcSwap;
 
 use self::breaker::{Breaker, Gate, SwitchLog};
 use self::deny_cache::DenyCache;
-use self::leases::Leases;
 pub use self::leases::lease_size;
+use self::leases::{Leases, Take};
 pub use self::script::{ACQUIRE_LUA, SETTLE_LUA, bucket_keys};
 use self::script::{BucketKey, LUA_PRELUDE, micros_short_of_full};
 use super::local::{request_params, token_params};
@@ -192,6 +194,9 @@ pub struct RedisLimiterStats {
     pub fallback_decisions: u64,
     /// Acquires answered from a lease of request tokens taken earlier, without Redis.
     pub lease_hits: u64,
+    /// Leases topped up in the background before they expired (each one script call, counted in
+    /// `redis_calls` too).
+    pub lease_refills: u64,
     /// Switches between Redis and the fail mode, either way.
     pub mode_switches: u64,
 }
@@ -203,6 +208,7 @@ struct Counters {
     deny_cache_hits: AtomicU64,
     fallback_decisions: AtomicU64,
     lease_hits: AtomicU64,
+    lease_refills: AtomicU64,
     mode_switches: AtomicU64,
 }
 
@@ -333,6 +339,7 @@ impl RedisLimiter {
             deny_cache_hits: c.deny_cache_hits.load(Ordering::Relaxed),
             fallback_decisions: c.fallback_decisions.load(Ordering::Relaxed),
             lease_hits: c.lease_hits.load(Ordering::Relaxed),
+            lease_refills: c.lease_refills.load(Ordering::Relaxed),
             mode_switches: c.mode_switches.load(Ordering::Relaxed),
         }
     }
@@ -382,80 +389,24 @@ impl RedisLimiter {
             }
         }
         let lease = match inner.leases.take(key, &spec, lease_size(&spec)) {
-            Ok(decision) => {
+            Take::Leased(decision, refill) => {
                 bump(&inner.counters.lease_hits);
+                if let Some(tokens) = refill {
+                    spawn_refill(Arc::clone(&self.inner), key, spec, tokens);
+                }
                 return (decision, None);
             }
-            Err(lease) => lease,
+            Take::Ask(lease) => lease,
         };
-
-        let (share, live) = inner.share(&spec);
-        let requests = request_params(&spec);
-        let tokens = token_params(&spec);
-        // What this data plane knows of the shared levels (its share, scaled up), for Redis to
-        // create a missing bucket at instead of full.
-        let known = inner.fallback.levels(key).unwrap_or_default();
-        let short_of_full = |share_level: Option<f64>, params: Option<(f64, f64)>| {
-            share_level
-                .zip(params)
-                .map_or(0, |(level, (capacity, rate))| {
-                    micros_short_of_full(level * f64::from(live), capacity, rate)
-                })
-        };
-        let mut invocation = inner.acquire_script.key(BucketKey {
-            assignment: key,
-            bucket: "rps",
-        });
-        invocation.key(BucketKey {
-            assignment: key,
-            bucket: "tpm",
-        });
-        match (spec.request_capacity(), spec.tps) {
-            (Some(capacity), Some(tps)) => invocation.arg(capacity).arg(tps),
-            _ => invocation.arg("").arg(""),
-        };
-        match spec.tpm {
-            // The same f64 rate as LocalLimiter; Display round-trips exactly through Lua's tonumber.
-            Some(tpm) => invocation.arg(tpm).arg((tpm as f64 / 60.0).to_string()),
-            None => invocation.arg("").arg(""),
-        };
-        invocation
-            .arg(estimated_tokens)
-            .arg(lease)
-            .arg(short_of_full(known.requests, requests))
-            .arg(short_of_full(known.tokens, tokens));
-
         // Taken before sending: the script ran later, so "sent + wait" never outlasts the real
         // retry time, and the deny cache never refuses what Redis would admit.
         let sent_at = Instant::now();
-        let reply = match inner
-            .call::<Vec<i64>>(&invocation, inner.config.budget)
+        let Some(reply) = inner
+            .acquire_in_redis(key, &spec, estimated_tokens, lease)
             .await
-        {
-            Ok(values) => match AcquireReply::parse(&values) {
-                Some(reply) => reply,
-                None => {
-                    inner.failed(&format!("unexpected acquire reply {values:?}"));
-                    return inner.fallback(key, &spec, estimated_tokens);
-                }
-            },
-            Err(_) => return inner.fallback(key, &spec, estimated_tokens),
+        else {
+            return inner.fallback(key, &spec, estimated_tokens);
         };
-        // The fallback buckets follow the shared ones (this data plane's share of their levels),
-        // so a switch to the `local` fail mode continues from there instead of starting full.
-        let shared_level = |params: Option<(f64, f64)>, reset_us: u64| {
-            params.map(|(capacity, rate)| {
-                (capacity - rate * Duration::from_micros(reset_us).as_secs_f64()) / f64::from(live)
-            })
-        };
-        inner.fallback.set_levels(
-            key,
-            &share,
-            BucketLevels {
-                requests: shared_level(requests, reply.reset_requests_us),
-                tokens: shared_level(tokens, reply.reset_tokens_us),
-            },
-        );
         let mut decision = reply.decision(&spec);
         if reply.allowed && reply.taken > 1 {
             let spare = u32::try_from(reply.taken - 1).unwrap_or(u32::MAX);
@@ -571,6 +522,77 @@ impl Inner {
         }
     }
 
+    /// One acquire script call for `lease` request tokens (and `estimated_tokens`), within the
+    /// budget; `None` when Redis failed or answered nonsense (counted by the breaker). Every reply
+    /// also sets the fallback buckets to this data plane's share of the shared levels, so a switch
+    /// to the `local` fail mode continues from there instead of starting full.
+    async fn acquire_in_redis(
+        &self,
+        key: &str,
+        spec: &LimitSpec,
+        estimated_tokens: u64,
+        lease: u32,
+    ) -> Option<AcquireReply> {
+        let (share, live) = self.share(spec);
+        let requests = request_params(spec);
+        let tokens = token_params(spec);
+        // What this data plane knows of the shared levels (its share, scaled up), for Redis to
+        // create a missing bucket at instead of full.
+        let known = self.fallback.levels(key).unwrap_or_default();
+        let short_of_full = |share_level: Option<f64>, params: Option<(f64, f64)>| {
+            share_level
+                .zip(params)
+                .map_or(0, |(level, (capacity, rate))| {
+                    micros_short_of_full(level * f64::from(live), capacity, rate)
+                })
+        };
+        let mut invocation = self.acquire_script.key(BucketKey {
+            assignment: key,
+            bucket: "rps",
+        });
+        invocation.key(BucketKey {
+            assignment: key,
+            bucket: "tpm",
+        });
+        match (spec.request_capacity(), spec.tps) {
+            (Some(capacity), Some(tps)) => invocation.arg(capacity).arg(tps),
+            _ => invocation.arg("").arg(""),
+        };
+        match spec.tpm {
+            // The same f64 rate as LocalLimiter; Display round-trips exactly through Lua's tonumber.
+            Some(tpm) => invocation.arg(tpm).arg((tpm as f64 / 60.0).to_string()),
+            None => invocation.arg("").arg(""),
+        };
+        invocation
+            .arg(estimated_tokens)
+            .arg(lease)
+            .arg(short_of_full(known.requests, requests))
+            .arg(short_of_full(known.tokens, tokens));
+
+        let values = self
+            .call::<Vec<i64>>(&invocation, self.config.budget)
+            .await
+            .ok()?;
+        let Some(reply) = AcquireReply::parse(&values) else {
+            self.failed(&format!("unexpected acquire reply {values:?}"));
+            return None;
+        };
+        let shared_level = |params: Option<(f64, f64)>, reset_us: u64| {
+            params.map(|(capacity, rate)| {
+                (capacity - rate * Duration::from_micros(reset_us).as_secs_f64()) / f64::from(live)
+            })
+        };
+        self.fallback.set_levels(
+            key,
+            &share,
+            BucketLevels {
+                requests: shared_level(requests, reply.reset_requests_us),
+                tokens: shared_level(tokens, reply.reset_tokens_us),
+            },
+        );
+        Some(reply)
+    }
+
     fn failed(&self, reason: &str) {
         bump(&self.counters.redis_errors);
         tracing::debug!(%reason, "Redis rate-limit call failed");
@@ -656,6 +678,29 @@ fn spawn_probe(inner: Arc<Inner>) {
                 .switched(false, inner.config.fail_mode, None);
         } else if let Err(reason) = result {
             tracing::debug!(%reason, "Redis rate-limit probe failed; breaker stays open");
+        }
+    });
+}
+
+/// Tops up a standing lease in the background (see `leases`): no request waits for this call. A
+/// failure (already counted by the breaker) leaves the lease to run out or expire, after which a
+/// request asks Redis itself as usual.
+fn spawn_refill(inner: Arc<Inner>, key: &str, spec: LimitSpec, tokens: u32) {
+    let key = key.to_owned();
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "one script call bounded by the acquire budget; its outcome goes to the lease, a panic leaves the flag set and the lease runs out as without top-ups"
+    )]
+    tokio::spawn(async move {
+        match inner.acquire_in_redis(&key, &spec, 0, tokens).await {
+            Some(reply) if reply.allowed => {
+                bump(&inner.counters.lease_refills);
+                let taken = u32::try_from(reply.taken).unwrap_or(u32::MAX);
+                inner
+                    .leases
+                    .store(&key, spec, taken, &reply.decision(&spec));
+            }
+            _ => inner.leases.refill_failed(&key),
         }
     });
 }
