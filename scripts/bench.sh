@@ -36,7 +36,8 @@
 # BENCH_BODY_KIB ("16 128"; "" skips: the padded body sizes, max throughput only), BENCH_LOCAL_LIMITER
 # (1; 0 skips the in-process limiter phase), BENCH_ALLOC_REQUESTS (2000; 0 skips the allocation count),
 # BENCH_LATENCY_ROUNDS (3: rounds of direct, nginx and the data plane back to back at the top fixed
-# rate, plus TTFB, whose medians are held to the latency budgets; 0 skips them).
+# rate, plus TTFB, and of nginx and the data plane at maximum throughput (both limiters), whose
+# medians are held to the latency and CPU budgets; 0 skips them).
 # Needs oha (cargo install oha --locked), nginx, taskset, python3, curl and a running Redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -464,6 +465,9 @@ if ((latency_rounds > 0)); then
     timed_run direct chat json "$top_rate@$round" "$c" "$(url_of "$mock_port")" "$key"
     timed_run nginx chat json "$top_rate@$round" "$c" "$(url_of "$nginx_port")" "$key" "$nginx_worker"
     timed_run llm-proxy chat json "$top_rate@$round" "$c" "$(url_of "$dp_port")" "$key" "$dp_pid"
+    # The CPU/req ratio to nginx at saturation, back to back (the Redis-limiter budget).
+    timed_run nginx chat json "maxr@$round" "$max_conns" "$(url_of "$nginx_port")" "$key" "$nginx_worker"
+    timed_run llm-proxy chat json "maxr@$round" "$max_conns" "$(url_of "$dp_port")" "$key" "$dp_pid"
     for target in nginx llm-proxy; do
       say "$target: time to first byte, round $round"
       [[ $target == nginx ]] && port=$nginx_port || port=$dp_port
@@ -483,6 +487,15 @@ if [[ $local_limiter == 1 ]]; then
     timed_run llm-proxy-local chat "$mode" max "$c" "$(url_of "$dp_port")" "$key" "$dp_pid"
   done
   body_runs llm-proxy-local "$(url_of "$dp_port")" "$dp_pid"
+  # The in-process budget's ratio to nginx, back to back round after round.
+  if ((latency_rounds > 0)); then
+    start_nginx
+    for ((round = 1; round <= latency_rounds; round++)); do
+      timed_run nginx chat json "maxl@$round" "$max_conns" "$(url_of "$nginx_port")" "$key" "$nginx_worker"
+      timed_run llm-proxy-local chat json "maxl@$round" "$max_conns" "$(url_of "$dp_port")" "$key" "$dp_pid"
+    done
+    stop "$nginx_pid"
+  fi
 fi
 stop "$dp_pid" # SIGTERM: the data plane ships its last usage
 # What the usage accounting stored for all of the above (DESIGN §18: rows per key × assignment ×
