@@ -4,7 +4,7 @@
 //! Why not hyper-util's pooled `legacy::Client`, which this replaces: measured with callgrind, its
 //! checkout (the pool key `(scheme, authority)` hashed byte by byte with SipHash, a waiter and
 //! connect race per call), the pooled handle's return, and the task it spawns after every HTTP/1
-//! answer to put the connection back cost ~7,000 instructions per request, a tenth of the
+//! answer to put the connection back cost ~8,000 instructions per request, a tenth of the
 //! request. Here an HTTP/1 connection goes back to its host's list as soon as the request is
 //! handed to it; it is busy (not ready) until its answer has been read, and a checkout takes the
 //! most recently used connection that is ready. An HTTP/2 connection (ALPN `h2`) is shared by
